@@ -1,0 +1,435 @@
+//! The gateway's configuration file (`loom serve --config FILE`): upstreams, model aliases and
+//! routing. TOML, unknown keys refused, validated once into [`GatewayConfig`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::pricing::PriceTable;
+
+/// Which API an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// api.openai.com: `Authorization: Bearer`, `/chat/completions` under `base_url`.
+    Openai,
+    /// Azure OpenAI: `api-key` header, `/openai/deployments/{model}/…?api-version=`.
+    Azure,
+    /// Anthropic's Messages API (`base_url` up to `/v1`): `x-api-key`, translated from OpenAI chat.
+    Anthropic,
+    /// Any OpenAI-compatible server (vLLM, Ollama, LM Studio, …); the key is optional.
+    OpenaiCompatible,
+}
+
+impl ProviderKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Azure => "azure",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::OpenaiCompatible => "openai_compatible",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub provider: ProviderKind,
+    pub base_url: String,
+    /// Name of the environment variable holding the upstream's API key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Azure's `api-version` query parameter.
+    #[serde(default)]
+    pub api_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Try deployments in the order listed.
+    #[default]
+    Ordered,
+    /// Pick the first deployment at random by weight; the rest follow as fallbacks.
+    Weighted,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentConfig {
+    pub upstream: String,
+    /// The model id at the upstream (for Azure, the deployment name).
+    pub model: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub strategy: Strategy,
+    pub deployments: Vec<DeploymentConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenEventsFull {
+    /// Answer 503 rather than serve a request whose events could not be queued.
+    #[default]
+    Reject,
+    /// Make the request wait for room in the queue.
+    Wait,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Request bodies larger than this are refused with 413.
+    pub max_body_bytes: usize,
+    /// Events queued for the log writer at most.
+    pub events_capacity: usize,
+    pub when_events_full: WhenEventsFull,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body_bytes: 4 * 1024 * 1024,
+            events_capacity: 8192,
+            when_events_full: WhenEventsFull::Reject,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Limit on one upstream attempt (for a stream: until its first byte).
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// Limit on a whole request, across retries and fallbacks.
+    #[serde(with = "humantime_serde")]
+    pub total_timeout: Duration,
+    /// Extra attempts on the same deployment after a 429, 5xx, timeout or connection error.
+    pub retries: u32,
+    /// Wait before the first retry; doubled each time (a `retry-after` header wins, up to 10 s).
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+    /// How long a deployment that exhausted its retries is skipped.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            attempt_timeout: Duration::from_secs(60),
+            total_timeout: Duration::from_secs(300),
+            retries: 1,
+            backoff: Duration::from_millis(200),
+            cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingConfig {
+    /// A price table in LiteLLM's format; the copy Loom ships when absent.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub pricing: PricingConfig,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+/// A validated upstream, with its key read from the environment.
+#[derive(Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub api_version: Option<String>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// One place a model alias can be served from.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// `upstream/model`, unique.
+    pub name: String,
+    pub upstream: usize,
+    pub model: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub alias: String,
+    pub strategy: Strategy,
+    /// Indices into [`GatewayConfig::deployments`].
+    pub deployments: Vec<usize>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayConfig {
+    pub limits: LimitsConfig,
+    pub routing: RoutingConfig,
+    pub upstreams: Vec<Upstream>,
+    pub deployments: Vec<Deployment>,
+    pub models: BTreeMap<String, Model>,
+    pub prices: Arc<PriceTable>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl GatewayConfig {
+    /// Reads and validates a config file; `env` looks up environment variables.
+    pub fn load(
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<GatewayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::validate(raw, env)
+    }
+
+    pub fn validate(
+        raw: RawConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<GatewayConfig, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if raw.limits.events_capacity == 0 || raw.limits.max_body_bytes == 0 {
+            return invalid(
+                "limits.events_capacity and limits.max_body_bytes must be positive".into(),
+            );
+        }
+        let mut upstreams = Vec::with_capacity(raw.upstreams.len());
+        for (name, upstream) in raw.upstreams {
+            let api_key = match &upstream.api_key_env {
+                Some(var) => match env(var) {
+                    Some(key) if !key.is_empty() => Some(key),
+                    _ => {
+                        return invalid(format!(
+                            "upstream {name}: environment variable {var} is not set"
+                        ));
+                    }
+                },
+                None if upstream.provider == ProviderKind::OpenaiCompatible => None,
+                None => {
+                    return invalid(format!(
+                        "upstream {name}: api_key_env is required for {}",
+                        upstream.provider.name()
+                    ));
+                }
+            };
+            if upstream.provider == ProviderKind::Azure && upstream.api_version.is_none() {
+                return invalid(format!("upstream {name}: azure needs api_version"));
+            }
+            if !(upstream.base_url.starts_with("http://")
+                || upstream.base_url.starts_with("https://"))
+            {
+                return invalid(format!(
+                    "upstream {name}: base_url must start with http:// or https://"
+                ));
+            }
+            upstreams.push(Upstream {
+                name,
+                kind: upstream.provider,
+                base_url: upstream.base_url.trim_end_matches('/').to_owned(),
+                api_key,
+                api_version: upstream.api_version,
+            });
+        }
+        let mut deployments: Vec<Deployment> = Vec::new();
+        let mut models = BTreeMap::new();
+        for (alias, model) in raw.models {
+            if model.deployments.is_empty() {
+                return invalid(format!("model {alias}: no deployments"));
+            }
+            let mut indices = Vec::with_capacity(model.deployments.len());
+            for deployment in model.deployments {
+                let Some(upstream) = upstreams.iter().position(|u| u.name == deployment.upstream)
+                else {
+                    return invalid(format!(
+                        "model {alias}: no upstream named {}",
+                        deployment.upstream
+                    ));
+                };
+                if model.strategy == Strategy::Weighted && deployment.weight == 0 {
+                    return invalid(format!("model {alias}: weights must be positive"));
+                }
+                let name = format!("{}/{}", deployment.upstream, deployment.model);
+                let index = match deployments.iter().position(|d| d.name == name) {
+                    Some(index) => index,
+                    None => {
+                        deployments.push(Deployment {
+                            name,
+                            upstream,
+                            model: deployment.model,
+                            weight: deployment.weight,
+                        });
+                        deployments.len() - 1
+                    }
+                };
+                indices.push(index);
+            }
+            models.insert(
+                alias.clone(),
+                Model {
+                    alias,
+                    strategy: model.strategy,
+                    deployments: indices,
+                },
+            );
+        }
+        let prices = match &raw.pricing.path {
+            Some(path) => PriceTable::load(path),
+            None => PriceTable::builtin(),
+        }
+        .map_err(|e| ConfigError::Invalid(format!("price table: {e}")))?;
+        Ok(GatewayConfig {
+            limits: raw.limits,
+            routing: raw.routing,
+            upstreams,
+            deployments,
+            models,
+            prices: Arc::new(prices),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[routing]
+retries = 2
+backoff = "50ms"
+
+[upstreams.openai]
+provider = "openai"
+base_url = "https://api.openai.com/v1/"
+api_key_env = "OPENAI_API_KEY"
+
+[upstreams.local]
+provider = "openai_compatible"
+base_url = "http://127.0.0.1:11434/v1"
+
+[models.fast]
+strategy = "weighted"
+deployments = [
+  { upstream = "openai", model = "gpt-4o-mini", weight = 3 },
+  { upstream = "local", model = "llama3.1" },
+]
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "OPENAI_API_KEY").then(|| "sk-test".to_owned())
+    }
+
+    #[test]
+    fn a_complete_file_validates() {
+        let raw: RawConfig = toml::from_str(EXAMPLE).unwrap();
+        let config = GatewayConfig::validate(raw, env).unwrap();
+        assert_eq!(config.routing.retries, 2);
+        assert_eq!(config.routing.backoff, Duration::from_millis(50));
+        assert_eq!(config.routing.cooldown, Duration::from_secs(30));
+        let fast = &config.models["fast"];
+        assert_eq!(fast.strategy, Strategy::Weighted);
+        let first = &config.deployments[fast.deployments[0]];
+        assert_eq!(
+            (first.name.as_str(), first.weight),
+            ("openai/gpt-4o-mini", 3)
+        );
+        let openai = &config.upstreams[first.upstream];
+        assert_eq!(openai.base_url, "https://api.openai.com/v1");
+        assert_eq!(openai.api_key.as_deref(), Some("sk-test"));
+        assert!(!format!("{openai:?}").contains("sk-test"));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases = [
+            (
+                EXAMPLE.replace(
+                    "api_key_env = \"OPENAI_API_KEY\"",
+                    "api_key_env = \"MISSING\"",
+                ),
+                "MISSING is not set",
+            ),
+            (
+                EXAMPLE.replace("upstream = \"local\"", "upstream = \"nope\""),
+                "no upstream named nope",
+            ),
+            (
+                EXAMPLE.replace("retries = 2", "retries = 2\nsurprise = 1"),
+                "unknown field",
+            ),
+            (EXAMPLE.replace("\"50ms\"", "\"soon\""), "soon"),
+            (
+                EXAMPLE.replace("weight = 3", "weight = 0"),
+                "weights must be positive",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = toml::from_str::<RawConfig>(&text)
+                .map_err(|e| e.to_string())
+                .and_then(|raw| GatewayConfig::validate(raw, env).map_err(|e| e.to_string()))
+                .unwrap_err();
+            assert!(error.contains(expected), "{error} lacks {expected}");
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! Streaming chat completions: upstream SSE events are forwarded to the client one by one as they
+//! arrive, while usage, tool calls and timing are collected for the events. A client that goes
+//! away cancels the upstream call (its connection is dropped) and is recorded as
+//! `client_cancelled`.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use eventsource_stream::Eventsource;
+use futures_util::{Stream, StreamExt};
+use loom_schemas::event::{CallStatus, Event, RequestStatus};
+use serde_json::{Value, json};
+
+use crate::messages_api::{self, MessagesEncoder};
+use crate::providers::adapter;
+use crate::providers::anthropic::StreamTranslator;
+use crate::proxy::{
+    Answer, CallRecord, Dialect, Flow, Outcome, Usage, call_event, tool_call_events,
+};
+
+type UpstreamEvents = Pin<Box<dyn Stream<Item = Result<eventsource_stream::Event, String>> + Send>>;
+
+/// A streamed answer in flight.
+pub(crate) struct ChatStream {
+    flow: Flow,
+    answer: Answer,
+    /// The request, for estimating usage when the upstream reports none.
+    request: Value,
+    events: UpstreamEvents,
+    client_wants_usage: bool,
+    usage: Usage,
+    ttft: Option<Duration>,
+    model: Option<String>,
+    /// Tool calls assembled from their deltas, by index.
+    tool_calls: Vec<Value>,
+    /// The answer's text so far (content and tool arguments), for estimating usage.
+    answered: String,
+    reported_usage: bool,
+    /// The upstream stream as received, up to the body limit, for the sealed response body.
+    captured: Vec<u8>,
+    saw_done: bool,
+    /// Set once the final events are queued; nothing more is sent after.
+    finished: bool,
+    /// Turns a non-OpenAI upstream's events into OpenAI chunks.
+    translator: Option<StreamTranslator>,
+    /// Chunk data translated but not yet sent.
+    pending: VecDeque<String>,
+    /// For an Anthropic client: turns OpenAI chunks into its stream events.
+    encoder: Option<MessagesEncoder>,
+}
+
+impl ChatStream {
+    /// Starts the client's SSE response.
+    pub(crate) fn respond(
+        flow: Flow,
+        mut answer: Answer,
+        request: Value,
+        client_wants_usage: bool,
+    ) -> Response {
+        let Some(response) = answer.response.take() else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        let config = &flow.gateway.config;
+        let flow_kind = config.upstreams[config.deployments[answer.deployment].upstream].kind;
+        let dialect = flow.dialect;
+        let events: UpstreamEvents = Box::pin(
+            response
+                .bytes_stream()
+                .eventsource()
+                .map(|event| event.map_err(|e| e.to_string())),
+        );
+        let mut response = Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(Body::empty())
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        flow.headers(&mut response);
+        let stream = ChatStream {
+            flow,
+            answer,
+            request,
+            events,
+            client_wants_usage,
+            usage: Usage::default(),
+            ttft: None,
+            model: None,
+            tool_calls: Vec::new(),
+            answered: String::new(),
+            reported_usage: false,
+            captured: Vec::new(),
+            saw_done: false,
+            finished: false,
+            translator: adapter(flow_kind).stream_translator(),
+            pending: VecDeque::new(),
+            encoder: (dialect == Dialect::Anthropic).then(MessagesEncoder::default),
+        };
+        let body = futures_util::stream::unfold(stream, |mut stream| async move {
+            let frame = stream.next_frame().await?;
+            Some((Ok::<_, std::convert::Infallible>(frame), stream))
+        });
+        *response.body_mut() = Body::from_stream(body);
+        response
+    }
+
+    /// The next bytes for the client; `None` when the stream is over.
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        if self.finished {
+            return None;
+        }
+        let timeout = self.flow.gateway.config.routing.attempt_timeout;
+        loop {
+            if let Some(data) = self.pending.pop_front() {
+                match self.process(data) {
+                    Some(frame) => return Some(frame),
+                    None => continue,
+                }
+            }
+            let waited = Instant::now();
+            let next = tokio::time::timeout(timeout, self.events.next()).await;
+            self.flow.outside += waited.elapsed();
+            let event = match next {
+                Err(_) => {
+                    return self
+                        .fail(
+                            CallStatus::Timeout,
+                            "upstream_timeout",
+                            "the upstream stopped sending",
+                        )
+                        .await;
+                }
+                Ok(Some(Err(error))) => {
+                    tracing::warn!(%error, trace_id = %self.flow.trace_id, "upstream stream failed");
+                    return self
+                        .fail(
+                            CallStatus::Error,
+                            "upstream_stream_error",
+                            "the upstream stream failed",
+                        )
+                        .await;
+                }
+                Ok(None) if self.saw_done => {
+                    self.finish(CallStatus::Ok, None).await;
+                    return None;
+                }
+                Ok(None) => {
+                    return self
+                        .fail(
+                            CallStatus::Error,
+                            "upstream_truncated",
+                            "the upstream stream ended early",
+                        )
+                        .await;
+                }
+                Ok(Some(Ok(event))) => event,
+            };
+            if self.ttft.is_none() {
+                self.ttft = Some(self.answer.sent_at.elapsed());
+            }
+            self.capture(&event.data);
+            match &mut self.translator {
+                Some(translator) => self
+                    .pending
+                    .extend(translator.translate(&event.event, &event.data)),
+                None => self.pending.push_back(event.data),
+            }
+        }
+    }
+
+    /// The frame for one chunk of OpenAI data, if the client is to see it.
+    fn process(&mut self, data: String) -> Option<Bytes> {
+        if data.trim() == "[DONE]" {
+            self.saw_done = true;
+            return match &mut self.encoder {
+                Some(encoder) => joined(encoder.finish(None)),
+                None => Some(Bytes::from_static(b"data: [DONE]\n\n")),
+            };
+        }
+        let Ok(mut chunk) = serde_json::from_str::<Value>(&data) else {
+            return Some(Bytes::from(format!("data: {data}\n\n")));
+        };
+        self.observe(&chunk);
+        if let Some(encoder) = &mut self.encoder {
+            return joined(encoder.encode(&chunk));
+        }
+        if self.client_wants_usage {
+            return Some(Bytes::from(format!("data: {data}\n\n")));
+        }
+        // The client did not ask for usage: drop the usage chunk and the `usage: null` fields.
+        let usage_only = chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+            && chunk.get("usage").is_some_and(|u| !u.is_null());
+        if usage_only {
+            return None;
+        }
+        if let Some(object) = chunk.as_object_mut() {
+            object.remove("usage");
+        }
+        Some(Bytes::from(format!("data: {chunk}\n\n")))
+    }
+
+    fn capture(&mut self, data: &str) {
+        let limit = self.flow.gateway.config.limits.max_body_bytes;
+        if self.captured.len() + data.len() + 8 <= limit {
+            self.captured.extend_from_slice(b"data: ");
+            self.captured.extend_from_slice(data.as_bytes());
+            self.captured.extend_from_slice(b"\n\n");
+        }
+    }
+
+    /// Collects usage, the served model and tool-call deltas from one chunk.
+    fn observe(&mut self, chunk: &Value) {
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.usage = Usage::from_openai(usage);
+            self.reported_usage = true;
+        }
+        if let Some(content) = chunk
+            .pointer("/choices/0/delta/content")
+            .and_then(Value::as_str)
+        {
+            self.note_answered(content);
+        }
+        let deltas = chunk
+            .pointer("/choices/0/delta/tool_calls")
+            .and_then(Value::as_array);
+        for delta in deltas.into_iter().flatten() {
+            let index = delta.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            if index >= 128 {
+                continue;
+            }
+            while self.tool_calls.len() <= index {
+                self.tool_calls
+                    .push(json!({"function": {"name": null, "arguments": ""}}));
+            }
+            let call = &mut self.tool_calls[index];
+            if let Some(id) = delta.get("id").and_then(Value::as_str) {
+                call["id"] = json!(id);
+            }
+            if let Some(name) = delta.pointer("/function/name").and_then(Value::as_str) {
+                call["function"]["name"] = json!(name);
+            }
+            if let Some(piece) = delta.pointer("/function/arguments").and_then(Value::as_str) {
+                let arguments = call["function"]["arguments"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+                    + piece;
+                call["function"]["arguments"] = json!(arguments);
+                self.note_answered(piece);
+            }
+        }
+    }
+
+    /// Keeps the answer's text, up to the body limit, for a usage estimate.
+    fn note_answered(&mut self, text: &str) {
+        if self.answered.len() + text.len() <= self.flow.gateway.config.limits.max_body_bytes {
+            self.answered.push_str(text);
+        }
+    }
+
+    /// Ends the stream with an error frame for the client.
+    async fn fail(&mut self, status: CallStatus, class: &str, message: &str) -> Option<Bytes> {
+        self.finish(status, Some(class)).await;
+        if self.encoder.is_some() {
+            let error = messages_api::error_body("api_error", message);
+            return Some(Bytes::from(format!("event: error\ndata: {error}\n\n")));
+        }
+        let error = json!({"error": {"message": message, "type": "server_error", "param": null, "code": class}});
+        Some(Bytes::from(format!("data: {error}\n\n")))
+    }
+
+    /// The final events of the request.
+    fn final_events(&mut self, status: CallStatus, class: Option<&str>) -> Vec<Event> {
+        self.finished = true;
+        let latency = self.answer.sent_at.elapsed();
+        if !self.reported_usage {
+            self.usage = Usage::estimate(&self.request, &self.answered);
+        }
+        let call = CallRecord {
+            ttft: self.ttft,
+            usage: self.usage,
+            served_model: self.model.as_deref(),
+            ..CallRecord::answered(&self.answer, latency, status, class, &self.captured, true)
+        };
+        let mut events = vec![call_event(&self.flow, call)];
+        events.extend(tool_call_events(&self.flow, &self.tool_calls));
+        let gateway = &self.flow.gateway;
+        let deployment = &gateway.config.deployments[self.answer.deployment];
+        let outcome = Outcome {
+            status: match status {
+                CallStatus::Ok => RequestStatus::Ok,
+                CallStatus::ClientCancelled => RequestStatus::ClientCancelled,
+                CallStatus::Error | CallStatus::Timeout => RequestStatus::Error,
+            },
+            http_status: self.answer.status.as_u16(),
+            error_class: class.map(str::to_owned),
+            model: self
+                .model
+                .clone()
+                .or_else(|| Some(deployment.model.clone())),
+            provider: Some(
+                gateway.config.upstreams[deployment.upstream]
+                    .kind
+                    .name()
+                    .to_owned(),
+            ),
+            deployment: Some(deployment.name.clone()),
+            usage: self.usage,
+            cost_micro_usd: self.flow.cost(
+                self.answer.deployment,
+                self.model.as_deref(),
+                &self.usage,
+            ),
+            ttft: self.ttft,
+        };
+        events.push(self.flow.completed(&outcome));
+        events
+    }
+
+    async fn finish(&mut self, status: CallStatus, class: Option<&str>) {
+        for event in self.final_events(status, class) {
+            self.flow.gateway.emitter.emit(event).await;
+        }
+    }
+}
+
+/// Several frames as one write; `None` when there are none.
+fn joined(frames: Vec<String>) -> Option<Bytes> {
+    (!frames.is_empty()).then(|| Bytes::from(frames.concat()))
+}
+
+impl Drop for ChatStream {
+    /// The client went away mid-stream: the upstream connection closes with this stream, and the
+    /// request is recorded as cancelled with whatever usage had arrived.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let emitter = self.flow.gateway.emitter.clone();
+        let mut late = Vec::new();
+        for event in self.final_events(CallStatus::ClientCancelled, Some("client_cancelled")) {
+            if let Err(event) = emitter.try_emit(event) {
+                late.push(*event);
+            }
+        }
+        if !late.is_empty() {
+            // The queue is full: hand the rest to a task that waits for room.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    for event in late {
+                        emitter.emit(event).await;
+                    }
+                });
+            }
+        }
+    }
+}

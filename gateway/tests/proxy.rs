@@ -1,0 +1,916 @@
+//! The data plane end to end, in process: a real gateway node on a temporary data dir, the mock
+//! upstream on loopback, requests over HTTP, and the events read back from the log.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use loom_gateway::config::{GatewayConfig, RawConfig};
+use loom_gateway::{NodeConfig, ServeConfig};
+use loom_mock::{MockConfig, MockServer};
+use loom_schemas::codec::Registry;
+use loom_schemas::crypto::FieldContext;
+use loom_schemas::event::{CallStatus, Event, Payload, RequestStatus, ToolCallDirection};
+use loom_schemas::keystore::{KeyStore, MasterKey};
+use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Topic};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const MASTER: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+const ADMIN: &str = "admin-token";
+
+struct Harness {
+    mock: MockServer,
+    dir: tempfile::TempDir,
+    base: String,
+    key: String,
+    tenant: Uuid,
+    client: reqwest::Client,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// A gateway whose upstreams all point at one mock; `extra` is appended to the config file.
+async fn start(mock_config: MockConfig, extra: &str) -> Harness {
+    let mock = MockServer::start(mock_config).await.unwrap();
+    let text = format!(
+        r#"
+[routing]
+retries = 1
+backoff = "5ms"
+attempt_timeout = "2s"
+cooldown = "60s"
+
+[upstreams.primary]
+provider = "openai"
+base_url = "{url}/v1"
+api_key_env = "MOCK_KEY"
+
+[upstreams.azure]
+provider = "azure"
+base_url = "{url}"
+api_key_env = "MOCK_KEY"
+api_version = "2024-10-21"
+
+[upstreams.local]
+provider = "openai_compatible"
+base_url = "{url}/v1"
+
+[models.fast]
+deployments = [{{ upstream = "primary", model = "gpt-4o-mini" }}, {{ upstream = "azure", model = "eu-deployment" }}]
+
+[models.embed]
+deployments = [{{ upstream = "local", model = "text-embedding-3-small" }}]
+
+[models.unpriced]
+deployments = [{{ upstream = "primary", model = "my-finetune-xyz" }}]
+
+[upstreams.claude]
+provider = "anthropic"
+base_url = "{url}/v1"
+api_key_env = "MOCK_KEY"
+
+[models.claude]
+deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
+{extra}
+"#,
+        url = mock.url()
+    );
+    let raw: RawConfig = toml::from_str(&text).unwrap();
+    let gateway = GatewayConfig::validate(raw, |_| Some("mock-key".into())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServeConfig {
+        node: NodeConfig {
+            master_key: Some(MASTER.into()),
+            ..NodeConfig::new(dir.path())
+        },
+        gateway,
+        admin_token: Some(ADMIN.into()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let server =
+        tokio::spawn(async move { loom_gateway::serve(config, listener, token).await.unwrap() });
+    let client = reqwest::Client::new();
+    let mut harness = Harness {
+        mock,
+        dir,
+        base,
+        key: String::new(),
+        tenant: Uuid::nil(),
+        client,
+        shutdown,
+        server,
+    };
+    let tenant: Value = harness
+        .admin("/admin/tenants", json!({"name": "acme"}))
+        .await;
+    harness.tenant = tenant["tenant_id"].as_str().unwrap().parse().unwrap();
+    let key: Value = harness
+        .admin("/admin/keys", json!({"tenant_id": harness.tenant}))
+        .await;
+    harness.key = key["key"].as_str().unwrap().to_owned();
+    harness
+}
+
+impl Harness {
+    async fn admin(&self, path: &str, body: Value) -> Value {
+        for _ in 0..100 {
+            let sent = self
+                .client
+                .post(format!("{}{path}", self.base))
+                .bearer_auth(ADMIN)
+                .json(&body)
+                .send()
+                .await;
+            if let Ok(response) = sent {
+                assert!(
+                    response.status().is_success(),
+                    "{path}: {}",
+                    response.status()
+                );
+                return response.json().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the gateway did not start");
+    }
+
+    fn chat(&self, body: Value) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}/v1/chat/completions", self.base))
+            .bearer_auth(&self.key)
+            .json(&body)
+    }
+
+    async fn faults(&self, faults: Value) {
+        let response = self
+            .client
+            .post(format!("{}/mock/faults", self.mock.url()))
+            .json(&json!({ "faults": faults }))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+    }
+
+    async fn upstream_requests(&self) -> Vec<Value> {
+        self.client
+            .get(format!("{}/mock/requests", self.mock.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Stops the gateway (draining its event queue) and returns every data-plane event.
+    async fn stop(self) -> Recorded {
+        self.shutdown.cancel();
+        self.server.await.unwrap();
+        let log = EmbeddedLog::open(EmbeddedLogConfig::new(self.dir.path().join("log")))
+            .await
+            .unwrap();
+        let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
+        let registry = Registry::builtin().unwrap();
+        let mut events = Vec::new();
+        loop {
+            let batch = reader.poll(1000).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            events.extend(
+                batch
+                    .iter()
+                    .map(|e| registry.decode(&e.record.value).unwrap()),
+            );
+        }
+        let keys = KeyStore::open_file(
+            self.dir.path().join("keys.json"),
+            MasterKey::parse(MASTER).unwrap(),
+        )
+        .await
+        .unwrap();
+        Recorded {
+            events,
+            keys,
+            tenant: self.tenant,
+            _dir: self.dir,
+        }
+    }
+}
+
+struct Recorded {
+    events: Vec<Event>,
+    keys: KeyStore,
+    tenant: Uuid,
+    _dir: tempfile::TempDir,
+}
+
+impl Recorded {
+    fn of_trace(&self, trace: &str) -> Vec<&Event> {
+        self.events
+            .iter()
+            .filter(|e| e.envelope.trace_id.as_deref() == Some(trace))
+            .collect()
+    }
+
+    fn types(&self, trace: &str) -> Vec<&'static str> {
+        self.of_trace(trace)
+            .iter()
+            .map(|e| e.payload.event_type())
+            .collect()
+    }
+
+    fn completed(&self, trace: &str) -> &loom_schemas::event::RequestCompleted {
+        self.of_trace(trace)
+            .into_iter()
+            .find_map(|e| match &e.payload {
+                Payload::RequestCompleted(c) => Some(c),
+                _ => None,
+            })
+            .expect("request.completed")
+    }
+
+    fn calls(&self, trace: &str) -> Vec<&loom_schemas::event::LlmCallCompleted> {
+        self.of_trace(trace)
+            .into_iter()
+            .filter_map(|e| match &e.payload {
+                Payload::LlmCallCompleted(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn open(&self, event: &Event, field: &str, sealed: &loom_schemas::event::Sealed) -> Vec<u8> {
+        let ctx = FieldContext {
+            tenant_id: self.tenant,
+            event_id: event.envelope.event_id,
+            field,
+        };
+        self.keys.open(&ctx, sealed).unwrap()
+    }
+}
+
+fn trace_of(response: &reqwest::Response) -> String {
+    response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_chat_completion_is_proxied_and_recorded_end_to_end() {
+    let harness = start(MockConfig::default(), "").await;
+    let request = json!({"model": "fast", "messages": [{"role": "user", "content": "hello gateway"}], "temperature": 0.2});
+    let response = harness
+        .chat(request.clone())
+        .header("x-request-id", "client-trace-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(trace_of(&response), "client-trace-1");
+    let overhead: u64 = response.headers()["x-loom-overhead-us"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(overhead > 0);
+    let body: Value = response.json().await.unwrap();
+    let unpriced = harness
+        .chat(json!({"model": "unpriced", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let unpriced_trace = trace_of(&unpriced);
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Mock reply to: hello gateway"
+    );
+
+    // Upstream saw the deployment's model, the standard params, and its own key, not the client's.
+    let upstream = harness.upstream_requests().await;
+    assert_eq!(upstream[0]["body"]["model"], "gpt-4o-mini");
+    assert_eq!(upstream[0]["body"]["temperature"], 0.2);
+    assert_eq!(upstream[0]["authorization"], "Bearer mock-key");
+
+    let recorded = harness.stop().await;
+    let trace = "client-trace-1";
+    assert_eq!(
+        recorded.types(trace),
+        [
+            "request.received",
+            "routing.decided",
+            "llm_call.completed",
+            "request.completed"
+        ]
+    );
+    let events = recorded.of_trace(trace);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.envelope.tenant_id == recorded.tenant)
+    );
+    let Payload::RequestReceived(received) = &events[0].payload else {
+        panic!()
+    };
+    assert_eq!((received.model.as_str(), received.stream), ("fast", false));
+    let sent: Value =
+        serde_json::from_slice(&recorded.open(events[0], "body", received.body.as_ref().unwrap()))
+            .unwrap();
+    assert_eq!(sent, request);
+    assert_eq!(received.body_digest.len(), 32);
+    let Payload::RoutingDecided(routing) = &events[1].payload else {
+        panic!()
+    };
+    assert_eq!(routing.chosen.as_deref(), Some("primary/gpt-4o-mini"));
+    let call = recorded.calls(trace)[0];
+    assert_eq!(
+        (call.status, call.http_status, call.attempt),
+        (CallStatus::Ok, Some(200), 1)
+    );
+    assert_eq!((call.tokens_in, call.tokens_out), (Some(3), Some(5)));
+    // gpt-4o-mini: 3 tokens in at $0.15/M and 5 out at $0.60/M: 3.45 micro-USD.
+    assert_eq!(call.cost_micro_usd, Some(3));
+    assert!(!call.usage_estimated);
+    let answer: Value = serde_json::from_slice(&recorded.open(
+        events[2],
+        "response_body",
+        call.response_body.as_ref().unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Mock reply to: hello gateway"
+    );
+    let completed = recorded.completed(trace);
+    assert_eq!(
+        (completed.status, completed.http_status, completed.attempts),
+        (RequestStatus::Ok, 200, 1)
+    );
+    assert_eq!(completed.deployment.as_deref(), Some("primary/gpt-4o-mini"));
+    assert!(completed.overhead_us <= completed.latency_us);
+    assert_eq!(completed.cost_micro_usd, Some(3));
+    let unpriced = recorded.calls(&unpriced_trace)[0];
+    assert_eq!(
+        unpriced.cost_micro_usd, None,
+        "an unknown price is unknown, not 0"
+    );
+    assert_eq!(recorded.completed(&unpriced_trace).cost_micro_usd, None);
+}
+
+#[tokio::test]
+async fn failures_are_retried_then_fall_back_and_the_failed_deployment_cools_down() {
+    let harness = start(MockConfig::default(), "").await;
+    harness.faults(json!([{"kind": "status", "status": 500}, {"kind": "status", "status": 429, "retry_after": 0}])).await;
+    let response = harness
+        .chat(json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let first = trace_of(&response);
+    // The primary is cooling down now: the next request goes straight to the fallback.
+    let response = harness
+        .chat(json!({"model": "fast", "messages": [{"role": "user", "content": "again"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let second = trace_of(&response);
+    let upstream = harness.upstream_requests().await;
+    let paths: Vec<&str> = upstream
+        .iter()
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/chat/completions",
+            "/v1/chat/completions",
+            "/openai/deployments/eu-deployment/chat/completions",
+            "/openai/deployments/eu-deployment/chat/completions"
+        ]
+    );
+    assert_eq!(upstream[2]["api_key"], "mock-key");
+    assert_eq!(upstream[2]["query"], "api-version=2024-10-21");
+
+    let recorded = harness.stop().await;
+    let calls = recorded.calls(&first);
+    let summary: Vec<_> = calls
+        .iter()
+        .map(|c| {
+            (
+                c.attempt,
+                c.deployment.as_str(),
+                c.http_status,
+                c.error_class.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (1, "primary/gpt-4o-mini", Some(500), Some("server_error")),
+            (2, "primary/gpt-4o-mini", Some(429), Some("rate_limited")),
+            (3, "azure/eu-deployment", Some(200), None),
+        ]
+    );
+    assert_eq!(recorded.completed(&first).attempts, 3);
+    let routing = recorded
+        .of_trace(&second)
+        .into_iter()
+        .find_map(|e| match &e.payload {
+            Payload::RoutingDecided(r) => Some(r),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        routing.candidates[0].skipped.as_deref(),
+        Some("cooling_down")
+    );
+    assert_eq!(routing.chosen.as_deref(), Some("azure/eu-deployment"));
+}
+
+#[tokio::test]
+async fn bad_requests_and_upstream_failures_get_openai_errors_and_their_events() {
+    let harness = start(MockConfig::default(), "[limits]\nmax_body_bytes = 2048\n[models.flaky]\ndeployments = [{ upstream = \"primary\", model = \"m\" }]").await;
+    let url = format!("{}/v1/chat/completions", harness.base);
+    let mut traces = Vec::new();
+    let mut expect = |response: reqwest::Response, status: u16, code: &str| {
+        assert_eq!(response.status(), status, "{code}");
+        traces.push((trace_of(&response), code.to_owned()));
+        response
+    };
+    let no_key = harness
+        .client
+        .post(&url)
+        .json(&json!({"model": "fast", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = expect(no_key, 401, "invalid_api_key").json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    let bad_json = harness
+        .client
+        .post(&url)
+        .bearer_auth(&harness.key)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    expect(bad_json, 400, "invalid_request");
+    let no_messages = harness.chat(json!({"model": "fast"})).send().await.unwrap();
+    expect(no_messages, 400, "invalid_request");
+    let huge = harness
+        .chat(json!({"model": "fast", "messages": [{"role": "user", "content": "x".repeat(4096)}]}))
+        .send()
+        .await
+        .unwrap();
+    expect(huge, 413, "request_too_large");
+    let unknown = harness
+        .chat(json!({"model": "gpt-9", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = expect(unknown, 404, "model_not_found")
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found");
+
+    harness
+        .faults(json!([{"kind": "status", "status": 503}, {"kind": "status", "status": 503}]))
+        .await;
+    let exhausted = harness
+        .chat(json!({"model": "flaky", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    expect(exhausted, 502, "server_error");
+    harness
+        .faults(json!([{"kind": "status", "status": 400}]))
+        .await;
+    let refused = harness
+        .chat(json!({"model": "fast", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    expect(refused, 400, "upstream_invalid_request");
+
+    let recorded = harness.stop().await;
+    for (trace, code) in &traces {
+        let types = recorded.types(trace);
+        assert_eq!(
+            types.first(),
+            Some(&"request.received"),
+            "{code}: {types:?}"
+        );
+        assert_eq!(
+            types.last(),
+            Some(&"request.completed"),
+            "{code}: {types:?}"
+        );
+        let completed = recorded.completed(trace);
+        assert_ne!(completed.status, RequestStatus::Ok, "{code}");
+        assert_eq!(
+            completed.error_class.as_deref(),
+            Some(code.as_str()),
+            "{code}"
+        );
+    }
+    let unauthenticated = recorded.of_trace(&traces[0].0);
+    assert!(
+        unauthenticated
+            .iter()
+            .all(|e| e.envelope.tenant_id == Uuid::nil())
+    );
+    assert_eq!(
+        recorded.calls(&traces[5].0).len(),
+        2,
+        "the 503 was retried once"
+    );
+    assert_eq!(
+        recorded.calls(&traces[6].0).len(),
+        1,
+        "a 400 is not retried"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_hangs_times_out_with_504() {
+    let harness = start(
+        MockConfig::default(),
+        "[models.slow]\ndeployments = [{ upstream = \"primary\", model = \"m\" }]",
+    )
+    .await;
+    harness
+        .faults(json!([{"kind": "hang"}, {"kind": "hang"}]))
+        .await;
+    let response = harness
+        .chat(json!({"model": "slow", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    let trace = trace_of(&response);
+    let recorded = harness.stop().await;
+    let calls = recorded.calls(&trace);
+    assert_eq!(calls.len(), 2);
+    assert!(calls.iter().all(|c| c.status == CallStatus::Timeout));
+    assert_eq!(recorded.completed(&trace).http_status, 504);
+}
+
+/// The pieces at `pointer` of every JSON chunk of a stream, joined.
+fn deltas(frames: &[String], pointer: &str) -> String {
+    frames
+        .iter()
+        .filter_map(|f| serde_json::from_str::<Value>(f).ok())
+        .filter_map(|c| {
+            c.pointer(pointer)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+async fn read_sse(response: reqwest::Response) -> Vec<String> {
+    let text = response.text().await.unwrap();
+    text.split("\n\n")
+        .filter(|f| !f.is_empty())
+        .map(|f| f.trim_start_matches("data: ").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn streams_are_forwarded_with_usage_only_when_asked_and_recorded() {
+    let harness = start(MockConfig::default(), "").await;
+    let plain = harness
+        .chat(json!({"model": "fast", "stream": true, "messages": [{"role": "user", "content": "one two three"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.headers()["content-type"], "text/event-stream");
+    let plain_trace = trace_of(&plain);
+    let frames = read_sse(plain).await;
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    assert!(frames.iter().all(|f| !f.contains("usage")), "{frames:?}");
+    let text: String = deltas(&frames, "/choices/0/delta/content");
+    assert_eq!(text, "Mock reply to: one two three");
+
+    let asked = harness
+        .chat(json!({"model": "fast", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let frames = read_sse(asked).await;
+    let usage: Value = serde_json::from_str(&frames[frames.len() - 2]).unwrap();
+    assert!(usage["usage"]["completion_tokens"].as_i64().unwrap() > 0);
+
+    let upstream = harness.upstream_requests().await;
+    assert_eq!(upstream[0]["body"]["stream_options"]["include_usage"], true);
+
+    let recorded = harness.stop().await;
+    let call = recorded.calls(&plain_trace)[0];
+    assert!(call.stream && call.status == CallStatus::Ok);
+    assert!(call.ttft_us.is_some() && call.tokens_out.is_some());
+    let completed = recorded.completed(&plain_trace);
+    assert_eq!(completed.tokens_out, call.tokens_out);
+    assert!(completed.ttft_us.is_some());
+}
+
+#[tokio::test]
+async fn tool_calls_and_tool_results_are_observed() {
+    let harness = start(MockConfig::default(), "").await;
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    let streamed = harness
+        .chat(json!({"model": "fast", "stream": true, "tools": tools, "messages": [{"role": "user", "content": "weather?"}]}))
+        .send()
+        .await
+        .unwrap();
+    let streamed_trace = trace_of(&streamed);
+    let frames = read_sse(streamed).await;
+    assert!(frames.iter().any(|f| f.contains("get_weather")));
+    let answered = harness
+        .chat(json!({"model": "fast", "tools": tools, "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    let answered_trace = trace_of(&answered);
+    let body: Value = answered.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "The tool says it is sunny in Paris."
+    );
+
+    let recorded = harness.stop().await;
+    let requested = recorded
+        .of_trace(&streamed_trace)
+        .into_iter()
+        .find(|e| matches!(&e.payload, Payload::ToolCallObserved(t) if t.direction == ToolCallDirection::Requested))
+        .unwrap();
+    let Payload::ToolCallObserved(call) = &requested.payload else {
+        panic!()
+    };
+    assert_eq!(call.name.as_deref(), Some("get_weather"));
+    assert!(call.tool_call_id.starts_with("call_mock_"));
+    let arguments = recorded.open(requested, "arguments", call.arguments.as_ref().unwrap());
+    assert_eq!(arguments, br#"{"location":"Paris"}"#);
+    let result = recorded
+        .of_trace(&answered_trace)
+        .into_iter()
+        .find(|e| matches!(&e.payload, Payload::ToolCallObserved(t) if t.direction == ToolCallDirection::Result))
+        .unwrap();
+    let Payload::ToolCallObserved(observed) = &result.payload else {
+        panic!()
+    };
+    assert_eq!(observed.tool_call_id, "call_1");
+    assert_eq!(
+        recorded.open(result, "result", observed.result.as_ref().unwrap()),
+        b"sunny"
+    );
+}
+
+#[tokio::test]
+async fn a_truncated_stream_ends_with_an_error_and_a_client_that_leaves_cancels() {
+    let harness = start(
+        MockConfig {
+            chunk_delay: Duration::from_millis(200),
+            ..MockConfig::default()
+        },
+        "",
+    )
+    .await;
+    harness
+        .faults(json!([{"kind": "truncate", "after_chunks": 2}]))
+        .await;
+    let truncated = harness
+        .chat(json!({"model": "fast", "stream": true, "messages": [{"role": "user", "content": "a b c"}]}))
+        .send()
+        .await
+        .unwrap();
+    let truncated_trace = trace_of(&truncated);
+    let frames = read_sse(truncated).await;
+    assert!(
+        frames.last().unwrap().contains("upstream_truncated"),
+        "{frames:?}"
+    );
+
+    let mut leaving = harness
+        .chat(json!({"model": "fast", "stream": true, "messages": [{"role": "user", "content": "a long answer please"}]}))
+        .send()
+        .await
+        .unwrap();
+    let leaving_trace = trace_of(&leaving);
+    leaving.chunk().await.unwrap();
+    drop(leaving);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let recorded = harness.stop().await;
+    let completed = recorded.completed(&truncated_trace);
+    assert_eq!(
+        (completed.status, completed.error_class.as_deref()),
+        (RequestStatus::Error, Some("upstream_truncated"))
+    );
+    let cancelled = recorded.completed(&leaving_trace);
+    assert_eq!(cancelled.status, RequestStatus::ClientCancelled);
+    assert_eq!(
+        recorded.calls(&leaving_trace)[0].status,
+        CallStatus::ClientCancelled
+    );
+}
+
+#[tokio::test]
+async fn embeddings_and_models_are_served() {
+    let harness = start(MockConfig::default(), "").await;
+    let response = harness
+        .client
+        .post(format!("{}/v1/embeddings", harness.base))
+        .bearer_auth(&harness.key)
+        .json(&json!({"model": "embed", "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let trace = trace_of(&response);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    let upstream = harness.upstream_requests().await;
+    assert_eq!(
+        upstream[0]["authorization"],
+        Value::Null,
+        "an openai_compatible upstream without key gets none"
+    );
+    let listing = harness
+        .client
+        .get(format!("{}/v1/models", harness.base))
+        .bearer_auth(&harness.key)
+        .header("x-request-id", "list-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(trace_of(&listing), "list-1");
+    assert!(listing.headers().contains_key("x-loom-overhead-us"));
+    let models: Value = listing.json().await.unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["claude", "embed", "fast", "unpriced"]);
+    let recorded = harness.stop().await;
+    assert_eq!(recorded.completed(&trace).status, RequestStatus::Ok);
+    assert_eq!(recorded.calls(&trace)[0].tokens_in, Some(2));
+}
+
+#[tokio::test]
+async fn a_revoked_key_is_refused_without_a_restart() {
+    let harness = start(MockConfig::default(), "").await;
+    let request = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(
+        harness.chat(request.clone()).send().await.unwrap().status(),
+        200
+    );
+    let keys: Value = harness
+        .client
+        .get(format!("{}/admin/keys", harness.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key_id = keys[0]["key_id"].as_str().unwrap();
+    let revoked = harness
+        .client
+        .post(format!("{}/admin/keys/{key_id}/revoke", harness.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    assert_eq!(harness.chat(request).send().await.unwrap().status(), 401);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn anthropic_upstreams_are_spoken_to_in_their_own_api() {
+    let harness = start(MockConfig::default(), "").await;
+    let response = harness
+        .chat(json!({"model": "claude", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hello claude"},
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let json_trace = trace_of(&response);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Mock reply to: hello claude"
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert!(body["usage"]["completion_tokens"].as_i64().unwrap() > 0);
+
+    let streamed = harness
+        .chat(json!({"model": "claude", "stream": true, "messages": [{"role": "user", "content": "stream please"}]}))
+        .send()
+        .await
+        .unwrap();
+    let stream_trace = trace_of(&streamed);
+    let frames = read_sse(streamed).await;
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let text: String = deltas(&frames, "/choices/0/delta/content");
+    assert_eq!(text, "Mock reply to: stream please");
+    assert!(frames.iter().all(|f| !f.contains("usage")));
+
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    let asked = harness
+        .chat(json!({"model": "claude", "stream": true, "tools": tools, "messages": [{"role": "user", "content": "weather?"}]}))
+        .send()
+        .await
+        .unwrap();
+    let tool_trace = trace_of(&asked);
+    let frames = read_sse(asked).await;
+    let arguments: String = deltas(&frames, "/choices/0/delta/tool_calls/0/function/arguments");
+    assert_eq!(arguments, r#"{"location":"Paris"}"#);
+    let answered = harness
+        .chat(json!({"model": "claude", "tools": tools, "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"},
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = answered.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "The tool says it is sunny in Paris."
+    );
+
+    let embeddings = harness
+        .client
+        .post(format!("{}/v1/embeddings", harness.base))
+        .bearer_auth(&harness.key)
+        .json(&json!({"model": "claude", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(embeddings.status(), 400);
+
+    let upstream = harness.upstream_requests().await;
+    assert_eq!(upstream[0]["path"], "/v1/messages");
+    assert_eq!(upstream[0]["x_api_key"], "mock-key");
+    assert_eq!(upstream[0]["body"]["system"], "Be brief.");
+    assert_eq!(upstream[0]["body"]["max_tokens"], 4096);
+    assert_eq!(
+        upstream[0]["body"]["messages"],
+        json!([{"role": "user", "content": [{"type": "text", "text": "hello claude"}]}])
+    );
+    assert_eq!(
+        upstream[3]["body"]["messages"][2]["content"][0]["type"],
+        "tool_result"
+    );
+
+    let recorded = harness.stop().await;
+    for trace in [&json_trace, &stream_trace, &tool_trace] {
+        let call = recorded.calls(trace)[0];
+        assert_eq!(
+            (call.provider.as_str(), call.status),
+            ("anthropic", CallStatus::Ok),
+            "{trace}"
+        );
+        assert!(call.tokens_in.is_some() && !call.usage_estimated, "{trace}");
+        assert!(
+            call.cost_micro_usd.is_some(),
+            "{trace}: claude-sonnet-4-5 has a price"
+        );
+    }
+    let requested = recorded
+        .of_trace(&tool_trace)
+        .into_iter()
+        .find(|e| matches!(&e.payload, Payload::ToolCallObserved(t) if t.direction == ToolCallDirection::Requested))
+        .unwrap();
+    let Payload::ToolCallObserved(call) = &requested.payload else {
+        panic!()
+    };
+    assert_eq!(
+        recorded.open(requested, "arguments", call.arguments.as_ref().unwrap()),
+        br#"{"location":"Paris"}"#
+    );
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs Loom's benchmarks in release mode: ./infra/bench.sh [codec|log|gateway|kafka] [args…]
+# With no argument: codec, log and gateway (kafka needs a broker: ./infra/test.sh starts one). Installs the load generator (oha) once into $LOOM_CACHE_DIR.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cache="${LOOM_CACHE_DIR:-$HOME/.cache/loom}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+OHA_VERSION=1.16.0
+if ! "$cache/tools/bin/oha" --version 2>/dev/null | grep -q "$OHA_VERSION"; then
+  echo "==> building oha $OHA_VERSION (once)" >&2
+  cargo install oha --version "$OHA_VERSION" --locked --root "$cache/tools" >&2
+fi
+export LOOM_OHA="$cache/tools/bin/oha"
+cd "$(dirname "$here")"
+cargo build --release --workspace --quiet
+loom="$CARGO_TARGET_DIR/release/loom"
+if [ $# -eq 0 ]; then
+  for what in codec log gateway; do "$loom" bench "$what"; echo; done
+else
+  "$loom" bench "$@"
+fi

@@ -1,0 +1,795 @@
+//! The embedded log: segment files in the data directory, one partition per topic.
+//!
+//! One process holds the log at a time (an advisory lock on `LOCK`). File I/O runs on tokio's
+//! blocking pool, never on the async threads. Readers are woken through a watch channel when the
+//! writer publishes a new end offset.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::segment::{
+    Chain, FRAME_HEADER_LEN, FrameRead, SEGMENT_HEADER_LEN, decode_body, decode_frame_header,
+    decode_segment_header, encode_frame, encode_segment_header, list_segments, read_frame,
+    segment_name,
+};
+use super::{Entry, Log, LogError, LogReader, Position, Record, Topic};
+
+/// When appended records are forced to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// After every appended batch: nothing acknowledged is lost on power failure.
+    Always,
+    /// At most this long after a write: up to one interval of records at risk on power failure
+    /// (never on a process crash).
+    Interval(Duration),
+    /// Left to the operating system.
+    Never,
+}
+
+impl Default for FsyncPolicy {
+    fn default() -> Self {
+        FsyncPolicy::Interval(Duration::from_millis(200))
+    }
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+
+    /// `always`, `never`, or an interval such as `200ms` / `1s`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "fsync policy must be `always`, `never` or an interval like `200ms` or `1s`, not {s:?}"
+            )
+        };
+        match s {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            _ => {
+                let (number, unit) =
+                    s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+                let n: u64 = number.parse().map_err(|_| bad())?;
+                let interval = match unit {
+                    "ms" => Duration::from_millis(n),
+                    "s" => Duration::from_secs(n),
+                    _ => return Err(bad()),
+                };
+                Ok(FsyncPolicy::Interval(interval))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsyncPolicy::Always => f.write_str("always"),
+            FsyncPolicy::Never => f.write_str("never"),
+            FsyncPolicy::Interval(d) => write!(f, "{}ms", d.as_millis()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EmbeddedLogConfig {
+    /// The log's directory (`<data dir>/log`).
+    pub dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    /// A segment is closed and a new one started once it reaches this size.
+    pub segment_bytes: u64,
+}
+
+impl EmbeddedLogConfig {
+    pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            fsync: FsyncPolicy::default(),
+            segment_bytes: Self::DEFAULT_SEGMENT_BYTES,
+        }
+    }
+}
+
+/// How many records at the end of the active segment are read whole when opening, to find an
+/// unfinished write.
+const TAIL_CHECK_FRAMES: usize = 64;
+
+/// The embedded, single-process log.
+pub struct EmbeddedLog {
+    dir: PathBuf,
+    data: Arc<Partition>,
+    control: Arc<Partition>,
+    _lock: File,
+}
+
+struct Partition {
+    dir: PathBuf,
+    writer: Mutex<Writer>,
+    /// The offset the next record will get; published after each append.
+    end: watch::Sender<u64>,
+}
+
+impl EmbeddedLog {
+    /// Opens (or creates) the log, locks it for this process, and recovers from a crash: a record
+    /// left half-written at the end is truncated away and appends continue after the last
+    /// complete one.
+    pub async fn open(config: EmbeddedLogConfig) -> Result<EmbeddedLog, LogError> {
+        tokio::task::spawn_blocking(move || Self::open_blocking(config))
+            .await
+            .map_err(|e| LogError::Task(e.to_string()))?
+    }
+
+    fn open_blocking(config: EmbeddedLogConfig) -> Result<EmbeddedLog, LogError> {
+        let dir = config.dir.clone();
+        std::fs::create_dir_all(&dir)
+            .map_err(LogError::io(format!("creating {}", dir.display())))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(LogError::io(format!("opening {}", lock_path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(LogError::Locked(dir)),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(LogError::io(format!("locking {}", lock_path.display()))(e));
+            }
+        }
+        let open = |topic: Topic| -> Result<Arc<Partition>, LogError> {
+            let partition_dir = dir.join(topic.name()).join("0");
+            let writer = Writer::recover(&partition_dir, &config, topic)?;
+            let (end, _) = watch::channel(writer.next_offset);
+            Ok(Arc::new(Partition {
+                dir: partition_dir,
+                writer: Mutex::new(writer),
+                end,
+            }))
+        };
+        Ok(EmbeddedLog {
+            data: open(Topic::Data)?,
+            control: open(Topic::Control)?,
+            dir,
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Deletes the segments of a partition that hold only records before `offset` (never the
+    /// segment being written); returns how many went. Readers can then start at `offset` or later.
+    pub async fn remove_before(&self, topic: Topic, offset: u64) -> Result<usize, LogError> {
+        let partition = Arc::clone(self.partition(topic, 0)?);
+        tokio::task::spawn_blocking(move || {
+            let segments = list_segments(&partition.dir)?;
+            let mut removed = 0;
+            // A segment ends where the next begins; the last one is being written.
+            for pair in segments.windows(2) {
+                let ((_, path), (next_base, _)) = (&pair[0], &pair[1]);
+                if *next_base > offset {
+                    break;
+                }
+                std::fs::remove_file(path)
+                    .map_err(LogError::io(format!("removing {}", path.display())))?;
+                removed += 1;
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(|e| LogError::Task(e.to_string()))?
+    }
+
+    fn partition(&self, topic: Topic, partition: u32) -> Result<&Arc<Partition>, LogError> {
+        if partition != 0 {
+            return Err(LogError::UnknownPartition {
+                topic: topic.name(),
+                partition,
+            });
+        }
+        Ok(match topic {
+            Topic::Data => &self.data,
+            Topic::Control => &self.control,
+        })
+    }
+}
+
+impl Partition {
+    fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&mut Writer) -> Result<T, LogError>,
+    ) -> Result<T, LogError> {
+        let mut writer = self
+            .writer
+            .lock()
+            .map_err(|_| LogError::WriterFailed("writer lock poisoned".into()))?;
+        f(&mut writer)
+    }
+}
+
+#[async_trait]
+impl Log for EmbeddedLog {
+    fn partitions(&self, _topic: Topic) -> u32 {
+        1
+    }
+
+    async fn append(&self, topic: Topic, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let partition = Arc::clone(self.partition(topic, 0)?);
+        let count = records.len() as u64;
+        let bytes: usize = records.iter().map(|r| r.value.len()).sum();
+        let first = tokio::task::spawn_blocking(move || {
+            partition.with_writer(|writer| {
+                let first = writer.append(&records)?;
+                partition.end.send_replace(writer.next_offset);
+                Ok(first)
+            })
+        })
+        .await
+        .map_err(|e| LogError::Task(e.to_string()))??;
+        metrics::counter!("loom_log_appended_records_total", "topic" => topic.name())
+            .increment(count);
+        metrics::counter!("loom_log_appended_bytes_total", "topic" => topic.name())
+            .increment(bytes as u64);
+        Ok((first..first + count)
+            .map(|offset| Position {
+                partition: 0,
+                offset,
+            })
+            .collect())
+    }
+
+    async fn end_offset(&self, topic: Topic, partition: u32) -> Result<u64, LogError> {
+        Ok(*self.partition(topic, partition)?.end.borrow())
+    }
+
+    async fn read_from(
+        &self,
+        topic: Topic,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Box<dyn LogReader>, LogError> {
+        let partition = Arc::clone(self.partition(topic, partition)?);
+        let end = *partition.end.borrow();
+        if offset > end {
+            return Err(LogError::OffsetOutOfRange {
+                requested: offset,
+                end,
+            });
+        }
+        Ok(Box::new(EmbeddedReader {
+            end: partition.end.subscribe(),
+            partition,
+            cursor: None,
+            next_offset: offset,
+            pending_error: None,
+        }))
+    }
+
+    async fn sync(&self) -> Result<(), LogError> {
+        let partitions = [Arc::clone(&self.data), Arc::clone(&self.control)];
+        tokio::task::spawn_blocking(move || {
+            partitions
+                .iter()
+                .try_for_each(|p| p.with_writer(|w| w.sync()))
+        })
+        .await
+        .map_err(|e| LogError::Task(e.to_string()))?
+    }
+}
+
+/// The appending side of a partition. All methods block: call them on the blocking pool.
+struct Writer {
+    dir: PathBuf,
+    topic: Topic,
+    file: File,
+    segment: PathBuf,
+    /// Bytes in the current segment.
+    size: u64,
+    next_offset: u64,
+    chain: Chain,
+    fsync: FsyncPolicy,
+    segment_bytes: u64,
+    last_sync: Instant,
+    unsynced: bool,
+    failed: Option<String>,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn recover(dir: &Path, config: &EmbeddedLogConfig, topic: Topic) -> Result<Writer, LogError> {
+        std::fs::create_dir_all(dir)
+            .map_err(LogError::io(format!("creating {}", dir.display())))?;
+        let mut segments = list_segments(dir)?;
+        // A segment whose header never reached the disk is the trace of a crash during a roll.
+        while let Some((_, path)) = segments.last() {
+            let len = std::fs::metadata(path)
+                .map_err(LogError::io(format!("reading {}", path.display())))?
+                .len();
+            if len >= SEGMENT_HEADER_LEN {
+                break;
+            }
+            tracing::warn!(segment = %path.display(), "removing a segment whose header was never completely written");
+            std::fs::remove_file(path)
+                .map_err(LogError::io(format!("removing {}", path.display())))?;
+            segments.pop();
+        }
+        let (file, segment, size, next_offset, chain) = match segments.pop() {
+            None => {
+                let chain = [0u8; 32];
+                let (file, path) = create_segment_file(dir, 0, &chain)?;
+                (file, path, SEGMENT_HEADER_LEN, 0, chain)
+            }
+            Some((base, path)) => {
+                let (file, size, next_offset, chain) = recover_segment(&path, base)?;
+                (file, path, size, next_offset, chain)
+            }
+        };
+        Ok(Writer {
+            dir: dir.to_owned(),
+            topic,
+            file,
+            segment,
+            size,
+            next_offset,
+            chain,
+            fsync: config.fsync,
+            segment_bytes: config.segment_bytes,
+            last_sync: Instant::now(),
+            unsynced: false,
+            failed: None,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Seals the current segment and starts the next one.
+    fn roll(&mut self) -> Result<(), LogError> {
+        self.sync()?;
+        let (file, segment) = create_segment_file(&self.dir, self.next_offset, &self.chain)?;
+        tracing::debug!(topic = self.topic.name(), segment = %segment.display(), "rolled log segment");
+        self.file = file;
+        self.segment = segment;
+        self.size = SEGMENT_HEADER_LEN;
+        Ok(())
+    }
+
+    /// Appends `records`, returning the offset of the first.
+    fn append(&mut self, records: &[Record]) -> Result<u64, LogError> {
+        if let Some(reason) = &self.failed {
+            return Err(LogError::WriterFailed(reason.clone()));
+        }
+        if self.size >= self.segment_bytes && self.size > SEGMENT_HEADER_LEN {
+            self.roll()?;
+        }
+        let first = self.next_offset;
+        let mut chain = self.chain;
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        for (i, record) in records.iter().enumerate() {
+            encode_frame(&mut buf, first + i as u64, record, &mut chain)?;
+        }
+        let written = self.file.write_all(&buf);
+        let len = buf.len() as u64;
+        // Keep the buffer for the next batch unless one huge batch blew it up.
+        if buf.capacity() <= 8 * 1024 * 1024 {
+            self.buf = buf;
+        }
+        if let Err(error) = written {
+            // Cut off whatever part of the batch reached the file, so the log stays well-formed.
+            let restored = self
+                .file
+                .set_len(self.size)
+                .and_then(|()| self.file.seek(SeekFrom::Start(self.size)).map(|_| ()));
+            if let Err(restore_error) = restored {
+                self.failed = Some(format!(
+                    "{error}; then could not truncate the partial write: {restore_error}"
+                ));
+            }
+            return Err(LogError::io(format!(
+                "appending to {}",
+                self.segment.display()
+            ))(error));
+        }
+        self.size += len;
+        self.next_offset += records.len() as u64;
+        self.chain = chain;
+        self.unsynced = true;
+        match self.fsync {
+            FsyncPolicy::Always => self.sync()?,
+            FsyncPolicy::Interval(interval) if self.last_sync.elapsed() >= interval => {
+                self.sync()?
+            }
+            _ => {}
+        }
+        Ok(first)
+    }
+
+    fn sync(&mut self) -> Result<(), LogError> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.file
+            .sync_data()
+            .map_err(LogError::io(format!("syncing {}", self.segment.display())))?;
+        metrics::histogram!("loom_log_fsync_seconds").record(started.elapsed().as_secs_f64());
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Err(error) = self.sync() {
+            tracing::error!(%error, "could not sync the log on close");
+        }
+    }
+}
+
+/// Opens the active segment at `path`, truncating an unfinished write at its end; returns the file
+/// positioned for appending, its size, the next offset and the chain hash so far.
+fn recover_segment(path: &Path, base: u64) -> Result<(File, u64, u64, Chain), LogError> {
+    let corrupt = |byte: u64, offset: Option<u64>, reason: &str| LogError::Corrupt {
+        segment: path.to_owned(),
+        byte,
+        offset,
+        reason: reason.to_owned(),
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(LogError::io(format!("opening {}", path.display())))?;
+    let file_len = file
+        .metadata()
+        .map_err(LogError::io(format!("reading {}", path.display())))?
+        .len();
+    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
+    file.read_exact(&mut header)
+        .map_err(LogError::io(format!("reading {}", path.display())))?;
+    let (header_base, mut chain) =
+        decode_segment_header(&header).map_err(|reason| corrupt(0, None, reason))?;
+    if header_base != base {
+        return Err(corrupt(
+            0,
+            None,
+            "segment header's base offset does not match its file name",
+        ));
+    }
+
+    // Walk the frame headers (their lengths carry their own checksum) to the end, then read
+    // the last records whole: an unfinished write shows up there, as a frame that runs past
+    // the end, zeroed space, or a last record whose checksum fails.
+    let io = |what: &str| LogError::io(format!("{what} {}", path.display()));
+    let mut pos = SEGMENT_HEADER_LEN;
+    let mut offset = base;
+    let mut torn = None;
+    let mut recent = std::collections::VecDeque::with_capacity(TAIL_CHECK_FRAMES);
+    let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
+    loop {
+        let remaining = file_len - pos;
+        if remaining == 0 {
+            break;
+        }
+        if remaining < FRAME_HEADER_LEN {
+            torn = Some("segment ends inside a frame header");
+            break;
+        }
+        let mut frame_header = [0u8; FRAME_HEADER_LEN as usize];
+        reader
+            .read_exact(&mut frame_header)
+            .map_err(io("reading"))?;
+        let Some(header) = decode_frame_header(&frame_header) else {
+            let mut rest = Vec::new();
+            (&mut reader)
+                .take(remaining - FRAME_HEADER_LEN)
+                .read_to_end(&mut rest)
+                .map_err(io("reading"))?;
+            if frame_header.iter().chain(&rest).all(|b| *b == 0) {
+                torn = Some("segment ends in zeroed space");
+                break;
+            }
+            return Err(corrupt(pos, Some(offset), "frame length checksum mismatch"));
+        };
+        let frame_len = FRAME_HEADER_LEN + u64::from(header.body_len);
+        if frame_len > remaining {
+            torn = Some("segment ends inside a record");
+            break;
+        }
+        let mut offset_bytes = [0u8; 8];
+        reader
+            .read_exact(&mut offset_bytes)
+            .map_err(io("reading"))?;
+        if u64::from_le_bytes(offset_bytes) != offset {
+            return Err(corrupt(pos, Some(offset), "record offset out of sequence"));
+        }
+        reader
+            .seek_relative(i64::from(header.body_len) - 8)
+            .map_err(io("seeking"))?;
+        if recent.len() == TAIL_CHECK_FRAMES {
+            recent.pop_front();
+        }
+        recent.push_back(pos);
+        pos += frame_len;
+        offset += 1;
+    }
+    while let Some(last) = recent.pop_back() {
+        reader.seek(SeekFrom::Start(last)).map_err(io("seeking"))?;
+        if let FrameRead::Frame { body, .. } =
+            read_frame(&mut reader, last, pos).map_err(io("reading"))?
+        {
+            chain = decode_body(body)
+                .map_err(|reason| corrupt(last, Some(offset - 1), reason))?
+                .chain;
+            break;
+        }
+        torn = Some("last record's checksum does not match");
+        pos = last;
+        offset -= 1;
+    }
+    drop(reader);
+    if let Some(reason) = torn {
+        tracing::warn!(
+            segment = %path.display(),
+            kept_records = offset - base,
+            dropped_bytes = file_len - pos,
+            reason,
+            "truncating an unfinished write at the end of the log"
+        );
+        file.set_len(pos)
+            .map_err(LogError::io(format!("truncating {}", path.display())))?;
+        file.sync_all()
+            .map_err(LogError::io(format!("syncing {}", path.display())))?;
+    }
+    file.seek(SeekFrom::Start(pos))
+        .map_err(LogError::io(format!("seeking {}", path.display())))?;
+    Ok((file, pos, offset, chain))
+}
+
+/// Creates a segment file with its header, durably (file and directory synced).
+fn create_segment_file(dir: &Path, base: u64, chain: &Chain) -> Result<(File, PathBuf), LogError> {
+    let path = dir.join(segment_name(base));
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(LogError::io(format!("creating {}", path.display())))?;
+    file.write_all(&encode_segment_header(base, chain))
+        .map_err(LogError::io(format!("writing {}", path.display())))?;
+    file.sync_all()
+        .map_err(LogError::io(format!("syncing {}", path.display())))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(LogError::io(format!("syncing {}", dir.display())))?;
+    Ok((file, path))
+}
+
+/// Reads one partition of the embedded log.
+struct EmbeddedReader {
+    partition: Arc<Partition>,
+    end: watch::Receiver<u64>,
+    cursor: Option<SegmentCursor>,
+    next_offset: u64,
+    pending_error: Option<LogError>,
+}
+
+/// An open segment and where in it the next frame starts.
+struct SegmentCursor {
+    path: PathBuf,
+    file: BufReader<File>,
+    pos: u64,
+    /// The file's length when last looked at; refreshed when a read reaches it.
+    len: u64,
+}
+
+impl SegmentCursor {
+    /// Reads the frame at `pos`. The length is looked up again before concluding that the
+    /// segment ends here, since the writer may have appended since it was last read.
+    fn next_frame(&mut self) -> std::io::Result<FrameRead> {
+        let mut refreshed = false;
+        loop {
+            if self.pos + FRAME_HEADER_LEN > self.len && !refreshed {
+                self.len = self.file.get_ref().metadata()?.len();
+                refreshed = true;
+            }
+            let frame = read_frame(&mut self.file, self.pos, self.len)?;
+            if refreshed || !matches!(frame, FrameRead::End | FrameRead::Torn(_)) {
+                return Ok(frame);
+            }
+            self.file.seek(SeekFrom::Start(self.pos))?;
+            self.len = self.file.get_ref().metadata()?.len();
+            refreshed = true;
+        }
+    }
+}
+
+impl EmbeddedReader {
+    async fn read_available(&mut self, max: usize) -> Result<Vec<Entry>, LogError> {
+        if let Some(error) = self.pending_error.take() {
+            return Err(error);
+        }
+        let end = *self.end.borrow_and_update();
+        if self.next_offset >= end || max == 0 {
+            return Ok(Vec::new());
+        }
+        let dir = self.partition.dir.clone();
+        let mut state = ReadState {
+            cursor: self.cursor.take(),
+            offset: self.next_offset,
+        };
+        let want = max.min(usize::try_from(end - state.offset).unwrap_or(usize::MAX));
+        let (state, entries, result) = tokio::task::spawn_blocking(move || {
+            let mut entries = Vec::with_capacity(want.min(1024));
+            let result = read_frames(&dir, &mut state, want, &mut entries);
+            (state, entries, result)
+        })
+        .await
+        .map_err(|e| LogError::Task(e.to_string()))?;
+        self.cursor = state.cursor;
+        self.next_offset = state.offset;
+        match result {
+            Err(error) if entries.is_empty() => Err(error),
+            result => {
+                // Hand out what was read; the error comes with the next call.
+                self.pending_error = result.err();
+                Ok(entries)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LogReader for EmbeddedReader {
+    async fn poll(&mut self, max: usize) -> Result<Vec<Entry>, LogError> {
+        self.read_available(max).await
+    }
+
+    async fn next(&mut self, max: usize) -> Result<Vec<Entry>, LogError> {
+        loop {
+            let entries = self.read_available(max).await?;
+            if !entries.is_empty() {
+                return Ok(entries);
+            }
+            let next = self.next_offset;
+            // The sender lives as long as the log; if it is gone, nothing more will come.
+            if self.end.wait_for(|end| *end > next).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            partition: 0,
+            offset: self.next_offset,
+        }
+    }
+}
+
+/// Where a reader is: the next offset, and the open segment positioned at it (if any).
+struct ReadState {
+    cursor: Option<SegmentCursor>,
+    offset: u64,
+}
+
+/// Reads up to `want` records (all known to be written) into `entries`, advancing `state`. On a
+/// damaged record it returns the error with `state` past the record when its length was intact,
+/// so that the next read goes on after it.
+fn read_frames(
+    dir: &Path,
+    state: &mut ReadState,
+    want: usize,
+    entries: &mut Vec<Entry>,
+) -> Result<(), LogError> {
+    while entries.len() < want {
+        let mut current = match state.cursor.take() {
+            Some(current) => current,
+            None => seek_to(dir, state.offset)?,
+        };
+        let offset = state.offset;
+        let corrupt = |current: &SegmentCursor, reason: &str| LogError::Corrupt {
+            segment: current.path.clone(),
+            byte: current.pos,
+            offset: Some(offset),
+            reason: reason.to_owned(),
+        };
+        let io =
+            |current: &SegmentCursor| LogError::io(format!("reading {}", current.path.display()));
+        match current.next_frame().map_err(io(&current))? {
+            // This segment is done; the next record starts the next segment.
+            FrameRead::End => {}
+            FrameRead::Torn(reason) => return Err(corrupt(&current, reason)),
+            FrameRead::Corrupt { reason, skippable } => {
+                let error = corrupt(&current, reason);
+                if let Some(frame_len) = skippable {
+                    current.pos += frame_len;
+                    state.offset += 1;
+                    state.cursor = Some(current);
+                }
+                return Err(error);
+            }
+            FrameRead::Frame { header, body } => {
+                let frame_len = FRAME_HEADER_LEN + u64::from(header.body_len);
+                let decoded = match decode_body(body) {
+                    Ok(decoded) => decoded,
+                    Err(reason) => {
+                        let error = corrupt(&current, reason);
+                        current.pos += frame_len;
+                        state.offset += 1;
+                        state.cursor = Some(current);
+                        return Err(error);
+                    }
+                };
+                if decoded.offset != offset {
+                    return Err(corrupt(&current, "record offset out of sequence"));
+                }
+                current.pos += frame_len;
+                entries.push(Entry {
+                    position: Position {
+                        partition: 0,
+                        offset,
+                    },
+                    record: decoded.record,
+                });
+                state.offset += 1;
+                state.cursor = Some(current);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens the segment holding `offset` and positions it at that record.
+fn seek_to(dir: &Path, offset: u64) -> Result<SegmentCursor, LogError> {
+    let segments = list_segments(dir)?;
+    let Some((_, path)) = segments.iter().rev().find(|(base, _)| *base <= offset) else {
+        return Err(LogError::OffsetOutOfRange {
+            requested: offset,
+            end: 0,
+        });
+    };
+    let file = File::open(path).map_err(LogError::io(format!("opening {}", path.display())))?;
+    let mut file = BufReader::with_capacity(256 * 1024, file);
+    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
+    file.read_exact(&mut header)
+        .map_err(LogError::io(format!("reading {}", path.display())))?;
+    let corrupt = |byte: u64, reason: &str| LogError::Corrupt {
+        segment: path.clone(),
+        byte,
+        offset: Some(offset),
+        reason: reason.to_owned(),
+    };
+    let (mut at, _) = decode_segment_header(&header).map_err(|reason| corrupt(0, reason))?;
+    let mut pos = SEGMENT_HEADER_LEN;
+    while at < offset {
+        let mut frame_header = [0u8; FRAME_HEADER_LEN as usize];
+        file.read_exact(&mut frame_header)
+            .map_err(LogError::io(format!("reading {}", path.display())))?;
+        let header = decode_frame_header(&frame_header)
+            .ok_or_else(|| corrupt(pos, "frame length checksum mismatch"))?;
+        file.seek_relative(i64::from(header.body_len))
+            .map_err(LogError::io(format!("seeking {}", path.display())))?;
+        pos += FRAME_HEADER_LEN + u64::from(header.body_len);
+        at += 1;
+    }
+    Ok(SegmentCursor {
+        path: path.clone(),
+        file,
+        pos,
+        len: 0,
+    })
+}

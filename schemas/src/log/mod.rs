@@ -1,0 +1,185 @@
+//! The append-only log: Loom's system of record.
+//!
+//! Shaped like Kafka so that both transports fit behind it: named topics split into partitions,
+//! records with a key, headers, a value and a timestamp, and per-partition offsets. Writers append
+//! batches; readers start at a position and either poll (replay until caught up) or tail (wait
+//! for new records, woken by the writer rather than by polling).
+
+pub mod embedded;
+pub mod kafka;
+pub mod segment;
+pub mod spool;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+pub use embedded::{EmbeddedLog, EmbeddedLogConfig, FsyncPolicy};
+pub use kafka::{KafkaLog, KafkaLogConfig};
+pub use segment::{Problem, VerifyReport, verify};
+pub use spool::{SpoolConfig, SpooledLog};
+
+/// The topics Loom writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// Data-plane events, keyed by trace id.
+    Data,
+    /// Control-plane events, one partition, totally ordered.
+    Control,
+}
+
+impl Topic {
+    pub const ALL: [Topic; 2] = [Topic::Data, Topic::Control];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Topic::Data => "data",
+            Topic::Control => "control",
+        }
+    }
+
+    pub fn for_plane(plane: crate::event::Plane) -> Topic {
+        match plane {
+            crate::event::Plane::Data => Topic::Data,
+            crate::event::Plane::Control => Topic::Control,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+impl Header {
+    pub fn new(name: &str, value: &[u8]) -> Self {
+        Self {
+            name: name.to_owned(),
+            value: value.to_vec(),
+        }
+    }
+}
+
+/// One record as appended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Record {
+    pub key: Vec<u8>,
+    pub headers: Vec<Header>,
+    pub value: Vec<u8>,
+    /// Microseconds since the Unix epoch.
+    pub timestamp_us: i64,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name == name)
+            .map(|h| h.value.as_slice())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// One record as read back, with where it sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub position: Position,
+    pub record: Record,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("log corrupt in segment {} at byte {byte}{}: {reason} (run `loom verify`)",
+        segment.display(),
+        offset.map(|o| format!(" (record offset {o})")).unwrap_or_default())]
+    Corrupt {
+        segment: PathBuf,
+        byte: u64,
+        offset: Option<u64>,
+        reason: String,
+    },
+    #[error(
+        "log directory {} is locked by another process (a running `loom serve`?)",
+        .0.display()
+    )]
+    Locked(PathBuf),
+    #[error("record of {size} bytes is larger than the {max}-byte limit")]
+    RecordTooLarge { size: usize, max: usize },
+    #[error("offset {requested} is beyond the end of the partition ({end})")]
+    OffsetOutOfRange { requested: u64, end: u64 },
+    #[error("topic {topic} has no partition {partition}")]
+    UnknownPartition { topic: &'static str, partition: u32 },
+    #[error("the log writer failed earlier and refuses further appends: {0}")]
+    WriterFailed(String),
+    #[error("log task failed: {0}")]
+    Task(String),
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error("the spool is full ({records} records wait for Kafka)")]
+    SpoolFull { records: u64 },
+}
+
+impl LogError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LogError {
+        let context = context.into();
+        move |source| LogError::Io { context, source }
+    }
+}
+
+/// An append-only, partitioned log.
+#[async_trait]
+pub trait Log: Send + Sync {
+    fn partitions(&self, topic: Topic) -> u32;
+
+    /// Appends a batch, in order, returning each record's position. Records with the same key
+    /// go to the same partition and keep their order.
+    async fn append(&self, topic: Topic, records: Vec<Record>) -> Result<Vec<Position>, LogError>;
+
+    /// The offset the next record appended to `partition` will get.
+    async fn end_offset(&self, topic: Topic, partition: u32) -> Result<u64, LogError>;
+
+    /// A reader starting at `offset` of `partition`.
+    async fn read_from(
+        &self,
+        topic: Topic,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Box<dyn LogReader>, LogError>;
+
+    /// Makes everything appended so far durable.
+    async fn sync(&self) -> Result<(), LogError>;
+}
+
+/// Reads one partition in order.
+#[async_trait]
+pub trait LogReader: Send {
+    /// Up to `max` entries that are available now; empty once caught up.
+    async fn poll(&mut self, max: usize) -> Result<Vec<Entry>, LogError>;
+
+    /// Up to `max` entries, waiting until at least one is available.
+    async fn next(&mut self, max: usize) -> Result<Vec<Entry>, LogError>;
+
+    /// The position of the next entry this reader returns.
+    fn position(&self) -> Position;
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod kafka_tests;
+
+#[cfg(test)]
+mod spool_tests;

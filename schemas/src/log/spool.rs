@@ -1,0 +1,248 @@
+//! A local spool in front of Kafka for data-plane events: when the broker is unreachable or too
+//! slow, appends go to embedded-log segments on disk, in order, and a drain task forwards them to
+//! Kafka when it is back. Once anything is spooled, every later append is spooled too until the
+//! spool is drained, so order is kept. The spool is bounded: past the bound, appends fail and the
+//! gateway's fail-closed policy applies. Control-plane appends always go straight to Kafka.
+//!
+//! Forwarding is at least once: a batch whose delivery was not confirmed may reach Kafka twice.
+//! Consumers deduplicate by event id. Segments are deleted once everything in them is forwarded.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, KafkaLog, Log, LogError, LogReader, Position,
+    Record, Topic,
+};
+
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// Directory of the spool's segments (`<data dir>/spool`).
+    pub dir: PathBuf,
+    /// Records waiting in the spool at most; further appends fail.
+    pub max_records: u64,
+    /// How long an append waits for Kafka before it spools instead.
+    pub kafka_timeout: Duration,
+}
+
+impl SpoolConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        SpoolConfig {
+            dir: dir.into(),
+            max_records: 1_000_000,
+            kafka_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct State {
+    /// Appends go to the spool (it holds records not yet in Kafka).
+    spooling: bool,
+    /// The next spool offset to forward.
+    drained: u64,
+}
+
+/// Kafka with a local spool for the data topic.
+pub struct SpooledLog {
+    kafka: Arc<KafkaLog>,
+    spool: EmbeddedLog,
+    config: SpoolConfig,
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+fn drained_path(dir: &Path) -> PathBuf {
+    dir.join("DRAINED")
+}
+
+impl SpooledLog {
+    /// Opens the spool; records left in it by an earlier process are forwarded by [`drain`].
+    ///
+    /// [`drain`]: SpooledLog::drain
+    pub async fn open(kafka: Arc<KafkaLog>, config: SpoolConfig) -> Result<SpooledLog, LogError> {
+        let spool = EmbeddedLog::open(EmbeddedLogConfig {
+            dir: config.dir.clone(),
+            fsync: FsyncPolicy::Always,
+            // Small segments, so that forwarded ones can be deleted soon.
+            segment_bytes: 8 * 1024 * 1024,
+        })
+        .await?;
+        let drained = match tokio::fs::read_to_string(drained_path(&config.dir)).await {
+            Ok(text) => text.trim().parse().map_err(|_| LogError::Corrupt {
+                segment: drained_path(&config.dir),
+                byte: 0,
+                offset: None,
+                reason: "not an offset".into(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(LogError::io("reading the spool position")(e)),
+        };
+        let end = spool.end_offset(Topic::Data, 0).await?;
+        if end > drained {
+            tracing::warn!(
+                records = end - drained,
+                "the spool holds records not yet in Kafka; draining them"
+            );
+        }
+        Ok(SpooledLog {
+            kafka,
+            spool,
+            config,
+            state: Mutex::new(State {
+                spooling: end > drained,
+                drained,
+            }),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Records in the spool not yet forwarded.
+    pub async fn spooled(&self) -> Result<u64, LogError> {
+        let drained = self.state.lock().await.drained;
+        Ok(self.spool.end_offset(Topic::Data, 0).await? - drained)
+    }
+
+    async fn save_drained(&self, drained: u64) -> Result<(), LogError> {
+        let path = drained_path(&self.config.dir);
+        let tmp = path.with_extension("tmp");
+        tokio::fs::write(&tmp, drained.to_string())
+            .await
+            .map_err(LogError::io("writing the spool position"))?;
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(LogError::io("writing the spool position"))
+    }
+
+    /// Forwards spooled records to Kafka until `shutdown`; run it beside the log.
+    pub async fn drain(&self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let wait = match self.forward_some().await {
+                // More to forward: go on at once.
+                Ok(true) => {
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+                Ok(false) => Duration::from_secs(1),
+                Err(error) => {
+                    tracing::warn!(%error, "forwarding the spool to Kafka failed; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Forwards one batch; `true` while records remain.
+    async fn forward_some(&self) -> Result<bool, LogError> {
+        let drained = {
+            let state = self.state.lock().await;
+            if !state.spooling {
+                return Ok(false);
+            }
+            state.drained
+        };
+        let mut reader = self.spool.read_from(Topic::Data, 0, drained).await?;
+        let entries = reader.poll(500).await?;
+        let count = entries.len() as u64;
+        if let Some(oldest) = entries.first() {
+            let age = (crate::event::now_micros() - oldest.record.timestamp_us).max(0) as f64 / 1e6;
+            metrics::gauge!("loom_spool_oldest_age_seconds").set(age);
+        }
+        if count > 0 {
+            let records = entries.into_iter().map(|e| e.record).collect();
+            tokio::time::timeout(
+                self.config.kafka_timeout,
+                self.kafka.append(Topic::Data, records),
+            )
+            .await
+            .map_err(|_| LogError::Kafka("timed out forwarding the spool".into()))??;
+            self.save_drained(drained + count).await?;
+            metrics::counter!("loom_spool_forwarded_total").increment(count);
+            self.spool
+                .remove_before(Topic::Data, drained + count)
+                .await?;
+        }
+        let end = self.spool.end_offset(Topic::Data, 0).await?;
+        let mut state = self.state.lock().await;
+        state.drained = drained + count;
+        if state.drained >= end {
+            // Appends wait on this lock, so none can slip into the spool after this check.
+            state.spooling = false;
+            metrics::gauge!("loom_spool_records").set(0.0);
+            metrics::gauge!("loom_spool_oldest_age_seconds").set(0.0);
+            tracing::info!("the spool is drained; appending to Kafka directly again");
+        } else {
+            metrics::gauge!("loom_spool_records").set((end - state.drained) as f64);
+        }
+        Ok(state.spooling)
+    }
+}
+
+#[async_trait]
+impl Log for SpooledLog {
+    fn partitions(&self, topic: Topic) -> u32 {
+        self.kafka.partitions(topic)
+    }
+
+    /// Data records go to Kafka, or to the spool while Kafka is unreachable (then the positions
+    /// are the spool's). Control records always go to Kafka.
+    async fn append(&self, topic: Topic, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
+        if topic == Topic::Control {
+            return self.kafka.append(topic, records).await;
+        }
+        let mut state = self.state.lock().await;
+        if !state.spooling {
+            let direct = tokio::time::timeout(
+                self.config.kafka_timeout,
+                self.kafka.append(topic, records.clone()),
+            )
+            .await;
+            match direct {
+                Ok(Ok(positions)) => return Ok(positions),
+                Ok(Err(error)) => tracing::warn!(%error, "Kafka refused an append; spooling"),
+                Err(_) => tracing::warn!("Kafka did not confirm an append in time; spooling"),
+            }
+            state.spooling = true;
+        }
+        let end = self.spool.end_offset(Topic::Data, 0).await?;
+        let waiting = end - state.drained;
+        if waiting + records.len() as u64 > self.config.max_records {
+            metrics::counter!("loom_spool_full_total").increment(1);
+            return Err(LogError::SpoolFull { records: waiting });
+        }
+        let positions = self.spool.append(Topic::Data, records).await?;
+        metrics::gauge!("loom_spool_records").set((waiting + positions.len() as u64) as f64);
+        drop(state);
+        self.wake.notify_one();
+        Ok(positions)
+    }
+
+    async fn end_offset(&self, topic: Topic, partition: u32) -> Result<u64, LogError> {
+        self.kafka.end_offset(topic, partition).await
+    }
+
+    async fn read_from(
+        &self,
+        topic: Topic,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Box<dyn LogReader>, LogError> {
+        self.kafka.read_from(topic, partition, offset).await
+    }
+
+    async fn sync(&self) -> Result<(), LogError> {
+        self.spool.sync().await?;
+        self.kafka.sync().await
+    }
+}

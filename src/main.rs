@@ -1,0 +1,324 @@
+//! `loom`: one binary, a subcommand per role. Parsing and start-up only; the work is in the
+//! library crates.
+
+mod admin;
+mod bench;
+mod bench_gateway;
+mod bench_kafka;
+mod verify;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use loom_gateway::config::GatewayConfig;
+use loom_gateway::{KeyStoreLocation, LogLocation, NodeConfig, ServeConfig};
+use loom_schemas::log::{EmbeddedLogConfig, FsyncPolicy, KafkaLogConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "loom",
+    version,
+    about = "Loom: an OpenAI-compatible LLM gateway that records every decision on an append-only log",
+    long_about = None,
+)]
+struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, env = "LOOM_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `loom_gateway=debug`).
+    #[arg(long = "log", global = true, env = "LOOM_LOG", default_value = "info")]
+    log_filter: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run Loom in one process on the embedded defaults (log, key store and data in --data-dir).
+    Serve(ServeArgs),
+    /// Check every record of the embedded log: checksums, offsets and the hash chain.
+    Verify(VerifyArgs),
+    /// Apply Loom's Postgres migrations.
+    Migrate(MigrateArgs),
+    /// Measure Loom's building blocks; prints figures against a baseline measured in the same run.
+    Bench(bench::BenchArgs),
+    /// Run the gateway alone on a shared log (Kafka), one of many: the data plane and admin API.
+    Gateway(ServeArgs),
+    /// Run the projectors alone (not yet available).
+    Projector(NotYet),
+    /// Run the query service alone (not yet available).
+    Query(NotYet),
+    /// Rebuild projections from the log (not yet available).
+    Replay(NotYet),
+    /// Run SQL over the archive and read models (not yet available).
+    Sql(NotYet),
+    /// Export traces to a data lake (not yet available).
+    Export(NotYet),
+    /// Manage tenants and API keys, on a data directory or through a running server.
+    Admin(admin::AdminArgs),
+}
+
+/// Accepts anything, so that the answer is "not yet available" rather than a usage error.
+#[derive(Args)]
+struct NotYet {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<String>,
+}
+
+#[derive(Args)]
+struct DataDirArgs {
+    /// Data directory: the embedded log, key store and master key live here.
+    #[arg(long, env = "LOOM_DATA_DIR", default_value = "./loom-data")]
+    data_dir: PathBuf,
+}
+
+/// Where the log is: the embedded one in the data dir, or Kafka.
+#[derive(Args)]
+pub struct KafkaArgs {
+    /// Put the log on Kafka at these brokers (host:port,…) instead of in the data directory.
+    #[arg(long, env = "LOOM_KAFKA_BROKERS", value_name = "BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Prefix of Loom's topics (`<prefix>data`, `<prefix>control`).
+    #[arg(long, env = "LOOM_KAFKA_TOPIC_PREFIX", default_value = "loom.")]
+    kafka_topic_prefix: String,
+    /// Partitions of the data topic when Loom creates it.
+    #[arg(long, env = "LOOM_KAFKA_DATA_PARTITIONS", default_value_t = 6)]
+    kafka_data_partitions: i32,
+    /// Replication factor of the topics Loom creates.
+    #[arg(long, env = "LOOM_KAFKA_REPLICATION", default_value_t = 1)]
+    kafka_replication: i32,
+    /// Producer compression: none, gzip, snappy or lz4.
+    #[arg(long, env = "LOOM_KAFKA_COMPRESSION", default_value = "lz4")]
+    kafka_compression: String,
+    /// Data-plane records the local spool holds while Kafka is unreachable; past that, requests
+    /// get 503 (nothing goes unrecorded).
+    #[arg(long, env = "LOOM_SPOOL_MAX_RECORDS", default_value_t = 1_000_000)]
+    spool_max_records: u64,
+    /// Another librdkafka property as KEY=VALUE (repeatable; comma-separated in the env var).
+    #[arg(long = "kafka-property", env = "LOOM_KAFKA_PROPERTIES", value_delimiter = ',', value_parser = parse_property)]
+    kafka_properties: Vec<(String, String)>,
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, not {text:?}"))
+}
+
+impl KafkaArgs {
+    pub fn location(&self) -> LogLocation {
+        let Some(brokers) = &self.kafka_brokers else {
+            return LogLocation::Embedded;
+        };
+        let mut config = KafkaLogConfig::new(brokers);
+        config.topic_prefix = self.kafka_topic_prefix.clone();
+        config.data_partitions = self.kafka_data_partitions;
+        config.replication = self.kafka_replication;
+        config.compression = self.kafka_compression.clone();
+        config.properties = self.kafka_properties.iter().cloned().collect();
+        LogLocation::Kafka {
+            kafka: config,
+            spool_max_records: self.spool_max_records,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    data: DataDirArgs,
+
+    #[command(flatten)]
+    kafka: KafkaArgs,
+
+    /// Address to listen on; port 0 picks a free port (logged as `listening on ADDR`).
+    #[arg(long, env = "LOOM_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// When log writes are forced to disk: `always` (every batch), an interval such as `200ms`,
+    /// or `never` (left to the OS).
+    #[arg(long, env = "LOOM_FSYNC", default_value = "200ms")]
+    fsync: FsyncPolicy,
+
+    /// Size at which a log segment is closed and a new one started.
+    #[arg(long, env = "LOOM_SEGMENT_BYTES", default_value_t = EmbeddedLogConfig::DEFAULT_SEGMENT_BYTES)]
+    segment_bytes: u64,
+
+    /// Keep tenant data keys in this Postgres database instead of <data dir>/keys.json.
+    #[arg(long, env = "LOOM_KEY_STORE_URL", value_name = "POSTGRES_URL")]
+    key_store_url: Option<String>,
+
+    /// Upstreams, model aliases and routing, as TOML (see docs/configuration.md).
+    #[arg(long, env = "LOOM_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Enables the admin API (/admin/*) for requests bearing this token.
+    #[arg(long, env = "LOOM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    data: DataDirArgs,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// Postgres to migrate.
+    #[arg(long, env = "LOOM_DATABASE_URL", value_name = "POSTGRES_URL")]
+    database_url: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format, &cli.log_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            return fail(&anyhow::Error::new(error).context("starting the async runtime"));
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(error) => fail(&error),
+    }
+}
+
+fn fail(error: &anyhow::Error) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "error: {error:#}");
+    ExitCode::FAILURE
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Verify(args) => verify::run(&args.data.data_dir).await,
+        Command::Migrate(args) => migrate(&args.database_url)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Gateway(args) => {
+            if args.kafka.kafka_brokers.is_none() {
+                anyhow::bail!(
+                    "`loom gateway` runs on a log shared with other processes: set --kafka-brokers \
+                     (for everything in one process on the embedded log, use `loom serve`)"
+                );
+            }
+            serve(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Projector(_) => not_yet("projector", "the projector"),
+        Command::Query(_) => not_yet("query", "the query service"),
+        Command::Replay(_) => not_yet("replay", "the projector"),
+        Command::Sql(_) => not_yet("sql", "the query service"),
+        Command::Export(_) => not_yet("export", "the query service"),
+        Command::Admin(args) => admin::run(args).await.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn not_yet(command: &str, arrives_with: &str) -> anyhow::Result<ExitCode> {
+    anyhow::bail!(
+        "`loom {command}` is not yet available in this build; it arrives with {arrives_with}"
+    )
+}
+
+fn init_tracing(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let gateway = match &args.config {
+        Some(path) => GatewayConfig::load(path, |name| std::env::var(name).ok())?,
+        None => GatewayConfig::default(),
+    };
+    let config = ServeConfig {
+        gateway,
+        node: NodeConfig {
+            data_dir: args.data.data_dir,
+            log: args.kafka.location(),
+            fsync: args.fsync,
+            segment_bytes: args.segment_bytes,
+            key_store: args
+                .key_store_url
+                .map_or(KeyStoreLocation::DataDir, KeyStoreLocation::Postgres),
+            master_key: master_key_from_env(),
+            role: "gateway",
+        },
+        admin_token: args.admin_token,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        on_signal.cancel();
+    });
+    let served = loom_gateway::serve(config, listener, shutdown).await;
+    signals.abort();
+    Ok(served?)
+}
+
+/// `LOOM_MASTER_KEY`, if set and not empty.
+pub fn master_key_from_env() -> Option<String> {
+    std::env::var("LOOM_MASTER_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn migrate(url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(url)
+        .await
+        .context("connecting to Postgres")?;
+    loom_schemas::keystore::POSTGRES_MIGRATOR
+        .run(&mut connection)
+        .await
+        .context("applying migrations")?;
+    let migrations = loom_schemas::keystore::POSTGRES_MIGRATOR.iter().count();
+    tracing::info!(migrations, "database is up to date");
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! What the end-to-end tests share: the real `loom` binary, started and stopped.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+pub const LOOM: &str = env!("CARGO_BIN_EXE_loom");
+
+/// A `loom serve` process on a free port, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
+        Self::start_as("serve", data_dir, extra, env)
+    }
+
+    /// Starts `loom <role>` (`serve` or `gateway`).
+    pub fn start_as(
+        role: &str,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server, String> {
+        let mut command = Command::new(LOOM);
+        command
+            .args([role, "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("LOOM_MASTER_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("spawning loom");
+        let (lines_tx, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            match lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(addr) = line.split("listening on ").nth(1) {
+                        let base = format!("http://{}", addr.trim());
+                        return Ok(Server {
+                            child,
+                            base,
+                            stderr: lines,
+                        });
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    let status = child.wait().expect("waiting for loom");
+                    return Err(format!(
+                        "loom serve exited with {status} before listening:\n{}",
+                        seen.join("\n")
+                    ));
+                }
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = self.child.wait().unwrap();
+        // The pipe is closed now: this reads what is left, then ends.
+        let rest: Vec<String> = self.stderr.iter().collect();
+        assert!(
+            rest.iter().any(|l| l.contains("stopped")),
+            "no clean stop in:\n{}",
+            rest.join("\n")
+        );
+        status
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn loom(args: &[&str]) -> Output {
+    Command::new(LOOM)
+        .args(args)
+        .env_remove("LOOM_MASTER_KEY")
+        .output()
+        .expect("running loom")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

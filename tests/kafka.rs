@@ -1,0 +1,278 @@
+//! Two `loom serve` processes sharing one log on the Kafka-protocol broker `./infra/test.sh`
+//! starts, and one key store in Postgres: control changes made on one are obeyed by the other.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use loom_mock::{MockConfig, MockServer};
+use loom_schemas::codec::Registry;
+use loom_schemas::event::Payload;
+use loom_schemas::log::{KafkaLog, KafkaLogConfig, Log, Topic};
+use loom_schemas::testing::{TestBroker, TestDatabase, free_port};
+use serde_json::{Value, json};
+
+use common::Server;
+
+const ADMIN: &str = "kafka-admin";
+const MASTER: &str = "7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e";
+
+fn brokers() -> String {
+    std::env::var("LOOM_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+async fn post(client: &reqwest::Client, url: String, body: Value) -> Value {
+    let response = client
+        .post(url)
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    response.json().await.unwrap_or(Value::Null)
+}
+
+/// Sends a chat request until `accepted(status)` holds; returns how long that took.
+async fn until(
+    client: &reqwest::Client,
+    server: &Server,
+    key: &str,
+    accepted: impl Fn(u16) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let status = client
+            .post(server.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if accepted(status) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "gave up waiting (last status {status})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A config with one alias, `fast`, served by the mock.
+fn write_config(dir: &std::path::Path, mock: &MockServer) -> std::path::PathBuf {
+    let path = dir.join("loom.toml");
+    let text = format!(
+        "[upstreams.mock]\nprovider = \"openai_compatible\"\nbase_url = \"{}/v1\"\n[models.fast]\ndeployments = [{{ upstream = \"mock\", model = \"m\" }}]\n",
+        mock.url()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_the_log_and_obey_each_others_control_changes() {
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock);
+    let prefix = format!("loom-e2e-{}.", uuid::Uuid::now_v7().simple());
+    let brokers = brokers();
+    let start = |role: &str, name: &str| {
+        let args = [
+            "--config",
+            config.to_str().unwrap(),
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic-prefix",
+            &prefix,
+            "--kafka-data-partitions",
+            "2",
+            "--key-store-url",
+            &db.url,
+        ];
+        Server::start_as(
+            role,
+            &dir.path().join(name),
+            &args,
+            &[("LOOM_MASTER_KEY", MASTER), ("LOOM_ADMIN_TOKEN", ADMIN)],
+        )
+        .unwrap()
+    };
+    // An all-in-one node and a `loom gateway`: the same data plane, sharing one log.
+    let a = start("serve", "a");
+    let b = start("gateway", "b");
+    let client = reqwest::Client::new();
+
+    let tenant = post(&client, a.url("/admin/tenants"), json!({"name": "shared"})).await;
+    let key = post(
+        &client,
+        a.url("/admin/keys"),
+        json!({"tenant_id": tenant["tenant_id"]}),
+    )
+    .await;
+    let key_id = key["key_id"].as_str().unwrap().to_owned();
+    let key = key["key"].as_str().unwrap().to_owned();
+
+    // A key issued through one gateway is honoured by the other, with its bodies sealed.
+    let issued = until(&client, &b, &key, |s| s == 200).await;
+    until(&client, &a, &key, |s| s == 200).await;
+    post(
+        &client,
+        a.url(&format!("/admin/keys/{key_id}/revoke")),
+        json!({}),
+    )
+    .await;
+    let revoked = until(&client, &b, &key, |s| s == 401).await;
+    eprintln!(
+        "the other gateway accepted the new key after {issued:?} and refused it {revoked:?} after revocation"
+    );
+
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+
+    // Every request of both gateways is on the shared data topic.
+    let mut kafka = KafkaLogConfig::new(&brokers);
+    kafka.topic_prefix = prefix;
+    kafka.create_topics = false;
+    let log = KafkaLog::connect(kafka).await.unwrap();
+    let registry = Registry::builtin().unwrap();
+    let mut producers = std::collections::BTreeSet::new();
+    let mut completed = 0;
+    for partition in 0..log.partitions(Topic::Data) {
+        let mut reader = log.read_from(Topic::Data, partition, 0).await.unwrap();
+        loop {
+            let batch = reader.poll(1000).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for entry in batch {
+                let event = registry.decode(&entry.record.value).unwrap();
+                producers.insert(event.envelope.producer.clone());
+                if matches!(event.payload, Payload::RequestCompleted(_)) {
+                    completed += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(producers.len(), 2, "{producers:?}");
+    assert!(completed >= 3);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_during_a_broker_outage_drains_its_spool_after_restart() {
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let db = TestDatabase::create().await;
+    let port = free_port();
+    let broker_url = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock);
+    let data_dir = dir.path().join("gateway");
+    let start = || {
+        let args = [
+            "--config",
+            config.to_str().unwrap(),
+            "--kafka-brokers",
+            &broker_url,
+            "--kafka-data-partitions",
+            "1",
+        ];
+        Server::start(
+            &data_dir,
+            &args,
+            &[("LOOM_MASTER_KEY", MASTER), ("LOOM_ADMIN_TOKEN", ADMIN)],
+        )
+        .unwrap()
+    };
+    let broker = TestBroker::start(port, &db.broker_storage());
+    let gateway = start();
+    let client = reqwest::Client::new();
+    let tenant = post(
+        &client,
+        gateway.url("/admin/tenants"),
+        json!({"name": "outage"}),
+    )
+    .await;
+    let key = post(
+        &client,
+        gateway.url("/admin/keys"),
+        json!({"tenant_id": tenant["tenant_id"]}),
+    )
+    .await;
+    let key = key["key"].as_str().unwrap().to_owned();
+
+    // The broker goes away; requests are still served, their events spooled on disk.
+    broker.kill();
+    let mut traces = Vec::new();
+    for i in 0..5 {
+        let trace = format!("outage-{i}");
+        let response = client
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-request-id", &trace)
+            .json(&json!({"model": "fast", "messages": [{"role": "user", "content": "during the outage"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        traces.push(trace);
+    }
+    // Let the writer give up on Kafka (5 s) and spool, then kill the gateway without warning.
+    let spool_dir = data_dir.join("spool");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !spool_has_records(&spool_dir) {
+        assert!(Instant::now() < deadline, "nothing was spooled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(gateway); // SIGKILL
+
+    let _broker = TestBroker::start(port, &db.broker_storage());
+    let gateway = start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut kafka = KafkaLogConfig::new(&broker_url);
+    kafka.create_topics = false;
+    let log = KafkaLog::connect(kafka).await.unwrap();
+    let registry = Registry::builtin().unwrap();
+    loop {
+        let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
+        let mut completed = std::collections::BTreeSet::new();
+        loop {
+            let batch = reader.poll(1000).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for entry in batch {
+                let event = registry.decode(&entry.record.value).unwrap();
+                if matches!(event.payload, Payload::RequestCompleted(_)) {
+                    completed.insert(event.envelope.trace_id.unwrap_or_default());
+                }
+            }
+        }
+        if traces.iter().all(|t| completed.contains(t)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the restart only {completed:?} arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(gateway.stop().success());
+    db.drop().await;
+}
+
+/// Whether the gateway's spool has any record in it (a segment longer than its header).
+fn spool_has_records(dir: &std::path::Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir.join("data/0")) else {
+        return false;
+    };
+    entries
+        .filter_map(Result::ok)
+        .any(|e| e.metadata().is_ok_and(|m| m.len() > 52))
+}

@@ -1,0 +1,254 @@
+//! The gateway driven by the official Python SDKs (from PyPI, installed by `./infra/test.sh`),
+//! against the real `loom` binary and the mock upstream; then the events each call produced.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use loom_mock::{MockConfig, MockServer};
+use loom_schemas::codec::Registry;
+use loom_schemas::event::{CallStatus, Event, Payload, RequestStatus, ToolCallDirection};
+use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Topic};
+
+use common::{Server, loom, text};
+
+const ADMIN: &str = "sdk-admin";
+
+fn python() -> String {
+    std::env::var("LOOM_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+fn write_config(dir: &Path, mock: &MockServer) -> std::path::PathBuf {
+    let path = dir.join("loom.toml");
+    let config = format!(
+        r#"
+[upstreams.mock]
+provider = "openai"
+base_url = "{url}/v1"
+api_key_env = "MOCK_UPSTREAM_KEY"
+
+[models.fast]
+deployments = [{{ upstream = "mock", model = "gpt-4o-mini" }}]
+
+[models.embed]
+deployments = [{{ upstream = "mock", model = "text-embedding-3-small" }}]
+
+[upstreams.claude]
+provider = "anthropic"
+base_url = "{url}/v1"
+api_key_env = "MOCK_UPSTREAM_KEY"
+
+[models.claude]
+deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
+"#,
+        url = mock.url()
+    );
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+async fn events(data_dir: &Path) -> Vec<Event> {
+    let log = EmbeddedLog::open(EmbeddedLogConfig::new(data_dir.join("log")))
+        .await
+        .unwrap();
+    let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
+    let registry = Registry::builtin().unwrap();
+    let mut events = Vec::new();
+    loop {
+        let batch = reader.poll(1000).await.unwrap();
+        if batch.is_empty() {
+            return events;
+        }
+        events.extend(
+            batch
+                .iter()
+                .map(|e| registry.decode(&e.record.value).unwrap()),
+        );
+    }
+}
+
+/// Runs one SDK script against a fresh gateway and returns every data-plane event it produced.
+async fn run_script(script: &str) -> Vec<Event> {
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock);
+    let data_dir = dir.path().join("data");
+    let server = Server::start(
+        &data_dir,
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("LOOM_ADMIN_TOKEN", ADMIN),
+            ("MOCK_UPSTREAM_KEY", "upstream-secret"),
+        ],
+    )
+    .unwrap();
+    let admin = |args: &[&str]| {
+        let mut all = vec!["admin", "--url", &server.base, "--admin-token", ADMIN];
+        all.extend_from_slice(args);
+        let output = loom(&all);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        text(&output.stdout).trim().to_owned()
+    };
+    let tenant = admin(&["tenant", "create", "sdk-tenant"]);
+    let key = admin(&["key", "create", "--tenant", &tenant]);
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(script);
+    let output = Command::new(python())
+        .arg(&script)
+        .env("LOOM_URL", &server.base)
+        .env("LOOM_KEY", &key)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {} (./infra/test.sh installs the SDKs): {e}",
+                python()
+            )
+        });
+    assert!(
+        output.status.success(),
+        "{} failed:\n{}\n{}",
+        script.display(),
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    assert!(server.stop().success());
+    events(&data_dir).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_works_through_loom_and_every_call_is_recorded() {
+    let events = run_script("openai_sdk.py").await;
+    let of = |trace: &str| -> Vec<&Event> {
+        events
+            .iter()
+            .filter(|e| e.envelope.trace_id.as_deref() == Some(trace))
+            .collect()
+    };
+    let completed = |trace: &str| {
+        of(trace)
+            .into_iter()
+            .find_map(|e| match &e.payload {
+                Payload::RequestCompleted(c) => Some(c.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{trace}: no request.completed"))
+    };
+    for trace in [
+        "sdk-chat",
+        "sdk-raw",
+        "sdk-stream",
+        "sdk-stream-usage",
+        "sdk-tools",
+        "sdk-tool-result",
+        "sdk-stream-tools",
+        "sdk-embed",
+    ] {
+        let types: Vec<_> = of(trace).iter().map(|e| e.payload.event_type()).collect();
+        assert_eq!(
+            types.first(),
+            Some(&"request.received"),
+            "{trace}: {types:?}"
+        );
+        let done = completed(trace);
+        assert_eq!(
+            (done.status, done.http_status),
+            (RequestStatus::Ok, 200),
+            "{trace}"
+        );
+        assert!(
+            done.tokens_in.is_some() && done.tokens_out.is_some(),
+            "{trace}"
+        );
+        assert!(!done.usage_estimated, "{trace}: the mock reports usage");
+    }
+    for (trace, status) in [("sdk-404", 404), ("sdk-401", 401)] {
+        assert_eq!(completed(trace).http_status, status);
+    }
+    let stream_call = of("sdk-stream")
+        .into_iter()
+        .find_map(|e| match &e.payload {
+            Payload::LlmCallCompleted(c) => Some(c.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        stream_call.stream && stream_call.ttft_us.is_some() && stream_call.status == CallStatus::Ok
+    );
+    assert!(
+        stream_call.cost_micro_usd.is_some(),
+        "gpt-4o-mini has a price"
+    );
+    let tool = |trace: &str, direction: ToolCallDirection| {
+        of(trace)
+            .into_iter()
+            .any(|e| matches!(&e.payload, Payload::ToolCallObserved(t) if t.direction == direction))
+    };
+    assert!(tool("sdk-tools", ToolCallDirection::Requested));
+    assert!(tool("sdk-stream-tools", ToolCallDirection::Requested));
+    assert!(tool("sdk-tool-result", ToolCallDirection::Result));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_sdk_works_through_loom_against_both_kinds_of_upstream() {
+    let events = run_script("anthropic_sdk.py").await;
+    let of = |trace: &str| -> Vec<&Event> {
+        events
+            .iter()
+            .filter(|e| e.envelope.trace_id.as_deref() == Some(trace))
+            .collect()
+    };
+    for alias in ["fast", "claude"] {
+        for suffix in ["", "-stream", "-tools", "-tool-result", "-stream-tools"] {
+            let trace = format!("anthropic-{alias}{suffix}");
+            let events = of(&trace);
+            let Some(Payload::RequestReceived(received)) = events.first().map(|e| &e.payload)
+            else {
+                panic!("{trace}: no request.received");
+            };
+            assert_eq!(received.endpoint, "/v1/messages", "{trace}");
+            let done = events
+                .iter()
+                .find_map(|e| match &e.payload {
+                    Payload::RequestCompleted(c) => Some(c.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{trace}: no request.completed"));
+            assert_eq!(
+                (done.status, done.http_status),
+                (RequestStatus::Ok, 200),
+                "{trace}"
+            );
+            assert!(
+                done.tokens_out.is_some() && !done.usage_estimated,
+                "{trace}"
+            );
+            let provider = if alias == "claude" {
+                "anthropic"
+            } else {
+                "openai"
+            };
+            assert_eq!(done.provider.as_deref(), Some(provider), "{trace}");
+        }
+    }
+    let tool_requested = |trace: &str| {
+        of(trace)
+            .into_iter()
+            .any(|e| matches!(&e.payload, Payload::ToolCallObserved(t) if t.direction == ToolCallDirection::Requested))
+    };
+    assert!(
+        tool_requested("anthropic-claude-stream-tools") && tool_requested("anthropic-fast-tools")
+    );
+    let completed_status = |trace: &str| {
+        of(trace).into_iter().find_map(|e| match &e.payload {
+            Payload::RequestCompleted(c) => Some(c.http_status),
+            _ => None,
+        })
+    };
+    assert_eq!(completed_status("anthropic-404"), Some(404));
+    assert_eq!(completed_status("anthropic-401"), Some(401));
+}

@@ -1,0 +1,402 @@
+//! End-to-end tests of the real `loom` binary.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Record, Topic};
+use loom_schemas::testing::TestDatabase;
+
+use common::{Server, loom, text};
+
+#[tokio::test]
+async fn serve_answers_health_and_metrics_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[], &[]).unwrap();
+    let client = reqwest::Client::new();
+
+    let health = client.get(server.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let body: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["log"]["data"]["end_offset"], 0);
+    assert_eq!(body["log"]["control"]["end_offset"], 0);
+
+    let metrics = client.get(server.url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let metrics = metrics.text().await.unwrap();
+    assert!(metrics.contains("loom_build_info{version=\""), "{metrics}");
+    assert!(
+        metrics.contains("loom_log_end_offset{topic=\"data\"} 0"),
+        "{metrics}"
+    );
+
+    let missing = client
+        .get(server.url("/v1/nothing-here"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let error: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+    assert_eq!(error["error"]["code"], "not_found");
+    let wrong_method = client.post(server.url("/health")).send().await.unwrap();
+    assert_eq!(wrong_method.status(), 405);
+
+    // The data directory holds the log, the wrapped key store and the generated master key.
+    for file in [
+        "log/data/0/00000000000000000000.seg",
+        "log/control/0/00000000000000000000.seg",
+        "keys.json",
+        "master.key",
+    ] {
+        assert!(dir.path().join(file).exists(), "{file} missing");
+    }
+    assert!(server.stop().success());
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Server::start(dir.path(), &[], &[]).unwrap();
+    let error = Server::start(dir.path(), &[], &[]).err().unwrap();
+    assert!(error.contains("locked by another process"), "{error}");
+}
+
+#[tokio::test]
+async fn a_wrong_master_key_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_a = "11".repeat(32);
+    let key_b = "22".repeat(32);
+    Server::start(dir.path(), &[], &[("LOOM_MASTER_KEY", &key_a)])
+        .unwrap()
+        .stop();
+    let error = Server::start(dir.path(), &[], &[("LOOM_MASTER_KEY", &key_b)])
+        .err()
+        .unwrap();
+    assert!(error.contains("master key does not match"), "{error}");
+    let error = Server::start(dir.path(), &[], &[("LOOM_MASTER_KEY", "short")])
+        .err()
+        .unwrap();
+    assert!(error.contains("invalid master key"), "{error}");
+    Server::start(dir.path(), &[], &[("LOOM_MASTER_KEY", &key_a)])
+        .unwrap()
+        .stop();
+}
+
+#[tokio::test]
+async fn serve_keeps_keys_in_postgres_when_asked() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = "33".repeat(32);
+    let server = Server::start(
+        dir.path(),
+        &["--key-store-url", &db.url],
+        &[("LOOM_MASTER_KEY", &key)],
+    )
+    .unwrap();
+    let health = reqwest::get(server.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(server.stop().success());
+    assert!(!dir.path().join("keys.json").exists());
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let checks: i64 = sqlx::query_scalar("SELECT count(*) FROM loom_key_store_meta")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(checks, 1);
+    pool.close().await;
+
+    let other = "44".repeat(32);
+    let error = Server::start(
+        dir.path(),
+        &["--key-store-url", &db.url],
+        &[("LOOM_MASTER_KEY", &other)],
+    )
+    .err()
+    .unwrap();
+    assert!(error.contains("master key does not match"), "{error}");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn migrate_applies_the_postgres_migrations() {
+    let db = TestDatabase::create().await;
+    for _ in 0..2 {
+        let output = loom(&["migrate", "--database-url", &db.url]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name IN ('loom_tenant_keys', 'loom_erased_tenants', 'loom_key_store_meta')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 3);
+    pool.close().await;
+    db.drop().await;
+    let output = loom(&[
+        "migrate",
+        "--database-url",
+        "postgres://nobody@127.0.0.1:1/none",
+    ]);
+    assert!(!output.status.success());
+    assert!(text(&output.stderr).contains("connecting to Postgres"));
+}
+
+async fn write_records(log_dir: &Path, count: u64) {
+    let log = EmbeddedLog::open(EmbeddedLogConfig::new(log_dir))
+        .await
+        .unwrap();
+    let records = (0..count)
+        .map(|i| Record {
+            key: b"k".to_vec(),
+            value: format!("record {i}").into_bytes(),
+            ..Record::default()
+        })
+        .collect();
+    log.append(Topic::Data, records).await.unwrap();
+}
+
+#[tokio::test]
+async fn verify_exits_non_zero_and_names_the_first_altered_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    write_records(&dir.path().join("log"), 10).await;
+    let clean = loom(&["verify", "--data-dir", data_dir]);
+    assert!(clean.status.success(), "{}", text(&clean.stderr));
+    assert!(
+        text(&clean.stdout).contains("data/0: 10 records"),
+        "{}",
+        text(&clean.stdout)
+    );
+
+    let segment = dir.path().join("log/data/0/00000000000000000000.seg");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let at = bytes.windows(8).position(|w| w == b"record 6").unwrap();
+    bytes[at + 7] = b'9';
+    std::fs::write(&segment, bytes).unwrap();
+    let tampered = loom(&["verify", "--data-dir", data_dir]);
+    assert_eq!(tampered.status.code(), Some(1));
+    let stderr = text(&tampered.stderr);
+    assert!(
+        stderr.contains("00000000000000000000.seg") && stderr.contains("record offset 6"),
+        "{stderr}"
+    );
+
+    let missing = loom(&["verify", "--data-dir", "/nonexistent/loom"]);
+    assert!(!missing.status.success());
+    assert!(text(&missing.stderr).contains("no log at"));
+}
+
+#[tokio::test]
+async fn a_damaged_log_is_refused_with_segment_and_offset_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    write_records(&dir.path().join("log"), 10).await;
+    let segment = dir.path().join("log/data/0/00000000000000000000.seg");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    // Damage the length field of the record before "record 3".
+    let value_at = bytes.windows(8).position(|w| w == b"record 3").unwrap();
+    let frame_at = (52..value_at).rev().find(|&p| {
+        let len = u32::from_le_bytes(bytes[p..p + 4].try_into().unwrap()) as usize;
+        p + 12 + len <= bytes.len() && crc32c_of(&bytes[p..p + 4]) == bytes[p + 4..p + 8]
+    });
+    let frame_at = frame_at.unwrap();
+    bytes[frame_at] ^= 0x10;
+    std::fs::write(&segment, bytes).unwrap();
+    let error = Server::start(dir.path(), &[], &[]).err().unwrap();
+    assert!(
+        error.contains("00000000000000000000.seg") && error.contains("record offset 3"),
+        "{error}"
+    );
+    assert!(!error.contains("panicked"), "{error}");
+}
+
+fn crc32c_of(bytes: &[u8]) -> [u8; 4] {
+    crc32c::crc32c(bytes).to_le_bytes()
+}
+
+#[test]
+fn bad_command_lines_get_usage_errors_and_unbuilt_roles_say_so() {
+    let unknown = loom(&["serve", "--no-such-flag"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(text(&unknown.stderr).contains("Usage: loom serve"));
+    let bad_fsync = loom(&["serve", "--fsync", "sometimes"]);
+    assert_eq!(bad_fsync.status.code(), Some(2));
+    assert!(text(&bad_fsync.stderr).contains("fsync policy"));
+    for role in ["projector", "query", "replay", "sql", "export"] {
+        let output = loom(&[role, "--anything"]);
+        assert_eq!(output.status.code(), Some(1), "{role}");
+        assert!(text(&output.stderr).contains("not yet available"), "{role}");
+    }
+    let alone = loom(&["gateway"]);
+    assert_eq!(alone.status.code(), Some(1));
+    assert!(
+        text(&alone.stderr).contains("--kafka-brokers"),
+        "{}",
+        text(&alone.stderr)
+    );
+    let help = loom(&["--help"]);
+    for command in ["serve", "verify", "migrate", "bench", "gateway", "admin"] {
+        assert!(
+            text(&help.stdout).contains(command),
+            "--help lacks {command}"
+        );
+    }
+}
+
+fn admin(data_dir: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["admin", "--data-dir", data_dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    loom(&all)
+}
+
+fn stdout_line(output: &Output) -> String {
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    text(&output.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn admin_cli_manages_tenants_and_keys_on_a_data_dir_and_through_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = stdout_line(&admin(dir.path(), &["tenant", "create", "acme"]));
+    uuid::Uuid::parse_str(&tenant).unwrap();
+    let key = stdout_line(&admin(
+        dir.path(),
+        &["key", "create", "--tenant", &tenant, "--name", "ci"],
+    ));
+    assert!(key.starts_with("loom-"), "{key}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout_line(&admin(dir.path(), &["key", "list"]))).unwrap();
+    assert_eq!(listed[0]["tenant_id"], tenant.as_str());
+    assert_eq!(listed[0]["name"], "ci");
+    assert!(key.starts_with(listed[0]["prefix"].as_str().unwrap()));
+    assert!(
+        !listed.to_string().contains(&key),
+        "a listing must never show the secret"
+    );
+    let unknown = admin(
+        dir.path(),
+        &[
+            "key",
+            "create",
+            "--tenant",
+            &uuid::Uuid::now_v7().to_string(),
+        ],
+    );
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown.stderr).contains("no tenant"),
+        "{}",
+        text(&unknown.stderr)
+    );
+
+    // Through a running server: the data dir is locked, the admin API takes over.
+    let token = "admin-secret";
+    let server = Server::start(dir.path(), &[], &[("LOOM_ADMIN_TOKEN", token)]).unwrap();
+    let locked = admin(dir.path(), &["tenant", "list"]);
+    assert!(
+        text(&locked.stderr).contains("locked by another process"),
+        "{}",
+        text(&locked.stderr)
+    );
+    let remote = |args: &[&str]| {
+        let mut all = vec!["admin", "--url", &server.base, "--admin-token", token];
+        all.extend_from_slice(args);
+        loom(&all)
+    };
+    let tenants: serde_json::Value =
+        serde_json::from_str(&stdout_line(&remote(&["tenant", "list"]))).unwrap();
+    assert_eq!(tenants[0]["name"], "acme");
+    let second = stdout_line(&remote(&["key", "create", "--tenant", &tenant]));
+    assert_ne!(second, key);
+    let key_id = listed[0]["key_id"].as_str().unwrap();
+    assert!(
+        remote(&["key", "revoke", key_id, "--reason", "rotated"])
+            .status
+            .success()
+    );
+    let keys: serde_json::Value =
+        serde_json::from_str(&stdout_line(&remote(&["key", "list", "--tenant", &tenant]))).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    let revoked = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == key_id)
+        .unwrap();
+    assert_eq!(revoked["revoked"], true);
+    let wrong = loom(&[
+        "admin",
+        "--url",
+        &server.base,
+        "--admin-token",
+        "nope",
+        "tenant",
+        "list",
+    ]);
+    assert!(
+        text(&wrong.stderr).contains("401"),
+        "{}",
+        text(&wrong.stderr)
+    );
+    assert!(server.stop().success());
+
+    // Everything was on the log: the data dir shows the same after the server is gone.
+    let keys: serde_json::Value =
+        serde_json::from_str(&stdout_line(&admin(dir.path(), &["key", "list"]))).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_its_token_and_is_off_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let disabled = Server::start(dir.path(), &[], &[]).unwrap();
+    let response = client
+        .get(disabled.url("/admin/tenants"))
+        .bearer_auth("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    disabled.stop();
+
+    let server = Server::start(dir.path(), &[], &[("LOOM_ADMIN_TOKEN", "t0ken")]).unwrap();
+    let missing = client
+        .post(server.url("/admin/tenants"))
+        .json(&serde_json::json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 401);
+    let error: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "invalid_admin_token");
+    let created = client
+        .post(server.url("/admin/tenants"))
+        .bearer_auth("t0ken")
+        .json(&serde_json::json!({"name": "globex"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let bad = client
+        .post(server.url("/admin/tenants"))
+        .bearer_auth("t0ken")
+        .json(&serde_json::json!({"name": ""}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let unknown = client
+        .post(server.url(&format!("/admin/keys/{}/revoke", uuid::Uuid::now_v7())))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+}
