@@ -180,10 +180,19 @@ setup_python() {
   log "Python: $LOOM_TEST_PYTHON"
 }
 
+# ---- build prerequisites -----------------------------------------------------------------------
+setup_build() {
+  # librdkafka is built with TLS (and so SASL PLAIN/SCRAM) against the system OpenSSL.
+  if ! pkg-config --exists openssl 2>/dev/null; then
+    apt_install pkg-config libssl-dev
+  fi
+}
+
 # ---- run ----------------------------------------------------------------------------------------
 main() {
   cd "$repo"
   local started=$SECONDS
+  setup_build
   setup_postgres
   setup_broker
   setup_s3

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use loom_mock::{MockConfig, MockServer};
 use loom_schemas::codec::Registry;
 use loom_schemas::event::Payload;
-use loom_schemas::log::{KafkaLog, KafkaLogConfig, Log, Topic};
+use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, KafkaLog, KafkaLogConfig, Log, Topic};
 use loom_schemas::testing::{TestBroker, TestDatabase, free_port};
 use serde_json::{Value, json};
 
@@ -223,11 +223,16 @@ async fn a_gateway_killed_during_a_broker_outage_drains_its_spool_after_restart(
         assert_eq!(response.status(), 200);
         traces.push(trace);
     }
-    // Let the writer give up on Kafka (5 s) and spool, then kill the gateway without warning.
+    // Let the writer give up on Kafka (5 s) and spool every request's events, then kill the
+    // gateway without warning.
     let spool_dir = data_dir.join("spool");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !spool_has_records(&spool_dir) {
-        assert!(Instant::now() < deadline, "nothing was spooled");
+    loop {
+        let spooled = spooled_traces(&spool_dir).await;
+        if traces.iter().all(|t| spooled.contains(t)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {spooled:?} were spooled");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(gateway); // SIGKILL
@@ -267,12 +272,60 @@ async fn a_gateway_killed_during_a_broker_outage_drains_its_spool_after_restart(
     db.drop().await;
 }
 
-/// Whether the gateway's spool has any record in it (a segment longer than its header).
-fn spool_has_records(dir: &std::path::Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir.join("data/0")) else {
-        return false;
+/// The traces whose `request.completed` is in the gateway's spool. The spool is read from a copy,
+/// since the running gateway holds it locked (a half-written tail is cut off in the copy).
+async fn spooled_traces(spool: &std::path::Path) -> std::collections::BTreeSet<String> {
+    let copy = tempfile::tempdir().unwrap();
+    let target = copy.path().join("data/0");
+    std::fs::create_dir_all(&target).unwrap();
+    let Ok(entries) = std::fs::read_dir(spool.join("data/0")) else {
+        return Default::default();
     };
-    entries
-        .filter_map(Result::ok)
-        .any(|e| e.metadata().is_ok_and(|m| m.len() > 52))
+    for entry in entries.filter_map(Result::ok) {
+        // A segment removed between listing and copying was forwarded already.
+        let _ = std::fs::copy(entry.path(), target.join(entry.file_name()));
+    }
+    let log = EmbeddedLog::open(EmbeddedLogConfig::new(copy.path()))
+        .await
+        .unwrap();
+    let registry = Registry::builtin().unwrap();
+    let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
+    let mut traces = std::collections::BTreeSet::new();
+    loop {
+        let batch = reader.poll(1000).await.unwrap();
+        if batch.is_empty() {
+            return traces;
+        }
+        for entry in batch {
+            let event = registry.decode(&entry.record.value).unwrap();
+            if matches!(event.payload, Payload::RequestCompleted(_)) {
+                traces.insert(event.envelope.trace_id.unwrap_or_default());
+            }
+        }
+    }
+}
+
+#[test]
+fn tls_settings_reach_librdkafka_and_a_broken_one_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let brokers = brokers();
+    let output = common::loom(&[
+        "admin",
+        "--data-dir",
+        data_dir,
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-property",
+        "security.protocol=SSL",
+        "--kafka-property",
+        "ssl.ca.location=/nonexistent/kafka-ca.pem",
+        "tenant",
+        "list",
+    ]);
+    assert!(!output.status.success());
+    let stderr = common::text(&output.stderr);
+    // librdkafka was built with TLS: it got as far as loading the CA file.
+    assert_eq!(stderr.matches("ssl.ca.location").count(), 1, "{stderr}");
+    assert!(!stderr.contains("OpenSSL not available"), "{stderr}");
 }

@@ -12,14 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use super::segment::{
     Chain, FRAME_HEADER_LEN, FrameRead, SEGMENT_HEADER_LEN, decode_body, decode_frame_header,
     decode_segment_header, encode_frame, encode_segment_header, list_segments, read_frame,
     segment_name,
 };
-use super::{Entry, Log, LogError, LogReader, Position, Record, Topic};
+use super::{Entry, GroupEvent, GroupReader, Log, LogError, LogReader, Position, Record, Topic};
 
 /// When appended records are forced to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,20 +261,22 @@ impl Log for EmbeddedLog {
         partition: u32,
         offset: u64,
     ) -> Result<Box<dyn LogReader>, LogError> {
-        let partition = Arc::clone(self.partition(topic, partition)?);
-        let end = *partition.end.borrow();
-        if offset > end {
-            return Err(LogError::OffsetOutOfRange {
-                requested: offset,
-                end,
-            });
-        }
-        Ok(Box::new(EmbeddedReader {
-            end: partition.end.subscribe(),
-            partition,
-            cursor: None,
-            next_offset: offset,
-            pending_error: None,
+        Ok(Box::new(EmbeddedReader::new(
+            Arc::clone(self.partition(topic, partition)?),
+            offset,
+        )?))
+    }
+
+    /// The embedded log lives in one process, so a group has one member: it gets the topic's
+    /// only partition.
+    async fn join_group(
+        &self,
+        _group: &str,
+        topic: Topic,
+    ) -> Result<Box<dyn GroupReader>, LogError> {
+        Ok(Box::new(EmbeddedGroupReader {
+            partition: Arc::clone(self.partition(topic, 0)?),
+            state: GroupState::Joining,
         }))
     }
 
@@ -649,6 +651,77 @@ impl EmbeddedReader {
                 Ok(entries)
             }
         }
+    }
+}
+
+impl EmbeddedReader {
+    fn new(partition: Arc<Partition>, offset: u64) -> Result<EmbeddedReader, LogError> {
+        let end = *partition.end.borrow();
+        if offset > end {
+            return Err(LogError::OffsetOutOfRange {
+                requested: offset,
+                end,
+            });
+        }
+        Ok(EmbeddedReader {
+            end: partition.end.subscribe(),
+            partition,
+            cursor: None,
+            next_offset: offset,
+            pending_error: None,
+        })
+    }
+}
+
+/// The only member of a group on the embedded log.
+struct EmbeddedGroupReader {
+    partition: Arc<Partition>,
+    state: GroupState,
+}
+
+enum GroupState {
+    /// The partition is still to be announced.
+    Joining,
+    /// Waiting for the member to say where to start.
+    Starting(oneshot::Receiver<Vec<Position>>),
+    Reading(EmbeddedReader),
+}
+
+#[async_trait]
+impl GroupReader for EmbeddedGroupReader {
+    async fn next(&mut self, max: usize) -> Result<GroupEvent, LogError> {
+        loop {
+            match &mut self.state {
+                GroupState::Joining => {
+                    let (start, answer) = oneshot::channel();
+                    self.state = GroupState::Starting(answer);
+                    return Ok(GroupEvent::Assigned {
+                        partitions: vec![0],
+                        start,
+                    });
+                }
+                GroupState::Starting(answer) => {
+                    let offset = answer
+                        .await
+                        .map_err(|_| {
+                            LogError::Task("the group member did not say where to start".into())
+                        })?
+                        .iter()
+                        .find(|p| p.partition == 0)
+                        .map_or(0, |p| p.offset);
+                    let reader = EmbeddedReader::new(Arc::clone(&self.partition), offset)?;
+                    self.state = GroupState::Reading(reader);
+                }
+                GroupState::Reading(reader) => {
+                    return Ok(GroupEvent::Entries(reader.next(max).await?));
+                }
+            }
+        }
+    }
+
+    /// Nothing to record: the member's own store is the only place positions live.
+    async fn commit(&mut self, _positions: &[Position]) -> Result<(), LogError> {
+        Ok(())
     }
 }
 

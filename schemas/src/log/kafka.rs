@@ -2,8 +2,9 @@
 //!
 //! Topics are `<prefix>data` (keyed by trace id, several partitions) and `<prefix>control` (one
 //! partition: a total order). The producer is idempotent with `acks=all`, batches (`linger.ms`)
-//! and compresses. Readers are assigned one partition at an offset, outside any consumer group:
-//! positions belong to whoever reads (projections store theirs with their writes).
+//! and compresses. Readers are assigned one partition at an offset, outside any consumer group;
+//! group members (`join_group`, in `kafka_group`) share a topic's partitions. Either way the
+//! positions belong to whoever reads: projections store theirs with their writes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,7 +21,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use super::{Entry, Header, Log, LogError, LogReader, Position, Record, Topic};
+use super::kafka_group::KafkaGroupReader;
+use super::{Entry, GroupReader, Header, Log, LogError, LogReader, Position, Record, Topic};
 
 /// How to reach and use the cluster.
 #[derive(Debug, Clone)]
@@ -302,6 +304,15 @@ impl Log for KafkaLog {
         }))
     }
 
+    async fn join_group(
+        &self,
+        group: &str,
+        topic: Topic,
+    ) -> Result<Box<dyn GroupReader>, LogError> {
+        let reader = KafkaGroupReader::join(self.config.client(), group, self.topic_name(topic))?;
+        Ok(Box::new(reader))
+    }
+
     async fn sync(&self) -> Result<(), LogError> {
         let producer = self.producer.clone();
         let timeout = self.config.timeout;
@@ -309,6 +320,38 @@ impl Log for KafkaLog {
             .await
             .map_err(|e| LogError::Task(e.to_string()))?
             .map_err(kafka_error("flushing the producer"))
+    }
+}
+
+/// A consumed message as a log entry.
+pub(super) fn entry_of(message: &impl Message) -> Entry {
+    let headers = message
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|h| Header {
+                    name: h.key.to_owned(),
+                    value: h.value.unwrap_or_default().to_vec(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Entry {
+        position: Position {
+            partition: u32::try_from(message.partition()).unwrap_or(0),
+            offset: u64::try_from(message.offset()).unwrap_or(0),
+        },
+        record: Record {
+            key: message.key().unwrap_or_default().to_vec(),
+            headers,
+            value: message.payload().unwrap_or_default().to_vec(),
+            timestamp_us: message
+                .timestamp()
+                .to_millis()
+                .unwrap_or(0)
+                .saturating_mul(1000),
+        },
     }
 }
 
@@ -349,35 +392,8 @@ impl KafkaReader {
             None => self.consumer.recv().await,
         };
         let message = received.map_err(kafka_error("reading"))?;
-        let offset = u64::try_from(message.offset()).unwrap_or(0);
-        let headers = message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|h| Header {
-                        name: h.key.to_owned(),
-                        value: h.value.unwrap_or_default().to_vec(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let entry = Entry {
-            position: Position {
-                partition: self.partition,
-                offset,
-            },
-            record: Record {
-                key: message.key().unwrap_or_default().to_vec(),
-                headers,
-                value: message.payload().unwrap_or_default().to_vec(),
-                timestamp_us: message
-                    .timestamp()
-                    .to_millis()
-                    .unwrap_or(0)
-                    .saturating_mul(1000),
-            },
-        };
+        let entry = entry_of(&message);
+        let offset = entry.position.offset;
         self.next_offset = offset + 1;
         self.known_end = self.known_end.max(self.next_offset);
         Ok(Some(entry))

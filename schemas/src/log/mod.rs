@@ -7,6 +7,7 @@
 
 pub mod embedded;
 pub mod kafka;
+mod kafka_group;
 pub mod segment;
 pub mod spool;
 
@@ -160,6 +161,45 @@ pub trait Log: Send + Sync {
 
     /// Makes everything appended so far durable.
     async fn sync(&self) -> Result<(), LogError>;
+
+    /// Joins the consumer group `group` on `topic`: the group's members share the topic's
+    /// partitions, and a member's partitions move to the others when it leaves. Where a member
+    /// starts in a partition is its own business (see [`GroupEvent::Assigned`]).
+    async fn join_group(&self, group: &str, topic: Topic)
+    -> Result<Box<dyn GroupReader>, LogError>;
+}
+
+/// What a member of a consumer group learns, in order.
+#[derive(Debug)]
+pub enum GroupEvent {
+    /// These partitions are now the member's. It answers with the offset to start each one at
+    /// (the positions its projection stored with its writes); a partition it leaves out starts at
+    /// the beginning. Nothing is read from them until it answers.
+    Assigned {
+        partitions: Vec<u32>,
+        start: tokio::sync::oneshot::Sender<Vec<Position>>,
+    },
+    /// Records from the member's partitions, in order within each partition.
+    Entries(Vec<Entry>),
+    /// These partitions go to another member once `done` is answered (or dropped). Entries from
+    /// them handed out before this event are the last: store their positions first, so that the
+    /// next owner starts right after them.
+    Revoked {
+        partitions: Vec<u32>,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
+}
+
+/// A member of a consumer group. Dropping it leaves the group.
+#[async_trait]
+pub trait GroupReader: Send {
+    /// The next thing to handle, waiting for it.
+    async fn next(&mut self, max: usize) -> Result<GroupEvent, LogError>;
+
+    /// Records how far the member got with the log itself (Kafka's committed group offsets), so
+    /// that standard tools can show the group's lag. Advisory: the positions a projection stores
+    /// with its writes are the ones it starts from.
+    async fn commit(&mut self, positions: &[Position]) -> Result<(), LogError>;
 }
 
 /// Reads one partition in order.
@@ -183,3 +223,6 @@ mod kafka_tests;
 
 #[cfg(test)]
 mod spool_tests;
+
+#[cfg(test)]
+mod group_tests;

@@ -16,8 +16,8 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, KafkaLog, Log, LogError, LogReader, Position,
-    Record, Topic,
+    EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, GroupReader, KafkaLog, Log, LogError, LogReader,
+    Position, Record, Topic,
 };
 
 #[derive(Debug, Clone)]
@@ -239,6 +239,14 @@ impl Log for SpooledLog {
         offset: u64,
     ) -> Result<Box<dyn LogReader>, LogError> {
         self.kafka.read_from(topic, partition, offset).await
+    }
+
+    async fn join_group(
+        &self,
+        group: &str,
+        topic: Topic,
+    ) -> Result<Box<dyn GroupReader>, LogError> {
+        self.kafka.join_group(group, topic).await
     }
 
     async fn sync(&self) -> Result<(), LogError> {
