@@ -1,1 +1,14 @@
-//! Projectors fold the log into read models and the encrypted Parquet archive. Not yet built: see the open issues.
+//! Projectors fold the log into read models (Postgres, or SQLite embedded) — and, in a later
+//! capability, into the encrypted Parquet archive.
+//!
+//! A projection is a deterministic fold ([`fold`]) whose row changes are applied with the log
+//! positions they reach in one transaction ([`write`]); a member of a consumer group per topic
+//! feeds it ([`run`]). A crash at any point and a restart leave the state a clean replay gives.
+
+pub mod fold;
+pub mod run;
+pub mod store;
+pub mod write;
+
+pub use run::{Projector, ProjectorConfig, ProjectorError, fold_batch, stored_positions};
+pub use store::{Backend, ReadStore, StoreError, StoreLocation};

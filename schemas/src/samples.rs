@@ -276,3 +276,339 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
         ),
     ])
 }
+
+/// A realistic history: `tenants` tenants (each with a project and two keys, one of them revoked
+/// half-way) and `requests` requests among them, with policy findings, retries after upstream
+/// errors, tool calls, streaming, quota denials and failures. Events come in log order, one hour
+/// of traffic per 500 requests, starting at `start_us`; the same `seed` gives the same mix.
+/// Bodies are sealed with the tenant's key in `keys` (one per tenant, its `tenant_id` used).
+pub fn history(
+    keys: &[DataKey],
+    requests: usize,
+    start_us: i64,
+    seed: u64,
+) -> Result<Vec<Event>, CryptoError> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut events = Vec::with_capacity(requests * 7 + keys.len() * 5);
+    let mut clock = start_us;
+    let mut at = |step: i64| {
+        clock += step;
+        clock
+    };
+    let envelope = |tenant: Uuid, trace: Option<&str>, at: i64| {
+        let mut envelope = Envelope::new(tenant, trace.map(str::to_owned), "gateway/history/1");
+        envelope.occurred_at = at;
+        envelope
+    };
+    let event = |tenant: Uuid, trace: Option<&str>, at: i64, payload: Payload| Event {
+        envelope: envelope(tenant, trace, at),
+        payload,
+    };
+    let mut revocable = Vec::new();
+    let mut projects = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let tenant = key.tenant_id;
+        let project = Uuid::now_v7();
+        projects.push(project);
+        events.push(event(
+            tenant,
+            None,
+            at(1),
+            TenantCreated {
+                name: format!("tenant-{i}"),
+            }
+            .into(),
+        ));
+        events.push(event(
+            tenant,
+            None,
+            at(1),
+            ProjectCreated {
+                project_id: project,
+                name: "assistant".into(),
+                routing_policy: None,
+                security_policy: None,
+            }
+            .into(),
+        ));
+        for name in ["production", "ci"] {
+            let key_id = Uuid::now_v7();
+            let secret = format!("loom-history-{key_id}");
+            events.push(event(
+                tenant,
+                None,
+                at(1),
+                ApiKeyIssued {
+                    key_id,
+                    project_id: Some(project),
+                    name: Some(name.into()),
+                    key_hash: crypto::hash_api_key(&secret).to_vec(),
+                    prefix: crypto::display_prefix(&secret),
+                    roles: vec!["inference".into()],
+                    expires_at: None,
+                }
+                .into(),
+            ));
+            if name == "ci" {
+                revocable.push((tenant, key_id));
+            }
+        }
+    }
+    let models = [
+        ("fast", "gpt-4o-mini", "openai"),
+        ("smart", "claude-sonnet-4", "anthropic"),
+    ];
+    for n in 0..requests {
+        if n == requests / 2 {
+            for (tenant, key_id) in revocable.drain(..) {
+                events.push(event(
+                    tenant,
+                    None,
+                    at(1),
+                    ApiKeyRevoked {
+                        key_id,
+                        reason: Some("rotated".into()),
+                    }
+                    .into(),
+                ));
+            }
+        }
+        let t = n % keys.len();
+        let key = &keys[t];
+        let tenant = key.tenant_id;
+        let trace = format!("trace-{seed}-{n:08}");
+        let trace = Some(trace.as_str());
+        let (alias, model, provider) = models[rng.usize(..models.len())];
+        let stream = rng.bool();
+        let started = at(7_200_000_000 / 1000);
+        let received = envelope(tenant, trace, started);
+        let body = chat_body(200 + rng.usize(..400));
+        let request = RequestReceived {
+            endpoint: "/v1/chat/completions".into(),
+            project_id: Some(projects[t]),
+            api_key_id: None,
+            user: Some(format!("user-{}", rng.usize(..5))),
+            model: alias.into(),
+            stream,
+            user_agent: Some("OpenAI/Python 1.54.0".into()),
+            body_bytes: body.len() as i64,
+            body_digest: Vec::new(),
+            body: Some(sealed(key, received.event_id, "body", &body)?),
+        };
+        events.push(Event {
+            envelope: received,
+            payload: request.into(),
+        });
+        let findings = if rng.u8(..10) == 0 {
+            vec![PolicyFinding {
+                rule: "secrets".into(),
+                kind: "aws_access_key".into(),
+                location: "messages[0].content".into(),
+            }]
+        } else {
+            Vec::new()
+        };
+        let action = if findings.is_empty() {
+            PolicyAction::Allow
+        } else {
+            PolicyAction::Redact
+        };
+        events.push(event(
+            tenant,
+            trace,
+            started + 50,
+            PolicyEvaluated {
+                project_id: Some(projects[t]),
+                action,
+                findings,
+                latency_us: 40,
+            }
+            .into(),
+        ));
+        // One in twenty is denied by a quota and never reaches an upstream.
+        if rng.u8(..20) == 0 {
+            events.push(event(
+                tenant,
+                trace,
+                started + 80,
+                QuotaDenied {
+                    scope: QuotaScope::Tenant,
+                    scope_id: tenant.to_string(),
+                    metric: QuotaMetric::Requests,
+                    window: QuotaWindow::Minute,
+                    limit: 60,
+                    used: 60,
+                    retry_after_ms: Some(1_000),
+                }
+                .into(),
+            ));
+            events.push(event(
+                tenant,
+                trace,
+                started + 100,
+                completed(
+                    RequestStatus::Denied,
+                    429,
+                    Some("quota_exceeded"),
+                    None,
+                    1,
+                    100,
+                ),
+            ));
+            continue;
+        }
+        events.push(event(
+            tenant,
+            trace,
+            started + 90,
+            RoutingDecided {
+                model: alias.into(),
+                candidates: Vec::new(),
+                chosen: Some(format!("{provider}-primary")),
+                reason: "weighted".into(),
+            }
+            .into(),
+        ));
+        // Upstream attempts: sometimes a 429 or 500 first; one in thirty fails for good.
+        let failures = match rng.u8(..10) {
+            0 => 1,
+            1 => 2,
+            _ => 0,
+        };
+        let gives_up = rng.u8(..30) == 0;
+        let attempts = if gives_up { 3 } else { failures + 1 };
+        let mut offset = 100;
+        let mut usage = None;
+        for attempt in 1..=attempts {
+            let ok = !gives_up && attempt == attempts;
+            let latency = if ok {
+                50_000 + rng.i64(0..3_000_000)
+            } else {
+                5_000 + rng.i64(0..50_000)
+            };
+            let mut call = LlmCallCompleted {
+                attempt: attempt as i32,
+                deployment: format!("{provider}-primary"),
+                provider: provider.into(),
+                model: model.into(),
+                status: if ok {
+                    CallStatus::Ok
+                } else {
+                    CallStatus::Error
+                },
+                http_status: Some(if ok {
+                    200
+                } else if attempt % 2 == 0 {
+                    500
+                } else {
+                    429
+                }),
+                error_class: (!ok).then(|| "upstream_error".to_owned()),
+                stream,
+                started_at: started + offset,
+                latency_us: latency,
+                ttft_us: (ok && stream).then_some(latency / 4),
+                tokens_in: ok.then_some(body.len() as i64 / 4),
+                tokens_out: ok.then(|| rng.i64(10..800)),
+                tokens_cached_read: ok.then(|| rng.i64(0..2) * 64),
+                tokens_cache_creation: None,
+                usage_estimated: false,
+                cost_micro_usd: None,
+                request_body: None,
+                response_body: None,
+            };
+            call.cost_micro_usd = call.tokens_out.map(|out| out * 3 + body.len() as i64 / 8);
+            let call_envelope = envelope(tenant, trace, started + offset + latency);
+            if ok {
+                let response = br#"{"choices":[]}"#;
+                call.response_body = Some(sealed(
+                    key,
+                    call_envelope.event_id,
+                    "response_body",
+                    response,
+                )?);
+                usage = Some((
+                    call.tokens_in,
+                    call.tokens_out,
+                    call.tokens_cached_read,
+                    call.cost_micro_usd,
+                ));
+            }
+            events.push(Event {
+                envelope: call_envelope,
+                payload: call.into(),
+            });
+            offset += latency + 1_000;
+        }
+        if usage.is_some() && rng.u8(..4) == 0 {
+            let tool = envelope(tenant, trace, started + offset);
+            let arguments = sealed(key, tool.event_id, "arguments", br#"{"city":"Paris"}"#)?;
+            events.push(Event {
+                envelope: tool,
+                payload: ToolCallObserved {
+                    direction: ToolCallDirection::Requested,
+                    tool_call_id: format!("call_{n}"),
+                    name: Some("get_weather".into()),
+                    arguments: Some(arguments),
+                    result: None,
+                }
+                .into(),
+            });
+        }
+        let done = match usage {
+            Some(usage) => completed(
+                RequestStatus::Ok,
+                200,
+                None,
+                Some((model, provider, usage)),
+                attempts,
+                offset,
+            ),
+            None => completed(
+                RequestStatus::Error,
+                502,
+                Some("upstream_error"),
+                None,
+                attempts,
+                offset,
+            ),
+        };
+        events.push(event(tenant, trace, started + offset + 300, done));
+    }
+    Ok(events)
+}
+
+/// Tokens in, out and cached, and cost.
+type Usage = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+
+/// A `request.completed`; `served` is the model, provider and usage of a successful request.
+fn completed(
+    status: RequestStatus,
+    http_status: i32,
+    error_class: Option<&str>,
+    served: Option<(&str, &str, Usage)>,
+    attempts: u32,
+    latency_us: i64,
+) -> Payload {
+    let (tokens_in, tokens_out, tokens_cached_read, cost_micro_usd) =
+        served.map_or((None, None, None, None), |(_, _, usage)| usage);
+    RequestCompleted {
+        status,
+        http_status,
+        error_class: error_class.map(str::to_owned),
+        model: served.map(|(model, _, _)| model.to_owned()),
+        provider: served.map(|(_, provider, _)| provider.to_owned()),
+        deployment: None,
+        attempts: attempts as i32,
+        tokens_in,
+        tokens_out,
+        tokens_cached_read,
+        tokens_cache_creation: None,
+        usage_estimated: false,
+        cost_micro_usd,
+        latency_us,
+        ttft_us: None,
+        overhead_us: 300,
+    }
+    .into()
+}

@@ -1,0 +1,474 @@
+//! The fold: log entries in, row changes out. Pure and deterministic — the same entries give the
+//! same changes whatever the batch boundaries — so that a replay rebuilds exactly the same tables.
+
+use std::collections::BTreeMap;
+
+use loom_schemas::codec::Registry;
+use loom_schemas::event::{Event, Payload, Plane, Sealed};
+use loom_schemas::log::{Entry, Topic};
+
+/// Row changes of one batch, applied in one transaction (see `write`).
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Control-plane changes, in log order.
+    pub control: Vec<ControlChange>,
+    /// One merged patch per trace, in the order the traces first appear.
+    pub traces: Vec<TracePatch>,
+    pub llm_calls: Vec<LlmCallRow>,
+    pub tool_calls: Vec<ToolCallRow>,
+    pub bodies: Vec<BodyRow>,
+    /// Completed requests to count in the usage rollups (once each, by event id).
+    pub completions: Vec<Completion>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// The next offset of each (topic, partition) touched.
+    pub positions: BTreeMap<(&'static str, u32), u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControlChange {
+    TenantCreated {
+        tenant_id: String,
+        name: String,
+        at: i64,
+    },
+    TenantErased {
+        tenant_id: String,
+        at: i64,
+    },
+    ProjectCreated {
+        project_id: String,
+        tenant_id: String,
+        name: String,
+        routing_policy: Option<String>,
+        security_policy: Option<String>,
+        at: i64,
+    },
+    ProjectUpdated {
+        project_id: String,
+        name: Option<String>,
+        routing_policy: Option<String>,
+        security_policy: Option<String>,
+        at: i64,
+    },
+    KeyIssued {
+        key_id: String,
+        tenant_id: String,
+        project_id: Option<String>,
+        name: Option<String>,
+        key_hash: Vec<u8>,
+        prefix: String,
+        roles: String,
+        expires_at: Option<i64>,
+        at: i64,
+    },
+    KeyRevoked {
+        key_id: String,
+        reason: Option<String>,
+        at: i64,
+    },
+    QuotaLimitSet {
+        tenant_id: String,
+        scope: String,
+        scope_id: String,
+        metric: String,
+        window: String,
+        limit: Option<i64>,
+        at: i64,
+    },
+    RoleGranted {
+        tenant_id: String,
+        principal: String,
+        role: String,
+        project_id: String,
+        at: i64,
+    },
+    RoleRevoked {
+        tenant_id: String,
+        principal: String,
+        role: String,
+        project_id: String,
+    },
+}
+
+/// What the events of a batch say about one trace; `None` leaves a column as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TracePatch {
+    pub tenant_id: String,
+    pub trace_id: String,
+    pub project_id: Option<String>,
+    pub user_id: Option<String>,
+    pub api_key_id: Option<String>,
+    pub endpoint: Option<String>,
+    pub stream: Option<bool>,
+    pub model_requested: Option<String>,
+    pub model_served: Option<String>,
+    pub provider: Option<String>,
+    pub deployment: Option<String>,
+    pub status: Option<String>,
+    pub http_status: Option<i64>,
+    pub error_class: Option<String>,
+    pub latency_us: Option<i64>,
+    pub ttft_us: Option<i64>,
+    pub overhead_us: Option<i64>,
+    pub tokens_in: Option<i64>,
+    pub tokens_out: Option<i64>,
+    pub tokens_cached: Option<i64>,
+    pub cost_micro_usd: Option<i64>,
+    pub policy_action: Option<String>,
+    pub policy_findings: Option<i64>,
+    pub attempts: Option<i64>,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+}
+
+impl TracePatch {
+    /// Takes every value `later` sets (later events win, as they do across batches).
+    fn merge(&mut self, later: TracePatch) {
+        macro_rules! take {
+            ($($field:ident),*) => { $( if later.$field.is_some() { self.$field = later.$field; } )* };
+        }
+        take!(
+            project_id,
+            user_id,
+            api_key_id,
+            endpoint,
+            stream,
+            model_requested,
+            model_served,
+            provider,
+            deployment,
+            status,
+            http_status,
+            error_class,
+            latency_us,
+            ttft_us,
+            overhead_us,
+            tokens_in,
+            tokens_out,
+            tokens_cached,
+            cost_micro_usd,
+            policy_action,
+            policy_findings,
+            attempts,
+            started_at,
+            completed_at
+        );
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlmCallRow {
+    pub event_id: String,
+    pub tenant_id: String,
+    pub trace_id: String,
+    pub attempt: i64,
+    pub deployment: String,
+    pub provider: String,
+    pub model: String,
+    pub status: String,
+    pub http_status: Option<i64>,
+    pub error_class: Option<String>,
+    pub stream: bool,
+    pub started_at: i64,
+    pub latency_us: i64,
+    pub ttft_us: Option<i64>,
+    pub tokens_in: Option<i64>,
+    pub tokens_out: Option<i64>,
+    pub tokens_cached: Option<i64>,
+    pub cost_micro_usd: Option<i64>,
+    pub usage_estimated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCallRow {
+    pub event_id: String,
+    pub tenant_id: String,
+    pub trace_id: String,
+    pub direction: String,
+    pub tool_call_id: String,
+    pub name: Option<String>,
+    pub occurred_at: i64,
+}
+
+/// A body, still sealed with the tenant's data key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BodyRow {
+    pub event_id: String,
+    pub field: &'static str,
+    pub tenant_id: String,
+    pub trace_id: String,
+    pub occurred_at: i64,
+    pub sealed: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub event_id: String,
+    pub tenant_id: String,
+    pub trace_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub topic: &'static str,
+    pub partition: u32,
+    pub offset: u64,
+    pub event_id: Option<String>,
+    pub event_type: Option<String>,
+    pub reason: String,
+    pub record: Vec<u8>,
+}
+
+/// The snake_case name serde gives an enum value (`CallStatus::ClientCancelled` →
+/// `client_cancelled`).
+fn name_of<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        other => format!("{other:?}"),
+    }
+}
+
+impl Changes {
+    /// Folds `entries` of `topic`.
+    pub fn fold(registry: &Registry, topic: Topic, entries: &[Entry]) -> Changes {
+        let mut changes = Changes::default();
+        let mut trace_index: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for entry in entries {
+            let next = entry.position.offset + 1;
+            let position = changes
+                .positions
+                .entry((topic.name(), entry.position.partition))
+                .or_insert(next);
+            *position = (*position).max(next);
+            match registry.decode(&entry.record.value) {
+                Ok(event) => {
+                    if let Err(reason) = changes.add(topic, event, &mut trace_index) {
+                        changes.dead(topic, entry, reason);
+                    }
+                }
+                Err(error) => changes.dead(topic, entry, format!("undecodable: {error}")),
+            }
+        }
+        changes
+    }
+
+    fn dead(&mut self, topic: Topic, entry: &Entry, reason: String) {
+        let header = |name| {
+            entry
+                .record
+                .header(name)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        self.dead_letters.push(DeadLetter {
+            topic: topic.name(),
+            partition: entry.position.partition,
+            offset: entry.position.offset,
+            event_id: header("loom.event_id"),
+            event_type: header("loom.event_type"),
+            reason,
+            record: entry.record.value.clone(),
+        });
+    }
+
+    /// Adds one event; an event that breaks an invariant is refused with the reason.
+    fn add(
+        &mut self,
+        topic: Topic,
+        event: Event,
+        trace_index: &mut BTreeMap<(String, String), usize>,
+    ) -> Result<(), String> {
+        let plane = event.payload.plane();
+        if Topic::for_plane(plane) != topic {
+            return Err(format!(
+                "{} is a {:?}-plane event on the {} topic",
+                event.payload.event_type(),
+                plane,
+                topic.name()
+            ));
+        }
+        let envelope = event.envelope;
+        let tenant_id = envelope.tenant_id.to_string();
+        let event_id = envelope.event_id.to_string();
+        let at = envelope.occurred_at;
+        if plane == Plane::Control {
+            let change = control_change(tenant_id, at, event.payload);
+            self.control.extend(change);
+            return Ok(());
+        }
+        let Some(trace_id) = envelope.trace_id.filter(|t| !t.is_empty()) else {
+            return Err(format!("{} has no trace id", event.payload.event_type()));
+        };
+        let mut patch = TracePatch {
+            tenant_id: tenant_id.clone(),
+            trace_id: trace_id.clone(),
+            ..TracePatch::default()
+        };
+        let mut body = |field: &'static str, sealed: Option<Sealed>| {
+            if let Some(Sealed(sealed)) = sealed {
+                self.bodies.push(BodyRow {
+                    event_id: event_id.clone(),
+                    field,
+                    tenant_id: tenant_id.clone(),
+                    trace_id: trace_id.clone(),
+                    occurred_at: at,
+                    sealed,
+                });
+            }
+        };
+        match event.payload {
+            Payload::RequestReceived(p) => {
+                body("request", p.body);
+                patch.project_id = p.project_id.map(|id| id.to_string());
+                patch.user_id = p.user;
+                patch.api_key_id = p.api_key_id.map(|id| id.to_string());
+                patch.endpoint = Some(p.endpoint);
+                patch.stream = Some(p.stream);
+                patch.model_requested = Some(p.model);
+                patch.started_at = Some(at);
+            }
+            Payload::PolicyEvaluated(p) => {
+                patch.policy_action = Some(name_of(&p.action));
+                patch.policy_findings = Some(p.findings.len() as i64);
+            }
+            Payload::LlmCallCompleted(p) => {
+                body("llm_request", p.request_body);
+                body("llm_response", p.response_body);
+                self.llm_calls.push(LlmCallRow {
+                    event_id: event_id.clone(),
+                    tenant_id: tenant_id.clone(),
+                    trace_id: trace_id.clone(),
+                    attempt: i64::from(p.attempt),
+                    deployment: p.deployment,
+                    provider: p.provider,
+                    model: p.model,
+                    status: name_of(&p.status),
+                    http_status: p.http_status.map(i64::from),
+                    error_class: p.error_class,
+                    stream: p.stream,
+                    started_at: p.started_at,
+                    latency_us: p.latency_us,
+                    ttft_us: p.ttft_us,
+                    tokens_in: p.tokens_in,
+                    tokens_out: p.tokens_out,
+                    tokens_cached: p.tokens_cached_read,
+                    cost_micro_usd: p.cost_micro_usd,
+                    usage_estimated: p.usage_estimated,
+                });
+            }
+            Payload::ToolCallObserved(p) => {
+                body("tool_arguments", p.arguments);
+                body("tool_result", p.result);
+                self.tool_calls.push(ToolCallRow {
+                    event_id: event_id.clone(),
+                    tenant_id: tenant_id.clone(),
+                    trace_id: trace_id.clone(),
+                    direction: name_of(&p.direction),
+                    tool_call_id: p.tool_call_id,
+                    name: p.name,
+                    occurred_at: at,
+                });
+            }
+            Payload::RequestCompleted(p) => {
+                patch.status = Some(name_of(&p.status));
+                patch.http_status = Some(i64::from(p.http_status));
+                patch.error_class = p.error_class;
+                patch.model_served = p.model;
+                patch.provider = p.provider;
+                patch.deployment = p.deployment;
+                patch.attempts = Some(i64::from(p.attempts));
+                patch.tokens_in = p.tokens_in;
+                patch.tokens_out = p.tokens_out;
+                patch.tokens_cached = p.tokens_cached_read;
+                patch.cost_micro_usd = p.cost_micro_usd;
+                patch.latency_us = Some(p.latency_us);
+                patch.ttft_us = p.ttft_us;
+                patch.overhead_us = Some(p.overhead_us);
+                patch.completed_at = Some(at);
+                self.completions.push(Completion {
+                    event_id,
+                    tenant_id: tenant_id.clone(),
+                    trace_id: trace_id.clone(),
+                });
+            }
+            // Routing and quota decisions are in the archive; no read model needs them.
+            Payload::RoutingDecided(_) | Payload::QuotaConsumed(_) | Payload::QuotaDenied(_) => {
+                return Ok(());
+            }
+            // Control-plane payloads were handled above.
+            _ => return Ok(()),
+        }
+        match trace_index.get(&(tenant_id.clone(), trace_id.clone())) {
+            Some(&i) => self.traces[i].merge(patch),
+            None => {
+                trace_index.insert((tenant_id, trace_id), self.traces.len());
+                self.traces.push(patch);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn control_change(tenant_id: String, at: i64, payload: Payload) -> Option<ControlChange> {
+    Some(match payload {
+        Payload::TenantCreated(p) => ControlChange::TenantCreated {
+            tenant_id,
+            name: p.name,
+            at,
+        },
+        Payload::TenantErased(_) => ControlChange::TenantErased { tenant_id, at },
+        Payload::ProjectCreated(p) => ControlChange::ProjectCreated {
+            project_id: p.project_id.to_string(),
+            tenant_id,
+            name: p.name,
+            routing_policy: p.routing_policy,
+            security_policy: p.security_policy,
+            at,
+        },
+        Payload::ProjectUpdated(p) => ControlChange::ProjectUpdated {
+            project_id: p.project_id.to_string(),
+            name: p.name,
+            routing_policy: p.routing_policy,
+            security_policy: p.security_policy,
+            at,
+        },
+        Payload::ApiKeyIssued(p) => ControlChange::KeyIssued {
+            key_id: p.key_id.to_string(),
+            tenant_id,
+            project_id: p.project_id.map(|id| id.to_string()),
+            name: p.name,
+            key_hash: p.key_hash,
+            prefix: p.prefix,
+            roles: p.roles.join(","),
+            expires_at: p.expires_at,
+            at,
+        },
+        Payload::ApiKeyRevoked(p) => ControlChange::KeyRevoked {
+            key_id: p.key_id.to_string(),
+            reason: p.reason,
+            at,
+        },
+        Payload::QuotaLimitSet(p) => ControlChange::QuotaLimitSet {
+            tenant_id,
+            scope: name_of(&p.scope),
+            scope_id: p.scope_id,
+            metric: name_of(&p.metric),
+            window: name_of(&p.window),
+            limit: p.limit,
+            at,
+        },
+        Payload::RoleGranted(p) => ControlChange::RoleGranted {
+            tenant_id,
+            principal: p.principal,
+            role: p.role,
+            project_id: p.project_id.map(|id| id.to_string()).unwrap_or_default(),
+            at,
+        },
+        Payload::RoleRevoked(p) => ControlChange::RoleRevoked {
+            tenant_id,
+            principal: p.principal,
+            role: p.role,
+            project_id: p.project_id.map(|id| id.to_string()).unwrap_or_default(),
+        },
+        _ => return None,
+    })
+}

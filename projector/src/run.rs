@@ -1,0 +1,215 @@
+//! Running the read-model projection: one consumer-group member per topic, each folding batches
+//! into the store, positions committed with the rows.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use loom_schemas::codec::Registry;
+use loom_schemas::log::{Entry, GroupEvent, Log, LogError, Position, Topic};
+use sqlx::{Acquire, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::fold::Changes;
+use crate::store::ReadStore;
+use crate::write;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error("log: {0}")]
+    Log(#[from] LogError),
+    #[error("codec: {0}")]
+    Codec(#[from] loom_schemas::codec::CodecError),
+    #[error("read-model database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct ProjectorConfig {
+    /// The consumer group the projector's members join.
+    pub group: String,
+    /// Records folded per transaction at most.
+    pub batch: usize,
+    /// Sealed bodies older than this are deleted from `trace_bodies`.
+    pub body_retention: Duration,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        ProjectorConfig {
+            group: "loom-read-models".into(),
+            batch: 1000,
+            body_retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Folds the log into one version of the read models until shut down.
+pub struct Projector {
+    log: Arc<dyn Log>,
+    store: ReadStore,
+    config: ProjectorConfig,
+}
+
+impl Projector {
+    pub fn new(log: Arc<dyn Log>, store: ReadStore, config: ProjectorConfig) -> Projector {
+        Projector { log, store, config }
+    }
+
+    /// Runs until `shutdown`, or until a member fails for good (the log is gone); then the
+    /// others stop too.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ProjectorError> {
+        let registry = Registry::builtin()?;
+        let stop = shutdown.child_token();
+        let member = |topic| {
+            let stop = stop.clone();
+            let (log, store, config) = (
+                Arc::clone(&self.log),
+                self.store.clone(),
+                self.config.clone(),
+            );
+            async move {
+                let result = follow(log, store, registry, config, topic, stop.clone()).await;
+                stop.cancel();
+                result
+            }
+        };
+        let retention = expire_bodies(self.store.clone(), self.config.body_retention, stop.clone());
+        let (data, control, ()) =
+            tokio::join!(member(Topic::Data), member(Topic::Control), retention);
+        data.and(control)
+    }
+}
+
+/// Where the projection stands in each partition of `topic`, as stored with its rows.
+pub async fn stored_positions(
+    store: &ReadStore,
+    topic: Topic,
+) -> Result<Vec<Position>, sqlx::Error> {
+    let rows = sqlx::query("SELECT partition, next_offset FROM positions WHERE topic = $1")
+        .bind(topic.name())
+        .fetch_all(store.pool())
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Position {
+                partition: u32::try_from(row.try_get::<i64, _>(0)?).unwrap_or(0),
+                offset: u64::try_from(row.try_get::<i64, _>(1)?).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+async fn follow(
+    log: Arc<dyn Log>,
+    store: ReadStore,
+    registry: &Registry,
+    config: ProjectorConfig,
+    topic: Topic,
+    shutdown: CancellationToken,
+) -> Result<(), ProjectorError> {
+    let mut reader = log.join_group(&config.group, topic).await?;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            event = reader.next(config.batch) => event?,
+        };
+        match event {
+            GroupEvent::Assigned { partitions, start } => {
+                let stored = stored_positions(&store, topic).await?;
+                tracing::info!(topic = topic.name(), ?partitions, ?stored, "projecting");
+                // A dropped answer means the member is stopping anyway.
+                let _ = start.send(stored);
+            }
+            GroupEvent::Entries(entries) => {
+                if !fold_until_stored(&store, registry, topic, &entries, &shutdown).await {
+                    return Ok(());
+                }
+                let next: Vec<Position> = entries
+                    .iter()
+                    .map(|e| Position {
+                        partition: e.position.partition,
+                        offset: e.position.offset + 1,
+                    })
+                    .collect();
+                if let Err(error) = reader.commit(&next).await {
+                    tracing::debug!(%error, "recording the group's advisory offsets failed");
+                }
+            }
+            // Every batch is stored before the next is read: nothing is pending.
+            GroupEvent::Revoked { done, .. } => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Folds a batch into the store, retrying (the same batch, never skipping it) while the
+/// database fails. `false` if shut down first.
+async fn fold_until_stored(
+    store: &ReadStore,
+    registry: &Registry,
+    topic: Topic,
+    entries: &[Entry],
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        match fold_batch(store, registry, topic, entries).await {
+            Ok(()) => {
+                metrics::counter!("loom_projector_records_total", "topic" => topic.name())
+                    .increment(entries.len() as u64);
+                metrics::histogram!("loom_projector_batch_seconds", "topic" => topic.name())
+                    .record(started.elapsed().as_secs_f64());
+                return true;
+            }
+            Err(error) => {
+                metrics::counter!("loom_projector_failures_total", "topic" => topic.name())
+                    .increment(1);
+                tracing::error!(%error, topic = topic.name(), records = entries.len(), "folding a batch failed; retrying");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Folds `entries` and stores the result with the positions, in one transaction.
+pub async fn fold_batch(
+    store: &ReadStore,
+    registry: &Registry,
+    topic: Topic,
+    entries: &[Entry],
+) -> Result<(), sqlx::Error> {
+    let changes = Changes::fold(registry, topic, entries);
+    let mut conn = store.pool().acquire().await?;
+    let mut tx = conn.begin().await?;
+    write::apply(&mut tx, changes).await?;
+    tx.commit().await
+}
+
+/// Deletes sealed bodies past their retention, hourly.
+async fn expire_bodies(store: ReadStore, retention: Duration, shutdown: CancellationToken) {
+    let retention_us = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+    loop {
+        let cutoff = loom_schemas::event::now_micros().saturating_sub(retention_us);
+        match sqlx::query("DELETE FROM trace_bodies WHERE occurred_at < $1")
+            .bind(cutoff)
+            .execute(store.pool())
+            .await
+        {
+            Ok(done) if done.rows_affected() > 0 => {
+                tracing::info!(bodies = done.rows_affected(), "expired sealed bodies");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "expiring sealed bodies failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}

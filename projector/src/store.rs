@@ -1,0 +1,160 @@
+//! The read models' database: Postgres in production, SQLite in the embedded default. One set of
+//! queries serves both (through sqlx's `Any` driver; `$n` placeholders work on both), over tables
+//! the two migration sets define alike.
+//!
+//! Each version of the read models is separate, so that `loom replay` can build a new one while
+//! the old one serves: a Postgres schema `loom_read_v<N>` (chosen through `search_path`), or a
+//! SQLite file `v<N>.sqlite` in the read-models directory.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, AssertSqlSafe, ConnectOptions, Executor};
+
+static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("../migrations/read_models_postgres");
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../migrations/read_models_sqlite");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("read-model database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrating the read models: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// Where the read models live: a Postgres URL, or a directory of SQLite files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Postgres(String),
+    Sqlite(PathBuf),
+}
+
+impl StoreLocation {
+    /// `postgres://…` (or `postgresql://…`) is Postgres; anything else is a directory for SQLite.
+    pub fn parse(text: &str) -> StoreLocation {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            StoreLocation::Postgres(text.to_owned())
+        } else {
+            StoreLocation::Sqlite(PathBuf::from(text))
+        }
+    }
+}
+
+/// One version of the read models, migrated and ready.
+#[derive(Clone)]
+pub struct ReadStore {
+    pool: AnyPool,
+    backend: Backend,
+    version: u32,
+}
+
+impl ReadStore {
+    /// Opens version `version` of the read models, creating and migrating it when needed.
+    pub async fn open(location: &StoreLocation, version: u32) -> Result<ReadStore, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (pool, backend) = match location {
+            StoreLocation::Postgres(url) => {
+                (connect_postgres(url, version).await?, Backend::Postgres)
+            }
+            StoreLocation::Sqlite(dir) => (connect_sqlite(dir, version).await?, Backend::Sqlite),
+        };
+        match backend {
+            Backend::Postgres => POSTGRES_MIGRATOR.run(&pool).await?,
+            Backend::Sqlite => SQLITE_MIGRATOR.run(&pool).await?,
+        }
+        Ok(ReadStore {
+            pool,
+            backend,
+            version,
+        })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Closes the connections (SQLite checkpoints its write-ahead log).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// The Postgres schema of a version of the read models.
+pub fn postgres_schema(version: u32) -> String {
+    format!("loom_read_v{version}")
+}
+
+/// The SQLite file of a version of the read models.
+pub fn sqlite_file(dir: &Path, version: u32) -> PathBuf {
+    dir.join(format!("v{version}.sqlite"))
+}
+
+async fn connect_postgres(url: &str, version: u32) -> Result<AnyPool, StoreError> {
+    let schema = postgres_schema(version);
+    let set_path = format!("SET search_path TO {schema}");
+    let pool = AnyPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(30))
+        .after_connect(move |conn, _| {
+            let set_path = set_path.clone();
+            Box::pin(async move {
+                conn.execute(AssertSqlSafe(set_path)).await?;
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    pool.execute(AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}"
+    )))
+    .await?;
+    Ok(pool)
+}
+
+async fn connect_sqlite(dir: &Path, version: u32) -> Result<AnyPool, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+        context: format!("creating {}", dir.display()),
+        source,
+    })?;
+    let url = format!("sqlite://{}?mode=rwc", sqlite_file(dir, version).display());
+    let options = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
+    let pool = AnyPoolOptions::new()
+        // One writer at a time is all SQLite has; one connection keeps it simple.
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                     PRAGMA busy_timeout = 5000;",
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}

@@ -1,0 +1,610 @@
+//! Applying a batch's [`Changes`] in one transaction, positions included: after a crash the
+//! store holds either all of a batch or none of it. Rows go in as multi-row statements; every
+//! statement is idempotent (keyed inserts, merges, once-only rollup increments), so a record the
+//! log delivers twice changes nothing the second time.
+
+use sqlx::any::AnyArguments;
+use sqlx::query::Query;
+use sqlx::{Any, AnyConnection, AssertSqlSafe, Row};
+
+use crate::fold::{Changes, ControlChange};
+
+/// A bound value of a row.
+enum Value {
+    Text(Option<String>),
+    Int(Option<i64>),
+    Bool(Option<bool>),
+    Blob(Option<Vec<u8>>),
+}
+
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(Some(v))
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(Some(v.to_owned()))
+    }
+}
+impl From<Option<String>> for Value {
+    fn from(v: Option<String>) -> Self {
+        Value::Text(v)
+    }
+}
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(Some(v))
+    }
+}
+impl From<Option<i64>> for Value {
+    fn from(v: Option<i64>) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Value::Bool(Some(v))
+    }
+}
+impl From<Option<bool>> for Value {
+    fn from(v: Option<bool>) -> Self {
+        Value::Bool(v)
+    }
+}
+impl From<Vec<u8>> for Value {
+    fn from(v: Vec<u8>) -> Self {
+        Value::Blob(Some(v))
+    }
+}
+
+fn bind(query: Query<'_, Any, AnyArguments>, value: Value) -> Query<'_, Any, AnyArguments> {
+    match value {
+        Value::Text(v) => query.bind(v),
+        Value::Int(v) => query.bind(v),
+        Value::Bool(v) => query.bind(v),
+        Value::Blob(v) => query.bind(v),
+    }
+}
+
+macro_rules! row {
+    ($($value:expr),* $(,)?) => { vec![$(Value::from($value)),*] };
+}
+
+/// Bound parameters per statement, well under both databases' limits.
+const MAX_PARAMS: usize = 30_000;
+
+/// `($1, $2), ($3, $4)…` for `rows` rows of `columns` values, numbered from `$first`.
+fn placeholders(rows: usize, columns: usize, first: usize) -> String {
+    let mut text = String::with_capacity(rows * columns * 5);
+    for row in 0..rows {
+        text.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..columns {
+            if column > 0 {
+                text.push_str(", ");
+            }
+            text.push_str(&format!("${}", first + row * columns + column));
+        }
+        text.push(')');
+    }
+    text
+}
+
+/// `INSERT INTO table (columns) VALUES … tail`, as few statements as the parameter limit allows.
+async fn insert(
+    conn: &mut AnyConnection,
+    table: &str,
+    columns: &[&str],
+    tail: &str,
+    rows: Vec<Vec<Value>>,
+) -> Result<(), sqlx::Error> {
+    let per_statement = (MAX_PARAMS / columns.len()).max(1);
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<Vec<Value>> = rows.by_ref().take(per_statement).collect();
+        let sql = format!(
+            "INSERT INTO {table} ({}) VALUES {} {tail}",
+            columns.join(", "),
+            placeholders(chunk.len(), columns.len(), 1)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for value in chunk.into_iter().flatten() {
+            query = bind(query, value);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+const TRACE_KEY: [&str; 2] = ["tenant_id", "trace_id"];
+const TRACE_COLUMNS: [&str; 24] = [
+    "project_id",
+    "user_id",
+    "api_key_id",
+    "endpoint",
+    "stream",
+    "model_requested",
+    "model_served",
+    "provider",
+    "deployment",
+    "status",
+    "http_status",
+    "error_class",
+    "latency_us",
+    "ttft_us",
+    "overhead_us",
+    "tokens_in",
+    "tokens_out",
+    "tokens_cached",
+    "cost_micro_usd",
+    "policy_action",
+    "policy_findings",
+    "attempts",
+    "started_at",
+    "completed_at",
+];
+
+/// Latency buckets of the usage rollups: column and upper bound (µs, inclusive). Counts are
+/// cumulative, as in a Prometheus histogram.
+pub const LATENCY_BUCKETS: [(&str, i64); 12] = [
+    ("latency_le_10ms", 10_000),
+    ("latency_le_25ms", 25_000),
+    ("latency_le_50ms", 50_000),
+    ("latency_le_100ms", 100_000),
+    ("latency_le_250ms", 250_000),
+    ("latency_le_500ms", 500_000),
+    ("latency_le_1s", 1_000_000),
+    ("latency_le_2500ms", 2_500_000),
+    ("latency_le_5s", 5_000_000),
+    ("latency_le_10s", 10_000_000),
+    ("latency_le_30s", 30_000_000),
+    ("latency_le_60s", 60_000_000),
+];
+
+/// Applies `changes` on `conn`, inside the caller's transaction.
+pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sqlx::Error> {
+    for change in changes.control {
+        apply_control(conn, change).await?;
+    }
+
+    if !changes.traces.is_empty() {
+        let columns: Vec<&str> = TRACE_KEY.iter().chain(&TRACE_COLUMNS).copied().collect();
+        let merge: Vec<String> = TRACE_COLUMNS
+            .iter()
+            .map(|c| format!("{c} = COALESCE(excluded.{c}, traces.{c})"))
+            .collect();
+        let tail = format!(
+            "ON CONFLICT (tenant_id, trace_id) DO UPDATE SET {}",
+            merge.join(", ")
+        );
+        let rows = changes
+            .traces
+            .into_iter()
+            .map(|t| {
+                row![
+                    t.tenant_id,
+                    t.trace_id,
+                    t.project_id,
+                    t.user_id,
+                    t.api_key_id,
+                    t.endpoint,
+                    t.stream,
+                    t.model_requested,
+                    t.model_served,
+                    t.provider,
+                    t.deployment,
+                    t.status,
+                    t.http_status,
+                    t.error_class,
+                    t.latency_us,
+                    t.ttft_us,
+                    t.overhead_us,
+                    t.tokens_in,
+                    t.tokens_out,
+                    t.tokens_cached,
+                    t.cost_micro_usd,
+                    t.policy_action,
+                    t.policy_findings,
+                    t.attempts,
+                    t.started_at,
+                    t.completed_at,
+                ]
+            })
+            .collect();
+        insert(conn, "traces", &columns, &tail, rows).await?;
+    }
+
+    let rows = changes
+        .llm_calls
+        .into_iter()
+        .map(|c| {
+            row![
+                c.event_id,
+                c.tenant_id,
+                c.trace_id,
+                c.attempt,
+                c.deployment,
+                c.provider,
+                c.model,
+                c.status,
+                c.http_status,
+                c.error_class,
+                c.stream,
+                c.started_at,
+                c.latency_us,
+                c.ttft_us,
+                c.tokens_in,
+                c.tokens_out,
+                c.tokens_cached,
+                c.cost_micro_usd,
+                c.usage_estimated,
+            ]
+        })
+        .collect();
+    let columns = [
+        "event_id",
+        "tenant_id",
+        "trace_id",
+        "attempt",
+        "deployment",
+        "provider",
+        "model",
+        "status",
+        "http_status",
+        "error_class",
+        "stream",
+        "started_at",
+        "latency_us",
+        "ttft_us",
+        "tokens_in",
+        "tokens_out",
+        "tokens_cached",
+        "cost_micro_usd",
+        "usage_estimated",
+    ];
+    insert(conn, "llm_calls", &columns, "ON CONFLICT DO NOTHING", rows).await?;
+
+    let rows = changes
+        .tool_calls
+        .into_iter()
+        .map(|t| {
+            row![
+                t.event_id,
+                t.tenant_id,
+                t.trace_id,
+                t.direction,
+                t.tool_call_id,
+                t.name,
+                t.occurred_at,
+            ]
+        })
+        .collect();
+    let columns = [
+        "event_id",
+        "tenant_id",
+        "trace_id",
+        "direction",
+        "tool_call_id",
+        "name",
+        "occurred_at",
+    ];
+    insert(conn, "tool_calls", &columns, "ON CONFLICT DO NOTHING", rows).await?;
+
+    let rows = changes
+        .bodies
+        .into_iter()
+        .map(|b| {
+            row![
+                b.event_id,
+                b.field,
+                b.tenant_id,
+                b.trace_id,
+                b.occurred_at,
+                b.sealed
+            ]
+        })
+        .collect();
+    let columns = [
+        "event_id",
+        "field",
+        "tenant_id",
+        "trace_id",
+        "occurred_at",
+        "sealed",
+    ];
+    insert(
+        conn,
+        "trace_bodies",
+        &columns,
+        "ON CONFLICT DO NOTHING",
+        rows,
+    )
+    .await?;
+
+    count_completions(conn, changes.completions).await?;
+
+    let rows = changes
+        .dead_letters
+        .into_iter()
+        .map(|d| {
+            metrics::counter!("loom_projector_dead_letters_total", "topic" => d.topic).increment(1);
+            tracing::warn!(
+                topic = d.topic,
+                partition = d.partition,
+                offset = d.offset,
+                reason = %d.reason,
+                "a record could not be folded; it is in dead_letters"
+            );
+            row![
+                d.topic,
+                i64::from(d.partition),
+                i64::try_from(d.offset).unwrap_or(i64::MAX),
+                d.event_id,
+                d.event_type,
+                d.reason,
+                d.record,
+                loom_schemas::event::now_micros(),
+            ]
+        })
+        .collect();
+    let columns = [
+        "topic",
+        "partition",
+        "log_offset",
+        "event_id",
+        "event_type",
+        "reason",
+        "record",
+        "recorded_at",
+    ];
+    insert(
+        conn,
+        "dead_letters",
+        &columns,
+        "ON CONFLICT DO NOTHING",
+        rows,
+    )
+    .await?;
+
+    let rows = changes
+        .positions
+        .into_iter()
+        .map(|((topic, partition), next)| {
+            row![
+                topic,
+                i64::from(partition),
+                i64::try_from(next).unwrap_or(i64::MAX)
+            ]
+        })
+        .collect();
+    insert(
+        conn,
+        "positions",
+        &["topic", "partition", "next_offset"],
+        "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+        rows,
+    )
+    .await
+}
+
+/// Adds newly completed requests to the hourly and daily rollups, each exactly once: only the
+/// completions `rollup_applied` did not know yet are counted, from their (already updated) trace
+/// rows.
+async fn count_completions(
+    conn: &mut AnyConnection,
+    completions: Vec<crate::fold::Completion>,
+) -> Result<(), sqlx::Error> {
+    let mut fresh: Vec<(String, String)> = Vec::new();
+    for chunk in completions.chunks(MAX_PARAMS) {
+        let sql = format!(
+            "INSERT INTO rollup_applied (event_id) VALUES {} ON CONFLICT DO NOTHING RETURNING event_id",
+            placeholders(chunk.len(), 1, 1)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for completion in chunk {
+            query = query.bind(completion.event_id.clone());
+        }
+        let applied: Vec<String> = query
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?;
+        fresh.extend(
+            chunk
+                .iter()
+                .filter(|c| applied.contains(&c.event_id))
+                .map(|c| (c.tenant_id.clone(), c.trace_id.clone())),
+        );
+    }
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    for (table, bucket_us) in [
+        ("usage_hourly", 3_600_000_000_i64),
+        ("usage_daily", 86_400_000_000),
+    ] {
+        for chunk in fresh.chunks(MAX_PARAMS / 2) {
+            let sql = rollup_sql(table, bucket_us, chunk.len());
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for (tenant, trace) in chunk {
+                query = query.bind(tenant.clone()).bind(trace.clone());
+            }
+            query.execute(&mut *conn).await?;
+        }
+    }
+    Ok(())
+}
+
+fn rollup_sql(table: &str, bucket_us: i64, traces: usize) -> String {
+    let sums = [
+        ("requests", "COUNT(*)".to_owned()),
+        (
+            "errors",
+            "SUM(CASE WHEN status = 'ok' THEN 0 ELSE 1 END)".to_owned(),
+        ),
+        ("tokens_in", "SUM(COALESCE(tokens_in, 0))".to_owned()),
+        ("tokens_out", "SUM(COALESCE(tokens_out, 0))".to_owned()),
+        (
+            "tokens_cached",
+            "SUM(COALESCE(tokens_cached, 0))".to_owned(),
+        ),
+        (
+            "cost_micro_usd",
+            "SUM(COALESCE(cost_micro_usd, 0))".to_owned(),
+        ),
+        ("latency_sum_us", "SUM(COALESCE(latency_us, 0))".to_owned()),
+    ]
+    .into_iter()
+    .chain(LATENCY_BUCKETS.iter().map(|(column, le)| {
+        (
+            *column,
+            format!("SUM(CASE WHEN latency_us <= {le} THEN 1 ELSE 0 END)"),
+        )
+    }))
+    .chain([("latency_le_inf", "COUNT(*)".to_owned())]);
+    let (columns, expressions): (Vec<&str>, Vec<String>) = sums.unzip();
+    let increments: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO {table} (tenant_id, project_id, user_id, model, bucket_start, {columns}) \
+         SELECT tenant_id, COALESCE(project_id, ''), COALESCE(user_id, ''), \
+                COALESCE(model_served, model_requested, ''), \
+                (COALESCE(started_at, completed_at) / {bucket_us}) * {bucket_us}, {expressions} \
+         FROM traces WHERE (tenant_id, trace_id) IN (VALUES {keys}) \
+         GROUP BY 1, 2, 3, 4, 5 \
+         ON CONFLICT (tenant_id, project_id, user_id, model, bucket_start) DO UPDATE SET {increments}",
+        columns = columns.join(", "),
+        expressions = expressions.join(", "),
+        keys = placeholders(traces, 2, 1),
+        increments = increments.join(", "),
+    )
+}
+
+async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Result<(), sqlx::Error> {
+    let (sql, values): (&str, Vec<Value>) = match change {
+        ControlChange::TenantCreated {
+            tenant_id,
+            name,
+            at,
+        } => (
+            "INSERT INTO tenants (tenant_id, name, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+            row![tenant_id, name, at],
+        ),
+        ControlChange::TenantErased { tenant_id, at } => (
+            "UPDATE tenants SET erased_at = $2 WHERE tenant_id = $1 AND erased_at IS NULL",
+            row![tenant_id, at],
+        ),
+        ControlChange::ProjectCreated {
+            project_id,
+            tenant_id,
+            name,
+            routing_policy,
+            security_policy,
+            at,
+        } => (
+            "INSERT INTO projects (project_id, tenant_id, name, routing_policy, security_policy, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT DO NOTHING",
+            row![
+                project_id,
+                tenant_id,
+                name,
+                routing_policy,
+                security_policy,
+                at
+            ],
+        ),
+        ControlChange::ProjectUpdated {
+            project_id,
+            name,
+            routing_policy,
+            security_policy,
+            at,
+        } => (
+            "UPDATE projects SET name = COALESCE($2, name), \
+             routing_policy = COALESCE($3, routing_policy), \
+             security_policy = COALESCE($4, security_policy), updated_at = $5 \
+             WHERE project_id = $1",
+            row![project_id, name, routing_policy, security_policy, at],
+        ),
+        ControlChange::KeyIssued {
+            key_id,
+            tenant_id,
+            project_id,
+            name,
+            key_hash,
+            prefix,
+            roles,
+            expires_at,
+            at,
+        } => (
+            "INSERT INTO api_keys (key_id, tenant_id, project_id, name, key_hash, prefix, roles, \
+             expires_at, issued_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT DO NOTHING",
+            row![
+                key_id, tenant_id, project_id, name, key_hash, prefix, roles, expires_at, at
+            ],
+        ),
+        ControlChange::KeyRevoked { key_id, reason, at } => (
+            "UPDATE api_keys SET revoked_at = $2, revoke_reason = $3 \
+             WHERE key_id = $1 AND revoked_at IS NULL",
+            row![key_id, at, reason],
+        ),
+        ControlChange::QuotaLimitSet {
+            tenant_id,
+            scope,
+            scope_id,
+            metric,
+            window,
+            limit,
+            at,
+        } => (
+            "INSERT INTO quota_limits (tenant_id, scope, scope_id, metric, quota_window, \
+             limit_value, set_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (tenant_id, scope, scope_id, metric, quota_window) \
+             DO UPDATE SET limit_value = excluded.limit_value, set_at = excluded.set_at",
+            row![tenant_id, scope, scope_id, metric, window, limit, at],
+        ),
+        ControlChange::RoleGranted {
+            tenant_id,
+            principal,
+            role,
+            project_id,
+            at,
+        } => (
+            "INSERT INTO role_bindings (tenant_id, principal, role, project_id, granted_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            row![tenant_id, principal, role, project_id, at],
+        ),
+        ControlChange::RoleRevoked {
+            tenant_id,
+            principal,
+            role,
+            project_id,
+        } => (
+            "DELETE FROM role_bindings WHERE tenant_id = $1 AND principal = $2 AND role = $3 \
+             AND project_id = $4",
+            row![tenant_id, principal, role, project_id],
+        ),
+    };
+    let mut query = sqlx::query(sql);
+    for value in values {
+        query = bind(query, value);
+    }
+    query.execute(&mut *conn).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_number_rows_and_columns() {
+        assert_eq!(placeholders(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(placeholders(1, 1, 1), "($1)");
+    }
+}

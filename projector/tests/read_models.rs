@@ -1,0 +1,462 @@
+//! The read-model projection, on SQLite and on the Postgres `./infra/test.sh` starts: a realistic
+//! history folds into every table; folding again changes nothing; bad records are dead-lettered
+//! and passed; a projection stopped part way resumes to the state a clean run reaches.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use loom_projector::{
+    Projector, ProjectorConfig, ReadStore, StoreLocation, fold_batch, stored_positions,
+};
+use loom_schemas::codec::Registry;
+use loom_schemas::crypto::{DataKey, KeyBytes};
+use loom_schemas::event::{Envelope, Event, Plane, RequestCompleted, RequestStatus};
+use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Record, Topic};
+use loom_schemas::samples;
+use loom_schemas::testing::TestDatabase;
+use sqlx::{Column, Row};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// 2026-11-01T00:00:00Z
+const START_US: i64 = 1_793_491_200_000_000;
+
+/// A read-model store on one backend, removed on `cleanup`.
+struct Backend {
+    location: StoreLocation,
+    _dir: tempfile::TempDir,
+    database: Option<TestDatabase>,
+}
+
+impl Backend {
+    async fn sqlite() -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        Backend {
+            location: StoreLocation::Sqlite(dir.path().join("read-models")),
+            _dir: dir,
+            database: None,
+        }
+    }
+
+    async fn postgres() -> Backend {
+        let database = TestDatabase::create().await;
+        Backend {
+            location: StoreLocation::Postgres(database.url.clone()),
+            _dir: tempfile::tempdir().unwrap(),
+            database: Some(database),
+        }
+    }
+
+    async fn all() -> Vec<Backend> {
+        vec![Backend::sqlite().await, Backend::postgres().await]
+    }
+
+    async fn open(&self, version: u32) -> ReadStore {
+        ReadStore::open(&self.location, version).await.unwrap()
+    }
+
+    async fn cleanup(self) {
+        if let Some(database) = self.database {
+            database.drop().await;
+        }
+    }
+}
+
+fn keys(tenants: usize) -> Vec<DataKey> {
+    (0..tenants)
+        .map(|_| DataKey {
+            tenant_id: Uuid::now_v7(),
+            key_id: Uuid::now_v7(),
+            version: 1,
+            key: KeyBytes::generate().unwrap(),
+        })
+        .collect()
+}
+
+async fn append(log: &dyn Log, events: &[Event]) {
+    let registry = Registry::builtin().unwrap();
+    for plane in [Plane::Control, Plane::Data] {
+        let records: Vec<Record> = events
+            .iter()
+            .filter(|e| e.payload.plane() == plane)
+            .map(|e| registry.encode_record(e).unwrap())
+            .collect();
+        for chunk in records.chunks(500) {
+            log.append(Topic::for_plane(plane), chunk.to_vec())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn embedded_log(dir: &std::path::Path) -> Arc<dyn Log> {
+    Arc::new(
+        EmbeddedLog::open(EmbeddedLogConfig::new(dir))
+            .await
+            .unwrap(),
+    )
+}
+
+/// Whether the store's positions have reached the end of every partition of the log.
+async fn caught_up(log: &dyn Log, store: &ReadStore) -> bool {
+    for topic in Topic::ALL {
+        let stored = stored_positions(store, topic).await.unwrap();
+        for partition in 0..log.partitions(topic) {
+            let end = log.end_offset(topic, partition).await.unwrap();
+            let at = stored
+                .iter()
+                .find(|p| p.partition == partition)
+                .map_or(0, |p| p.offset);
+            if at < end {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Runs a projector until it has folded everything in the log.
+async fn project(log: &Arc<dyn Log>, store: &ReadStore, batch: usize) {
+    let shutdown = CancellationToken::new();
+    let config = ProjectorConfig {
+        batch,
+        ..ProjectorConfig::default()
+    };
+    let projector = Projector::new(Arc::clone(log), store.clone(), config);
+    let running = tokio::spawn(projector.run(shutdown.clone()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !caught_up(log.as_ref(), store).await {
+        assert!(Instant::now() < deadline, "the projector did not catch up");
+        assert!(!running.is_finished(), "the projector stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
+
+/// The one value `sql` selects, as an integer (Postgres sums are NUMERIC: cast back).
+async fn scalar(store: &ReadStore, sql: &str) -> i64 {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT CAST(({sql}) AS BIGINT)"
+    )))
+    .fetch_one(store.pool())
+    .await
+    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    .try_get::<i64, _>(0)
+    .unwrap()
+}
+
+const TABLES: [&str; 13] = [
+    "tenants",
+    "projects",
+    "api_keys",
+    "role_bindings",
+    "quota_limits",
+    "traces",
+    "llm_calls",
+    "tool_calls",
+    "trace_bodies",
+    "rollup_applied",
+    "usage_hourly",
+    "usage_daily",
+    "positions",
+];
+
+/// Every row of every table, as text, sorted: equal digests mean equal tables.
+async fn digest(store: &ReadStore) -> BTreeMap<&'static str, Vec<String>> {
+    let mut tables = BTreeMap::new();
+    for table in TABLES {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {table}")))
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        let mut texts: Vec<String> = rows
+            .iter()
+            .map(|row| {
+                (0..row.columns().len())
+                    .map(|i| {
+                        let name = row.columns()[i].name().to_owned();
+                        let value = row
+                            .try_get::<Option<i64>, _>(i)
+                            .map(|v| format!("{v:?}"))
+                            .or_else(|_| {
+                                row.try_get::<Option<String>, _>(i)
+                                    .map(|v| format!("{v:?}"))
+                            })
+                            .or_else(|_| {
+                                row.try_get::<Option<bool>, _>(i).map(|v| format!("{v:?}"))
+                            })
+                            .or_else(|_| {
+                                row.try_get::<Option<Vec<u8>>, _>(i)
+                                    .map(|v| format!("{v:?}"))
+                            })
+                            .unwrap_or_else(|e| panic!("{table}.{name}: {e}"));
+                        format!("{name}={value}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        texts.sort();
+        tables.insert(table, texts);
+    }
+    tables
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_folds_into_every_read_model() {
+    let keys = keys(3);
+    let events = samples::history(&keys, 600, START_US, 7).unwrap();
+    let count = |event_type: &str| {
+        events
+            .iter()
+            .filter(|e| e.payload.event_type() == event_type)
+            .count() as i64
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = embedded_log(dir.path()).await;
+    append(log.as_ref(), &events).await;
+
+    for backend in Backend::all().await {
+        let store = backend.open(1).await;
+        project(&log, &store, 256).await;
+
+        assert_eq!(scalar(&store, "SELECT count(*) FROM tenants").await, 3);
+        assert_eq!(scalar(&store, "SELECT count(*) FROM projects").await, 3);
+        assert_eq!(scalar(&store, "SELECT count(*) FROM api_keys").await, 6);
+        assert_eq!(
+            scalar(
+                &store,
+                "SELECT count(*) FROM api_keys WHERE revoked_at IS NOT NULL"
+            )
+            .await,
+            3
+        );
+        assert_eq!(scalar(&store, "SELECT count(*) FROM traces").await, 600);
+        assert_eq!(
+            scalar(
+                &store,
+                "SELECT count(*) FROM traces WHERE completed_at IS NULL OR started_at IS NULL"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            scalar(&store, "SELECT count(*) FROM llm_calls").await,
+            count("llm_call.completed")
+        );
+        assert_eq!(
+            scalar(&store, "SELECT count(*) FROM tool_calls").await,
+            count("tool_call.observed")
+        );
+        // A request body per request, a response per successful call, arguments per tool call.
+        let successes = scalar(&store, "SELECT count(*) FROM traces WHERE status = 'ok'").await;
+        assert_eq!(
+            scalar(&store, "SELECT count(*) FROM trace_bodies").await,
+            600 + successes + count("tool_call.observed")
+        );
+        let denied = scalar(
+            &store,
+            "SELECT count(*) FROM traces WHERE status = 'denied'",
+        )
+        .await;
+        assert_eq!(denied, count("quota.denied"));
+        assert_eq!(
+            scalar(
+                &store,
+                "SELECT count(*) FROM traces WHERE status = 'ok' AND model_served IS NULL"
+            )
+            .await,
+            0
+        );
+
+        // The rollups add up to the traces, per hour and per day, with whole histograms.
+        for table in ["usage_hourly", "usage_daily"] {
+            let sum = |column: &str| format!("SELECT COALESCE(SUM({column}), 0) FROM {table}");
+            assert_eq!(scalar(&store, &sum("requests")).await, 600, "{table}");
+            assert_eq!(scalar(&store, &sum("latency_le_inf")).await, 600, "{table}");
+            assert_eq!(
+                scalar(&store, &sum("errors")).await,
+                600 - successes,
+                "{table}"
+            );
+            assert_eq!(
+                scalar(&store, &sum("tokens_out")).await,
+                scalar(&store, "SELECT COALESCE(SUM(tokens_out), 0) FROM traces").await
+            );
+            assert_eq!(
+                scalar(&store, &sum("cost_micro_usd")).await,
+                scalar(
+                    &store,
+                    "SELECT COALESCE(SUM(cost_micro_usd), 0) FROM traces"
+                )
+                .await
+            );
+            assert_eq!(
+                scalar(&store, &format!("SELECT count(*) FROM {table} WHERE latency_le_10ms > latency_le_1s OR latency_le_60s > latency_le_inf")).await,
+                0,
+                "{table}: histogram counts are cumulative"
+            );
+        }
+        // 600 requests at 7.2 s apart span two hours; the five users of three tenants show.
+        assert!(
+            scalar(
+                &store,
+                "SELECT count(DISTINCT bucket_start) FROM usage_hourly"
+            )
+            .await
+                >= 2
+        );
+        assert_eq!(
+            scalar(&store, "SELECT count(DISTINCT user_id) FROM usage_daily").await,
+            5
+        );
+        assert_eq!(scalar(&store, "SELECT count(*) FROM dead_letters").await, 0);
+        store.close().await;
+        backend.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folding_the_same_records_again_changes_nothing() {
+    let keys = keys(2);
+    let events = samples::history(&keys, 200, START_US, 11).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = embedded_log(dir.path()).await;
+    append(log.as_ref(), &events).await;
+    let registry = Registry::builtin().unwrap();
+
+    for backend in Backend::all().await {
+        let store = backend.open(1).await;
+        project(&log, &store, 100).await;
+        let before = digest(&store).await;
+        // As a redelivering log would: everything again, in other batch sizes, and duplicated.
+        for topic in Topic::ALL {
+            let mut reader = log.read_from(topic, 0, 0).await.unwrap();
+            let entries = reader.poll(100_000).await.unwrap();
+            for chunk in entries.chunks(37) {
+                let doubled: Vec<_> = chunk.iter().chain(chunk).cloned().collect();
+                fold_batch(&store, registry, topic, &doubled).await.unwrap();
+            }
+        }
+        assert_eq!(digest(&store).await, before);
+        store.close().await;
+        backend.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_cannot_be_folded_are_dead_lettered_and_passed() {
+    let keys = keys(1);
+    let events = samples::history(&keys, 20, START_US, 3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = embedded_log(dir.path()).await;
+    append(log.as_ref(), &events[..events.len() / 2]).await;
+    // Garbage, and an event that breaks an invariant (a data event with no trace id).
+    let garbage = Record {
+        key: b"trace-x".to_vec(),
+        value: b"not an event".to_vec(),
+        ..Record::default()
+    };
+    let no_trace = Event {
+        envelope: Envelope::new(keys[0].tenant_id, None, "test"),
+        payload: RequestCompleted {
+            status: RequestStatus::Ok,
+            http_status: 200,
+            error_class: None,
+            model: None,
+            provider: None,
+            deployment: None,
+            attempts: 1,
+            tokens_in: None,
+            tokens_out: None,
+            tokens_cached_read: None,
+            tokens_cache_creation: None,
+            usage_estimated: false,
+            cost_micro_usd: None,
+            latency_us: 1,
+            ttft_us: None,
+            overhead_us: 1,
+        }
+        .into(),
+    };
+    let no_trace = Registry::builtin()
+        .unwrap()
+        .encode_record(&no_trace)
+        .unwrap();
+    log.append(Topic::Data, vec![garbage, no_trace])
+        .await
+        .unwrap();
+    append(log.as_ref(), &events[events.len() / 2..]).await;
+
+    for backend in Backend::all().await {
+        let store = backend.open(1).await;
+        project(&log, &store, 64).await;
+        assert_eq!(scalar(&store, "SELECT count(*) FROM dead_letters").await, 2);
+        assert_eq!(
+            scalar(
+                &store,
+                "SELECT count(*) FROM dead_letters WHERE reason LIKE 'undecodable%'"
+            )
+            .await,
+            1
+        );
+        assert_eq!(
+            scalar(&store, "SELECT count(*) FROM dead_letters WHERE reason LIKE '%no trace id%' AND event_type = 'request.completed'").await,
+            1
+        );
+        assert_eq!(scalar(&store, "SELECT count(*) FROM traces").await, 20);
+        store.close().await;
+        backend.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_stopped_part_way_resumes_to_the_state_of_a_clean_run() {
+    let keys = keys(2);
+    let events = samples::history(&keys, 400, START_US, 5).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = embedded_log(dir.path()).await;
+    append(log.as_ref(), &events).await;
+
+    for backend in Backend::all().await {
+        let clean = backend.open(1).await;
+        project(&log, &clean, 1000).await;
+
+        // Version 2, stopped three times part way, then run to the end.
+        let resumed = backend.open(2).await;
+        for stop_after in [1, 4, 9] {
+            let shutdown = CancellationToken::new();
+            let config = ProjectorConfig {
+                batch: 20,
+                ..ProjectorConfig::default()
+            };
+            let projector = Projector::new(Arc::clone(&log), resumed.clone(), config);
+            let running = tokio::spawn(projector.run(shutdown.clone()));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let at: u64 = stored_positions(&resumed, Topic::Data)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.offset)
+                    .sum();
+                if at >= stop_after * 20 {
+                    break;
+                }
+                assert!(Instant::now() < deadline);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            shutdown.cancel();
+            running.await.unwrap().unwrap();
+        }
+        project(&log, &resumed, 20).await;
+        assert_eq!(digest(&resumed).await, digest(&clean).await);
+        clean.close().await;
+        resumed.close().await;
+        backend.cleanup().await;
+    }
+}
