@@ -11,12 +11,16 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use loom_gateway::config::GatewayConfig;
 use loom_gateway::{KeyStoreLocation, LogLocation, NodeConfig, ServeConfig};
-use loom_schemas::log::{EmbeddedLogConfig, FsyncPolicy, KafkaLogConfig};
+use loom_projector::{StoreLocation, project_active};
+use loom_schemas::log::{
+    EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, KafkaLog, KafkaLogConfig, Log,
+};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -51,18 +55,18 @@ enum Command {
     Serve(ServeArgs),
     /// Check every record of the embedded log: checksums, offsets and the hash chain.
     Verify(VerifyArgs),
-    /// Apply Loom's Postgres migrations.
+    /// Apply Loom's Postgres migrations: the key store and the active read models.
     Migrate(MigrateArgs),
     /// Measure Loom's building blocks; prints figures against a baseline measured in the same run.
     Bench(bench::BenchArgs),
     /// Run the gateway alone on a shared log (Kafka), one of many: the data plane and admin API.
     Gateway(ServeArgs),
-    /// Run the projectors alone (not yet available).
-    Projector(NotYet),
+    /// Run the read-model projector alone on a shared log (Kafka), into Postgres.
+    Projector(ProjectorArgs),
     /// Run the query service alone (not yet available).
     Query(NotYet),
-    /// Rebuild projections from the log (not yet available).
-    Replay(NotYet),
+    /// Rebuild the read models from the log into a new version, then switch readers to it.
+    Replay(ReplayArgs),
     /// Run SQL over the archive and read models (not yet available).
     Sql(NotYet),
     /// Export traces to a data lake (not yet available).
@@ -169,6 +173,70 @@ struct ServeArgs {
     /// Enables the admin API (/admin/*) for requests bearing this token.
     #[arg(long, env = "LOOM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+
+    /// Read models the in-process projector folds the log into (`loom serve` only): a Postgres
+    /// URL, or a directory for SQLite files [default: <data dir>/read-models].
+    #[arg(long, env = "LOOM_READ_MODELS", value_name = "URL_OR_DIR")]
+    read_models: Option<String>,
+}
+
+#[derive(Args)]
+struct ProjectorArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+
+    /// The read models: a Postgres URL (or a directory for SQLite files).
+    #[arg(long, env = "LOOM_READ_MODELS", value_name = "URL_OR_DIR")]
+    read_models: String,
+
+    #[command(flatten)]
+    projection: ProjectionArgs,
+}
+
+#[derive(Args)]
+struct ProjectionArgs {
+    /// Consumer group of the projector's members (a version suffix `-v<N>` is added).
+    #[arg(long, env = "LOOM_PROJECTOR_GROUP", default_value = "loom-read-models")]
+    group: String,
+
+    /// Records folded per transaction at most.
+    #[arg(long, env = "LOOM_PROJECTOR_BATCH", default_value_t = 1000)]
+    batch: usize,
+
+    /// How long sealed request/response bodies are kept in trace_bodies.
+    #[arg(long, env = "LOOM_BODY_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    body_retention: std::time::Duration,
+}
+
+impl ProjectionArgs {
+    fn config(&self) -> loom_projector::ProjectorConfig {
+        loom_projector::ProjectorConfig {
+            group: self.group.clone(),
+            batch: self.batch.max(1),
+            body_retention: self.body_retention,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    data: DataDirArgs,
+
+    #[command(flatten)]
+    kafka: KafkaArgs,
+
+    /// The read models: a Postgres URL, or a directory for SQLite files
+    /// [default: <data dir>/read-models].
+    #[arg(long, env = "LOOM_READ_MODELS", value_name = "URL_OR_DIR")]
+    read_models: Option<String>,
+
+    /// The projection to rebuild.
+    #[arg(long, default_value = "read_models", value_parser = ["read_models"])]
+    projection: String,
+
+    #[command(flatten)]
+    projection_args: ProjectionArgs,
 }
 
 #[derive(Args)]
@@ -226,7 +294,7 @@ fn describe(error: &anyhow::Error) -> String {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve(args, true).await.map(|()| ExitCode::SUCCESS),
         Command::Verify(args) => verify::run(&args.data.data_dir).await,
         Command::Migrate(args) => migrate(&args.database_url)
             .await
@@ -239,11 +307,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                      (for everything in one process on the embedded log, use `loom serve`)"
                 );
             }
-            serve(args).await.map(|()| ExitCode::SUCCESS)
+            serve(args, false).await.map(|()| ExitCode::SUCCESS)
         }
-        Command::Projector(_) => not_yet("projector", "the projector"),
+        Command::Projector(args) => projector(args).await.map(|()| ExitCode::SUCCESS),
         Command::Query(_) => not_yet("query", "the query service"),
-        Command::Replay(_) => not_yet("replay", "the projector"),
+        Command::Replay(args) => replay(args).await.map(|()| ExitCode::SUCCESS),
         Command::Sql(_) => not_yet("sql", "the query service"),
         Command::Export(_) => not_yet("export", "the query service"),
         Command::Admin(args) => admin::run(args).await.map(|()| ExitCode::SUCCESS),
@@ -269,13 +337,16 @@ fn init_tracing(format: LogFormat, filter: &str) {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// Runs a node; `all_in_one` adds the read-model projector (`loom serve`, not `loom gateway`).
+async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
     let gateway = match &args.config {
         Some(path) => GatewayConfig::load(path, |name| std::env::var(name).ok())?,
         None => GatewayConfig::default(),
     };
+    let read_models = all_in_one.then(|| read_models(args.read_models.as_deref(), &args.data));
     let config = ServeConfig {
         gateway,
+        read_models,
         node: NodeConfig {
             data_dir: args.data.data_dir,
             log: args.kafka.location(),
@@ -302,6 +373,71 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let served = loom_gateway::serve(config, listener, shutdown).await;
     signals.abort();
     Ok(served?)
+}
+
+/// The read models named on the command line, or SQLite files in the data directory.
+fn read_models(named: Option<&str>, data: &DataDirArgs) -> StoreLocation {
+    named.map_or_else(
+        || StoreLocation::Sqlite(data.data_dir.join("read-models")),
+        StoreLocation::parse,
+    )
+}
+
+/// The log named by the Kafka flags, or the embedded one in the data directory (which must not
+/// be held by a running server).
+async fn open_log(kafka: &KafkaArgs, data: &DataDirArgs) -> anyhow::Result<Arc<dyn Log>> {
+    Ok(match kafka.location() {
+        LogLocation::Kafka { kafka, .. } => Arc::new(KafkaLog::connect(kafka).await?),
+        LogLocation::Embedded => Arc::new(
+            EmbeddedLog::open(EmbeddedLogConfig::new(data.data_dir.join("log")))
+                .await
+                .context(
+                    "opening the embedded log (stop `loom serve` on this data directory first)",
+                )?,
+        ),
+    })
+}
+
+async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
+    let LogLocation::Kafka { kafka, .. } = args.kafka.location() else {
+        anyhow::bail!(
+            "`loom projector` reads a log shared with other processes: set --kafka-brokers \
+             (`loom serve` runs the projector in-process on the embedded log)"
+        );
+    };
+    let log: Arc<dyn Log> = Arc::new(KafkaLog::connect(kafka).await?);
+    let location = StoreLocation::parse(&args.read_models);
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        on_signal.cancel();
+    });
+    let projected = project_active(log, &location, args.projection.config(), shutdown).await;
+    signals.abort();
+    Ok(projected?)
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let log = open_log(&args.kafka, &args.data).await?;
+    let location = read_models(args.read_models.as_deref(), &args.data);
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let report =
+        loom_projector::replay(log, &location, args.projection_args.config(), progress).await?;
+    let seconds = report.elapsed.as_secs_f64().max(1e-9);
+    let _ = writeln!(
+        std::io::stdout(),
+        "replayed {} records into version {} in {:.1}s ({:.0} records/s); readers now use \
+         version {} (was {})",
+        report.records,
+        report.version,
+        seconds,
+        report.records as f64 / seconds,
+        report.version,
+        report.previous
+    );
+    Ok(())
 }
 
 /// `LOOM_MASTER_KEY`, if set and not empty.
@@ -334,8 +470,16 @@ async fn migrate(url: &str) -> anyhow::Result<()> {
     loom_schemas::keystore::POSTGRES_MIGRATOR
         .run(&mut connection)
         .await
-        .context("applying migrations")?;
-    let migrations = loom_schemas::keystore::POSTGRES_MIGRATOR.iter().count();
-    tracing::info!(migrations, "database is up to date");
+        .context("applying the key store's migrations")?;
+    // The read models readers use (opening a version migrates it).
+    let location = StoreLocation::Postgres(url.to_owned());
+    let catalog = loom_projector::Catalog::open(&location).await?;
+    let version = catalog.active().await?;
+    loom_projector::ReadStore::open(&location, version)
+        .await?
+        .close()
+        .await;
+    catalog.publish(version).await?;
+    tracing::info!(read_models_version = version, "database is up to date");
     Ok(())
 }

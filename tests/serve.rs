@@ -137,6 +137,19 @@ async fn migrate_applies_the_postgres_migrations() {
     .await
     .unwrap();
     assert_eq!(tables, 3);
+    // The read models, version 1, and the views readers use.
+    let read_models: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'loom_read_v1' AND table_name IN ('traces', 'usage_hourly', 'positions')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(read_models, 3);
+    let views: i64 = sqlx::query_scalar("SELECT count(*) FROM loom_read.traces")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(views, 0);
     pool.close().await;
     db.drop().await;
     let output = loom(&[
@@ -228,20 +241,33 @@ fn bad_command_lines_get_usage_errors_and_unbuilt_roles_say_so() {
     let bad_fsync = loom(&["serve", "--fsync", "sometimes"]);
     assert_eq!(bad_fsync.status.code(), Some(2));
     assert!(text(&bad_fsync.stderr).contains("fsync policy"));
-    for role in ["projector", "query", "replay", "sql", "export"] {
+    for role in ["query", "sql", "export"] {
         let output = loom(&[role, "--anything"]);
         assert_eq!(output.status.code(), Some(1), "{role}");
         assert!(text(&output.stderr).contains("not yet available"), "{role}");
     }
-    let alone = loom(&["gateway"]);
-    assert_eq!(alone.status.code(), Some(1));
-    assert!(
-        text(&alone.stderr).contains("--kafka-brokers"),
-        "{}",
-        text(&alone.stderr)
-    );
+    for alone in [
+        loom(&["gateway"]),
+        loom(&["projector", "--read-models", "postgres://nowhere/none"]),
+    ] {
+        assert_eq!(alone.status.code(), Some(1));
+        assert!(
+            text(&alone.stderr).contains("--kafka-brokers"),
+            "{}",
+            text(&alone.stderr)
+        );
+    }
     let help = loom(&["--help"]);
-    for command in ["serve", "verify", "migrate", "bench", "gateway", "admin"] {
+    for command in [
+        "serve",
+        "verify",
+        "migrate",
+        "bench",
+        "gateway",
+        "projector",
+        "replay",
+        "admin",
+    ] {
         assert!(
             text(&help.stdout).contains(command),
             "--help lacks {command}"

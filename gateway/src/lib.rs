@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use config::GatewayConfig;
 use events::Emitter;
+use loom_projector::{ProjectorConfig, StoreLocation, project_active};
 use proxy::Gateway;
 
 use tokio::net::TcpListener;
@@ -40,6 +41,8 @@ pub struct ServeConfig {
     pub gateway: GatewayConfig,
     /// Enables the admin API for holders of this token.
     pub admin_token: Option<String>,
+    /// Run the read-model projector in this process, into these read models.
+    pub read_models: Option<StoreLocation>,
 }
 
 /// Opens the node described by `config` and serves HTTP on `listener` until `shutdown` is
@@ -58,6 +61,16 @@ pub async fn serve(
 
     let tasks = TaskTracker::new();
     tasks.spawn(node.clone().run_background(shutdown.clone()));
+    if let Some(location) = config.read_models.clone() {
+        let (log, shutdown) = (Arc::clone(&node.log), shutdown.clone());
+        tasks.spawn(async move {
+            let projected =
+                project_active(log, &location, ProjectorConfig::default(), shutdown).await;
+            if let Err(error) = projected {
+                tracing::error!(%error, "the read-model projector stopped");
+            }
+        });
+    }
     let limits = &config.gateway.limits;
     let (emitter, writer) = Emitter::new(
         limits.events_capacity,

@@ -5,10 +5,16 @@
 //! positions they reach in one transaction ([`write`]); a member of a consumer group per topic
 //! feeds it ([`run`]). A crash at any point and a restart leave the state a clean replay gives.
 
+pub mod catalog;
 pub mod fold;
+pub mod replay;
 pub mod run;
 pub mod store;
 pub mod write;
 
-pub use run::{Projector, ProjectorConfig, ProjectorError, fold_batch, stored_positions};
+pub use catalog::Catalog;
+pub use replay::{ReplayReport, replay};
+pub use run::{
+    Projector, ProjectorConfig, ProjectorError, fold_batch, project_active, stored_positions,
+};
 pub use store::{Backend, ReadStore, StoreError, StoreLocation};

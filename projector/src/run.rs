@@ -9,8 +9,9 @@ use loom_schemas::log::{Entry, GroupEvent, Log, LogError, Position, Topic};
 use sqlx::{Acquire, Row};
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::Catalog;
 use crate::fold::Changes;
-use crate::store::ReadStore;
+use crate::store::{ReadStore, StoreError, StoreLocation};
 use crate::write;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,10 @@ pub enum ProjectorError {
     Codec(#[from] loom_schemas::codec::CodecError),
     #[error("read-model database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the projector stopped before the replay was done")]
+    Stopped,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +82,65 @@ impl Projector {
         let (data, control, ()) =
             tokio::join!(member(Topic::Data), member(Topic::Control), retention);
         data.and(control)
+    }
+}
+
+/// Folds the log into the active version of the read models at `location` until `shutdown`,
+/// moving to a new version as soon as a replay switches readers to it. Each version's members
+/// form their own consumer group (`<group>-v<N>`).
+pub async fn project_active(
+    log: Arc<dyn Log>,
+    location: &StoreLocation,
+    config: ProjectorConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ProjectorError> {
+    let catalog = Arc::new(Catalog::open(location).await?);
+    loop {
+        let version = catalog.active().await?;
+        let store = ReadStore::open(location, version).await?;
+        if let Err(error) = catalog.publish(version).await {
+            tracing::warn!(%error, version, "could not publish the loom_read views");
+        }
+        tracing::info!(version, "projecting into the read models");
+        let switched = shutdown.child_token();
+        let watcher = tokio::spawn(watch_for_switch(
+            Arc::clone(&catalog),
+            version,
+            switched.clone(),
+        ));
+        let versioned = ProjectorConfig {
+            group: format!("{}-v{version}", config.group),
+            ..config.clone()
+        };
+        let result = Projector::new(Arc::clone(&log), store.clone(), versioned)
+            .run(switched.clone())
+            .await;
+        switched.cancel();
+        let _ = watcher.await;
+        store.close().await;
+        result?;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+    }
+}
+
+/// Cancels `switched` once the active version is no longer `version`.
+async fn watch_for_switch(catalog: Arc<Catalog>, version: u32, switched: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = switched.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        match catalog.active().await {
+            Ok(active) if active != version => {
+                tracing::info!(from = version, to = active, "the read models were switched");
+                switched.cancel();
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "reading the active read-model version"),
+        }
     }
 }
 

@@ -6,13 +6,15 @@
 //! the old one serves: a Postgres schema `loom_read_v<N>` (chosen through `search_path`), or a
 //! SQLite file `v<N>.sqlite` in the read-models directory.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sha2::{Digest, Sha256};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
-use sqlx::{AnyPool, AssertSqlSafe, ConnectOptions, Executor};
+use sqlx::{AnyPool, AssertSqlSafe, Column, ConnectOptions, Executor, Row};
 
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("../migrations/read_models_postgres");
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../migrations/read_models_sqlite");
@@ -96,10 +98,52 @@ impl ReadStore {
         self.version
     }
 
+    /// A SHA-256 of every table's rows (as text, sorted; wall-clock columns left out): equal
+    /// digests mean equal tables. For comparing a projection with a replay of it.
+    pub async fn digests(&self) -> Result<BTreeMap<&'static str, String>, sqlx::Error> {
+        let mut digests = BTreeMap::new();
+        for table in crate::catalog::TABLES {
+            let rows = sqlx::query(AssertSqlSafe(format!("SELECT * FROM {table}")))
+                .fetch_all(&self.pool)
+                .await?;
+            let mut texts = rows.iter().map(row_text).collect::<Result<Vec<_>, _>>()?;
+            texts.sort();
+            let mut hash = Sha256::new();
+            for text in texts {
+                hash.update(text.as_bytes());
+                hash.update(b"\n");
+            }
+            digests.insert(table, hex::encode(hash.finalize()));
+        }
+        Ok(digests)
+    }
+
     /// Closes the connections (SQLite checkpoints its write-ahead log).
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// A row as `column=value` pairs, whatever the columns' types.
+fn row_text(row: &AnyRow) -> Result<String, sqlx::Error> {
+    let mut text = String::new();
+    for (i, column) in row.columns().iter().enumerate() {
+        if column.name() == "recorded_at" {
+            continue;
+        }
+        let value = match row.try_get::<Option<i64>, _>(i) {
+            Ok(v) => format!("{v:?}"),
+            Err(_) => match row.try_get::<Option<String>, _>(i) {
+                Ok(v) => format!("{v:?}"),
+                Err(_) => match row.try_get::<Option<bool>, _>(i) {
+                    Ok(v) => format!("{v:?}"),
+                    Err(_) => format!("{:?}", row.try_get::<Option<Vec<u8>>, _>(i)?),
+                },
+            },
+        };
+        text.push_str(&format!("{}={value} ", column.name()));
+    }
+    Ok(text)
 }
 
 /// The Postgres schema of a version of the read models.

@@ -17,7 +17,7 @@ use loom_schemas::event::{Envelope, Event, Plane, RequestCompleted, RequestStatu
 use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Record, Topic};
 use loom_schemas::samples;
 use loom_schemas::testing::TestDatabase;
-use sqlx::{Column, Row};
+use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -149,61 +149,8 @@ async fn scalar(store: &ReadStore, sql: &str) -> i64 {
     .unwrap()
 }
 
-const TABLES: [&str; 13] = [
-    "tenants",
-    "projects",
-    "api_keys",
-    "role_bindings",
-    "quota_limits",
-    "traces",
-    "llm_calls",
-    "tool_calls",
-    "trace_bodies",
-    "rollup_applied",
-    "usage_hourly",
-    "usage_daily",
-    "positions",
-];
-
-/// Every row of every table, as text, sorted: equal digests mean equal tables.
-async fn digest(store: &ReadStore) -> BTreeMap<&'static str, Vec<String>> {
-    let mut tables = BTreeMap::new();
-    for table in TABLES {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {table}")))
-            .fetch_all(store.pool())
-            .await
-            .unwrap();
-        let mut texts: Vec<String> = rows
-            .iter()
-            .map(|row| {
-                (0..row.columns().len())
-                    .map(|i| {
-                        let name = row.columns()[i].name().to_owned();
-                        let value = row
-                            .try_get::<Option<i64>, _>(i)
-                            .map(|v| format!("{v:?}"))
-                            .or_else(|_| {
-                                row.try_get::<Option<String>, _>(i)
-                                    .map(|v| format!("{v:?}"))
-                            })
-                            .or_else(|_| {
-                                row.try_get::<Option<bool>, _>(i).map(|v| format!("{v:?}"))
-                            })
-                            .or_else(|_| {
-                                row.try_get::<Option<Vec<u8>>, _>(i)
-                                    .map(|v| format!("{v:?}"))
-                            })
-                            .unwrap_or_else(|e| panic!("{table}.{name}: {e}"));
-                        format!("{name}={value}")
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .collect();
-        texts.sort();
-        tables.insert(table, texts);
-    }
-    tables
+async fn digest(store: &ReadStore) -> BTreeMap<&'static str, String> {
+    store.digests().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
