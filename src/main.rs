@@ -178,6 +178,9 @@ struct ServeArgs {
     /// URL, or a directory for SQLite files [default: <data dir>/read-models].
     #[arg(long, env = "LOOM_READ_MODELS", value_name = "URL_OR_DIR")]
     read_models: Option<String>,
+
+    #[command(flatten)]
+    projection: ProjectionArgs,
 }
 
 #[derive(Args)]
@@ -206,6 +209,11 @@ struct ProjectionArgs {
     /// How long sealed request/response bodies are kept in trace_bodies.
     #[arg(long, env = "LOOM_BODY_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
     body_retention: std::time::Duration,
+
+    /// How long traces and their upstream calls are kept (Postgres drops whole months past it)
+    /// [default: for ever].
+    #[arg(long, env = "LOOM_TRACE_RETENTION", value_parser = humantime::parse_duration)]
+    trace_retention: Option<std::time::Duration>,
 }
 
 impl ProjectionArgs {
@@ -214,6 +222,7 @@ impl ProjectionArgs {
             group: self.group.clone(),
             batch: self.batch.max(1),
             body_retention: self.body_retention,
+            trace_retention: self.trace_retention,
         }
     }
 }
@@ -347,6 +356,7 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
     let config = ServeConfig {
         gateway,
         read_models,
+        projector: args.projection.config(),
         node: NodeConfig {
             data_dir: args.data.data_dir,
             log: args.kafka.location(),

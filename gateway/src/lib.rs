@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     /// Run the read-model projector in this process, into these read models.
     pub read_models: Option<StoreLocation>,
+    /// How the in-process projector runs.
+    pub projector: ProjectorConfig,
 }
 
 /// Opens the node described by `config` and serves HTTP on `listener` until `shutdown` is
@@ -63,9 +65,9 @@ pub async fn serve(
     tasks.spawn(node.clone().run_background(shutdown.clone()));
     if let Some(location) = config.read_models.clone() {
         let (log, shutdown) = (Arc::clone(&node.log), shutdown.clone());
+        let projector = config.projector.clone();
         tasks.spawn(async move {
-            let projected =
-                project_active(log, &location, ProjectorConfig::default(), shutdown).await;
+            let projected = project_active(log, &location, projector, shutdown).await;
             if let Err(error) = projected {
                 tracing::error!(%error, "the read-model projector stopped");
             }

@@ -80,7 +80,8 @@ CREATE TABLE quota_limits (
 );
 
 -- ---- traces -----------------------------------------------------------------------------------
--- One row per request, filled in by its events as they arrive.
+-- One row per request, filled in by its events as they arrive. started_at is the request's
+-- arrival (the first event's time if that one is missing).
 CREATE TABLE traces (
     tenant_id       TEXT NOT NULL,
     trace_id        TEXT NOT NULL,
@@ -106,9 +107,9 @@ CREATE TABLE traces (
     policy_action   TEXT,
     policy_findings BIGINT,
     attempts        BIGINT,
-    started_at      BIGINT,
+    started_at      BIGINT NOT NULL,
     completed_at    BIGINT,
-    PRIMARY KEY (tenant_id, trace_id)
+    PRIMARY KEY (tenant_id, trace_id, started_at)
 );
 CREATE INDEX traces_recent ON traces (tenant_id, started_at DESC);
 CREATE INDEX traces_model ON traces (tenant_id, model_served);
@@ -116,7 +117,7 @@ CREATE INDEX traces_trace ON traces (trace_id);
 
 -- One row per upstream attempt.
 CREATE TABLE llm_calls (
-    event_id        TEXT PRIMARY KEY,
+    event_id        TEXT    NOT NULL,
     tenant_id       TEXT    NOT NULL,
     trace_id        TEXT    NOT NULL,
     attempt         BIGINT  NOT NULL,
@@ -134,7 +135,8 @@ CREATE TABLE llm_calls (
     tokens_out      BIGINT,
     tokens_cached   BIGINT,
     cost_micro_usd  BIGINT,
-    usage_estimated INTEGER NOT NULL
+    usage_estimated INTEGER NOT NULL,
+    PRIMARY KEY (event_id, started_at)
 );
 CREATE INDEX llm_calls_trace ON llm_calls (tenant_id, trace_id);
 
@@ -157,7 +159,7 @@ CREATE TABLE trace_bodies (
     trace_id    TEXT   NOT NULL,
     occurred_at BIGINT NOT NULL,
     sealed      BLOB   NOT NULL,
-    PRIMARY KEY (event_id, field)
+    PRIMARY KEY (event_id, field, occurred_at)
 );
 CREATE INDEX trace_bodies_trace ON trace_bodies (tenant_id, trace_id);
 CREATE INDEX trace_bodies_age ON trace_bodies (occurred_at);

@@ -95,6 +95,9 @@ pub enum ControlChange {
 pub struct TracePatch {
     pub tenant_id: String,
     pub trace_id: String,
+    /// When the first of these events happened: the trace's start if its `request.received`
+    /// is nowhere to be found (see `write::resolve_starts`).
+    pub first_at: i64,
     pub project_id: Option<String>,
     pub user_id: Option<String>,
     pub api_key_id: Option<String>,
@@ -301,6 +304,7 @@ impl Changes {
         let mut patch = TracePatch {
             tenant_id: tenant_id.clone(),
             trace_id: trace_id.clone(),
+            first_at: at,
             ..TracePatch::default()
         };
         let mut body = |field: &'static str, sealed: Option<Sealed>| {

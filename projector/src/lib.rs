@@ -7,6 +7,7 @@
 
 pub mod catalog;
 pub mod fold;
+pub mod partitions;
 pub mod replay;
 pub mod run;
 pub mod store;

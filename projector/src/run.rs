@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::fold::Changes;
+use crate::partitions;
 use crate::store::{ReadStore, StoreError, StoreLocation};
 use crate::write;
 
@@ -34,8 +35,10 @@ pub struct ProjectorConfig {
     pub group: String,
     /// Records folded per transaction at most.
     pub batch: usize,
-    /// Sealed bodies older than this are deleted from `trace_bodies`.
+    /// Sealed bodies older than this are removed from `trace_bodies`.
     pub body_retention: Duration,
+    /// Traces and their calls older than this are removed (kept for ever if unset).
+    pub trace_retention: Option<Duration>,
 }
 
 impl Default for ProjectorConfig {
@@ -44,6 +47,7 @@ impl Default for ProjectorConfig {
             group: "loom-read-models".into(),
             batch: 1000,
             body_retention: Duration::from_secs(30 * 24 * 3600),
+            trace_retention: None,
         }
     }
 }
@@ -78,7 +82,7 @@ impl Projector {
                 result
             }
         };
-        let retention = expire_bodies(self.store.clone(), self.config.body_retention, stop.clone());
+        let retention = expire(self.store.clone(), self.config.clone(), stop.clone());
         let (data, control, ()) =
             tokio::join!(member(Topic::Data), member(Topic::Control), retention);
         data.and(control)
@@ -248,28 +252,22 @@ pub async fn fold_batch(
     topic: Topic,
     entries: &[Entry],
 ) -> Result<(), sqlx::Error> {
-    let changes = Changes::fold(registry, topic, entries);
+    let mut changes = Changes::fold(registry, topic, entries);
     let mut conn = store.pool().acquire().await?;
+    write::resolve_starts(&mut conn, &mut changes).await?;
+    partitions::ensure(store, &changes).await?;
     let mut tx = conn.begin().await?;
     write::apply(&mut tx, changes).await?;
     tx.commit().await
 }
 
-/// Deletes sealed bodies past their retention, hourly.
-async fn expire_bodies(store: ReadStore, retention: Duration, shutdown: CancellationToken) {
-    let retention_us = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+/// Removes what is past retention, hourly.
+async fn expire(store: ReadStore, config: ProjectorConfig, shutdown: CancellationToken) {
     loop {
-        let cutoff = loom_schemas::event::now_micros().saturating_sub(retention_us);
-        match sqlx::query("DELETE FROM trace_bodies WHERE occurred_at < $1")
-            .bind(cutoff)
-            .execute(store.pool())
-            .await
-        {
-            Ok(done) if done.rows_affected() > 0 => {
-                tracing::info!(bodies = done.rows_affected(), "expired sealed bodies");
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "expiring sealed bodies failed"),
+        match partitions::expire(&store, config.body_retention, config.trace_retention).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "removed read-model data past retention"),
+            Err(error) => tracing::warn!(%error, "applying retention failed"),
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -6,9 +6,10 @@
 //! the old one serves: a Postgres schema `loom_read_v<N>` (chosen through `search_path`), or a
 //! SQLite file `v<N>.sqlite` in the read-models directory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -63,6 +64,8 @@ pub struct ReadStore {
     pool: AnyPool,
     backend: Backend,
     version: u32,
+    /// Partitions known to exist (Postgres), so that each is created once per process.
+    partitions: Arc<Mutex<HashSet<String>>>,
 }
 
 impl ReadStore {
@@ -83,7 +86,26 @@ impl ReadStore {
             pool,
             backend,
             version,
+            partitions: Arc::default(),
         })
+    }
+
+    pub(crate) fn knows_partition(&self, name: &str) -> bool {
+        self.partitions
+            .lock()
+            .is_ok_and(|known| known.contains(name))
+    }
+
+    pub(crate) fn remember_partition(&self, name: String) {
+        if let Ok(mut known) = self.partitions.lock() {
+            known.insert(name);
+        }
+    }
+
+    pub(crate) fn forget_partition(&self, name: &str) {
+        if let Ok(mut known) = self.partitions.lock() {
+            known.remove(name);
+        }
     }
 
     pub fn pool(&self) -> &AnyPool {

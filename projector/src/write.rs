@@ -116,8 +116,8 @@ async fn insert(
     Ok(())
 }
 
-const TRACE_KEY: [&str; 2] = ["tenant_id", "trace_id"];
-const TRACE_COLUMNS: [&str; 24] = [
+const TRACE_KEY: [&str; 3] = ["tenant_id", "trace_id", "started_at"];
+const TRACE_COLUMNS: [&str; 23] = [
     "project_id",
     "user_id",
     "api_key_id",
@@ -140,7 +140,6 @@ const TRACE_COLUMNS: [&str; 24] = [
     "policy_action",
     "policy_findings",
     "attempts",
-    "started_at",
     "completed_at",
 ];
 
@@ -161,6 +160,42 @@ pub const LATENCY_BUCKETS: [(&str, i64); 12] = [
     ("latency_le_60s", 60_000_000),
 ];
 
+/// Gives every trace patch its start (part of the trace's key, and what Postgres partitions
+/// traces on): from its `request.received`, else from the row an earlier batch made, else the
+/// time of the trace's first event here. Run before [`apply`].
+pub async fn resolve_starts(
+    conn: &mut AnyConnection,
+    changes: &mut Changes,
+) -> Result<(), sqlx::Error> {
+    let missing: Vec<usize> = (0..changes.traces.len())
+        .filter(|&i| changes.traces[i].started_at.is_none())
+        .collect();
+    for chunk in missing.chunks(MAX_PARAMS / 2) {
+        let sql = format!(
+            "SELECT tenant_id, trace_id, started_at FROM traces WHERE (tenant_id, trace_id) IN (VALUES {})",
+            placeholders(chunk.len(), 2, 1)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for &i in chunk {
+            let trace = &changes.traces[i];
+            query = query
+                .bind(trace.tenant_id.clone())
+                .bind(trace.trace_id.clone());
+        }
+        let mut known = std::collections::HashMap::new();
+        for row in query.fetch_all(&mut *conn).await? {
+            let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
+            known.insert(key, row.try_get::<i64, _>(2)?);
+        }
+        for &i in chunk {
+            let trace = &mut changes.traces[i];
+            let key = (trace.tenant_id.clone(), trace.trace_id.clone());
+            trace.started_at = Some(known.get(&key).copied().unwrap_or(trace.first_at));
+        }
+    }
+    Ok(())
+}
+
 /// Applies `changes` on `conn`, inside the caller's transaction.
 pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sqlx::Error> {
     for change in changes.control {
@@ -174,7 +209,7 @@ pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sql
             .map(|c| format!("{c} = COALESCE(excluded.{c}, traces.{c})"))
             .collect();
         let tail = format!(
-            "ON CONFLICT (tenant_id, trace_id) DO UPDATE SET {}",
+            "ON CONFLICT (tenant_id, trace_id, started_at) DO UPDATE SET {}",
             merge.join(", ")
         );
         let rows = changes
@@ -184,6 +219,7 @@ pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sql
                 row![
                     t.tenant_id,
                     t.trace_id,
+                    t.started_at.unwrap_or(t.first_at),
                     t.project_id,
                     t.user_id,
                     t.api_key_id,
@@ -206,7 +242,6 @@ pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sql
                     t.policy_action,
                     t.policy_findings,
                     t.attempts,
-                    t.started_at,
                     t.completed_at,
                 ]
             })

@@ -8,12 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use loom_projector::partitions::{self, Month};
 use loom_projector::{
     Projector, ProjectorConfig, ReadStore, StoreLocation, fold_batch, stored_positions,
 };
 use loom_schemas::codec::Registry;
 use loom_schemas::crypto::{DataKey, KeyBytes};
-use loom_schemas::event::{Envelope, Event, Plane, RequestCompleted, RequestStatus};
+use loom_schemas::event::{Envelope, Event, Plane, RequestCompleted, RequestStatus, now_micros};
 use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Record, Topic};
 use loom_schemas::samples;
 use loom_schemas::testing::TestDatabase;
@@ -404,6 +405,63 @@ async fn a_projection_stopped_part_way_resumes_to_the_state_of_a_clean_run() {
         assert_eq!(digest(&resumed).await, digest(&clean).await);
         clean.close().await;
         resumed.close().await;
+        backend.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_whole_months_on_postgres_and_old_rows_on_sqlite() {
+    // Two hours of traffic around the start of this month.
+    let this_month = Month::of(now_micros()).start_micros();
+    let keys = keys(2);
+    let events = samples::history(&keys, 1000, this_month - 3_600_000_000, 13).unwrap();
+    let recent = |event_type: &str| {
+        events
+            .iter()
+            .filter(|e| e.payload.event_type() == event_type)
+            .filter(|e| e.envelope.occurred_at >= this_month)
+            .count() as i64
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = embedded_log(dir.path()).await;
+    append(log.as_ref(), &events).await;
+
+    for backend in Backend::all().await {
+        let store = backend.open(1).await;
+        project(&log, &store, 500).await;
+        if store.backend() == loom_projector::Backend::Postgres {
+            let partitions = scalar(
+                &store,
+                "SELECT count(*) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent \
+                 WHERE p.relname IN ('traces', 'llm_calls', 'trace_bodies')",
+            )
+            .await;
+            assert_eq!(partitions, 6, "a partition per table and month");
+        }
+        let total = scalar(&store, "SELECT count(*) FROM traces").await;
+        assert_eq!(total, 1000);
+
+        // Everything from before this month goes; this month's rows stay.
+        let age = Duration::from_micros((now_micros() - this_month) as u64);
+        let removed = partitions::expire(&store, age, Some(age)).await.unwrap();
+        assert!(removed > 0);
+        assert_eq!(
+            scalar(&store, "SELECT count(*) FROM traces").await,
+            recent("request.received")
+        );
+        assert_eq!(
+            scalar(&store, "SELECT count(*) FROM llm_calls").await,
+            recent("llm_call.completed")
+        );
+        assert_eq!(
+            scalar(
+                &store,
+                &format!("SELECT count(*) FROM trace_bodies WHERE occurred_at < {this_month}")
+            )
+            .await,
+            0
+        );
+        store.close().await;
         backend.cleanup().await;
     }
 }
