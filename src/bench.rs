@@ -40,6 +40,9 @@ enum BenchKind {
     Gateway(crate::bench_gateway::GatewayBenchArgs),
     /// The log on a Kafka-protocol broker: producer throughput and append-to-read latency.
     Kafka(crate::bench_kafka::KafkaBenchArgs),
+    /// Folding the log into the read models (SQLite, Postgres) and replaying it, against reading
+    /// and folding with no store.
+    Projector(crate::bench_projector::ProjectorBenchArgs),
     /// Embedded log append and read throughput, against plain file writes and reads.
     Log {
         /// Where to write (a temporary directory inside it is removed afterwards).
@@ -71,15 +74,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         } => log(&dir, body_bytes, Duration::from_secs_f64(seconds)).await,
         BenchKind::Gateway(args) => crate::bench_gateway::run(args).await,
         BenchKind::Kafka(args) => crate::bench_kafka::run(args).await,
+        BenchKind::Projector(args) => crate::bench_projector::run(args).await,
     }
 }
 
-fn out(line: std::fmt::Arguments<'_>) {
+/// Prints a line of figures on stdout (the benches' output).
+pub(crate) fn out(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 macro_rules! say {
-    ($($arg:tt)*) => { out(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::bench::out(format_args!($($arg)*)) };
+}
+pub(crate) use say;
+
+/// The `p` quantile (0–1) of sorted values; NaN for none.
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Per-event times of many rounds, and the totals.

@@ -4,7 +4,8 @@
 //! Three processes share the machine: the mock (`loom-mock`), the gateway (`loom serve`, this
 //! binary) and oha. Each case runs twice, direct to the mock and through Loom, at the same rate.
 
-use std::io::{BufRead, BufReader, Write};
+use crate::bench::say;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -26,14 +27,6 @@ pub struct GatewayBenchArgs {
     /// The oha binary (`cargo install oha`; ./infra/bench.sh installs it).
     #[arg(long, env = "LOOM_OHA", default_value = "oha")]
     oha: PathBuf,
-}
-
-fn out(line: std::fmt::Arguments<'_>) {
-    let _ = writeln!(std::io::stdout().lock(), "{line}");
-}
-
-macro_rules! say {
-    ($($arg:tt)*) => { out(format_args!($($arg)*)) };
 }
 
 /// A child process killed on drop.

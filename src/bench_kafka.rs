@@ -2,7 +2,7 @@
 //! batch sizes, against the embedded log in the same run; the spool's write and drain rates; and
 //! the latency from an append to the record being readable by a tailing reader.
 
-use std::io::Write;
+use crate::bench::{percentile, say};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,21 +31,6 @@ pub struct KafkaBenchArgs {
     /// Records written to the spool and then drained to the broker.
     #[arg(long, default_value_t = 50_000)]
     spool_records: usize,
-}
-
-fn out(line: std::fmt::Arguments<'_>) {
-    let _ = writeln!(std::io::stdout().lock(), "{line}");
-}
-
-macro_rules! say {
-    ($($arg:tt)*) => { out(format_args!($($arg)*)) };
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Appends batches of `batch` records for `seconds`; events/s, MB/s and per-batch latencies.

@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod bench_gateway;
 mod bench_kafka;
+mod bench_projector;
 mod verify;
 
 use std::io::Write;
@@ -36,7 +37,7 @@ struct Cli {
     log_format: LogFormat,
 
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `loom_gateway=debug`).
-    #[arg(long = "log", global = true, env = "LOOM_LOG", default_value = "info")]
+    #[arg(long = "log", global = true, env = "LOOM_LOG", default_value = "info,sqlx=warn")]
     log_filter: String,
 
     #[command(subcommand)]
