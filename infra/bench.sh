@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs Loom's benchmarks in release mode: ./infra/bench.sh [codec|log|gateway|kafka] [args…]
-# With no argument: codec, log and gateway (kafka needs a broker: ./infra/test.sh starts one). Installs the load generator (oha) once into $LOOM_CACHE_DIR.
+# Runs Loom's benchmarks in release mode: ./infra/bench.sh [codec|log|gateway|kafka|projector] [args…]
+# With no argument: codec, log and gateway (kafka needs a broker, projector a Postgres:
+# ./infra/test.sh starts both). Installs the load generator (oha) once into $LOOM_CACHE_DIR.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${LOOM_CACHE_DIR:-$HOME/.cache/loom}"

@@ -37,7 +37,12 @@ struct Cli {
     log_format: LogFormat,
 
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `loom_gateway=debug`).
-    #[arg(long = "log", global = true, env = "LOOM_LOG", default_value = "info,sqlx=warn")]
+    #[arg(
+        long = "log",
+        global = true,
+        env = "LOOM_LOG",
+        default_value = "info,sqlx=warn"
+    )]
     log_filter: String,
 
     #[command(subcommand)]
@@ -112,6 +117,9 @@ pub struct KafkaArgs {
     /// get 503 (nothing goes unrecorded).
     #[arg(long, env = "LOOM_SPOOL_MAX_RECORDS", default_value_t = 1_000_000)]
     spool_max_records: u64,
+    /// Create Loom's topics on start when they are missing (`false`: `loom migrate` must have).
+    #[arg(long, env = "LOOM_KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    kafka_create_topics: bool,
     /// Another librdkafka property as KEY=VALUE (repeatable; comma-separated in the env var).
     #[arg(long = "kafka-property", env = "LOOM_KAFKA_PROPERTIES", value_delimiter = ',', value_parser = parse_property)]
     kafka_properties: Vec<(String, String)>,
@@ -134,6 +142,7 @@ impl KafkaArgs {
         config.data_partitions = self.kafka_data_partitions;
         config.replication = self.kafka_replication;
         config.compression = self.kafka_compression.clone();
+        config.create_topics = self.kafka_create_topics;
         config.properties = self.kafka_properties.iter().cloned().collect();
         LogLocation::Kafka {
             kafka: config,
@@ -215,6 +224,10 @@ struct ProjectionArgs {
     /// [default: for ever].
     #[arg(long, env = "LOOM_TRACE_RETENTION", value_parser = humantime::parse_duration)]
     trace_retention: Option<std::time::Duration>,
+
+    /// Create and migrate the read models on start (`false`: `loom migrate` must have done it).
+    #[arg(long, env = "LOOM_MIGRATE_READ_MODELS", default_value_t = true, action = clap::ArgAction::Set)]
+    migrate_read_models: bool,
 }
 
 impl ProjectionArgs {
@@ -224,6 +237,7 @@ impl ProjectionArgs {
             batch: self.batch.max(1),
             body_retention: self.body_retention,
             trace_retention: self.trace_retention,
+            migrate: self.migrate_read_models,
         }
     }
 }
@@ -257,9 +271,13 @@ struct VerifyArgs {
 
 #[derive(Args)]
 struct MigrateArgs {
-    /// Postgres to migrate.
+    /// Postgres to migrate: the key store's tables and the active read models.
     #[arg(long, env = "LOOM_DATABASE_URL", value_name = "POSTGRES_URL")]
-    database_url: String,
+    database_url: Option<String>,
+
+    /// With --kafka-brokers: create Loom's topics.
+    #[command(flatten)]
+    kafka: KafkaArgs,
 }
 
 fn main() -> ExitCode {
@@ -306,9 +324,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(args, true).await.map(|()| ExitCode::SUCCESS),
         Command::Verify(args) => verify::run(&args.data.data_dir).await,
-        Command::Migrate(args) => migrate(&args.database_url)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        Command::Migrate(args) => migrate(args).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Gateway(args) => {
             if args.kafka.kafka_brokers.is_none() {
@@ -473,7 +489,25 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-async fn migrate(url: &str) -> anyhow::Result<()> {
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    if args.database_url.is_none() && args.kafka.kafka_brokers.is_none() {
+        anyhow::bail!("nothing to migrate: give --database-url, --kafka-brokers or both");
+    }
+    if let LogLocation::Kafka { mut kafka, .. } = args.kafka.location() {
+        kafka.create_topics = true;
+        let log = KafkaLog::connect(kafka).await?;
+        tracing::info!(
+            data_partitions = log.partitions(loom_schemas::log::Topic::Data),
+            "Kafka topics are ready"
+        );
+    }
+    if let Some(url) = &args.database_url {
+        migrate_postgres(url).await?;
+    }
+    Ok(())
+}
+
+async fn migrate_postgres(url: &str) -> anyhow::Result<()> {
     use sqlx::Connection;
     let mut connection = sqlx::PgConnection::connect(url)
         .await

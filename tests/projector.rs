@@ -270,8 +270,9 @@ async fn a_projector_killed_at_random_points_ends_where_a_clean_replay_does() {
     projector.kill().unwrap();
     projector.wait().unwrap();
 
-    // A clean replay into version 2: every table identical.
-    let replayed = loom(&[
+    // A clean replay into version 2 — itself killed part way once, then resumed — and every
+    // table is identical.
+    let replay_args = [
         "replay",
         "--kafka-brokers",
         &brokers(),
@@ -279,8 +280,41 @@ async fn a_projector_killed_at_random_points_ends_where_a_clean_replay_does() {
         &prefix,
         "--read-models",
         &db.url,
-    ]);
+    ];
+    let mut replay = Command::new(LOOM)
+        .args(replay_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    loop {
+        // The new version's positions (no table yet while the replay starts).
+        let at: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(next_offset), 0) AS BIGINT) FROM loom_read_v2.positions",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(0);
+        if at as u64 > total / 3 {
+            break;
+        }
+        assert!(
+            replay.try_wait().unwrap().is_none(),
+            "the replay ended early"
+        );
+        assert!(Instant::now() < deadline, "the replay made no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    replay.kill().unwrap(); // SIGKILL
+    replay.wait().unwrap();
+    let replayed = loom(&replay_args);
     assert!(replayed.status.success(), "{}", text(&replayed.stderr));
+    assert!(
+        text(&replayed.stdout).contains("readers now use version 2 (was 1)"),
+        "{}",
+        text(&replayed.stdout)
+    );
     let v2 = ReadStore::open(&StoreLocation::Postgres(db.url.clone()), 2)
         .await
         .unwrap();
@@ -288,7 +322,6 @@ async fn a_projector_killed_at_random_points_ends_where_a_clean_replay_does() {
     assert_eq!(count(&v2, "SELECT count(*) FROM traces").await, 2000);
     assert_eq!(count(&v2, "SELECT count(*) FROM dead_letters").await, 0);
     // Readers see version 2 through the loom_read views.
-    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     let active: i32 = sqlx::query_scalar("SELECT active_version FROM public.loom_read_models")
         .fetch_one(&pool)
         .await
@@ -302,5 +335,94 @@ async fn a_projector_killed_at_random_points_ends_where_a_clean_replay_does() {
     pool.close().await;
     v1.close().await;
     v2.close().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_migrations_off_on_start_loom_migrate_prepares_topics_and_read_models() {
+    let db = TestDatabase::create().await;
+    let prefix = format!("loom-migrate-{}.", Uuid::now_v7().simple());
+    let brokers = brokers();
+    let kafka = [
+        "--kafka-brokers",
+        brokers.as_str(),
+        "--kafka-topic-prefix",
+        prefix.as_str(),
+    ];
+    let projector_args = [
+        &["projector"][..],
+        &kafka,
+        &[
+            "--kafka-create-topics",
+            "false",
+            "--migrate-read-models",
+            "false",
+            "--read-models",
+            &db.url,
+        ],
+    ]
+    .concat();
+
+    // Not migrated: the projector refuses to start, and says what to do.
+    let refused = loom(&projector_args);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("loom migrate"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    // Topics first: then it is the read models that are missing.
+    let migrated = loom(&[&["migrate"][..], &kafka].concat());
+    assert!(migrated.status.success(), "{}", text(&migrated.stderr));
+    let refused = loom(&projector_args);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("read models version 1 are not migrated"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let migrated = loom(&["migrate", "--database-url", &db.url]);
+    assert!(migrated.status.success(), "{}", text(&migrated.stderr));
+
+    // The topics exist now (no creation allowed here), and the projector folds into the tables.
+    let mut config = KafkaLogConfig::new(&brokers);
+    config.topic_prefix = prefix.clone();
+    config.create_topics = false;
+    let log = KafkaLog::connect(config).await.unwrap();
+    let events = samples::history(&keys(1), 1, 1_793_491_200_000_000, 1).unwrap();
+    let registry = Registry::builtin().unwrap();
+    let control: Vec<_> = events
+        .iter()
+        .filter(|e| e.payload.plane() == Plane::Control)
+        .map(|e| registry.encode_record(e).unwrap())
+        .collect();
+    log.append(Topic::Control, control).await.unwrap();
+    let mut projector = Command::new(LOOM)
+        .args(&projector_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let tenants: i64 = sqlx::query_scalar("SELECT count(*) FROM loom_read_v1.tenants")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if tenants == 1 {
+            break;
+        }
+        assert!(
+            projector.try_wait().unwrap().is_none(),
+            "the projector stopped"
+        );
+        assert!(Instant::now() < deadline, "nothing was projected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    projector.kill().unwrap();
+    projector.wait().unwrap();
+    pool.close().await;
     db.drop().await;
 }

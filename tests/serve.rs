@@ -159,6 +159,9 @@ async fn migrate_applies_the_postgres_migrations() {
     ]);
     assert!(!output.status.success());
     assert!(text(&output.stderr).contains("connecting to Postgres"));
+    let nothing = loom(&["migrate"]);
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(text(&nothing.stderr).contains("nothing to migrate"));
 }
 
 async fn write_records(log_dir: &Path, count: u64) {

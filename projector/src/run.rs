@@ -39,6 +39,8 @@ pub struct ProjectorConfig {
     pub body_retention: Duration,
     /// Traces and their calls older than this are removed (kept for ever if unset).
     pub trace_retention: Option<Duration>,
+    /// Create and migrate the read models on start; otherwise `loom migrate` must have.
+    pub migrate: bool,
 }
 
 impl Default for ProjectorConfig {
@@ -48,6 +50,7 @@ impl Default for ProjectorConfig {
             batch: 1000,
             body_retention: Duration::from_secs(30 * 24 * 3600),
             trace_retention: None,
+            migrate: true,
         }
     }
 }
@@ -101,7 +104,11 @@ pub async fn project_active(
     let catalog = Arc::new(Catalog::open(location).await?);
     loop {
         let version = catalog.active().await?;
-        let store = ReadStore::open(location, version).await?;
+        let store = if config.migrate {
+            ReadStore::open(location, version).await?
+        } else {
+            ReadStore::open_migrated(location, version).await?
+        };
         if let Err(error) = catalog.publish(version).await {
             tracing::warn!(%error, version, "could not publish the loom_read views");
         }

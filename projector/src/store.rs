@@ -26,6 +26,11 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migrating the read models: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "read models version {version} are not migrated (and this process may not migrate \
+         them): run `loom migrate`"
+    )]
+    NotMigrated { version: u32 },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -71,6 +76,22 @@ pub struct ReadStore {
 impl ReadStore {
     /// Opens version `version` of the read models, creating and migrating it when needed.
     pub async fn open(location: &StoreLocation, version: u32) -> Result<ReadStore, StoreError> {
+        Self::connect(location, version, true).await
+    }
+
+    /// Opens version `version` of the read models, which `loom migrate` must have migrated.
+    pub async fn open_migrated(
+        location: &StoreLocation,
+        version: u32,
+    ) -> Result<ReadStore, StoreError> {
+        Self::connect(location, version, false).await
+    }
+
+    async fn connect(
+        location: &StoreLocation,
+        version: u32,
+        migrate: bool,
+    ) -> Result<ReadStore, StoreError> {
         sqlx::any::install_default_drivers();
         let (pool, backend) = match location {
             StoreLocation::Postgres(url) => {
@@ -78,9 +99,24 @@ impl ReadStore {
             }
             StoreLocation::Sqlite(dir) => (connect_sqlite(dir, version).await?, Backend::Sqlite),
         };
-        match backend {
-            Backend::Postgres => POSTGRES_MIGRATOR.run(&pool).await?,
-            Backend::Sqlite => SQLITE_MIGRATOR.run(&pool).await?,
+        let migrator = match backend {
+            Backend::Postgres => &POSTGRES_MIGRATOR,
+            Backend::Sqlite => &SQLITE_MIGRATOR,
+        };
+        if migrate {
+            migrator.run(&pool).await?;
+        } else {
+            let applied: Vec<i64> =
+                sqlx::query("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(&pool)
+                    .await
+                    .map_err(|_| StoreError::NotMigrated { version })?
+                    .iter()
+                    .map(|row| row.try_get::<i64, _>(0))
+                    .collect::<Result<_, _>>()?;
+            if migrator.iter().any(|m| !applied.contains(&m.version)) {
+                return Err(StoreError::NotMigrated { version });
+            }
         }
         Ok(ReadStore {
             pool,

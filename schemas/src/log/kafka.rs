@@ -153,11 +153,13 @@ impl KafkaLog {
         }
     }
 
-    /// Partitions of a topic, from the cluster's metadata (waiting for a new topic to appear).
+    /// Partitions of a topic, from the cluster's metadata (waiting for a topic created here to
+    /// appear).
     async fn partition_count(&self, topic: Topic) -> Result<u32, LogError> {
         let name = self.topic_name(topic).to_owned();
         let consumer = self.consumer()?;
         let timeout = self.config.timeout;
+        let wait = self.config.create_topics;
         tokio::task::spawn_blocking(move || {
             let deadline = std::time::Instant::now() + timeout;
             loop {
@@ -172,8 +174,12 @@ impl KafkaLog {
                 if partitions > 0 {
                     return Ok(u32::try_from(partitions).unwrap_or(u32::MAX));
                 }
-                if std::time::Instant::now() > deadline {
-                    return Err(LogError::Kafka(format!("topic {name} does not exist")));
+                // A topic just created takes a moment to show; one not created here will not.
+                if !wait || std::time::Instant::now() > deadline {
+                    return Err(LogError::Kafka(format!(
+                        "topic {name} does not exist (create the topics with `loom migrate \
+                         --kafka-brokers …`, or let Loom create them on start)"
+                    )));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
