@@ -71,8 +71,16 @@ macro_rules! row {
     ($($value:expr),* $(,)?) => { vec![$(Value::from($value)),*] };
 }
 
-/// Bound parameters per statement, well under both databases' limits.
-const MAX_PARAMS: usize = 30_000;
+/// Bound parameters per statement. Postgres takes many (fewer round trips); on SQLite, binding
+/// `$n` parameters looks each name up in a list, so the cost per parameter grows with their
+/// number: there smaller statements are faster.
+fn max_params(conn: &AnyConnection) -> usize {
+    if conn.backend_name() == "SQLite" {
+        500
+    } else {
+        4_000
+    }
+}
 
 /// `($1, $2), ($3, $4)…` for `rows` rows of `columns` values, numbered from `$first`.
 fn placeholders(rows: usize, columns: usize, first: usize) -> String {
@@ -98,7 +106,7 @@ async fn insert(
     tail: &str,
     rows: Vec<Vec<Value>>,
 ) -> Result<(), sqlx::Error> {
-    let per_statement = (MAX_PARAMS / columns.len()).max(1);
+    let per_statement = (max_params(conn) / columns.len()).max(1);
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
         let chunk: Vec<Vec<Value>> = rows.by_ref().take(per_statement).collect();
@@ -170,9 +178,12 @@ pub async fn resolve_starts(
     let missing: Vec<usize> = (0..changes.traces.len())
         .filter(|&i| changes.traces[i].started_at.is_none())
         .collect();
-    for chunk in missing.chunks(MAX_PARAMS / 2) {
+    for chunk in missing.chunks(max_params(conn) / 2) {
+        // A join with the keys (not a row-value IN, which SQLite answers with a full scan).
         let sql = format!(
-            "SELECT tenant_id, trace_id, started_at FROM traces WHERE (tenant_id, trace_id) IN (VALUES {})",
+            "WITH k (tenant_id, trace_id) AS (VALUES {}) \
+             SELECT t.tenant_id, t.trace_id, t.started_at FROM k \
+             JOIN traces t ON t.tenant_id = k.tenant_id AND t.trace_id = k.trace_id",
             placeholders(chunk.len(), 2, 1)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
@@ -430,7 +441,7 @@ async fn count_completions(
     completions: Vec<crate::fold::Completion>,
 ) -> Result<(), sqlx::Error> {
     let mut fresh: Vec<(String, String)> = Vec::new();
-    for chunk in completions.chunks(MAX_PARAMS) {
+    for chunk in completions.chunks(max_params(conn)) {
         let sql = format!(
             "INSERT INTO rollup_applied (event_id) VALUES {} ON CONFLICT DO NOTHING RETURNING event_id",
             placeholders(chunk.len(), 1, 1)
@@ -459,7 +470,7 @@ async fn count_completions(
         ("usage_hourly", 3_600_000_000_i64),
         ("usage_daily", 86_400_000_000),
     ] {
-        for chunk in fresh.chunks(MAX_PARAMS / 2) {
+        for chunk in fresh.chunks(max_params(conn) / 2) {
             let sql = rollup_sql(table, bucket_us, chunk.len());
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for (tenant, trace) in chunk {
@@ -503,12 +514,16 @@ fn rollup_sql(table: &str, bucket_us: i64, traces: usize) -> String {
         .iter()
         .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
         .collect();
+    // The keys are joined (an index lookup per trace on both databases); `WHERE true` keeps
+    // SQLite from reading the upsert's ON as the join's.
     format!(
-        "INSERT INTO {table} (tenant_id, project_id, user_id, model, bucket_start, {columns}) \
-         SELECT tenant_id, COALESCE(project_id, ''), COALESCE(user_id, ''), \
-                COALESCE(model_served, model_requested, ''), \
-                (COALESCE(started_at, completed_at) / {bucket_us}) * {bucket_us}, {expressions} \
-         FROM traces WHERE (tenant_id, trace_id) IN (VALUES {keys}) \
+        "WITH k (tenant_id, trace_id) AS (VALUES {keys}) \
+         INSERT INTO {table} (tenant_id, project_id, user_id, model, bucket_start, {columns}) \
+         SELECT t.tenant_id, COALESCE(t.project_id, ''), COALESCE(t.user_id, ''), \
+                COALESCE(t.model_served, t.model_requested, ''), \
+                (t.started_at / {bucket_us}) * {bucket_us}, {expressions} \
+         FROM k JOIN traces t ON t.tenant_id = k.tenant_id AND t.trace_id = k.trace_id \
+         WHERE true \
          GROUP BY 1, 2, 3, 4, 5 \
          ON CONFLICT (tenant_id, project_id, user_id, model, bucket_start) DO UPDATE SET {increments}",
         columns = columns.join(", "),
