@@ -208,9 +208,10 @@ struct ProjectorArgs {
 
 #[derive(Args)]
 struct ProjectionArgs {
-    /// Consumer group of the projector's members (a version suffix `-v<N>` is added).
-    #[arg(long, env = "LOOM_PROJECTOR_GROUP", default_value = "loom-read-models")]
-    group: String,
+    /// Consumer group of the projector's members, `-v<N>` added for version N
+    /// [default: <topic prefix>read-models, so deployments sharing a cluster stay apart].
+    #[arg(long, env = "LOOM_PROJECTOR_GROUP")]
+    group: Option<String>,
 
     /// Records folded per transaction at most.
     #[arg(long, env = "LOOM_PROJECTOR_BATCH", default_value_t = 1000)]
@@ -231,9 +232,12 @@ struct ProjectionArgs {
 }
 
 impl ProjectionArgs {
-    fn config(&self) -> loom_projector::ProjectorConfig {
+    fn config(&self, kafka: &KafkaArgs) -> loom_projector::ProjectorConfig {
         loom_projector::ProjectorConfig {
-            group: self.group.clone(),
+            group: self
+                .group
+                .clone()
+                .unwrap_or_else(|| format!("{}read-models", kafka.kafka_topic_prefix)),
             batch: self.batch.max(1),
             body_retention: self.body_retention,
             trace_retention: self.trace_retention,
@@ -373,7 +377,7 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
     let config = ServeConfig {
         gateway,
         read_models,
-        projector: args.projection.config(),
+        projector: args.projection.config(&args.kafka),
         node: NodeConfig {
             data_dir: args.data.data_dir,
             log: args.kafka.location(),
@@ -441,7 +445,13 @@ async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         on_signal.cancel();
     });
-    let projected = project_active(log, &location, args.projection.config(), shutdown).await;
+    let projected = project_active(
+        log,
+        &location,
+        args.projection.config(&args.kafka),
+        shutdown,
+    )
+    .await;
     signals.abort();
     Ok(projected?)
 }
@@ -450,8 +460,13 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let log = open_log(&args.kafka, &args.data).await?;
     let location = read_models(args.read_models.as_deref(), &args.data);
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let report =
-        loom_projector::replay(log, &location, args.projection_args.config(), progress).await?;
+    let report = loom_projector::replay(
+        log,
+        &location,
+        args.projection_args.config(&args.kafka),
+        progress,
+    )
+    .await?;
     let seconds = report.elapsed.as_secs_f64().max(1e-9);
     let _ = writeln!(
         std::io::stdout(),

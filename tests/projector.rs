@@ -255,7 +255,7 @@ async fn a_projector_killed_at_random_points_ends_where_a_clean_replay_does() {
     while folded(&v1).await < total {
         assert!(Instant::now() < deadline, "the projector did not finish");
         if kills < 4 && folded(&v1).await > (kills + 1) * total / 6 {
-            tokio::time::sleep(Duration::from_millis(rng.u64(0..300))).await;
+            tokio::time::sleep(Duration::from_millis(rng.u64(0..100))).await;
             projector.kill().unwrap(); // SIGKILL
             projector.wait().unwrap();
             kills += 1;
