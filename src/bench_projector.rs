@@ -11,7 +11,6 @@ use anyhow::Context;
 use loom_projector::fold::Changes;
 use loom_projector::{ProjectorConfig, ReadStore, StoreLocation, fold_batch};
 use loom_schemas::codec::Registry;
-use loom_schemas::crypto::{DataKey, KeyBytes};
 use loom_schemas::event::Plane;
 use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Entry, FsyncPolicy, Log, Topic};
 use loom_schemas::samples;
@@ -149,16 +148,7 @@ fn bench_config(batch: usize) -> ProjectorConfig {
 
 /// Writes a history of about `events` events; returns how many.
 async fn write_history(log: &dyn Log, events: usize) -> anyhow::Result<usize> {
-    let keys: Vec<DataKey> = (0..8)
-        .map(|_| {
-            Ok(DataKey {
-                tenant_id: Uuid::now_v7(),
-                key_id: Uuid::now_v7(),
-                version: 1,
-                key: KeyBytes::generate()?,
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let keys = samples::tenant_keys(8)?;
     let registry = Registry::builtin()?;
     // About 5.5 events per request.
     let requests = (events * 2 / 11).max(1);

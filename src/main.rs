@@ -394,13 +394,7 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    let signals = tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        on_signal.cancel();
-    });
+    let (shutdown, signals) = cancel_on_signal();
     let served = loom_gateway::serve(config, listener, shutdown).await;
     signals.abort();
     Ok(served?)
@@ -438,13 +432,7 @@ async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
     };
     let log: Arc<dyn Log> = Arc::new(KafkaLog::connect(kafka).await?);
     let location = StoreLocation::parse(&args.read_models);
-    let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    let signals = tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        on_signal.cancel();
-    });
+    let (shutdown, signals) = cancel_on_signal();
     let projected = project_active(
         log,
         &location,
@@ -487,6 +475,18 @@ pub fn master_key_from_env() -> Option<String> {
     std::env::var("LOOM_MASTER_KEY")
         .ok()
         .filter(|k| !k.is_empty())
+}
+
+/// A token cancelled on SIGINT or SIGTERM, and the task that waits for them (abort it when done).
+fn cancel_on_signal() -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        on_signal.cancel();
+    });
+    (shutdown, signals)
 }
 
 async fn wait_for_signal() {

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use loom_mock::{MockConfig, MockServer};
 use loom_projector::{ReadStore, StoreLocation, stored_positions};
 use loom_schemas::codec::Registry;
-use loom_schemas::crypto::{DataKey, KeyBytes};
 use loom_schemas::event::Plane;
 use loom_schemas::log::{KafkaLog, KafkaLogConfig, Log, Topic};
 use loom_schemas::samples;
@@ -169,15 +168,25 @@ async fn serve_projects_its_traffic_and_replay_switches_readers_to_a_rebuilt_ver
     assert!(server.stop().success());
 }
 
-fn keys(tenants: usize) -> Vec<DataKey> {
-    (0..tenants)
-        .map(|_| DataKey {
-            tenant_id: Uuid::now_v7(),
-            key_id: Uuid::now_v7(),
-            version: 1,
-            key: KeyBytes::generate().unwrap(),
-        })
-        .collect()
+fn keys(tenants: usize) -> Vec<loom_schemas::crypto::DataKey> {
+    samples::tenant_keys(tenants).unwrap()
+}
+
+/// Appends `events` to their topics, control plane first.
+async fn append(log: &dyn Log, events: &[loom_schemas::event::Event]) {
+    let registry = Registry::builtin().unwrap();
+    for plane in [Plane::Control, Plane::Data] {
+        let records: Vec<_> = events
+            .iter()
+            .filter(|e| e.payload.plane() == plane)
+            .map(|e| registry.encode_record(e).unwrap())
+            .collect();
+        for chunk in records.chunks(1000) {
+            log.append(Topic::for_plane(plane), chunk.to_vec())
+                .await
+                .unwrap();
+        }
+    }
 }
 
 /// `loom projector` on the test broker and Postgres.
@@ -229,19 +238,7 @@ async fn a_projector_killed_at_random_points_ends_where_a_clean_replay_does() {
 
     // A history of several tenants: retries, tool calls, streaming, failures, key revocations.
     let events = samples::history(&keys(4), 2000, 1_793_491_200_000_000, 42).unwrap();
-    let registry = Registry::builtin().unwrap();
-    for plane in [Plane::Control, Plane::Data] {
-        let records: Vec<_> = events
-            .iter()
-            .filter(|e| e.payload.plane() == plane)
-            .map(|e| registry.encode_record(e).unwrap())
-            .collect();
-        for chunk in records.chunks(1000) {
-            log.append(Topic::for_plane(plane), chunk.to_vec())
-                .await
-                .unwrap();
-        }
-    }
+    append(log.as_ref(), &events).await;
     let total = events.len() as u64;
 
     // The projector, killed without warning at random points, restarted each time.
@@ -391,13 +388,7 @@ async fn with_migrations_off_on_start_loom_migrate_prepares_topics_and_read_mode
     config.create_topics = false;
     let log = KafkaLog::connect(config).await.unwrap();
     let events = samples::history(&keys(1), 1, 1_793_491_200_000_000, 1).unwrap();
-    let registry = Registry::builtin().unwrap();
-    let control: Vec<_> = events
-        .iter()
-        .filter(|e| e.payload.plane() == Plane::Control)
-        .map(|e| registry.encode_record(e).unwrap())
-        .collect();
-    log.append(Topic::Control, control).await.unwrap();
+    append(&log, &events).await;
     let mut projector = Command::new(LOOM)
         .args(&projector_args)
         .stdout(Stdio::null())

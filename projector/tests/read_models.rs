@@ -13,14 +13,12 @@ use loom_projector::{
     Projector, ProjectorConfig, ReadStore, StoreLocation, fold_batch, stored_positions,
 };
 use loom_schemas::codec::Registry;
-use loom_schemas::crypto::{DataKey, KeyBytes};
 use loom_schemas::event::{Envelope, Event, Plane, RequestCompleted, RequestStatus, now_micros};
 use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Record, Topic};
 use loom_schemas::samples;
 use loom_schemas::testing::TestDatabase;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 /// 2026-11-01T00:00:00Z
 const START_US: i64 = 1_793_491_200_000_000;
@@ -66,17 +64,6 @@ impl Backend {
     }
 }
 
-fn keys(tenants: usize) -> Vec<DataKey> {
-    (0..tenants)
-        .map(|_| DataKey {
-            tenant_id: Uuid::now_v7(),
-            key_id: Uuid::now_v7(),
-            version: 1,
-            key: KeyBytes::generate().unwrap(),
-        })
-        .collect()
-}
-
 async fn append(log: &dyn Log, events: &[Event]) {
     let registry = Registry::builtin().unwrap();
     for plane in [Plane::Control, Plane::Data] {
@@ -89,6 +76,28 @@ async fn append(log: &dyn Log, events: &[Event]) {
             log.append(Topic::for_plane(plane), chunk.to_vec())
                 .await
                 .unwrap();
+        }
+    }
+}
+
+/// An embedded log holding a generated history of `requests` requests of `tenants` tenants.
+struct History {
+    events: Vec<Event>,
+    log: Arc<dyn Log>,
+    _dir: tempfile::TempDir,
+}
+
+impl History {
+    async fn new(tenants: usize, requests: usize, start_us: i64, seed: u64) -> History {
+        let keys = samples::tenant_keys(tenants).unwrap();
+        let events = samples::history(&keys, requests, start_us, seed).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = embedded_log(dir.path()).await;
+        append(log.as_ref(), &events).await;
+        History {
+            events,
+            log,
+            _dir: dir,
         }
     }
 }
@@ -156,17 +165,13 @@ async fn digest(store: &ReadStore) -> BTreeMap<&'static str, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_history_folds_into_every_read_model() {
-    let keys = keys(3);
-    let events = samples::history(&keys, 600, START_US, 7).unwrap();
+    let History { events, log, _dir } = History::new(3, 600, START_US, 7).await;
     let count = |event_type: &str| {
         events
             .iter()
             .filter(|e| e.payload.event_type() == event_type)
             .count() as i64
     };
-    let dir = tempfile::tempdir().unwrap();
-    let log = embedded_log(dir.path()).await;
-    append(log.as_ref(), &events).await;
 
     for backend in Backend::all().await {
         let store = backend.open(1).await;
@@ -270,11 +275,7 @@ async fn a_history_folds_into_every_read_model() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn folding_the_same_records_again_changes_nothing() {
-    let keys = keys(2);
-    let events = samples::history(&keys, 200, START_US, 11).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let log = embedded_log(dir.path()).await;
-    append(log.as_ref(), &events).await;
+    let History { log, _dir, .. } = History::new(2, 200, START_US, 11).await;
     let registry = Registry::builtin().unwrap();
 
     for backend in Backend::all().await {
@@ -298,7 +299,7 @@ async fn folding_the_same_records_again_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_that_cannot_be_folded_are_dead_lettered_and_passed() {
-    let keys = keys(1);
+    let keys = samples::tenant_keys(1).unwrap();
     let events = samples::history(&keys, 20, START_US, 3).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let log = embedded_log(dir.path()).await;
@@ -364,11 +365,7 @@ async fn records_that_cannot_be_folded_are_dead_lettered_and_passed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projection_stopped_part_way_resumes_to_the_state_of_a_clean_run() {
-    let keys = keys(2);
-    let events = samples::history(&keys, 400, START_US, 5).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let log = embedded_log(dir.path()).await;
-    append(log.as_ref(), &events).await;
+    let History { log, _dir, .. } = History::new(2, 400, START_US, 5).await;
 
     for backend in Backend::all().await {
         let clean = backend.open(1).await;
@@ -413,8 +410,7 @@ async fn a_projection_stopped_part_way_resumes_to_the_state_of_a_clean_run() {
 async fn retention_drops_whole_months_on_postgres_and_old_rows_on_sqlite() {
     // Two hours of traffic around the start of this month.
     let this_month = Month::of(now_micros()).start_micros();
-    let keys = keys(2);
-    let events = samples::history(&keys, 1000, this_month - 3_600_000_000, 13).unwrap();
+    let History { events, log, _dir } = History::new(2, 1000, this_month - 3_600_000_000, 13).await;
     let recent = |event_type: &str| {
         events
             .iter()
@@ -422,9 +418,6 @@ async fn retention_drops_whole_months_on_postgres_and_old_rows_on_sqlite() {
             .filter(|e| e.envelope.occurred_at >= this_month)
             .count() as i64
     };
-    let dir = tempfile::tempdir().unwrap();
-    let log = embedded_log(dir.path()).await;
-    append(log.as_ref(), &events).await;
 
     for backend in Backend::all().await {
         let store = backend.open(1).await;

@@ -277,6 +277,20 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
     ])
 }
 
+/// Fresh data keys (version 1) for `tenants` new tenants, for [`history`].
+pub fn tenant_keys(tenants: usize) -> Result<Vec<DataKey>, CryptoError> {
+    (0..tenants)
+        .map(|_| {
+            Ok(DataKey {
+                tenant_id: Uuid::now_v7(),
+                key_id: Uuid::now_v7(),
+                version: 1,
+                key: KeyBytes::generate()?,
+            })
+        })
+        .collect()
+}
+
 /// A realistic history: `tenants` tenants (each with a project and two keys, one of them revoked
 /// half-way) and `requests` requests among them, with policy findings, retries after upstream
 /// errors, tool calls, streaming, quota denials and failures. Events come in log order, one hour
