@@ -67,9 +67,20 @@ pub async fn serve(
         let (log, shutdown) = (Arc::clone(&node.log), shutdown.clone());
         let projector = config.projector.clone();
         tasks.spawn(async move {
-            let projected = project_active(log, &location, projector, shutdown).await;
-            if let Err(error) = projected {
-                tracing::error!(%error, "the read-model projector stopped");
+            // The log keeps every event: a projector that fails starts again from its positions.
+            while let Err(error) = project_active(
+                Arc::clone(&log),
+                &location,
+                projector.clone(),
+                shutdown.clone(),
+            )
+            .await
+            {
+                tracing::error!(%error, "the read-model projector stopped; restarting it in 5 s");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
             }
         });
     }
