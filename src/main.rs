@@ -202,6 +202,10 @@ struct ProjectorArgs {
     #[arg(long, env = "LOOM_READ_MODELS", value_name = "URL_OR_DIR")]
     read_models: String,
 
+    /// Serve /health and /metrics on this address (e.g. 127.0.0.1:9091).
+    #[arg(long, env = "LOOM_LISTEN")]
+    listen: Option<SocketAddr>,
+
     #[command(flatten)]
     projection: ProjectionArgs,
 }
@@ -433,6 +437,21 @@ async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
     let log: Arc<dyn Log> = Arc::new(KafkaLog::connect(kafka).await?);
     let location = StoreLocation::parse(&args.read_models);
     let (shutdown, signals) = cancel_on_signal();
+    if let Some(addr) = args.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, loom_gateway::metrics_router())
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "serving metrics failed");
+            }
+        });
+    }
     let projected = project_active(
         log,
         &location,

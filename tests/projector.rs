@@ -346,6 +346,7 @@ async fn with_migrations_off_on_start_loom_migrate_prepares_topics_and_read_mode
         "--kafka-topic-prefix",
         prefix.as_str(),
     ];
+    let listen = format!("127.0.0.1:{}", loom_schemas::testing::free_port());
     let projector_args = [
         &["projector"][..],
         &kafka,
@@ -356,6 +357,8 @@ async fn with_migrations_off_on_start_loom_migrate_prepares_topics_and_read_mode
             "false",
             "--read-models",
             &db.url,
+            "--listen",
+            &listen,
         ],
     ]
     .concat();
@@ -410,6 +413,24 @@ async fn with_migrations_off_on_start_loom_migrate_prepares_topics_and_read_mode
             "the projector stopped"
         );
         assert!(Instant::now() < deadline, "nothing was projected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its metrics show what it folded and where it stands.
+    let wanted = [
+        "loom_projector_records_total{topic=\"control\"}",
+        "loom_projector_position{topic=\"control\",partition=\"0\"}",
+    ];
+    loop {
+        let metrics = reqwest::get(format!("http://{listen}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if wanted.iter().all(|w| metrics.contains(w)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     projector.kill().unwrap();

@@ -18,7 +18,7 @@ mod tokens;
 
 pub use admin::{AdminError, CreatedKey, CreatedTenant, KeyRequest, KeyView, TenantView};
 pub use control::{ApiKeyInfo, Control, ControlState, TenantInfo};
-pub use http::{ApiError, AppState, install_metrics, router};
+pub use http::{ApiError, AppState, install_metrics, metrics_router, router};
 pub use node::{KeyStoreLocation, LogLocation, Node, NodeConfig, NodeError};
 
 use std::net::SocketAddr;

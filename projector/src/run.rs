@@ -206,6 +206,14 @@ async fn follow(
                         offset: e.position.offset + 1,
                     })
                     .collect();
+                for position in &next {
+                    metrics::gauge!(
+                        "loom_projector_position",
+                        "topic" => topic.name(),
+                        "partition" => position.partition.to_string()
+                    )
+                    .set(position.offset as f64);
+                }
                 if let Err(error) = reader.commit(&next).await {
                     tracing::debug!(%error, "recording the group's advisory offsets failed");
                 }

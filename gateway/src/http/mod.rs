@@ -143,6 +143,29 @@ pub fn install_metrics() {
     let _ = prometheus();
 }
 
+/// `/health` and `/metrics` alone, for processes without the gateway (`loom projector`).
+pub fn metrics_router() -> Router {
+    install_metrics();
+    Router::new()
+        .route(
+            "/health",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                match prometheus() {
+                    Some(handle) => (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        handle.render(),
+                    )
+                        .into_response(),
+                    None => ApiError::internal("metrics are unavailable").into_response(),
+                }
+            }),
+        )
+}
+
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let handle = prometheus().ok_or_else(|| ApiError::internal("metrics are unavailable"))?;
     if let Ok(ends) = state.node.log_ends().await {
