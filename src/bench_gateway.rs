@@ -24,6 +24,10 @@ pub struct GatewayBenchArgs {
     /// Concurrent connections oha keeps open.
     #[arg(long, default_value_t = 64)]
     connections: u32,
+    /// Passed to `loom serve --read-models`: `off` measures the gateway without its in-process
+    /// projector [default: serve's, SQLite in the data directory].
+    #[arg(long)]
+    read_models: Option<String>,
     /// The oha binary (`cargo install oha`; ./infra/bench.sh installs it).
     #[arg(long, env = "LOOM_OHA", default_value = "oha")]
     oha: PathBuf,
@@ -241,6 +245,9 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
     .arg(&config)
     .env("LOOM_ADMIN_TOKEN", token)
     .env_remove("LOOM_MASTER_KEY");
+    if let Some(read_models) = &args.read_models {
+        loom.args(["--read-models", read_models]);
+    }
     let (gateway, loom_addr) = spawn_listening(loom)?;
     let pid = gateway.0.id();
     let client = reqwest::Client::new();
@@ -258,7 +265,12 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
         args.oha.display()
     );
     say!(
-        "Loom records every request's events on its embedded log (fsync 200ms) with sealed bodies; 2 cores shared by oha, the mock and Loom."
+        "Loom records every request's events on its embedded log (fsync 200ms) with sealed bodies; read models: {}; 2 cores shared by oha, the mock and Loom.",
+        match args.read_models.as_deref() {
+            Some("off") => "off (the gateway alone)".to_owned(),
+            Some(other) => format!("projected in-process into {other}"),
+            None => "projected in-process into SQLite".to_owned(),
+        }
     );
     say!(
         "{:<16} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>12}",

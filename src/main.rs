@@ -185,7 +185,7 @@ struct ServeArgs {
     admin_token: Option<String>,
 
     /// Read models the in-process projector folds the log into (`loom serve` only): a Postgres
-    /// URL, or a directory for SQLite files [default: <data dir>/read-models].
+    /// URL, a directory for SQLite files, or `off` [default: <data dir>/read-models].
     #[arg(long, env = "LOOM_READ_MODELS", value_name = "URL_OR_DIR")]
     read_models: Option<String>,
 
@@ -377,7 +377,11 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
         Some(path) => GatewayConfig::load(path, |name| std::env::var(name).ok())?,
         None => GatewayConfig::default(),
     };
-    let read_models = all_in_one.then(|| read_models(args.read_models.as_deref(), &args.data));
+    // `--read-models off`: the gateway and its log alone.
+    let read_models = match args.read_models.as_deref() {
+        Some("off") => None,
+        named => all_in_one.then(|| read_models(named, &args.data)),
+    };
     let config = ServeConfig {
         gateway,
         read_models,

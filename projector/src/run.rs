@@ -199,14 +199,8 @@ async fn follow(
                 if !fold_until_stored(&store, registry, topic, &entries, &shutdown).await {
                     return Ok(());
                 }
-                let next: Vec<Position> = entries
-                    .iter()
-                    .map(|e| Position {
-                        partition: e.position.partition,
-                        offset: e.position.offset + 1,
-                    })
-                    .collect();
-                for position in &next {
+                let reached = reached(&entries);
+                for position in &reached {
                     metrics::gauge!(
                         "loom_projector_position",
                         "topic" => topic.name(),
@@ -214,7 +208,7 @@ async fn follow(
                     )
                     .set(position.offset as f64);
                 }
-                if let Err(error) = reader.commit(&next).await {
+                if let Err(error) = reader.commit(&reached).await {
                     tracing::debug!(%error, "recording the group's advisory offsets failed");
                 }
             }
@@ -224,6 +218,25 @@ async fn follow(
             }
         }
     }
+}
+
+/// The next offset of each partition `entries` touch.
+fn reached(entries: &[Entry]) -> Vec<Position> {
+    let mut reached: Vec<Position> = Vec::new();
+    for entry in entries {
+        let next = entry.position.offset + 1;
+        match reached
+            .iter_mut()
+            .find(|p| p.partition == entry.position.partition)
+        {
+            Some(position) => position.offset = position.offset.max(next),
+            None => reached.push(Position {
+                partition: entry.position.partition,
+                offset: next,
+            }),
+        }
+    }
+    reached
 }
 
 /// Folds a batch into the store, retrying (the same batch, never skipping it) while the
