@@ -429,3 +429,14 @@ async fn the_admin_api_needs_its_token_and_is_off_without_one() {
         .unwrap();
     assert_eq!(unknown.status(), 404);
 }
+
+#[tokio::test]
+async fn serve_with_read_models_off_runs_no_projector() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--read-models", "off"], &[]).unwrap();
+    let health = reqwest::get(server.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(server.stop().success());
+    assert!(dir.path().join("log").exists());
+    assert!(!dir.path().join("read-models").exists());
+}
