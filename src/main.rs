@@ -212,7 +212,7 @@ struct ProjectorArgs {
 
 #[derive(Args)]
 struct ProjectionArgs {
-    /// Consumer group of the projector's members, `-v<N>` added for version N
+    /// Consumer group prefix of the projector's members (`-v<N>-data`, `-v<N>-control` added)
     /// [default: <topic prefix>read-models, so deployments sharing a cluster stay apart].
     #[arg(long, env = "LOOM_PROJECTOR_GROUP")]
     group: Option<String>,

@@ -31,7 +31,7 @@ pub enum ProjectorError {
 
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
-    /// The consumer group the projector's members join.
+    /// The consumer groups of the projector's members: this, `-data` or `-control` added.
     pub group: String,
     /// Records folded per transaction at most.
     pub batch: usize,
@@ -182,7 +182,9 @@ async fn follow(
     topic: Topic,
     shutdown: CancellationToken,
 ) -> Result<(), ProjectorError> {
-    let mut reader = log.join_group(&config.group, topic).await?;
+    // A group per topic, so that members joining for one topic do not stop the other's.
+    let group = format!("{}-{}", config.group, topic.name());
+    let mut reader = log.join_group(&group, topic).await?;
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
