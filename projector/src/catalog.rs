@@ -43,14 +43,15 @@ impl Catalog {
                     .max_connections(2)
                     .connect(url)
                     .await?;
-                pool.execute(
-                    "CREATE TABLE IF NOT EXISTS public.loom_read_models (
-                         id               SMALLINT PRIMARY KEY CHECK (id = 1),
-                         active_version   INTEGER NOT NULL,
-                         building_version INTEGER
-                     )",
-                )
-                .await?;
+                let create = "CREATE TABLE IF NOT EXISTS public.loom_read_models (
+                                  id               SMALLINT PRIMARY KEY CHECK (id = 1),
+                                  active_version   INTEGER NOT NULL,
+                                  building_version INTEGER
+                              )";
+                if pool.execute(create).await.is_err() {
+                    // Another process created it at the same moment; it exists now.
+                    pool.execute(create).await?;
+                }
                 Ok(Catalog::Postgres(pool))
             }
             StoreLocation::Sqlite(dir) => {

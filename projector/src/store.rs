@@ -229,10 +229,11 @@ async fn connect_postgres(url: &str, version: u32) -> Result<AnyPool, StoreError
         })
         .connect(url)
         .await?;
-    pool.execute(AssertSqlSafe(format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema}"
-    )))
-    .await?;
+    let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
+    if pool.execute(AssertSqlSafe(create.clone())).await.is_err() {
+        // Two processes creating it at once: one of them loses the race; it exists now.
+        pool.execute(AssertSqlSafe(create)).await?;
+    }
     Ok(pool)
 }
 
