@@ -20,7 +20,7 @@ use loom_gateway::config::GatewayConfig;
 use loom_gateway::{KeyStoreLocation, LogLocation, NodeConfig, ServeConfig};
 use loom_projector::{StoreLocation, project_active};
 use loom_schemas::log::{
-    EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, KafkaLog, KafkaLogConfig, Log,
+    EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, KafkaLog, KafkaLogConfig, Log, LogError,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -416,18 +416,23 @@ fn read_models(named: Option<&str>, data: &DataDirArgs) -> StoreLocation {
     )
 }
 
-/// The log named by the Kafka flags, or the embedded one in the data directory (which must not
-/// be held by a running server).
+/// The log named by the Kafka flags, or the embedded one in the data directory (read-only when
+/// a running server holds it).
 async fn open_log(kafka: &KafkaArgs, data: &DataDirArgs) -> anyhow::Result<Arc<dyn Log>> {
     Ok(match kafka.location() {
         LogLocation::Kafka { kafka, .. } => Arc::new(KafkaLog::connect(kafka).await?),
-        LogLocation::Embedded => Arc::new(
-            EmbeddedLog::open(EmbeddedLogConfig::new(data.data_dir.join("log")))
-                .await
-                .context(
-                    "opening the embedded log (stop `loom serve` on this data directory first)",
-                )?,
-        ),
+        LogLocation::Embedded => {
+            let dir = data.data_dir.join("log");
+            match EmbeddedLog::open(EmbeddedLogConfig::new(&dir)).await {
+                Ok(log) => Arc::new(log),
+                // A running server holds it: read what it holds now, beside it.
+                Err(LogError::Locked(_)) => {
+                    tracing::info!("a server holds the log; reading it read-only beside it");
+                    Arc::new(EmbeddedLog::open_read_only(&dir).await?)
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
     })
 }
 

@@ -165,6 +165,26 @@ async fn serve_projects_its_traffic_and_replay_switches_readers_to_a_rebuilt_ver
     )
     .await;
     wait_for_count(&v1_file, "SELECT count(*) FROM traces", 5).await;
+
+    // A replay beside the running server reads its log read-only; the server's projector moves
+    // to version 3 by itself, and new traffic lands there.
+    let replayed = loom(&["replay", "--data-dir", data_dir.to_str().unwrap()]);
+    assert!(replayed.status.success(), "{}", text(&replayed.stderr));
+    assert!(
+        text(&replayed.stdout).contains("readers now use version 3 (was 2)"),
+        "{}",
+        text(&replayed.stdout)
+    );
+    let v3_file = data_dir.join("read-models/v3.sqlite");
+    wait_for_count(&v3_file, "SELECT count(*) FROM traces", 6).await;
+    chat(&client, &server, &key, false).await;
+    wait_for_count(&v3_file, "SELECT count(*) FROM traces", 7).await;
+    wait_for_count(
+        &v3_file,
+        "SELECT COALESCE(SUM(requests), 0) FROM usage_hourly",
+        7,
+    )
+    .await;
     assert!(server.stop().success());
 }
 

@@ -107,12 +107,14 @@ pub struct EmbeddedLog {
     dir: PathBuf,
     data: Arc<Partition>,
     control: Arc<Partition>,
-    _lock: File,
+    /// Held while the log is open for writing; `None` when open read-only.
+    lock: Option<File>,
 }
 
 struct Partition {
     dir: PathBuf,
-    writer: Mutex<Writer>,
+    /// `None` when the log is open read-only.
+    writer: Option<Mutex<Writer>>,
     /// The offset the next record will get; published after each append.
     end: watch::Sender<u64>,
 }
@@ -151,7 +153,7 @@ impl EmbeddedLog {
             let (end, _) = watch::channel(writer.next_offset);
             Ok(Arc::new(Partition {
                 dir: partition_dir,
-                writer: Mutex::new(writer),
+                writer: Some(Mutex::new(writer)),
                 end,
             }))
         };
@@ -159,8 +161,52 @@ impl EmbeddedLog {
             data: open(Topic::Data)?,
             control: open(Topic::Control)?,
             dir,
-            _lock: lock,
+            lock: Some(lock),
         })
+    }
+
+    /// Opens the log for reading only, beside the process that holds it: no lock, nothing
+    /// written. Readers see the records complete at this moment (an append under way is left
+    /// out); appends and segment removal are refused. For `loom replay` next to a running server.
+    pub async fn open_read_only(dir: impl Into<PathBuf>) -> Result<EmbeddedLog, LogError> {
+        let dir = dir.into();
+        tokio::task::spawn_blocking(move || {
+            let report = super::segment::verify(&dir)?;
+            if let Some(problem) = report.first_problem() {
+                return Err(LogError::Corrupt {
+                    segment: problem.segment.clone(),
+                    byte: problem.byte,
+                    offset: problem.offset,
+                    reason: problem.reason.clone(),
+                });
+            }
+            let open = |topic: Topic| -> Result<Arc<Partition>, LogError> {
+                let partition_dir = dir.join(topic.name()).join("0");
+                let first = list_segments(&partition_dir)
+                    .ok()
+                    .and_then(|segments| segments.first().map(|(base, _)| *base))
+                    .unwrap_or(0);
+                let records = report
+                    .partitions
+                    .iter()
+                    .find(|p| p.topic == topic.name() && p.partition == 0)
+                    .map_or(0, |p| p.records);
+                let (end, _) = watch::channel(first + records);
+                Ok(Arc::new(Partition {
+                    dir: partition_dir,
+                    writer: None,
+                    end,
+                }))
+            };
+            Ok(EmbeddedLog {
+                data: open(Topic::Data)?,
+                control: open(Topic::Control)?,
+                dir,
+                lock: None,
+            })
+        })
+        .await
+        .map_err(|e| LogError::Task(e.to_string()))?
     }
 
     pub fn dir(&self) -> &Path {
@@ -170,6 +216,9 @@ impl EmbeddedLog {
     /// Deletes the segments of a partition that hold only records before `offset` (never the
     /// segment being written); returns how many went. Readers can then start at `offset` or later.
     pub async fn remove_before(&self, topic: Topic, offset: u64) -> Result<usize, LogError> {
+        if self.lock.is_none() {
+            return Err(LogError::ReadOnly);
+        }
         let partition = Arc::clone(self.partition(topic, 0)?);
         tokio::task::spawn_blocking(move || {
             let segments = list_segments(&partition.dir)?;
@@ -211,6 +260,8 @@ impl Partition {
     ) -> Result<T, LogError> {
         let mut writer = self
             .writer
+            .as_ref()
+            .ok_or(LogError::ReadOnly)?
             .lock()
             .map_err(|_| LogError::WriterFailed("writer lock poisoned".into()))?;
         f(&mut writer)
@@ -281,6 +332,9 @@ impl Log for EmbeddedLog {
     }
 
     async fn sync(&self) -> Result<(), LogError> {
+        if self.lock.is_none() {
+            return Ok(()); // Read-only: nothing written here.
+        }
         let partitions = [Arc::clone(&self.data), Arc::clone(&self.control)];
         tokio::task::spawn_blocking(move || {
             partitions

@@ -130,6 +130,8 @@ pub enum LogError {
     Kafka(String),
     #[error("the spool is full ({records} records wait for Kafka)")]
     SpoolFull { records: u64 },
+    #[error("the log is open read-only")]
+    ReadOnly,
 }
 
 impl LogError {

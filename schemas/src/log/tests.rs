@@ -556,3 +556,41 @@ async fn segments_before_an_offset_can_be_removed() {
     append_range(&log, Topic::Data, 100..101).await;
     assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 101);
 }
+
+#[tokio::test]
+async fn a_read_only_open_reads_beside_the_writer_and_refuses_to_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(EmbeddedLogConfig::new(dir.path()))
+        .await
+        .unwrap();
+    let records: Vec<Record> = (0..10)
+        .map(|i| Record {
+            key: b"k".to_vec(),
+            value: format!("v{i}").into_bytes(),
+            ..Record::default()
+        })
+        .collect();
+    log.append(Topic::Data, records.clone()).await.unwrap();
+
+    let reader = EmbeddedLog::open_read_only(dir.path()).await.unwrap();
+    assert_eq!(reader.end_offset(Topic::Data, 0).await.unwrap(), 10);
+    assert_eq!(reader.end_offset(Topic::Control, 0).await.unwrap(), 0);
+    let mut entries = reader.read_from(Topic::Data, 0, 0).await.unwrap();
+    let read = entries.poll(100).await.unwrap();
+    assert_eq!(
+        read.into_iter().map(|e| e.record).collect::<Vec<_>>(),
+        records
+    );
+    assert!(matches!(
+        reader.append(Topic::Data, records.clone()).await,
+        Err(LogError::ReadOnly)
+    ));
+    assert!(matches!(
+        reader.remove_before(Topic::Data, 5).await,
+        Err(LogError::ReadOnly)
+    ));
+    // The writer goes on; the read-only view is of the moment it was opened.
+    log.append(Topic::Data, records).await.unwrap();
+    assert_eq!(reader.end_offset(Topic::Data, 0).await.unwrap(), 10);
+    assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 20);
+}
