@@ -188,6 +188,11 @@ async fn serve_projects_its_traffic_and_replay_switches_readers_to_a_rebuilt_ver
     assert!(server.stop().success());
 }
 
+/// A start for generated histories recent enough that no retention applies.
+fn two_days_ago() -> i64 {
+    loom_schemas::event::now_micros() - 2 * 86_400_000_000
+}
+
 fn keys(tenants: usize) -> Vec<loom_schemas::crypto::DataKey> {
     samples::tenant_keys(tenants).unwrap()
 }
@@ -257,7 +262,7 @@ async fn a_projector_killed_at_random_points_ends_where_a_clean_replay_does() {
     let log = Arc::new(KafkaLog::connect(kafka).await.unwrap());
 
     // A history of several tenants: retries, tool calls, streaming, failures, key revocations.
-    let events = samples::history(&keys(4), 2000, 1_793_491_200_000_000, 42).unwrap();
+    let events = samples::history(&keys(4), 2000, two_days_ago(), 42).unwrap();
     append(log.as_ref(), &events).await;
     let total = events.len() as u64;
 
@@ -410,7 +415,7 @@ async fn with_migrations_off_on_start_loom_migrate_prepares_topics_and_read_mode
     config.topic_prefix = prefix.clone();
     config.create_topics = false;
     let log = KafkaLog::connect(config).await.unwrap();
-    let events = samples::history(&keys(1), 1, 1_793_491_200_000_000, 1).unwrap();
+    let events = samples::history(&keys(1), 1, two_days_ago(), 1).unwrap();
     append(&log, &events).await;
     let mut projector = Command::new(LOOM)
         .args(&projector_args)

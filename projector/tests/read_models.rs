@@ -20,8 +20,10 @@ use loom_schemas::testing::TestDatabase;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
-/// 2026-11-01T00:00:00Z
-const START_US: i64 = 1_793_491_200_000_000;
+/// Two days ago: recent enough that no retention applies, whenever the tests run.
+fn start_us() -> i64 {
+    now_micros() - 2 * 86_400_000_000
+}
 
 /// A read-model store on one backend, removed on `cleanup`.
 struct Backend {
@@ -165,7 +167,7 @@ async fn digest(store: &ReadStore) -> BTreeMap<&'static str, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_history_folds_into_every_read_model() {
-    let History { events, log, _dir } = History::new(3, 600, START_US, 7).await;
+    let History { events, log, _dir } = History::new(3, 600, start_us(), 7).await;
     let count = |event_type: &str| {
         events
             .iter()
@@ -275,7 +277,7 @@ async fn a_history_folds_into_every_read_model() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn folding_the_same_records_again_changes_nothing() {
-    let History { log, _dir, .. } = History::new(2, 200, START_US, 11).await;
+    let History { log, _dir, .. } = History::new(2, 200, start_us(), 11).await;
     let registry = Registry::builtin().unwrap();
 
     for backend in Backend::all().await {
@@ -300,7 +302,7 @@ async fn folding_the_same_records_again_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_that_cannot_be_folded_are_dead_lettered_and_passed() {
     let keys = samples::tenant_keys(1).unwrap();
-    let events = samples::history(&keys, 20, START_US, 3).unwrap();
+    let events = samples::history(&keys, 20, start_us(), 3).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let log = embedded_log(dir.path()).await;
     append(log.as_ref(), &events[..events.len() / 2]).await;
@@ -365,7 +367,7 @@ async fn records_that_cannot_be_folded_are_dead_lettered_and_passed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projection_stopped_part_way_resumes_to_the_state_of_a_clean_run() {
-    let History { log, _dir, .. } = History::new(2, 400, START_US, 5).await;
+    let History { log, _dir, .. } = History::new(2, 400, start_us(), 5).await;
 
     for backend in Backend::all().await {
         let clean = backend.open(1).await;
