@@ -85,7 +85,11 @@ pub async fn replay(
     // A group of its own per run: a resumed replay need not wait for the broker to notice that
     // the interrupted one's member is gone (its positions are in the store anyway).
     let replaying = ProjectorConfig {
-        group: format!("loom-replay-v{version}-{}", uuid::Uuid::now_v7().simple()),
+        group: format!(
+            "{}-replay-v{version}-{}",
+            config.group,
+            uuid::Uuid::now_v7().simple()
+        ),
         ..config
     };
     let running = tokio::spawn(Projector::new(log, store.clone(), replaying).run(shutdown.clone()));
