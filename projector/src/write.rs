@@ -450,7 +450,7 @@ async fn count_completions(
         for completion in chunk {
             query = query.bind(completion.event_id.clone());
         }
-        let applied: Vec<String> = query
+        let applied: std::collections::HashSet<String> = query
             .fetch_all(&mut *conn)
             .await?
             .iter()
