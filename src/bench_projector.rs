@@ -94,7 +94,10 @@ pub async fn run(args: ProjectorBenchArgs) -> anyhow::Result<()> {
         let store = ReadStore::open(location, 1).await?;
         let folded = time_batches(log.as_ref(), args.batch, |topic, batch| {
             let store = store.clone();
-            async move { Ok(fold_batch(&store, registry, topic, &batch).await?) }
+            async move {
+                fold_batch(&store, registry, topic, &batch).await?;
+                Ok(())
+            }
         })
         .await?;
         say!(

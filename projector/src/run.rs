@@ -198,10 +198,11 @@ async fn follow(
                 let _ = start.send(stored);
             }
             GroupEvent::Entries(entries) => {
-                if !fold_until_stored(&store, registry, topic, &entries, &shutdown).await {
+                let Some(reached) =
+                    fold_until_stored(&store, registry, topic, &entries, &shutdown).await
+                else {
                     return Ok(());
-                }
-                let reached = reached(&entries);
+                };
                 for position in &reached {
                     metrics::gauge!(
                         "loom_projector_position",
@@ -222,44 +223,25 @@ async fn follow(
     }
 }
 
-/// The next offset of each partition `entries` touch.
-fn reached(entries: &[Entry]) -> Vec<Position> {
-    let mut reached: Vec<Position> = Vec::new();
-    for entry in entries {
-        let next = entry.position.offset + 1;
-        match reached
-            .iter_mut()
-            .find(|p| p.partition == entry.position.partition)
-        {
-            Some(position) => position.offset = position.offset.max(next),
-            None => reached.push(Position {
-                partition: entry.position.partition,
-                offset: next,
-            }),
-        }
-    }
-    reached
-}
-
 /// Folds a batch into the store, retrying (the same batch, never skipping it) while the
-/// database fails. `false` if shut down first.
+/// database fails; the positions it reached, or `None` if shut down first.
 async fn fold_until_stored(
     store: &ReadStore,
     registry: &Registry,
     topic: Topic,
     entries: &[Entry],
     shutdown: &CancellationToken,
-) -> bool {
+) -> Option<Vec<Position>> {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
         match fold_batch(store, registry, topic, entries).await {
-            Ok(()) => {
+            Ok(reached) => {
                 metrics::counter!("loom_projector_records_total", "topic" => topic.name())
                     .increment(entries.len() as u64);
                 metrics::histogram!("loom_projector_batch_seconds", "topic" => topic.name())
                     .record(started.elapsed().as_secs_f64());
-                return true;
+                return Some(reached);
             }
             Err(error) => {
                 metrics::counter!("loom_projector_failures_total", "topic" => topic.name())
@@ -268,27 +250,34 @@ async fn fold_until_stored(
             }
         }
         tokio::select! {
-            () = shutdown.cancelled() => return false,
+            () = shutdown.cancelled() => return None,
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 
-/// Folds `entries` and stores the result with the positions, in one transaction.
+/// Folds `entries` and stores the result with the positions, in one transaction; returns the
+/// positions reached (the next offset of each partition the batch touched).
 pub async fn fold_batch(
     store: &ReadStore,
     registry: &Registry,
     topic: Topic,
     entries: &[Entry],
-) -> Result<(), sqlx::Error> {
+) -> Result<Vec<Position>, sqlx::Error> {
     let mut changes = Changes::fold(registry, topic, entries);
+    let reached = changes
+        .positions
+        .iter()
+        .map(|(&(_, partition), &offset)| Position { partition, offset })
+        .collect();
     let mut conn = store.pool().acquire().await?;
     write::resolve_starts(&mut conn, &mut changes).await?;
     partitions::ensure(store, &changes).await?;
     let mut tx = conn.begin().await?;
     write::apply(&mut tx, changes).await?;
-    tx.commit().await
+    tx.commit().await?;
+    Ok(reached)
 }
 
 /// Removes what is past retention, hourly.
