@@ -14,6 +14,7 @@ use loom_schemas::codec::Registry;
 use loom_schemas::event::Plane;
 use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Entry, FsyncPolicy, Log, Topic};
 use loom_schemas::samples;
+use loom_schemas::scratch::ScratchDatabase;
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -82,7 +83,9 @@ pub async fn run(args: ProjectorBenchArgs) -> anyhow::Result<()> {
         ceiling.p99
     );
 
-    let database = TempDatabase::create(&args.database_url).await?;
+    let database = ScratchDatabase::create(&args.database_url, "loom_bench")
+        .await
+        .with_context(|| format!("creating a database through {}", args.database_url))?;
     let backends = [
         (
             "sqlite",
@@ -221,39 +224,4 @@ where
         p50: percentile(&latencies, 0.5),
         p99: percentile(&latencies, 0.99),
     })
-}
-
-/// A database created for the bench and dropped after it.
-struct TempDatabase {
-    admin: sqlx::PgPool,
-    name: String,
-    url: String,
-}
-
-impl TempDatabase {
-    async fn create(admin_url: &str) -> anyhow::Result<TempDatabase> {
-        let admin = sqlx::PgPool::connect(admin_url)
-            .await
-            .with_context(|| format!("connecting to {admin_url}"))?;
-        let name = format!("loom_bench_{}", Uuid::now_v7().simple());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await?;
-        let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
-        Ok(TempDatabase {
-            url: format!("{base}/{name}"),
-            admin,
-            name,
-        })
-    }
-
-    async fn drop(self) -> anyhow::Result<()> {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&self.admin)
-        .await?;
-        Ok(())
-    }
 }

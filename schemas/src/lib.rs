@@ -13,5 +13,6 @@ pub mod event;
 pub mod keystore;
 pub mod log;
 pub mod samples;
+pub mod scratch;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -1,7 +1,6 @@
 //! Helpers for tests that use the real dependencies `./infra/test.sh` starts.
 
-use sqlx::PgPool;
-use uuid::Uuid;
+use crate::scratch::ScratchDatabase;
 
 /// The admin URL of the test Postgres: `LOOM_TEST_DATABASE_URL`, or the machine's default.
 pub fn postgres_admin_url() -> String {
@@ -9,45 +8,34 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// A fresh, empty database on the test Postgres; [`TestDatabase::drop`] removes it.
-pub struct TestDatabase {
-    admin: PgPool,
-    pub name: String,
-    pub url: String,
+/// A fresh, empty database on the test Postgres; [`TestDatabase::drop`] removes it. Its `name`
+/// and `url` are the [`ScratchDatabase`]'s.
+pub struct TestDatabase(ScratchDatabase);
+
+impl std::ops::Deref for TestDatabase {
+    type Target = ScratchDatabase;
+
+    fn deref(&self) -> &ScratchDatabase {
+        &self.0
+    }
 }
 
 impl TestDatabase {
     /// Creates the database. Panics with a hint when the test Postgres is not reachable.
-    #[allow(clippy::panic, clippy::expect_used)]
+    #[allow(clippy::panic)]
     pub async fn create() -> TestDatabase {
         let admin_url = postgres_admin_url();
-        let admin = PgPool::connect(&admin_url).await.unwrap_or_else(|e| {
-            panic!(
-                "test Postgres at {admin_url} is not reachable (start it with ./infra/test.sh): {e}"
-            )
-        });
-        let name = format!("loom_test_{}", Uuid::now_v7().simple());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .expect("creating a test database");
-        let base = admin_url
-            .rsplit_once('/')
-            .map_or(admin_url.as_str(), |(base, _)| base);
-        TestDatabase {
-            url: format!("{base}/{name}"),
-            admin,
-            name,
+        match ScratchDatabase::create(&admin_url, "loom_test").await {
+            Ok(database) => TestDatabase(database),
+            Err(e) => panic!(
+                "test Postgres at {admin_url} is not usable (start it with ./infra/test.sh): {e}"
+            ),
         }
     }
 
     #[allow(clippy::expect_used)]
     pub async fn drop(self) {
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&self.admin)
-            .await
-            .expect("dropping a test database");
+        self.0.drop().await.expect("dropping a test database");
     }
 }
 
