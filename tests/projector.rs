@@ -216,27 +216,55 @@ async fn append(log: &dyn Log, events: &[loom_schemas::event::Event]) {
 
 /// `loom projector` on the test broker and Postgres.
 fn start_projector(prefix: &str, read_models: &str) -> Child {
+    spawn_loom(&[
+        "projector",
+        "--kafka-brokers",
+        &brokers(),
+        "--kafka-topic-prefix",
+        prefix,
+        "--read-models",
+        read_models,
+        "--batch",
+        "200",
+        // A killed member's partitions are handed on after this, not after 45 s.
+        "--kafka-property",
+        "session.timeout.ms=6000",
+        "--kafka-property",
+        "heartbeat.interval.ms=1000",
+    ])
+}
+
+/// `loom ARGS` in the background, its output discarded.
+fn spawn_loom(args: &[&str]) -> Child {
     Command::new(LOOM)
-        .args([
-            "projector",
-            "--kafka-brokers",
-            &brokers(),
-            "--kafka-topic-prefix",
-            prefix,
-            "--read-models",
-            read_models,
-            "--batch",
-            "200",
-            // A killed member's partitions are handed on after this, not after 45 s.
-            "--kafka-property",
-            "session.timeout.ms=6000",
-            "--kafka-property",
-            "heartbeat.interval.ms=1000",
-        ])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// Polls the integer `sql` selects (0 while its table does not exist yet) until `done` holds,
+/// while `child` keeps running.
+async fn wait_for_postgres(
+    pool: &sqlx::PgPool,
+    sql: &str,
+    child: &mut Child,
+    done: impl Fn(i64) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let value: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+        if done(value) {
+            return;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "loom stopped: {sql}");
+        assert!(Instant::now() < deadline, "{sql}: still {value}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn folded(store: &ReadStore) -> u64 {
@@ -303,31 +331,16 @@ async fn a_projector_killed_at_random_points_ends_where_a_clean_replay_does() {
         "--read-models",
         &db.url,
     ];
-    let mut replay = Command::new(LOOM)
-        .args(replay_args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut replay = spawn_loom(&replay_args);
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    loop {
-        // The new version's positions (no table yet while the replay starts).
-        let at: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(next_offset), 0) AS BIGINT) FROM loom_read_v2.positions",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap_or(0);
-        if at as u64 > total / 3 {
-            break;
-        }
-        assert!(
-            replay.try_wait().unwrap().is_none(),
-            "the replay ended early"
-        );
-        assert!(Instant::now() < deadline, "the replay made no progress");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The new version's positions pass a third of the log.
+    wait_for_postgres(
+        &pool,
+        "SELECT CAST(COALESCE(SUM(next_offset), 0) AS BIGINT) FROM loom_read_v2.positions",
+        &mut replay,
+        |at| at as u64 > total / 3,
+    )
+    .await;
     replay.kill().unwrap(); // SIGKILL
     replay.wait().unwrap();
     let replayed = loom(&replay_args);
@@ -417,29 +430,16 @@ async fn with_migrations_off_on_start_loom_migrate_prepares_topics_and_read_mode
     let log = KafkaLog::connect(config).await.unwrap();
     let events = samples::history(&keys(1), 1, two_days_ago(), 1).unwrap();
     append(&log, &events).await;
-    let mut projector = Command::new(LOOM)
-        .args(&projector_args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut projector = spawn_loom(&projector_args);
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    wait_for_postgres(
+        &pool,
+        "SELECT count(*) FROM loom_read_v1.tenants",
+        &mut projector,
+        |tenants| tenants == 1,
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let tenants: i64 = sqlx::query_scalar("SELECT count(*) FROM loom_read_v1.tenants")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if tenants == 1 {
-            break;
-        }
-        assert!(
-            projector.try_wait().unwrap().is_none(),
-            "the projector stopped"
-        );
-        assert!(Instant::now() < deadline, "nothing was projected");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     // Its metrics show what it folded and where it stands.
     let wanted = [
         "loom_projector_records_total{topic=\"control\"}",
