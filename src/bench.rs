@@ -338,7 +338,7 @@ async fn append_case(
 ) -> anyhow::Result<Timing> {
     let log = EmbeddedLog::open(EmbeddedLogConfig {
         fsync,
-        ..EmbeddedLogConfig::new(dir)
+        ..EmbeddedLogConfig::new(dir, crate::bench::chain_key())
     })
     .await?;
     let mut timing = Timing::new();
@@ -390,8 +390,13 @@ fn raw_append_case(
     Ok(timing)
 }
 
+/// The chain key of the benchmarks' throw-away logs (the same for every open of one).
+pub fn chain_key() -> loom_schemas::log::ChainKey {
+    loom_schemas::log::ChainKey::new([0x5a; 32])
+}
+
 async fn read_case(dir: &Path, events: usize) -> anyhow::Result<Timing> {
-    let log = EmbeddedLog::open(EmbeddedLogConfig::new(dir)).await?;
+    let log = EmbeddedLog::open(EmbeddedLogConfig::new(dir, crate::bench::chain_key())).await?;
     let mut reader = log.read_from(Topic::Data, 0, 0).await?;
     let mut timing = Timing::new();
     let mut read = 0;

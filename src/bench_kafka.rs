@@ -71,7 +71,11 @@ pub async fn run(args: KafkaBenchArgs) -> anyhow::Result<()> {
     let work = tempfile::Builder::new()
         .prefix("loom-bench-kafka")
         .tempdir()?;
-    let embedded = EmbeddedLog::open(EmbeddedLogConfig::new(work.path())).await?;
+    let embedded = EmbeddedLog::open(EmbeddedLogConfig::new(
+        work.path(),
+        crate::bench::chain_key(),
+    ))
+    .await?;
     let key = DataKey {
         tenant_id: Uuid::now_v7(),
         key_id: Uuid::now_v7(),
@@ -156,7 +160,7 @@ async fn spool(kafka: &Arc<KafkaLog>, record: &Record, records: usize) -> anyhow
     let filled = {
         let spool = EmbeddedLog::open(EmbeddedLogConfig {
             fsync: loom_schemas::log::FsyncPolicy::Always,
-            ..EmbeddedLogConfig::new(dir.path())
+            ..EmbeddedLogConfig::new(dir.path(), crate::bench::chain_key())
         })
         .await?;
         let started = Instant::now();
@@ -171,8 +175,13 @@ async fn spool(kafka: &Arc<KafkaLog>, record: &Record, records: usize) -> anyhow
         started.elapsed().as_secs_f64()
     };
     // Reopened with nothing forwarded yet, as after a restart: the drain task forwards it all.
-    let spooled =
-        Arc::new(SpooledLog::open(Arc::clone(kafka), SpoolConfig::new(dir.path())).await?);
+    let spooled = Arc::new(
+        SpooledLog::open(
+            Arc::clone(kafka),
+            SpoolConfig::new(dir.path(), crate::bench::chain_key()),
+        )
+        .await?,
+    );
     let shutdown = CancellationToken::new();
     let draining = {
         let spooled = Arc::clone(&spooled);

@@ -56,7 +56,7 @@ pub async fn run(args: ProjectorBenchArgs) -> anyhow::Result<()> {
     let log: Arc<dyn Log> = Arc::new(
         EmbeddedLog::open(EmbeddedLogConfig {
             fsync: FsyncPolicy::Never,
-            ..EmbeddedLogConfig::new(dir.path().join("log"))
+            ..EmbeddedLogConfig::new(dir.path().join("log"), crate::bench::chain_key())
         })
         .await?,
     );

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use loom_gateway::config::GatewayConfig;
+use loom_gateway::config::{EventsAck, GatewayConfig};
 use loom_gateway::{KeyStoreLocation, LogLocation, NodeConfig, ServeConfig};
 use loom_projector::{StoreLocation, project_active};
 use loom_schemas::log::{
@@ -59,8 +59,11 @@ enum LogFormat {
 enum Command {
     /// Run Loom in one process on the embedded defaults (log, key store and data in --data-dir).
     Serve(ServeArgs),
-    /// Check every record of the embedded log: checksums, offsets and the hash chain.
-    Verify(VerifyArgs),
+    /// Check every record of the embedded log: checksums, offsets, the hash chain, and that the
+    /// chain leads to heads authenticated with the master key.
+    Verify(verify::VerifyArgs),
+    /// Cut the embedded log where it is damaged, keeping what is cut in log/quarantine/.
+    Repair(verify::RepairArgs),
     /// Apply Loom's Postgres migrations: the key store and the active read models.
     Migrate(MigrateArgs),
     /// Measure Loom's building blocks; prints figures against a baseline measured in the same run.
@@ -89,10 +92,10 @@ struct NotYet {
 }
 
 #[derive(Args)]
-struct DataDirArgs {
+pub struct DataDirArgs {
     /// Data directory: the embedded log, key store and master key live here.
     #[arg(long, env = "LOOM_DATA_DIR", default_value = "./loom-data")]
-    data_dir: PathBuf,
+    pub data_dir: PathBuf,
 }
 
 /// Where the log is: the embedded one in the data dir, or Kafka.
@@ -167,6 +170,13 @@ struct ServeArgs {
     /// or `never` (left to the OS).
     #[arg(long, env = "LOOM_FSYNC", default_value = "200ms")]
     fsync: FsyncPolicy,
+
+    /// When a request's answer may go out: `recorded` (once its events are in the log: the
+    /// embedded log's files, or Kafka / the local spool), `fsynced` (once they are on disk:
+    /// survives power loss) or `none` (at once; a crash can lose the last milliseconds of events)
+    /// [default: `[limits] events_ack` of --config, else recorded].
+    #[arg(long, env = "LOOM_EVENTS_ACK")]
+    events_ack: Option<EventsAck>,
 
     /// Size at which a log segment is closed and a new one started.
     #[arg(long, env = "LOOM_SEGMENT_BYTES", default_value_t = EmbeddedLogConfig::DEFAULT_SEGMENT_BYTES)]
@@ -272,12 +282,6 @@ struct ReplayArgs {
 }
 
 #[derive(Args)]
-struct VerifyArgs {
-    #[command(flatten)]
-    data: DataDirArgs,
-}
-
-#[derive(Args)]
 struct MigrateArgs {
     /// Postgres to migrate: the key store's tables and the active read models.
     #[arg(long, env = "LOOM_DATABASE_URL", value_name = "POSTGRES_URL")]
@@ -331,7 +335,8 @@ fn describe(error: &anyhow::Error) -> String {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(args, true).await.map(|()| ExitCode::SUCCESS),
-        Command::Verify(args) => verify::run(&args.data.data_dir).await,
+        Command::Verify(args) => verify::run(args).await,
+        Command::Repair(args) => verify::repair(args).await,
         Command::Migrate(args) => migrate(args).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Gateway(args) => {
@@ -373,10 +378,13 @@ fn init_tracing(format: LogFormat, filter: &str) {
 
 /// Runs a node; `all_in_one` adds the read-model projector (`loom serve`, not `loom gateway`).
 async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
-    let gateway = match &args.config {
+    let mut gateway = match &args.config {
         Some(path) => GatewayConfig::load(path, |name| std::env::var(name).ok())?,
         None => GatewayConfig::default(),
     };
+    if let Some(ack) = args.events_ack {
+        gateway.limits.events_ack = ack;
+    }
     // `--read-models off`: the gateway and its log alone.
     let read_models = match args.read_models.as_deref() {
         Some("off") => None,
@@ -423,12 +431,13 @@ async fn open_log(kafka: &KafkaArgs, data: &DataDirArgs) -> anyhow::Result<Arc<d
         LogLocation::Kafka { kafka, .. } => Arc::new(KafkaLog::connect(kafka).await?),
         LogLocation::Embedded => {
             let dir = data.data_dir.join("log");
-            match EmbeddedLog::open(EmbeddedLogConfig::new(&dir)).await {
+            let key = verify::chain_key(&data.data_dir)?;
+            match EmbeddedLog::open(EmbeddedLogConfig::new(&dir, key.clone())).await {
                 Ok(log) => Arc::new(log),
                 // A running server holds it: read what it holds now, beside it.
                 Err(LogError::Locked(_)) => {
                     tracing::info!("a server holds the log; reading it read-only beside it");
-                    Arc::new(EmbeddedLog::open_read_only(&dir).await?)
+                    Arc::new(EmbeddedLog::open_read_only(&dir, key).await?)
                 }
                 Err(error) => return Err(error.into()),
             }

@@ -1,55 +1,194 @@
-//! `loom verify`: walks the embedded log and reports the first altered or damaged record.
+//! `loom verify` and `loom repair`: check the embedded log, and cut it where it is damaged.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::Args;
+use loom_schemas::codec::Registry;
+use loom_schemas::keystore::MasterKey;
+use loom_schemas::log::checkpoint::anchor_event;
+use loom_schemas::log::recovery::QUARANTINE_DIR;
+use loom_schemas::log::{ChainKey, EmbeddedLog, EmbeddedLogConfig, ExpectedHead, Log, Topic};
 
-pub async fn run(data_dir: &Path) -> anyhow::Result<ExitCode> {
+#[derive(Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    data: crate::DataDirArgs,
+
+    /// Print each partition's chain head as TOPIC/PARTITION:OFFSET:HEAD, to keep somewhere the
+    /// log's host cannot change and pass back with --expect-head later.
+    #[arg(long)]
+    print_head: bool,
+
+    /// Fail unless the chain has this head (TOPIC/PARTITION:OFFSET:HEAD, as --print-head
+    /// prints; repeatable).
+    #[arg(long, value_name = "HEAD", value_parser = ExpectedHead::parse)]
+    expect_head: Vec<ExpectedHead>,
+}
+
+#[derive(Args)]
+pub struct RepairArgs {
+    #[command(flatten)]
+    data: crate::DataDirArgs,
+
+    /// Cut the partition so that it ends before this record (TOPIC/PARTITION:OFFSET, e.g.
+    /// `data/0:1234`, the offset `loom verify` names). What is cut is moved to
+    /// <data dir>/log/quarantine/, never deleted. At the partition's end offset nothing is cut
+    /// and a new checkpoint is written (to accept a log whose checkpoint is gone).
+    #[arg(long, value_name = "TOPIC/PARTITION:OFFSET", value_parser = parse_cut)]
+    truncate_at: (Topic, u64),
+}
+
+fn parse_cut(text: &str) -> Result<(Topic, u64), String> {
+    let bad = || format!("expected TOPIC/0:OFFSET (e.g. data/0:1234), not {text:?}");
+    let (place, offset) = text.split_once(':').ok_or_else(bad)?;
+    let topic = match place.split_once('/') {
+        Some((topic, "0")) => Topic::from_name(topic).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    Ok((topic, offset.parse().map_err(|_| bad())?))
+}
+
+/// The key that authenticates the log's chain heads, from the master key (which readers never
+/// generate).
+pub fn chain_key(data_dir: &Path) -> anyhow::Result<ChainKey> {
+    let master = MasterKey::load(data_dir, crate::master_key_from_env().as_deref())?;
+    let Some(master) = master else {
+        anyhow::bail!(
+            "no master key: neither LOOM_MASTER_KEY nor {} is there, and the log's checkpoints \
+             are authenticated with it",
+            data_dir.join("master.key").display()
+        );
+    };
+    Ok(master.chain_key())
+}
+
+fn log_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
     let log_dir = data_dir.join("log");
     if !log_dir.is_dir() {
         anyhow::bail!("no log at {}: is --data-dir right?", log_dir.display());
     }
-    let report = tokio::task::spawn_blocking(move || loom_schemas::log::verify(&log_dir))
-        .await
-        .context("verify task")??;
+    Ok(log_dir)
+}
+
+pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = args.data.data_dir;
+    let log_dir = log_dir(&data_dir)?;
+    let key = chain_key(&data_dir)?;
+    let expected = args.expect_head;
+    let report = {
+        let log_dir = log_dir.clone();
+        tokio::task::spawn_blocking(move || loom_schemas::log::verify(&log_dir, &key, &expected))
+            .await
+            .context("verify task")??
+    };
     let mut out = std::io::stdout().lock();
-    for partition in &report.partitions {
+    for p in &report.partitions {
         writeln!(
             out,
             "{}/{}: {} records in {} segments ({} bytes), chain head {}",
-            partition.topic,
-            partition.partition,
-            partition.records,
-            partition.segments,
-            partition.bytes,
-            hex::encode(partition.head),
+            p.topic,
+            p.partition,
+            p.records,
+            p.segments,
+            p.bytes,
+            hex::encode(p.head),
         )?;
-        if let Some(torn) = &partition.torn_tail {
+        if let Some(checkpoint) = &p.checkpoint {
             writeln!(
                 out,
-                "  note: an unfinished write at the end ({torn}); the next start truncates it"
+                "  authenticated: checkpoint at offset {}{}{}",
+                checkpoint.offset,
+                p.anchored
+                    .map(|a| format!(", anchored head at offset {a} in the control topic"))
+                    .unwrap_or_default(),
+                match p.unanchored() {
+                    0 => String::new(),
+                    n => format!("; {n} records after it (appended since the last fsync)"),
+                }
             )?;
         }
-        if let Some(problem) = &partition.problem {
-            writeln!(out, "  ALTERED OR DAMAGED: {problem}")?;
+        for note in &p.notes {
+            writeln!(out, "  note: {note}")?;
+        }
+        if let Some(torn) = &p.torn_tail {
+            writeln!(
+                out,
+                "  torn tail: an unfinished write at the end ({torn}); the next start moves it to \
+                 {}/{QUARANTINE_DIR}/ and goes on",
+                log_dir.display()
+            )?;
+        }
+        if let Some(problem) = &p.problem {
+            writeln!(out, "  DAMAGED OR ALTERED: {problem}")?;
+            writeln!(
+                out,
+                "  the intact records end at offset {}: `loom repair --data-dir {} \
+                 --truncate-at {}/{}:{}` cuts the rest off into {}/{QUARANTINE_DIR}/ (or \
+                 restore the log from a backup)",
+                p.end,
+                data_dir.display(),
+                p.topic,
+                p.partition,
+                p.end,
+                log_dir.display()
+            )?;
+        }
+        if args.print_head {
+            writeln!(out, "  head: {}", p.head())?;
         }
     }
     match report.first_problem() {
         Some(problem) => {
             writeln!(
                 std::io::stderr(),
-                "error: the log was altered or damaged; first bad record: {problem}"
+                "error: the log is damaged or was altered; first bad spot: {problem}"
             )?;
             Ok(ExitCode::FAILURE)
         }
         None => {
             writeln!(
                 out,
-                "ok: every record's checksum, offset and hash chain verified"
+                "ok: every record's checksum, offset and hash chain verified, and the chain leads \
+                 to authenticated heads"
             )?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+pub async fn repair(args: RepairArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = args.data.data_dir;
+    let log_dir = log_dir(&data_dir)?;
+    let key = chain_key(&data_dir)?;
+    let (topic, offset) = args.truncate_at;
+    let config = EmbeddedLogConfig::new(&log_dir, key.clone());
+    let cut = EmbeddedLog::truncate_at(config.clone(), topic, offset)
+        .await
+        .with_context(|| format!("cutting {}/0 at offset {offset}", topic.name()))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}/0 now ends at offset {} (chain head {}); a new checkpoint is written",
+        topic.name(),
+        cut.end,
+        hex::encode(cut.head)
+    )?;
+    for path in &cut.quarantined {
+        writeln!(out, "  kept in quarantine: {}", path.display())?;
+    }
+    // The control topic's anchors must agree with the data topic's new end: anchor it now.
+    let log = EmbeddedLog::open(config)
+        .await
+        .context("the cut is done, but the log does not open (run `loom verify`)")?;
+    if topic == Topic::Data {
+        let event = anchor_event(&key, Topic::Data, 0, cut.end, &cut.head, "repair");
+        let record = Registry::builtin()?.encode_record(&event)?;
+        log.append(Topic::Control, vec![record]).await?;
+        log.sync().await?;
+        writeln!(out, "  anchored the new head in the control topic")?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use loom_mock::{MockConfig, MockServer};
 use loom_schemas::codec::Registry;
 use loom_schemas::event::Payload;
-use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, KafkaLog, KafkaLogConfig, Log, Topic};
+use loom_schemas::log::{KafkaLog, KafkaLogConfig, Log, Topic, segment};
 use loom_schemas::testing::{TestBroker, TestDatabase, free_port};
 use serde_json::{Value, json};
 
@@ -228,7 +228,7 @@ async fn a_gateway_killed_during_a_broker_outage_drains_its_spool_after_restart(
     let spool_dir = data_dir.join("spool");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let spooled = spooled_traces(&spool_dir).await;
+        let spooled = spooled_traces(&spool_dir);
         if traces.iter().all(|t| spooled.contains(t)) {
             break;
         }
@@ -272,37 +272,26 @@ async fn a_gateway_killed_during_a_broker_outage_drains_its_spool_after_restart(
     db.drop().await;
 }
 
-/// The traces whose `request.completed` is in the gateway's spool. The spool is read from a copy,
-/// since the running gateway holds it locked (a half-written tail is cut off in the copy).
-async fn spooled_traces(spool: &std::path::Path) -> std::collections::BTreeSet<String> {
-    let copy = tempfile::tempdir().unwrap();
-    let target = copy.path().join("data/0");
-    std::fs::create_dir_all(&target).unwrap();
-    let Ok(entries) = std::fs::read_dir(spool.join("data/0")) else {
-        return Default::default();
-    };
-    for entry in entries.filter_map(Result::ok) {
-        // A segment removed between listing and copying was forwarded already.
-        let _ = std::fs::copy(entry.path(), target.join(entry.file_name()));
-    }
-    let log = EmbeddedLog::open(EmbeddedLogConfig::new(copy.path()))
-        .await
-        .unwrap();
+/// The traces whose `request.completed` is in the gateway's spool, read from its segments as they
+/// are (the running gateway holds the spool: a segment being written may end in a torn write, and
+/// one removed meanwhile was forwarded already).
+fn spooled_traces(spool: &std::path::Path) -> std::collections::BTreeSet<String> {
     let registry = Registry::builtin().unwrap();
-    let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
     let mut traces = std::collections::BTreeSet::new();
-    loop {
-        let batch = reader.poll(1000).await.unwrap();
-        if batch.is_empty() {
-            return traces;
-        }
-        for entry in batch {
-            let event = registry.decode(&entry.record.value).unwrap();
-            if matches!(event.payload, Payload::RequestCompleted(_)) {
-                traces.insert(event.envelope.trace_id.unwrap_or_default());
+    let Ok(segments) = segment::list_segments(&spool.join("data/0")) else {
+        return traces;
+    };
+    for (base, path) in segments {
+        let _ = segment::scan_segment(&path, base, |step| {
+            if let segment::Step::Record { record, .. } = step {
+                let event = registry.decode(&record.value).unwrap();
+                if matches!(event.payload, Payload::RequestCompleted(_)) {
+                    traces.insert(event.envelope.trace_id.unwrap_or_default());
+                }
             }
-        }
+        });
     }
+    traces
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::process::Command;
 use loom_mock::{MockConfig, MockServer};
 use loom_schemas::codec::Registry;
 use loom_schemas::event::{CallStatus, Event, Payload, RequestStatus, ToolCallDirection};
-use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Topic};
+use loom_schemas::log::{Log, Topic};
 
 use common::{Server, loom, text};
 
@@ -51,9 +51,7 @@ deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
 }
 
 async fn events(data_dir: &Path) -> Vec<Event> {
-    let log = EmbeddedLog::open(EmbeddedLogConfig::new(data_dir.join("log")))
-        .await
-        .unwrap();
+    let log = loom_schemas::testing::open_data_dir_log(data_dir).await;
     let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
     let registry = Registry::builtin().unwrap();
     let mut events = Vec::new();

@@ -7,7 +7,8 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Record, Topic};
+use loom_schemas::keystore::MasterKey;
+use loom_schemas::log::{Log, Record, Topic};
 use loom_schemas::testing::TestDatabase;
 
 use common::{Server, loom, text};
@@ -164,10 +165,10 @@ async fn migrate_applies_the_postgres_migrations() {
     assert!(text(&nothing.stderr).contains("nothing to migrate"));
 }
 
-async fn write_records(log_dir: &Path, count: u64) {
-    let log = EmbeddedLog::open(EmbeddedLogConfig::new(log_dir))
-        .await
-        .unwrap();
+/// Writes `count` records into the embedded log of a new data directory (with a master key).
+async fn write_records(data_dir: &Path, count: u64) {
+    MasterKey::load_or_generate(data_dir, None).unwrap();
+    let log = loom_schemas::testing::open_data_dir_log(data_dir).await;
     let records = (0..count)
         .map(|i| Record {
             key: b"k".to_vec(),
@@ -182,7 +183,7 @@ async fn write_records(log_dir: &Path, count: u64) {
 async fn verify_exits_non_zero_and_names_the_first_altered_record() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().to_str().unwrap();
-    write_records(&dir.path().join("log"), 10).await;
+    write_records(dir.path(), 10).await;
     let clean = loom(&["verify", "--data-dir", data_dir]);
     assert!(clean.status.success(), "{}", text(&clean.stderr));
     assert!(
@@ -212,7 +213,7 @@ async fn verify_exits_non_zero_and_names_the_first_altered_record() {
 #[tokio::test]
 async fn a_damaged_log_is_refused_with_segment_and_offset_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
-    write_records(&dir.path().join("log"), 10).await;
+    write_records(dir.path(), 10).await;
     let segment = dir.path().join("log/data/0/00000000000000000000.seg");
     let mut bytes = std::fs::read(&segment).unwrap();
     // Damage the length field of the record before "record 3".

@@ -90,6 +90,53 @@ pub enum WhenEventsFull {
     Wait,
 }
 
+/// When a request's answer may go out, relative to recording its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventsAck {
+    /// Once the request's events are in the log: appended to the embedded log's segment files
+    /// (in the OS), or acknowledged by Kafka or written to the local spool. Survives a crash of
+    /// the process.
+    #[default]
+    Recorded,
+    /// Once the fsync that covers them is done (Kafka: as `recorded`, the broker's `acks=all` or
+    /// the spool's fsync). Survives power loss.
+    Fsynced,
+    /// At once; the events follow. A crash can lose the last few milliseconds of events.
+    None,
+}
+
+impl EventsAck {
+    pub fn name(self) -> &'static str {
+        match self {
+            EventsAck::Recorded => "recorded",
+            EventsAck::Fsynced => "fsynced",
+            EventsAck::None => "none",
+        }
+    }
+}
+
+impl std::str::FromStr for EventsAck {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "recorded" => Ok(EventsAck::Recorded),
+            "fsynced" => Ok(EventsAck::Fsynced),
+            "none" => Ok(EventsAck::None),
+            _ => Err(format!(
+                "events ack must be `recorded`, `fsynced` or `none`, not {s:?}"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for EventsAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -98,6 +145,12 @@ pub struct LimitsConfig {
     /// Events queued for the log writer at most.
     pub events_capacity: usize,
     pub when_events_full: WhenEventsFull,
+    /// When an answer may go out (`--events-ack` overrides it).
+    pub events_ack: EventsAck,
+    /// How long an answer waits for its events to be recorded before the request fails with
+    /// 503 `events_unavailable` instead.
+    #[serde(with = "humantime_serde")]
+    pub events_ack_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -106,6 +159,8 @@ impl Default for LimitsConfig {
             max_body_bytes: 4 * 1024 * 1024,
             events_capacity: 8192,
             when_events_full: WhenEventsFull::Reject,
+            events_ack: EventsAck::Recorded,
+            events_ack_timeout: Duration::from_secs(10),
         }
     }
 }

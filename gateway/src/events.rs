@@ -1,43 +1,67 @@
-//! Data-plane events leave the request path through a bounded queue; one writer task batches
-//! them onto the log. Requests never wait on disk. When the queue is full the configured policy
-//! applies at the start of a request (default: 503), so no admitted request loses an event.
+//! Data-plane events leave the request path through a bounded queue; one writer task appends them
+//! to the log with group commit: it appends as soon as events are waiting, and whatever arrives
+//! while an append is in flight goes into the next one. A request's answer waits until its last
+//! event is recorded ([`Emitter::record`], per [`EventsAck`]); the events queued before it are in
+//! the same append or an earlier one, so they are recorded too. When the queue is full the
+//! configured policy applies at the start of a request (default: 503), so no admitted request
+//! loses an event.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use loom_schemas::codec::Registry;
 use loom_schemas::event::Event;
-use loom_schemas::log::{Log, Topic};
-use tokio::sync::mpsc;
+use loom_schemas::log::{Log, Record, Topic};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::config::WhenEventsFull;
+use crate::config::{EventsAck, LimitsConfig, WhenEventsFull};
 
 /// Events per append, at most.
 const BATCH: usize = 512;
-/// How long the writer lets a small batch grow before appending it: fewer, larger appends cost
-/// far less CPU than one per request, and nobody waits on them.
+/// With `--events-ack none` nobody waits for an append: the writer lets a small batch grow this
+/// long, since fewer, larger appends cost far less CPU.
 const LINGER: Duration = Duration::from_millis(5);
+
+/// An event in the queue, with whoever waits for it to be recorded.
+struct Queued {
+    event: Event,
+    recorded: Option<oneshot::Sender<()>>,
+}
 
 /// The request path's handle on the event queue.
 #[derive(Clone)]
 pub struct Emitter {
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::Sender<Queued>,
     when_full: WhenEventsFull,
+    ack: EventsAck,
+    ack_timeout: Duration,
 }
 
 /// The queue was full and the policy is to refuse the request.
 #[derive(Debug)]
 pub struct QueueFull;
 
+/// A request's events were not recorded in time (or the writer is gone): its answer must not go
+/// out as if they were.
+#[derive(Debug)]
+pub struct Unrecorded;
+
 impl Emitter {
     /// Creates the queue; run the returned writer until the emitter and its clones are dropped.
-    pub fn new(
-        capacity: usize,
-        when_full: WhenEventsFull,
-        log: Arc<dyn Log>,
-    ) -> (Emitter, EventWriter) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (Emitter { tx, when_full }, EventWriter { rx, log })
+    pub fn new(limits: &LimitsConfig, log: Arc<dyn Log>) -> (Emitter, EventWriter) {
+        let (tx, rx) = mpsc::channel(limits.events_capacity);
+        let emitter = Emitter {
+            tx,
+            when_full: limits.when_events_full,
+            ack: limits.events_ack,
+            ack_timeout: limits.events_ack_timeout,
+        };
+        let writer = EventWriter {
+            rx,
+            log,
+            ack: limits.events_ack,
+        };
+        (emitter, writer)
     }
 
     /// Queues the first event of a request, applying the full-queue policy.
@@ -47,30 +71,77 @@ impl Emitter {
                 self.emit(event).await;
                 Ok(())
             }
-            WhenEventsFull::Reject => self.tx.try_send(event).map_err(|error| match error {
-                mpsc::error::TrySendError::Full(_) => {
-                    metrics::counter!("loom_events_rejected_requests_total").increment(1);
-                    QueueFull
-                }
-                mpsc::error::TrySendError::Closed(_) => QueueFull,
-            }),
+            WhenEventsFull::Reject => self
+                .tx
+                .try_send(Queued {
+                    event,
+                    recorded: None,
+                })
+                .map_err(|error| match error {
+                    mpsc::error::TrySendError::Full(_) => {
+                        metrics::counter!("loom_events_rejected_requests_total").increment(1);
+                        QueueFull
+                    }
+                    mpsc::error::TrySendError::Closed(_) => QueueFull,
+                }),
         }
     }
 
     /// Queues an event of an admitted request, waiting for room if needed.
     pub async fn emit(&self, event: Event) {
-        if self.tx.send(event).await.is_err() {
+        let queued = Queued {
+            event,
+            recorded: None,
+        };
+        if self.tx.send(queued).await.is_err() {
             tracing::error!("event writer is gone; an event was lost");
             metrics::counter!("loom_events_lost_total").increment(1);
+        }
+    }
+
+    /// Queues the last event of a request and waits until it is recorded, with every event
+    /// queued before it (at once with `--events-ack none`). The request's answer goes out only
+    /// after this returns `Ok`.
+    pub async fn record(&self, event: Event) -> Result<(), Unrecorded> {
+        if self.ack == EventsAck::None {
+            self.emit(event).await;
+            return Ok(());
+        }
+        let started = Instant::now();
+        let (recorded, done) = oneshot::channel();
+        let queued = Queued {
+            event,
+            recorded: Some(recorded),
+        };
+        let waited = tokio::time::timeout(self.ack_timeout, async {
+            self.tx.send(queued).await.map_err(|_| Unrecorded)?;
+            done.await.map_err(|_| Unrecorded)
+        })
+        .await;
+        metrics::histogram!("loom_events_ack_wait_seconds").record(started.elapsed().as_secs_f64());
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Unrecorded)) | Err(_) => {
+                metrics::counter!("loom_events_unrecorded_answers_total").increment(1);
+                tracing::error!(
+                    timeout = ?self.ack_timeout,
+                    "a request's events were not recorded in time; answering 503"
+                );
+                Err(Unrecorded)
+            }
         }
     }
 
     /// Queues an event without waiting (for code that cannot wait, such as a drop handler).
     /// Hands the event back if the queue is full.
     pub fn try_emit(&self, event: Event) -> Result<(), Box<Event>> {
-        self.tx.try_send(event).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event) => {
-                Box::new(event)
+        let queued = Queued {
+            event,
+            recorded: None,
+        };
+        self.tx.try_send(queued).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(queued) | mpsc::error::TrySendError::Closed(queued) => {
+                Box::new(queued.event)
             }
         })
     }
@@ -78,8 +149,9 @@ impl Emitter {
 
 /// Drains the queue onto the log in batches.
 pub struct EventWriter {
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::Receiver<Queued>,
     log: Arc<dyn Log>,
+    ack: EventsAck,
 }
 
 impl EventWriter {
@@ -90,53 +162,74 @@ impl EventWriter {
             tracing::error!("the event schemas do not load; events cannot be written");
             return;
         };
-        let mut events = Vec::with_capacity(BATCH);
-        while self.rx.recv_many(&mut events, BATCH).await > 0 {
-            if events.len() < BATCH {
+        let mut batch = Vec::with_capacity(BATCH);
+        while self.rx.recv_many(&mut batch, BATCH).await > 0 {
+            if self.ack == EventsAck::None && batch.len() < BATCH {
                 tokio::time::sleep(LINGER).await;
-                while events.len() < BATCH {
+                while batch.len() < BATCH {
                     match self.rx.try_recv() {
-                        Ok(event) => events.push(event),
+                        Ok(queued) => batch.push(queued),
                         Err(_) => break,
                     }
                 }
             }
-            let mut backoff = Duration::from_millis(50);
-            // The events stay in hand until the log has them; a retry encodes them again.
-            let count = loop {
-                let records: Vec<_> = events
-                    .iter()
-                    .filter_map(|event| match registry.encode_record(event) {
-                        Ok(record) => Some(record),
-                        Err(error) => {
-                            metrics::counter!("loom_events_unencodable_total").increment(1);
-                            tracing::error!(%error, event_type = event.payload.event_type(), "an event could not be encoded");
-                            None
-                        }
-                    })
-                    .collect();
-                let count = records.len();
-                match self.log.append(Topic::Data, records).await {
-                    Ok(_) => break count,
-                    Err(error) => {
-                        metrics::counter!("loom_events_append_failures_total").increment(1);
-                        tracing::error!(%error, count, "appending events failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
+            let count = self.append(registry, &batch).await;
+            let durable = match self.ack {
+                EventsAck::Fsynced => self.log.sync().await.map_err(|error| {
+                    metrics::counter!("loom_events_sync_failures_total").increment(1);
+                    tracing::error!(%error, "syncing the log failed; the waiting answers get 503");
+                }),
+                EventsAck::Recorded | EventsAck::None => Ok(()),
             };
-            events.clear();
+            for queued in batch.drain(..) {
+                if let (Some(recorded), Ok(())) = (queued.recorded, durable) {
+                    let _ = recorded.send(());
+                }
+            }
             metrics::counter!("loom_events_written_total").increment(count as u64);
             metrics::gauge!("loom_events_queued").set(self.rx.len() as f64);
+        }
+    }
+
+    /// Appends a batch, retrying until the log takes it; returns how many events were written.
+    async fn append(&self, registry: &Registry, batch: &[Queued]) -> usize {
+        let mut backoff = Duration::from_millis(50);
+        // The events stay in hand until the log has them; a retry encodes them again.
+        loop {
+            let records: Vec<Record> = batch
+                .iter()
+                .filter_map(|queued| match registry.encode_record(&queued.event) {
+                    Ok(record) => Some(record),
+                    Err(error) => {
+                        metrics::counter!("loom_events_unencodable_total").increment(1);
+                        tracing::error!(%error, event_type = queued.event.payload.event_type(), "an event could not be encoded");
+                        None
+                    }
+                })
+                .collect();
+            let count = records.len();
+            match self.log.append(Topic::Data, records).await {
+                Ok(_) => return count,
+                Err(error) => {
+                    metrics::counter!("loom_events_append_failures_total").increment(1);
+                    tracing::error!(%error, count, "appending events failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
     use loom_schemas::event::{Envelope, TenantCreated};
-    use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig};
+    use loom_schemas::log::{
+        EmbeddedLog, EmbeddedLogConfig, GroupReader, LogError, LogReader, Position,
+    };
     use uuid::Uuid;
 
     use super::*;
@@ -148,18 +241,32 @@ mod tests {
         }
     }
 
+    fn limits(capacity: usize, when_full: WhenEventsFull, ack: EventsAck) -> LimitsConfig {
+        LimitsConfig {
+            events_capacity: capacity,
+            when_events_full: when_full,
+            events_ack: ack,
+            events_ack_timeout: Duration::from_secs(10),
+            ..LimitsConfig::default()
+        }
+    }
+
     async fn log() -> (tempfile::TempDir, Arc<dyn Log>) {
         let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(EmbeddedLogConfig::new(dir.path()))
-            .await
-            .unwrap();
+        let log = EmbeddedLog::open(EmbeddedLogConfig::new(
+            dir.path(),
+            loom_schemas::log::ChainKey::new([1; 32]),
+        ))
+        .await
+        .unwrap();
         (dir, Arc::new(log))
     }
 
     #[tokio::test]
     async fn a_full_queue_refuses_new_requests_or_makes_them_wait() {
         let (_dir, log) = log().await;
-        let (emitter, writer) = Emitter::new(2, WhenEventsFull::Reject, Arc::clone(&log));
+        let config = limits(2, WhenEventsFull::Reject, EventsAck::Recorded);
+        let (emitter, writer) = Emitter::new(&config, Arc::clone(&log));
         emitter.admit(event()).await.unwrap();
         emitter.emit(event()).await;
         assert!(
@@ -180,7 +287,8 @@ mod tests {
         writing.await.unwrap();
         assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 3);
 
-        let (emitter, writer) = Emitter::new(1, WhenEventsFull::Wait, Arc::clone(&log));
+        let config = limits(1, WhenEventsFull::Wait, EventsAck::Recorded);
+        let (emitter, writer) = Emitter::new(&config, Arc::clone(&log));
         emitter.admit(event()).await.unwrap();
         let waiting = {
             let emitter = emitter.clone();
@@ -196,5 +304,124 @@ mod tests {
         drop(emitter);
         writing.await.unwrap();
         assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 5);
+    }
+
+    /// A log that counts syncs and can hold appends back, around the real embedded log.
+    struct Observed {
+        inner: Arc<dyn Log>,
+        syncs: AtomicUsize,
+        hold: tokio::sync::Semaphore,
+    }
+
+    #[async_trait]
+    impl Log for Observed {
+        fn partitions(&self, topic: Topic) -> u32 {
+            self.inner.partitions(topic)
+        }
+        async fn append(
+            &self,
+            topic: Topic,
+            records: Vec<Record>,
+        ) -> Result<Vec<Position>, LogError> {
+            let _permit = self.hold.acquire().await;
+            self.inner.append(topic, records).await
+        }
+        async fn end_offset(&self, topic: Topic, partition: u32) -> Result<u64, LogError> {
+            self.inner.end_offset(topic, partition).await
+        }
+        async fn read_from(
+            &self,
+            topic: Topic,
+            partition: u32,
+            offset: u64,
+        ) -> Result<Box<dyn LogReader>, LogError> {
+            self.inner.read_from(topic, partition, offset).await
+        }
+        async fn sync(&self) -> Result<(), LogError> {
+            self.syncs.fetch_add(1, Ordering::SeqCst);
+            self.inner.sync().await
+        }
+        async fn join_group(
+            &self,
+            group: &str,
+            topic: Topic,
+        ) -> Result<Box<dyn GroupReader>, LogError> {
+            self.inner.join_group(group, topic).await
+        }
+    }
+
+    async fn observed() -> (tempfile::TempDir, Arc<Observed>) {
+        let (dir, inner) = log().await;
+        let log = Arc::new(Observed {
+            inner,
+            syncs: AtomicUsize::new(0),
+            hold: tokio::sync::Semaphore::new(0),
+        });
+        (dir, log)
+    }
+
+    #[tokio::test]
+    async fn an_answer_waits_until_its_events_and_those_before_are_in_the_log() {
+        for ack in [EventsAck::Recorded, EventsAck::Fsynced] {
+            let (_dir, log) = observed().await;
+            let (emitter, writer) = Emitter::new(
+                &limits(64, WhenEventsFull::Reject, ack),
+                Arc::clone(&log) as Arc<dyn Log>,
+            );
+            let writing = tokio::spawn(writer.run());
+            emitter.admit(event()).await.unwrap();
+            emitter.emit(event()).await;
+            let answering = {
+                let emitter = emitter.clone();
+                tokio::spawn(async move { emitter.record(event()).await })
+            };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(
+                !answering.is_finished(),
+                "{ack}: the answer waits while the log holds the append back"
+            );
+            log.hold.add_permits(1000);
+            answering.await.unwrap().unwrap();
+            // Recorded means readable: all three events are in the log when the answer goes.
+            assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 3, "{ack}");
+            let syncs = log.syncs.load(Ordering::SeqCst);
+            match ack {
+                EventsAck::Fsynced => assert!(syncs >= 1, "fsynced answers wait for a sync"),
+                _ => assert_eq!(syncs, 0, "recorded answers do not wait for a sync"),
+            }
+            drop(emitter);
+            writing.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_events_cannot_be_recorded_in_time_is_refused() {
+        let (_dir, log) = observed().await;
+        let config = LimitsConfig {
+            events_ack_timeout: Duration::from_millis(100),
+            ..limits(64, WhenEventsFull::Reject, EventsAck::Recorded)
+        };
+        let (emitter, writer) = Emitter::new(&config, Arc::clone(&log) as Arc<dyn Log>);
+        let writing = tokio::spawn(writer.run());
+        assert!(emitter.record(event()).await.is_err());
+        // The event is not dropped: it is recorded once the log takes appends again.
+        log.hold.add_permits(1000);
+        drop(emitter);
+        writing.await.unwrap();
+        assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn with_no_ack_an_answer_does_not_wait() {
+        let (_dir, log) = observed().await;
+        let config = limits(64, WhenEventsFull::Reject, EventsAck::None);
+        let (emitter, writer) = Emitter::new(&config, Arc::clone(&log) as Arc<dyn Log>);
+        let writing = tokio::spawn(writer.run());
+        emitter.record(event()).await.unwrap();
+        assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 0);
+        log.hold.add_permits(1000);
+        drop(emitter);
+        writing.await.unwrap();
+        assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 1);
     }
 }

@@ -84,12 +84,7 @@ pub async fn serve(
             }
         });
     }
-    let limits = &config.gateway.limits;
-    let (emitter, writer) = Emitter::new(
-        limits.events_capacity,
-        limits.when_events_full,
-        Arc::clone(&node.log),
-    );
+    let (emitter, writer) = Emitter::new(&config.gateway.limits, Arc::clone(&node.log));
     // The writer ends once every request holding an emitter is done and the queue is drained.
     tasks.spawn(writer.run());
     // The tokenizer for usage estimates takes a moment to build: build it now, off the request path.

@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use loom_schemas::codec::Registry;
 use loom_schemas::keystore::{KeyStore, KeyStoreError, MasterKey, MasterKeySource};
+use loom_schemas::log::checkpoint::anchor_event;
 use loom_schemas::log::{
-    EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, KafkaLog, KafkaLogConfig, Log, LogError,
+    ChainKey, EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, KafkaLog, KafkaLogConfig, Log, LogError,
     SpoolConfig, SpooledLog, Topic,
 };
 use tokio_util::sync::CancellationToken;
@@ -95,11 +97,48 @@ pub struct Node {
     pub log: Arc<dyn Log>,
     /// The log's spool, when it is on Kafka.
     spool: Option<Arc<SpooledLog>>,
+    /// Anchors the embedded log's data head in its control topic.
+    anchors: Option<Anchors>,
     pub keys: Arc<KeyStore>,
     pub control: Control,
     /// `role/host/pid`, the producer of the events this node writes.
     pub producer: Arc<str>,
     fsync: FsyncPolicy,
+}
+
+/// How often the embedded log's data head is anchored in the control topic (and at every start).
+const ANCHOR_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Appends the embedded log's durable data head to its control topic (`log.anchored`), so that
+/// `loom verify` can check the data chain against a head only the master key could have made.
+#[derive(Clone)]
+struct Anchors {
+    log: Arc<EmbeddedLog>,
+    key: ChainKey,
+    /// The offset last anchored.
+    last: Arc<std::sync::Mutex<Option<u64>>>,
+}
+
+impl Anchors {
+    /// Anchors the data head if it moved since the last anchor.
+    async fn anchor(&self, producer: &str) -> Result<(), LogError> {
+        let Some((offset, head)) = self.log.durable_head(Topic::Data) else {
+            return Ok(());
+        };
+        let moved = self.last.lock().map_or(true, |last| *last != Some(offset));
+        if !moved || offset == 0 {
+            return Ok(());
+        }
+        let event = anchor_event(&self.key, Topic::Data, 0, offset, &head, producer);
+        let record = Registry::builtin()
+            .and_then(|registry| registry.encode_record(&event))
+            .map_err(|e| LogError::Task(format!("encoding an anchor: {e}")))?;
+        self.log.append(Topic::Control, vec![record]).await?;
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(offset);
+        }
+        Ok(())
+    }
 }
 
 /// `role/host/pid`.
@@ -128,6 +167,7 @@ impl Node {
                 "generated a new master key: back it up, or set LOOM_MASTER_KEY; without it no stored body can be read"
             );
         }
+        let chain_key = master.chain_key();
         let keys = match &config.key_store {
             KeyStoreLocation::DataDir => {
                 KeyStore::open_file(config.data_dir.join("keys.json"), master).await?
@@ -142,15 +182,21 @@ impl Node {
             }
         };
         let mut spooled_log = None;
+        let mut embedded = None;
         let log: Arc<dyn Log> = match &config.log {
-            LogLocation::Embedded => Arc::new(
-                EmbeddedLog::open(EmbeddedLogConfig {
-                    dir: config.log_dir(),
-                    fsync: config.fsync,
-                    segment_bytes: config.segment_bytes,
-                })
-                .await?,
-            ),
+            LogLocation::Embedded => {
+                let log = Arc::new(
+                    EmbeddedLog::open(EmbeddedLogConfig {
+                        dir: config.log_dir(),
+                        fsync: config.fsync,
+                        segment_bytes: config.segment_bytes,
+                        chain_key: chain_key.clone(),
+                    })
+                    .await?,
+                );
+                embedded = Some(Arc::clone(&log));
+                log
+            }
             LogLocation::Kafka {
                 kafka,
                 spool_max_records,
@@ -158,7 +204,7 @@ impl Node {
                 let kafka = Arc::new(KafkaLog::connect(kafka.clone()).await?);
                 let spool = SpoolConfig {
                     max_records: *spool_max_records,
-                    ..SpoolConfig::new(config.data_dir.join("spool"))
+                    ..SpoolConfig::new(config.data_dir.join("spool"), chain_key.clone())
                 };
                 let spooled = Arc::new(SpooledLog::open(kafka, spool).await?);
                 spooled_log = Some(Arc::clone(&spooled));
@@ -177,14 +223,24 @@ impl Node {
             tenants = control.read(|s| s.tenants().count()),
             "opened data directory"
         );
-        Ok(Node {
+        let node = Node {
             log,
             spool: spooled_log,
+            anchors: embedded.map(|log| Anchors {
+                log,
+                key: chain_key,
+                last: Arc::new(std::sync::Mutex::new(None)),
+            }),
             keys: Arc::new(keys),
             control,
             producer: producer_id(config.role).into(),
             fsync: config.fsync,
-        })
+        };
+        // What recovery left is durable now: anchor it before anything else is written.
+        if let Some(anchors) = &node.anchors {
+            anchors.anchor(&node.producer).await?;
+        }
+        Ok(node)
     }
 
     /// Background work until `shutdown`: follows the control topic, forwards the spool to Kafka,
@@ -200,7 +256,31 @@ impl Node {
             Arc::clone(&self.keys),
             shutdown.clone(),
         );
-        tokio::join!(follow, drain, self.sync_periodically(shutdown.clone()));
+        tokio::join!(
+            follow,
+            drain,
+            self.sync_periodically(shutdown.clone()),
+            self.anchor_periodically(shutdown.clone())
+        );
+    }
+
+    async fn anchor_periodically(&self, shutdown: CancellationToken) {
+        let Some(anchors) = &self.anchors else {
+            return;
+        };
+        let mut ticker = tokio::time::interval(ANCHOR_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {
+                    if let Err(error) = anchors.anchor(&self.producer).await {
+                        tracing::error!(%error, "anchoring the log's head failed");
+                    }
+                }
+            }
+        }
     }
 
     async fn sync_periodically(&self, shutdown: CancellationToken) {

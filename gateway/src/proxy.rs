@@ -191,8 +191,25 @@ impl Flow {
             error_class: Some(error_class.to_owned()),
             ..Outcome::default()
         };
-        self.gateway.emitter.emit(self.completed(&outcome)).await;
-        self.error_response(error)
+        self.fail_with(&outcome, error).await
+    }
+
+    /// Ends a request with an error whose outcome says more (deployment, provider).
+    pub async fn fail_with(&self, outcome: &Outcome, error: ApiError) -> Response {
+        match self.complete(outcome).await {
+            Ok(()) => self.error_response(error),
+            Err(unrecorded) => self.error_response(unrecorded),
+        }
+    }
+
+    /// Records `request.completed` for `outcome`, waiting as `--events-ack` says. The answer
+    /// goes out only after `Ok`; `Err` is the answer instead (503: the events were not recorded).
+    pub async fn complete(&self, outcome: &Outcome) -> Result<(), ApiError> {
+        self.gateway
+            .emitter
+            .record(self.completed(outcome))
+            .await
+            .map_err(|_| ApiError::events_unavailable())
     }
 
     /// An error in the client's dialect, with the usual headers.
@@ -994,8 +1011,7 @@ async fn run_chat(mut flow: Flow, mut request: Value) -> Response {
             }
             let api_error = upstream_failure(&error);
             outcome.http_status = api_error.status.as_u16();
-            flow.gateway.emitter.emit(flow.completed(&outcome)).await;
-            return flow.error_response(api_error);
+            return flow.fail_with(&outcome, api_error).await;
         }
     };
     if stream {
@@ -1048,8 +1064,7 @@ pub(crate) async fn finish_json(
                 deployment: Some(deployment.name.clone()),
                 ..Outcome::default()
             };
-            gateway.emitter.emit(flow.completed(&outcome)).await;
-            return flow.error_response(api_error);
+            return flow.fail_with(&outcome, api_error).await;
         }
     };
     // What the upstream sent is recorded; the client gets it in OpenAI's shape.
@@ -1095,7 +1110,9 @@ pub(crate) async fn finish_json(
         cost_micro_usd,
         ..Outcome::default()
     };
-    gateway.emitter.emit(flow.completed(&outcome)).await;
+    if let Err(unrecorded) = flow.complete(&outcome).await {
+        return flow.error_response(unrecorded);
+    }
     let body = match (flow.dialect, operation) {
         (Dialect::Anthropic, Operation::Chat) => {
             Bytes::from(messages_api::chat_to_message(&parsed).to_string())

@@ -15,12 +15,16 @@ use futures_util::{Stream, StreamExt};
 use loom_schemas::event::{CallStatus, Event, RequestStatus};
 use serde_json::{Value, json};
 
+use crate::http::ApiError;
 use crate::messages_api::{self, MessagesEncoder};
 use crate::providers::adapter;
 use crate::providers::anthropic::StreamTranslator;
 use crate::proxy::{
     Answer, CallRecord, Dialect, Flow, Outcome, Usage, call_event, tool_call_events,
 };
+
+/// How long the upstream body may go on after `[DONE]` before the stream is finished anyway.
+const AFTER_DONE: Duration = Duration::from_secs(1);
 
 type UpstreamEvents = Pin<Box<dyn Stream<Item = Result<eventsource_stream::Event, String>> + Send>>;
 
@@ -113,6 +117,12 @@ impl ChatStream {
         }
         let timeout = self.flow.gateway.config.routing.attempt_timeout;
         loop {
+            // After `[DONE]` only the end of the upstream body is expected; do not wait long.
+            let timeout = if self.saw_done {
+                timeout.min(AFTER_DONE)
+            } else {
+                timeout
+            };
             if let Some(data) = self.pending.pop_front() {
                 match self.process(data) {
                     Some(frame) => return Some(frame),
@@ -123,6 +133,7 @@ impl ChatStream {
             let next = tokio::time::timeout(timeout, self.events.next()).await;
             self.flow.outside += waited.elapsed();
             let event = match next {
+                Ok(None) | Err(_) if self.saw_done => return self.done().await,
                 Err(_) => {
                     return self
                         .fail(
@@ -141,10 +152,6 @@ impl ChatStream {
                             "the upstream stream failed",
                         )
                         .await;
-                }
-                Ok(None) if self.saw_done => {
-                    self.finish(CallStatus::Ok, None).await;
-                    return None;
                 }
                 Ok(None) => {
                     return self
@@ -172,12 +179,14 @@ impl ChatStream {
 
     /// The frame for one chunk of OpenAI data, if the client is to see it.
     fn process(&mut self, data: String) -> Option<Bytes> {
+        // Nothing after `[DONE]` reaches the client.
+        if self.saw_done {
+            return None;
+        }
         if data.trim() == "[DONE]" {
+            // The client's last frames go out once the request is recorded: see `done`.
             self.saw_done = true;
-            return match &mut self.encoder {
-                Some(encoder) => joined(encoder.finish(None)),
-                None => Some(Bytes::from_static(b"data: [DONE]\n\n")),
-            };
+            return None;
         }
         let Ok(mut chunk) = serde_json::from_str::<Value>(&data) else {
             return Some(Bytes::from(format!("data: {data}\n\n")));
@@ -263,15 +272,33 @@ impl ChatStream {
         }
     }
 
+    /// The upstream finished: records the request, then gives the client its last frames.
+    async fn done(&mut self) -> Option<Bytes> {
+        if let Err(unrecorded) = self.finish(CallStatus::Ok, None).await {
+            return Some(self.error_frame(unrecorded.code, &unrecorded.message));
+        }
+        match &mut self.encoder {
+            Some(encoder) => joined(encoder.finish(None)),
+            None => Some(Bytes::from_static(b"data: [DONE]\n\n")),
+        }
+    }
+
     /// Ends the stream with an error frame for the client.
     async fn fail(&mut self, status: CallStatus, class: &str, message: &str) -> Option<Bytes> {
-        self.finish(status, Some(class)).await;
+        match self.finish(status, Some(class)).await {
+            Ok(()) => Some(self.error_frame(class, message)),
+            Err(unrecorded) => Some(self.error_frame(unrecorded.code, &unrecorded.message)),
+        }
+    }
+
+    /// An error event in the client's dialect.
+    fn error_frame(&self, code: &str, message: &str) -> Bytes {
         if self.encoder.is_some() {
             let error = messages_api::error_body("api_error", message);
-            return Some(Bytes::from(format!("event: error\ndata: {error}\n\n")));
+            return Bytes::from(format!("event: error\ndata: {error}\n\n"));
         }
-        let error = json!({"error": {"message": message, "type": "server_error", "param": null, "code": class}});
-        Some(Bytes::from(format!("data: {error}\n\n")))
+        let error = json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}});
+        Bytes::from(format!("data: {error}\n\n"))
     }
 
     /// The final events of the request.
@@ -322,9 +349,22 @@ impl ChatStream {
         events
     }
 
-    async fn finish(&mut self, status: CallStatus, class: Option<&str>) {
-        for event in self.final_events(status, class) {
+    /// Queues the final events; the last, `request.completed`, is recorded before this returns.
+    async fn finish(&mut self, status: CallStatus, class: Option<&str>) -> Result<(), ApiError> {
+        let mut events = self.final_events(status, class);
+        let completed = events.pop();
+        for event in events {
             self.flow.gateway.emitter.emit(event).await;
+        }
+        match completed {
+            Some(completed) => self
+                .flow
+                .gateway
+                .emitter
+                .record(completed)
+                .await
+                .map_err(|_| ApiError::events_unavailable()),
+            None => Ok(()),
         }
     }
 }

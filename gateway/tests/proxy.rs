@@ -174,9 +174,13 @@ impl Harness {
     async fn stop(self) -> Recorded {
         self.shutdown.cancel();
         self.server.await.unwrap();
-        let log = EmbeddedLog::open(EmbeddedLogConfig::new(self.dir.path().join("log")))
-            .await
-            .unwrap();
+        let chain_key = MasterKey::parse(MASTER).unwrap().chain_key();
+        let log = EmbeddedLog::open(EmbeddedLogConfig::new(
+            self.dir.path().join("log"),
+            chain_key,
+        ))
+        .await
+        .unwrap();
         let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
         let registry = Registry::builtin().unwrap();
         let mut events = Vec::new();

@@ -106,9 +106,12 @@ impl History {
 
 async fn embedded_log(dir: &std::path::Path) -> Arc<dyn Log> {
     Arc::new(
-        EmbeddedLog::open(EmbeddedLogConfig::new(dir))
-            .await
-            .unwrap(),
+        EmbeddedLog::open(EmbeddedLogConfig::new(
+            dir,
+            loom_schemas::testing::chain_key(),
+        ))
+        .await
+        .unwrap(),
     )
 }
 

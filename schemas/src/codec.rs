@@ -106,6 +106,7 @@ builtin_schemas! {
     "role.granted" v 1,
     "role.revoked" v 1,
     "tenant.erased" v 1,
+    "log.anchored" v 1,
 }
 
 struct Entry {

@@ -132,6 +132,7 @@ events! {
     Control "role.granted" => RoleGranted,
     Control "role.revoked" => RoleRevoked,
     Control "tenant.erased" => TenantErased,
+    Control "log.anchored" => LogAnchored,
 }
 
 /// Something done with a payload of any concrete type (encoding it, for the codec).
@@ -394,4 +395,18 @@ pub struct RoleRevoked {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantErased {
     pub reason: Option<String>,
+}
+
+/// The authenticated chain head of an embedded-log partition (see `log::checkpoint::anchor_mac`),
+/// appended by the node that holds the log; `loom verify` checks the chain against the latest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogAnchored {
+    pub topic: String,
+    pub partition: i32,
+    /// Records the head covers: the chain hash after record `offset - 1`.
+    pub offset: i64,
+    #[serde(with = "serde_bytes")]
+    pub head: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub mac: Vec<u8>,
 }

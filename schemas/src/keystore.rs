@@ -94,20 +94,47 @@ impl MasterKey {
         Ok(MasterKey(KeyBytes::generate()?))
     }
 
+    /// The key that authenticates the embedded log's chain heads (checkpoints and anchors):
+    /// HKDF-SHA256 of the master key, so that neither reveals the other.
+    pub fn chain_key(&self) -> crate::log::ChainKey {
+        let mut okm = [0u8; 32];
+        let hkdf = hkdf::Hkdf::<sha2::Sha256>::new(None, self.0.expose());
+        // 32 bytes is far below HKDF-SHA256's output limit: expand cannot fail here.
+        let _ = hkdf.expand(b"loom.log.chain-key.v1", &mut okm);
+        crate::log::ChainKey::new(okm)
+    }
+
+    /// The key from `from_env` if given, else from `<data dir>/master.key`; `None` if neither
+    /// exists (for readers, which never generate one).
+    pub fn load(
+        data_dir: &Path,
+        from_env: Option<&str>,
+    ) -> Result<Option<MasterKey>, KeyStoreError> {
+        if let Some(text) = from_env {
+            return Ok(Some(Self::parse(text)?));
+        }
+        let path = data_dir.join("master.key");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(io_error(format!("reading {}", path.display())))?;
+        Ok(Some(Self::parse(&text)?))
+    }
+
     /// The key from `from_env` (the value of `LOOM_MASTER_KEY`) if given, else from
     /// `<data dir>/master.key`, generating that file on first run.
     pub fn load_or_generate(
         data_dir: &Path,
         from_env: Option<&str>,
     ) -> Result<(MasterKey, MasterKeySource), KeyStoreError> {
-        if let Some(text) = from_env {
-            return Ok((Self::parse(text)?, MasterKeySource::Environment));
-        }
         let path = data_dir.join("master.key");
-        if path.exists() {
-            let text = std::fs::read_to_string(&path)
-                .map_err(io_error(format!("reading {}", path.display())))?;
-            return Ok((Self::parse(&text)?, MasterKeySource::File(path)));
+        if let Some(key) = Self::load(data_dir, from_env)? {
+            let source = match from_env {
+                Some(_) => MasterKeySource::Environment,
+                None => MasterKeySource::File(path),
+            };
+            return Ok((key, source));
         }
         let key = Self::generate()?;
         std::fs::create_dir_all(data_dir)

@@ -274,6 +274,17 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
             }
             .into(),
         ),
+        Event {
+            envelope: Envelope::new(Uuid::nil(), None, "gateway/test/1"),
+            payload: LogAnchored {
+                topic: "data".into(),
+                partition: 0,
+                offset: 1234,
+                head: vec![0xAB; 32],
+                mac: vec![0xCD; 32],
+            }
+            .into(),
+        },
     ])
 }
 

@@ -94,6 +94,16 @@ impl ApiError {
         )
     }
 
+    /// The request's events could not be recorded: it must not be answered as if they were.
+    pub fn events_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "events_unavailable",
+            "Loom could not record this request; retry shortly",
+        )
+    }
+
     pub fn invalid_request(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
 
+use super::checkpoint::{ChainKey, Checkpoint, CheckpointFile};
+use super::recovery::{self, Truncated, create_segment_file};
 use super::segment::{
     Chain, FRAME_HEADER_LEN, FrameRead, SEGMENT_HEADER_LEN, decode_body, decode_frame_header,
-    decode_segment_header, encode_frame, encode_segment_header, list_segments, read_frame,
-    segment_name,
+    decode_segment_header, encode_frame, list_segments, read_frame,
 };
 use super::{Entry, GroupEvent, GroupReader, Log, LogError, LogReader, Position, Record, Topic};
 
@@ -84,23 +85,22 @@ pub struct EmbeddedLogConfig {
     pub fsync: FsyncPolicy,
     /// A segment is closed and a new one started once it reaches this size.
     pub segment_bytes: u64,
+    /// Authenticates the partitions' checkpoints (derived from the master key).
+    pub chain_key: ChainKey,
 }
 
 impl EmbeddedLogConfig {
     pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    pub fn new(dir: impl Into<PathBuf>, chain_key: ChainKey) -> Self {
         Self {
             dir: dir.into(),
             fsync: FsyncPolicy::default(),
             segment_bytes: Self::DEFAULT_SEGMENT_BYTES,
+            chain_key,
         }
     }
 }
-
-/// How many records at the end of the active segment are read whole when opening, to find an
-/// unfinished write.
-const TAIL_CHECK_FRAMES: usize = 64;
 
 /// The embedded, single-process log.
 pub struct EmbeddedLog {
@@ -119,10 +119,29 @@ struct Partition {
     end: watch::Sender<u64>,
 }
 
+/// Takes the advisory lock that keeps a second writer out of the log directory `dir`.
+fn lock(dir: &Path) -> Result<File, LogError> {
+    std::fs::create_dir_all(dir).map_err(LogError::io(format!("creating {}", dir.display())))?;
+    let lock_path = dir.join("LOCK");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(LogError::io(format!("opening {}", lock_path.display())))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LogError::Locked(dir.to_owned())),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(LogError::io(format!("locking {}", lock_path.display()))(e))
+        }
+    }
+}
+
 impl EmbeddedLog {
-    /// Opens (or creates) the log, locks it for this process, and recovers from a crash: a record
-    /// left half-written at the end is truncated away and appends continue after the last
-    /// complete one.
+    /// Opens (or creates) the log, locks it for this process, and recovers from a crash: an
+    /// unfinished write after a partition's checkpoint is cut off (its bytes kept in
+    /// `quarantine/`); damage stops the open with an error naming segment, byte and offset.
     pub async fn open(config: EmbeddedLogConfig) -> Result<EmbeddedLog, LogError> {
         tokio::task::spawn_blocking(move || Self::open_blocking(config))
             .await
@@ -131,25 +150,10 @@ impl EmbeddedLog {
 
     fn open_blocking(config: EmbeddedLogConfig) -> Result<EmbeddedLog, LogError> {
         let dir = config.dir.clone();
-        std::fs::create_dir_all(&dir)
-            .map_err(LogError::io(format!("creating {}", dir.display())))?;
-        let lock_path = dir.join("LOCK");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(LogError::io(format!("opening {}", lock_path.display())))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(LogError::Locked(dir)),
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(LogError::io(format!("locking {}", lock_path.display()))(e));
-            }
-        }
+        let lock = lock(&dir)?;
         let open = |topic: Topic| -> Result<Arc<Partition>, LogError> {
             let partition_dir = dir.join(topic.name()).join("0");
-            let writer = Writer::recover(&partition_dir, &config, topic)?;
+            let writer = Writer::recover(&dir, &config, topic)?;
             let (end, _) = watch::channel(writer.next_offset);
             Ok(Arc::new(Partition {
                 dir: partition_dir,
@@ -168,30 +172,20 @@ impl EmbeddedLog {
     /// Opens the log for reading only, beside the process that holds it: no lock, nothing
     /// written. Readers see the records complete at this moment (an append under way is left
     /// out); appends and segment removal are refused. For `loom replay` next to a running server.
-    pub async fn open_read_only(dir: impl Into<PathBuf>) -> Result<EmbeddedLog, LogError> {
+    pub async fn open_read_only(
+        dir: impl Into<PathBuf>,
+        chain_key: ChainKey,
+    ) -> Result<EmbeddedLog, LogError> {
         let dir = dir.into();
         tokio::task::spawn_blocking(move || {
-            let report = super::segment::verify(&dir)?;
+            let report = super::verify::verify(&dir, &chain_key, &[])?;
             if let Some(problem) = report.first_problem() {
-                return Err(LogError::Corrupt {
-                    segment: problem.segment.clone(),
-                    byte: problem.byte,
-                    offset: problem.offset,
-                    reason: problem.reason.clone(),
-                });
+                return Err(problem.clone().into());
             }
             let open = |topic: Topic| -> Result<Arc<Partition>, LogError> {
                 let partition_dir = dir.join(topic.name()).join("0");
-                let first = list_segments(&partition_dir)
-                    .ok()
-                    .and_then(|segments| segments.first().map(|(base, _)| *base))
-                    .unwrap_or(0);
-                let records = report
-                    .partitions
-                    .iter()
-                    .find(|p| p.topic == topic.name() && p.partition == 0)
-                    .map_or(0, |p| p.records);
-                let (end, _) = watch::channel(first + records);
+                let end = report.partition(topic, 0).map_or(0, |p| p.end);
+                let (end, _) = watch::channel(end);
                 Ok(Arc::new(Partition {
                     dir: partition_dir,
                     writer: None,
@@ -213,6 +207,31 @@ impl EmbeddedLog {
         &self.dir
     }
 
+    /// The durable end of a partition as its last checkpoint has it: (records, chain head).
+    /// `None` when open read-only.
+    pub fn durable_head(&self, topic: Topic) -> Option<(u64, Chain)> {
+        self.partition(topic, 0)
+            .ok()?
+            .with_writer(|writer| Ok((writer.durable.offset, writer.durable.head)))
+            .ok()
+    }
+
+    /// `loom repair --truncate-at`: cuts `topic` so that it ends before record `offset`, moving
+    /// what it cuts to `<dir>/quarantine/`, and writes a new checkpoint there. Takes the lock:
+    /// no server may hold the log.
+    pub async fn truncate_at(
+        config: EmbeddedLogConfig,
+        topic: Topic,
+        offset: u64,
+    ) -> Result<Truncated, LogError> {
+        tokio::task::spawn_blocking(move || {
+            let _lock = lock(&config.dir)?;
+            recovery::truncate_at(&config.dir, topic, offset, &config.chain_key)
+        })
+        .await
+        .map_err(|e| LogError::Task(e.to_string()))?
+    }
+
     /// Deletes the segments of a partition that hold only records before `offset` (never the
     /// segment being written); returns how many went. Readers can then start at `offset` or later.
     pub async fn remove_before(&self, topic: Topic, offset: u64) -> Result<usize, LogError> {
@@ -221,19 +240,31 @@ impl EmbeddedLog {
         }
         let partition = Arc::clone(self.partition(topic, 0)?);
         tokio::task::spawn_blocking(move || {
-            let segments = list_segments(&partition.dir)?;
-            let mut removed = 0;
-            // A segment ends where the next begins; the last one is being written.
-            for pair in segments.windows(2) {
-                let ((_, path), (next_base, _)) = (&pair[0], &pair[1]);
-                if *next_base > offset {
-                    break;
+            partition.with_writer(|writer| {
+                let segments = list_segments(&partition.dir)?;
+                // A segment ends where the next begins; the last one is being written.
+                let doomed: Vec<&PathBuf> = segments
+                    .windows(2)
+                    .take_while(|pair| pair[1].0 <= offset)
+                    .map(|pair| &pair[0].1)
+                    .collect();
+                let Some(first) = segments.get(doomed.len()) else {
+                    return Ok(0);
+                };
+                if doomed.is_empty() {
+                    return Ok(0);
                 }
-                std::fs::remove_file(path)
-                    .map_err(LogError::io(format!("removing {}", path.display())))?;
-                removed += 1;
-            }
-            Ok(removed)
+                // The checkpoint stops counting them before any goes: a crash in between
+                // leaves segments the next open knows to remove.
+                writer.first_segment = first.0;
+                writer.segments -= doomed.len() as u64;
+                writer.checkpoint(true)?;
+                for path in &doomed {
+                    std::fs::remove_file(path)
+                        .map_err(LogError::io(format!("removing {}", path.display())))?;
+                }
+                Ok(doomed.len())
+            })
         })
         .await
         .map_err(|e| LogError::Task(e.to_string()))?
@@ -352,10 +383,18 @@ struct Writer {
     topic: Topic,
     file: File,
     segment: PathBuf,
+    /// Base offset of the current segment.
+    base: u64,
     /// Bytes in the current segment.
     size: u64,
     next_offset: u64,
     chain: Chain,
+    /// Base offset of the partition's first segment, and how many segments it has.
+    first_segment: u64,
+    segments: u64,
+    checkpoints: CheckpointFile,
+    /// The last checkpoint written.
+    durable: Checkpoint,
     fsync: FsyncPolicy,
     segment_bytes: u64,
     last_sync: Instant,
@@ -365,49 +404,46 @@ struct Writer {
 }
 
 impl Writer {
-    fn recover(dir: &Path, config: &EmbeddedLogConfig, topic: Topic) -> Result<Writer, LogError> {
-        std::fs::create_dir_all(dir)
-            .map_err(LogError::io(format!("creating {}", dir.display())))?;
-        let mut segments = list_segments(dir)?;
-        // A segment whose header never reached the disk is the trace of a crash during a roll.
-        while let Some((_, path)) = segments.last() {
-            let len = std::fs::metadata(path)
-                .map_err(LogError::io(format!("reading {}", path.display())))?
-                .len();
-            if len >= SEGMENT_HEADER_LEN {
-                break;
-            }
-            tracing::warn!(segment = %path.display(), "removing a segment whose header was never completely written");
-            std::fs::remove_file(path)
-                .map_err(LogError::io(format!("removing {}", path.display())))?;
-            segments.pop();
-        }
-        let (file, segment, size, next_offset, chain) = match segments.pop() {
-            None => {
-                let chain = [0u8; 32];
-                let (file, path) = create_segment_file(dir, 0, &chain)?;
-                (file, path, SEGMENT_HEADER_LEN, 0, chain)
-            }
-            Some((base, path)) => {
-                let (file, size, next_offset, chain) = recover_segment(&path, base)?;
-                (file, path, size, next_offset, chain)
-            }
-        };
-        Ok(Writer {
-            dir: dir.to_owned(),
+    /// Recovers the partition (see `recovery`) and checkpoints where it now ends.
+    fn recover(
+        log_dir: &Path,
+        config: &EmbeddedLogConfig,
+        topic: Topic,
+    ) -> Result<Writer, LogError> {
+        let recovered = recovery::recover(log_dir, topic, &config.chain_key)?;
+        let dir = log_dir.join(topic.name()).join("0");
+        let checkpoints = CheckpointFile::open(&dir, config.chain_key.clone(), topic)?;
+        let mut writer = Writer {
+            dir,
             topic,
-            file,
-            segment,
-            size,
-            next_offset,
-            chain,
+            file: recovered.file,
+            segment: recovered.path,
+            base: recovered.base,
+            size: recovered.size,
+            next_offset: recovered.next_offset,
+            chain: recovered.chain,
+            first_segment: recovered.first_segment,
+            segments: recovered.segments,
+            checkpoints,
+            durable: Checkpoint {
+                sequence: recovered.sequence,
+                first_segment: recovered.first_segment,
+                segments: recovered.segments,
+                segment: recovered.base,
+                position: recovered.size,
+                offset: recovered.next_offset,
+                head: recovered.chain,
+            },
             fsync: config.fsync,
             segment_bytes: config.segment_bytes,
             last_sync: Instant::now(),
-            unsynced: false,
+            // Records after the old checkpoint are synced and checkpointed now.
+            unsynced: true,
             failed: None,
             buf: Vec::new(),
-        })
+        };
+        writer.sync()?;
+        Ok(writer)
     }
 
     /// Seals the current segment and starts the next one.
@@ -417,8 +453,10 @@ impl Writer {
         tracing::debug!(topic = self.topic.name(), segment = %segment.display(), "rolled log segment");
         self.file = file;
         self.segment = segment;
+        self.base = self.next_offset;
         self.size = SEGMENT_HEADER_LEN;
-        Ok(())
+        self.segments += 1;
+        self.checkpoint(false)
     }
 
     /// Appends `records`, returning the offset of the first.
@@ -472,6 +510,7 @@ impl Writer {
         Ok(first)
     }
 
+    /// Forces the segment to disk, then checkpoints the new durable end.
     fn sync(&mut self) -> Result<(), LogError> {
         if !self.unsynced {
             return Ok(());
@@ -483,6 +522,27 @@ impl Writer {
         metrics::histogram!("loom_log_fsync_seconds").record(started.elapsed().as_secs_f64());
         self.unsynced = false;
         self.last_sync = Instant::now();
+        self.checkpoint(false)
+    }
+
+    /// Writes a checkpoint at the current end, which must be durable already; `durably` waits
+    /// for the checkpoint itself to reach the disk.
+    fn checkpoint(&mut self, durably: bool) -> Result<(), LogError> {
+        let checkpoint = Checkpoint {
+            sequence: self.durable.sequence + 1,
+            first_segment: self.first_segment,
+            segments: self.segments,
+            segment: self.base,
+            position: self.size,
+            offset: self.next_offset,
+            head: self.chain,
+        };
+        if durably {
+            self.checkpoints.write_durably(&checkpoint)?;
+        } else {
+            self.checkpoints.write(&checkpoint)?;
+        }
+        self.durable = checkpoint;
         Ok(())
     }
 }
@@ -493,145 +553,6 @@ impl Drop for Writer {
             tracing::error!(%error, "could not sync the log on close");
         }
     }
-}
-
-/// Opens the active segment at `path`, truncating an unfinished write at its end; returns the file
-/// positioned for appending, its size, the next offset and the chain hash so far.
-fn recover_segment(path: &Path, base: u64) -> Result<(File, u64, u64, Chain), LogError> {
-    let corrupt = |byte: u64, offset: Option<u64>, reason: &str| LogError::Corrupt {
-        segment: path.to_owned(),
-        byte,
-        offset,
-        reason: reason.to_owned(),
-    };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(LogError::io(format!("opening {}", path.display())))?;
-    let file_len = file
-        .metadata()
-        .map_err(LogError::io(format!("reading {}", path.display())))?
-        .len();
-    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
-    file.read_exact(&mut header)
-        .map_err(LogError::io(format!("reading {}", path.display())))?;
-    let (header_base, mut chain) =
-        decode_segment_header(&header).map_err(|reason| corrupt(0, None, reason))?;
-    if header_base != base {
-        return Err(corrupt(
-            0,
-            None,
-            "segment header's base offset does not match its file name",
-        ));
-    }
-
-    // Walk the frame headers (their lengths carry their own checksum) to the end, then read
-    // the last records whole: an unfinished write shows up there, as a frame that runs past
-    // the end, zeroed space, or a last record whose checksum fails.
-    let io = |what: &str| LogError::io(format!("{what} {}", path.display()));
-    let mut pos = SEGMENT_HEADER_LEN;
-    let mut offset = base;
-    let mut torn = None;
-    let mut recent = std::collections::VecDeque::with_capacity(TAIL_CHECK_FRAMES);
-    let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
-    loop {
-        let remaining = file_len - pos;
-        if remaining == 0 {
-            break;
-        }
-        if remaining < FRAME_HEADER_LEN {
-            torn = Some("segment ends inside a frame header");
-            break;
-        }
-        let mut frame_header = [0u8; FRAME_HEADER_LEN as usize];
-        reader
-            .read_exact(&mut frame_header)
-            .map_err(io("reading"))?;
-        let Some(header) = decode_frame_header(&frame_header) else {
-            let mut rest = Vec::new();
-            (&mut reader)
-                .take(remaining - FRAME_HEADER_LEN)
-                .read_to_end(&mut rest)
-                .map_err(io("reading"))?;
-            if frame_header.iter().chain(&rest).all(|b| *b == 0) {
-                torn = Some("segment ends in zeroed space");
-                break;
-            }
-            return Err(corrupt(pos, Some(offset), "frame length checksum mismatch"));
-        };
-        let frame_len = FRAME_HEADER_LEN + u64::from(header.body_len);
-        if frame_len > remaining {
-            torn = Some("segment ends inside a record");
-            break;
-        }
-        let mut offset_bytes = [0u8; 8];
-        reader
-            .read_exact(&mut offset_bytes)
-            .map_err(io("reading"))?;
-        if u64::from_le_bytes(offset_bytes) != offset {
-            return Err(corrupt(pos, Some(offset), "record offset out of sequence"));
-        }
-        reader
-            .seek_relative(i64::from(header.body_len) - 8)
-            .map_err(io("seeking"))?;
-        if recent.len() == TAIL_CHECK_FRAMES {
-            recent.pop_front();
-        }
-        recent.push_back(pos);
-        pos += frame_len;
-        offset += 1;
-    }
-    while let Some(last) = recent.pop_back() {
-        reader.seek(SeekFrom::Start(last)).map_err(io("seeking"))?;
-        if let FrameRead::Frame { body, .. } =
-            read_frame(&mut reader, last, pos).map_err(io("reading"))?
-        {
-            chain = decode_body(body)
-                .map_err(|reason| corrupt(last, Some(offset - 1), reason))?
-                .chain;
-            break;
-        }
-        torn = Some("last record's checksum does not match");
-        pos = last;
-        offset -= 1;
-    }
-    drop(reader);
-    if let Some(reason) = torn {
-        tracing::warn!(
-            segment = %path.display(),
-            kept_records = offset - base,
-            dropped_bytes = file_len - pos,
-            reason,
-            "truncating an unfinished write at the end of the log"
-        );
-        file.set_len(pos)
-            .map_err(LogError::io(format!("truncating {}", path.display())))?;
-        file.sync_all()
-            .map_err(LogError::io(format!("syncing {}", path.display())))?;
-    }
-    file.seek(SeekFrom::Start(pos))
-        .map_err(LogError::io(format!("seeking {}", path.display())))?;
-    Ok((file, pos, offset, chain))
-}
-
-/// Creates a segment file with its header, durably (file and directory synced).
-fn create_segment_file(dir: &Path, base: u64, chain: &Chain) -> Result<(File, PathBuf), LogError> {
-    let path = dir.join(segment_name(base));
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(LogError::io(format!("creating {}", path.display())))?;
-    file.write_all(&encode_segment_header(base, chain))
-        .map_err(LogError::io(format!("writing {}", path.display())))?;
-    file.sync_all()
-        .map_err(LogError::io(format!("syncing {}", path.display())))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(LogError::io(format!("syncing {}", dir.display())))?;
-    Ok((file, path))
 }
 
 /// Reads one partition of the embedded log.

@@ -276,9 +276,12 @@ async fn a_rebalance_hands_partitions_over_without_loss_or_repeats() {
 #[tokio::test]
 async fn the_embedded_log_has_one_member_that_starts_where_it_is_told() {
     let dir = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open(EmbeddedLogConfig::new(dir.path()))
-        .await
-        .unwrap();
+    let log = EmbeddedLog::open(EmbeddedLogConfig::new(
+        dir.path(),
+        crate::testing::chain_key(),
+    ))
+    .await
+    .unwrap();
     log.append(Topic::Data, (0..10).map(record).collect())
         .await
         .unwrap();

@@ -5,20 +5,24 @@
 //! batches; readers start at a position and either poll (replay until caught up) or tail (wait
 //! for new records, woken by the writer rather than by polling).
 
+pub mod checkpoint;
 pub mod embedded;
 pub mod kafka;
 mod kafka_group;
+pub mod recovery;
 pub mod segment;
 pub mod spool;
+pub mod verify;
 
 use std::path::PathBuf;
 
 use async_trait::async_trait;
 
+pub use checkpoint::ChainKey;
 pub use embedded::{EmbeddedLog, EmbeddedLogConfig, FsyncPolicy};
 pub use kafka::{KafkaLog, KafkaLogConfig};
-pub use segment::{Problem, VerifyReport, verify};
 pub use spool::{SpoolConfig, SpooledLog};
+pub use verify::{ExpectedHead, PartitionReport, Problem, VerifyReport, verify};
 
 /// The topics Loom writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,6 +41,10 @@ impl Topic {
             Topic::Data => "data",
             Topic::Control => "control",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Topic> {
+        Topic::ALL.into_iter().find(|t| t.name() == name)
     }
 
     pub fn for_plane(plane: crate::event::Plane) -> Topic {
@@ -102,7 +110,9 @@ pub enum LogError {
         #[source]
         source: std::io::Error,
     },
-    #[error("log corrupt in segment {} at byte {byte}{}: {reason} (run `loom verify`)",
+    #[error("log damaged: {} at byte {byte}{}: {reason}. Nothing was repaired; `loom verify` \
+        names every damaged spot, and `loom repair --truncate-at` cuts the log there, keeping \
+        what it cuts in the quarantine directory",
         segment.display(),
         offset.map(|o| format!(" (record offset {o})")).unwrap_or_default())]
     Corrupt {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{Header, LogError, Record, Topic};
+use super::{Header, LogError, Record};
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"LOOMSEG1";
 pub const SEGMENT_HEADER_LEN: u64 = 52;
@@ -311,8 +311,10 @@ pub fn read_frame(
     let mut body = vec![0u8; header.body_len as usize];
     file.read_exact(&mut body)?;
     if crc32c::crc32c(&body) != header.body_crc {
-        if frame_len == remaining {
-            return Ok(FrameRead::Torn("last record's checksum does not match"));
+        // A length written but no body: pages the file was extended by but that never reached
+        // the disk read back as zeros. Anything else that fails its checksum was damaged.
+        if body.iter().all(|b| *b == 0) {
+            return Ok(FrameRead::Torn("record ends in zeroed space"));
         }
         return Ok(FrameRead::Corrupt {
             reason: "record checksum mismatch",
@@ -322,206 +324,159 @@ pub fn read_frame(
     Ok(FrameRead::Frame { header, body })
 }
 
-/// A problem `verify` found: the first damaged or altered spot of a partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub segment: PathBuf,
-    pub byte: u64,
-    pub offset: Option<u64>,
-    pub reason: String,
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "segment {} at byte {}",
-            self.segment.display(),
-            self.byte
-        )?;
-        if let Some(offset) = self.offset {
-            write!(f, ", record offset {offset}")?;
-        }
-        write!(f, ": {}", self.reason)
-    }
-}
-
-/// What `verify` found in one partition.
-#[derive(Debug, Clone)]
-pub struct PartitionReport {
-    pub topic: &'static str,
-    pub partition: u32,
-    pub segments: usize,
-    pub records: u64,
-    pub bytes: u64,
-    /// Chain hash after the last intact record: record it elsewhere to anchor the chain.
+/// A frame boundary met while scanning a segment: the next record would be `offset`, at byte
+/// `position`, and the chain so far is `head`.
+#[derive(Debug, Clone, Copy)]
+pub struct Boundary {
+    pub position: u64,
+    pub offset: u64,
     pub head: Chain,
-    /// An unfinished write at the very end (a crash); the next open truncates it.
-    pub torn_tail: Option<String>,
-    pub problem: Option<Problem>,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct VerifyReport {
-    pub partitions: Vec<PartitionReport>,
+/// What a scan meets, in order: a boundary before every record and after the last.
+pub enum Step<'a> {
+    Boundary(Boundary),
+    Record { offset: u64, record: &'a Record },
 }
 
-impl VerifyReport {
-    pub fn first_problem(&self) -> Option<&Problem> {
-        self.partitions.iter().find_map(|p| p.problem.as_ref())
-    }
+/// Why a scan stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScanStop {
+    /// The segment ends after its last record.
+    End,
+    /// The segment ends inside a frame (or its header), or in zeroed space: a write that did not
+    /// finish.
+    Torn { at: u64, reason: &'static str },
+    /// Bytes that are not what was written: a checksum, an offset or the chain does not match.
+    Damaged {
+        at: u64,
+        offset: Option<u64>,
+        reason: String,
+    },
 }
 
-/// Walks every segment of every partition under `log_dir`, checking checksums, offsets and the
-/// hash chain, and reports the first damaged or altered record of each partition. Read-only: it
-/// can run while a server appends.
-pub fn verify(log_dir: &Path) -> Result<VerifyReport, LogError> {
-    let mut report = VerifyReport::default();
-    for topic in Topic::ALL {
-        let topic_dir = log_dir.join(topic.name());
-        if !topic_dir.exists() {
-            continue;
-        }
-        let mut partitions: Vec<u32> = std::fs::read_dir(&topic_dir)
-            .map_err(LogError::io(format!("listing {}", topic_dir.display())))?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        partitions.sort_unstable();
-        for partition in partitions {
-            report.partitions.push(verify_partition(
-                topic,
-                partition,
-                &topic_dir.join(partition.to_string()),
-            )?);
-        }
-    }
-    Ok(report)
+/// What reading a segment whole found.
+#[derive(Debug, Clone)]
+pub struct SegmentScan {
+    /// The previous segment's last chain hash, from the header (zeros if it is unreadable).
+    pub prev_chain: Chain,
+    /// Intact records.
+    pub records: u64,
+    /// The byte after the last intact record.
+    pub end: u64,
+    /// The chain hash after the last intact record.
+    pub head: Chain,
+    pub file_len: u64,
+    pub stop: ScanStop,
 }
 
-fn verify_partition(topic: Topic, partition: u32, dir: &Path) -> Result<PartitionReport, LogError> {
-    let segments = list_segments(dir)?;
-    let mut report = PartitionReport {
-        topic: topic.name(),
-        partition,
-        segments: segments.len(),
+/// Reads the segment at `path` (whose name says it starts at `base`) whole, checking every
+/// checksum, offset and chain link inside it, and shows `visit` every intact record and every
+/// frame boundary (the first is right after the header). Links to the previous segment are the
+/// caller's to check.
+pub fn scan_segment(
+    path: &Path,
+    base: u64,
+    mut visit: impl FnMut(Step<'_>),
+) -> Result<SegmentScan, LogError> {
+    let io = |what: &str| LogError::io(format!("{what} {}", path.display()));
+    let file = File::open(path).map_err(io("opening"))?;
+    let file_len = file.metadata().map_err(io("reading"))?.len();
+    let mut scan = SegmentScan {
+        prev_chain: [0u8; CHAIN_LEN],
         records: 0,
-        bytes: 0,
+        end: 0,
         head: [0u8; CHAIN_LEN],
-        torn_tail: None,
-        problem: None,
+        file_len,
+        stop: ScanStop::End,
     };
-    let mut expected_offset: Option<u64> = None;
-    let last_index = segments.len().saturating_sub(1);
-    for (index, (base, path)) in segments.iter().enumerate() {
-        let problem = |byte: u64, offset: Option<u64>, reason: &str| Problem {
-            segment: path.clone(),
-            byte,
-            offset,
-            reason: reason.to_owned(),
+    if file_len < SEGMENT_HEADER_LEN {
+        scan.stop = ScanStop::Torn {
+            at: 0,
+            reason: "segment header was not completely written",
         };
-        let mut file =
-            File::open(path).map_err(LogError::io(format!("opening {}", path.display())))?;
-        let file_len = file
-            .metadata()
-            .map_err(LogError::io(format!("reading {}", path.display())))?
-            .len();
-        report.bytes += file_len;
-        let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
-        if file_len < SEGMENT_HEADER_LEN {
-            if index == last_index {
-                report.torn_tail = Some("segment header was not completely written".into());
-            } else {
-                report.problem = Some(problem(0, None, "segment header is incomplete"));
-            }
-            return Ok(report);
-        }
-        file.read_exact(&mut header)
-            .map_err(LogError::io(format!("reading {}", path.display())))?;
-        let (header_base, prev_chain) = match decode_segment_header(&header) {
-            Ok(parsed) => parsed,
-            Err(reason) => {
-                report.problem = Some(problem(0, None, reason));
-                return Ok(report);
-            }
-        };
-        if header_base != *base {
-            report.problem = Some(problem(
-                0,
-                None,
-                "segment header's base offset does not match its file name",
-            ));
-            return Ok(report);
-        }
-        if expected_offset.is_some_and(|expected| expected != header_base) {
-            report.problem = Some(problem(
-                0,
-                None,
-                "segment does not start where the previous one ended (records missing)",
-            ));
-            return Ok(report);
-        }
-        if index > 0 && prev_chain != report.head {
-            report.problem = Some(problem(
-                0,
-                None,
-                "segment's chain link does not match the previous segment (altered or replaced)",
-            ));
-            return Ok(report);
-        }
-        report.head = prev_chain;
-        let mut offset = header_base;
-        let mut pos = SEGMENT_HEADER_LEN;
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-        loop {
-            let frame = read_frame(&mut reader, pos, file_len)
-                .map_err(LogError::io(format!("reading {}", path.display())))?;
-            match frame {
-                FrameRead::End => break,
-                FrameRead::Torn(reason) if index == last_index => {
-                    report.torn_tail = Some(format!("{reason} at byte {pos}"));
-                    break;
-                }
-                FrameRead::Torn(reason) => {
-                    report.problem = Some(problem(pos, Some(offset), reason));
-                    return Ok(report);
-                }
-                FrameRead::Corrupt { reason, .. } => {
-                    report.problem = Some(problem(pos, Some(offset), reason));
-                    return Ok(report);
-                }
-                FrameRead::Frame { header, body } => {
-                    let chain = next_chain(&report.head, &body[..body.len() - CHAIN_LEN]);
-                    let decoded = match decode_body(body) {
-                        Ok(decoded) => decoded,
-                        Err(reason) => {
-                            report.problem = Some(problem(pos, Some(offset), reason));
-                            return Ok(report);
-                        }
-                    };
-                    if decoded.offset != offset {
-                        report.problem = Some(problem(
-                            pos,
-                            Some(offset),
-                            "record offset out of sequence (records removed or reordered)",
-                        ));
-                        return Ok(report);
-                    }
-                    if chain != decoded.chain {
-                        report.problem = Some(problem(
-                            pos,
-                            Some(offset),
-                            "hash chain mismatch (record altered, or an earlier record was)",
-                        ));
-                        return Ok(report);
-                    }
-                    report.head = chain;
-                    report.records += 1;
-                    offset += 1;
-                    pos += FRAME_HEADER_LEN + u64::from(header.body_len);
-                }
-            }
-        }
-        expected_offset = Some(offset);
+        return Ok(scan);
     }
-    Ok(report)
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
+    reader.read_exact(&mut header).map_err(io("reading"))?;
+    let damaged = |at: u64, offset: Option<u64>, reason: &str| ScanStop::Damaged {
+        at,
+        offset,
+        reason: reason.to_owned(),
+    };
+    let (header_base, prev_chain) = match decode_segment_header(&header) {
+        Ok(parsed) => parsed,
+        Err(reason) => {
+            scan.stop = damaged(0, None, reason);
+            return Ok(scan);
+        }
+    };
+    if header_base != base {
+        scan.stop = damaged(
+            0,
+            None,
+            "segment header's base offset does not match its file name",
+        );
+        return Ok(scan);
+    }
+    scan.prev_chain = prev_chain;
+    scan.head = prev_chain;
+    scan.end = SEGMENT_HEADER_LEN;
+    let mut offset = base;
+    loop {
+        visit(Step::Boundary(Boundary {
+            position: scan.end,
+            offset,
+            head: scan.head,
+        }));
+        let frame = read_frame(&mut reader, scan.end, file_len).map_err(io("reading"))?;
+        let (header, body) = match frame {
+            FrameRead::End => return Ok(scan),
+            FrameRead::Torn(reason) => {
+                scan.stop = ScanStop::Torn {
+                    at: scan.end,
+                    reason,
+                };
+                return Ok(scan);
+            }
+            FrameRead::Corrupt { reason, .. } => {
+                scan.stop = damaged(scan.end, Some(offset), reason);
+                return Ok(scan);
+            }
+            FrameRead::Frame { header, body } => (header, body),
+        };
+        let chain = next_chain(&scan.head, &body[..body.len() - CHAIN_LEN]);
+        let decoded = match decode_body(body) {
+            Ok(decoded) => decoded,
+            Err(reason) => {
+                scan.stop = damaged(scan.end, Some(offset), reason);
+                return Ok(scan);
+            }
+        };
+        if decoded.offset != offset {
+            scan.stop = damaged(
+                scan.end,
+                Some(offset),
+                "record offset out of sequence (records removed or reordered)",
+            );
+            return Ok(scan);
+        }
+        if chain != decoded.chain {
+            scan.stop = damaged(
+                scan.end,
+                Some(offset),
+                "hash chain mismatch (record altered, or an earlier record was)",
+            );
+            return Ok(scan);
+        }
+        visit(Step::Record {
+            offset,
+            record: &decoded.record,
+        });
+        scan.head = chain;
+        scan.records += 1;
+        scan.end += FRAME_HEADER_LEN + u64::from(header.body_len);
+        offset += 1;
+    }
 }

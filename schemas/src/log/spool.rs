@@ -16,8 +16,8 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, GroupReader, KafkaLog, Log, LogError, LogReader,
-    Position, Record, Topic,
+    ChainKey, EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, GroupReader, KafkaLog, Log, LogError,
+    LogReader, Position, Record, Topic,
 };
 
 #[derive(Debug, Clone)]
@@ -28,14 +28,17 @@ pub struct SpoolConfig {
     pub max_records: u64,
     /// How long an append waits for Kafka before it spools instead.
     pub kafka_timeout: Duration,
+    /// Authenticates the spool's checkpoints (derived from the master key).
+    pub chain_key: ChainKey,
 }
 
 impl SpoolConfig {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    pub fn new(dir: impl Into<PathBuf>, chain_key: ChainKey) -> Self {
         SpoolConfig {
             dir: dir.into(),
             max_records: 1_000_000,
             kafka_timeout: Duration::from_secs(5),
+            chain_key,
         }
     }
 }
@@ -70,6 +73,7 @@ impl SpooledLog {
             fsync: FsyncPolicy::Always,
             // Small segments, so that forwarded ones can be deleted soon.
             segment_bytes: 8 * 1024 * 1024,
+            chain_key: config.chain_key.clone(),
         })
         .await?;
         let drained = match tokio::fs::read_to_string(drained_path(&config.dir)).await {

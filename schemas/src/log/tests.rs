@@ -2,7 +2,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::segment::{FRAME_HEADER_LEN, SEGMENT_HEADER_LEN, decode_frame_header, list_segments};
+use super::checkpoint::{CHECKPOINT_FILE, CheckpointFile, anchor_event};
+use super::recovery::{QUARANTINE_DIR, truncate_at};
+use super::segment::{
+    FRAME_HEADER_LEN, SEGMENT_HEADER_LEN, Step, decode_frame_header, encode_frame,
+    encode_segment_header, list_segments, scan_segment,
+};
 use super::*;
 
 fn record(i: u64) -> Record {
@@ -14,11 +19,61 @@ fn record(i: u64) -> Record {
     }
 }
 
+fn key() -> ChainKey {
+    crate::testing::chain_key()
+}
+
 fn config(dir: &Path) -> EmbeddedLogConfig {
     EmbeddedLogConfig {
         dir: dir.to_owned(),
         fsync: FsyncPolicy::Never,
         segment_bytes: EmbeddedLogConfig::DEFAULT_SEGMENT_BYTES,
+        chain_key: key(),
+    }
+}
+
+fn verify_dir(dir: &Path) -> VerifyReport {
+    verify(dir, &key(), &[]).unwrap()
+}
+
+/// Leaves `topic` as a crash would: records `0..durable` synced and checkpointed, then
+/// `durable..total` written after the last checkpoint.
+async fn crashed(dir: &Path, topic: Topic, durable: u64, total: u64) {
+    {
+        let log = EmbeddedLog::open(config(dir)).await.unwrap();
+        append_range(&log, topic, 0..durable).await;
+    }
+    let checkpoint = partition_dir(dir, topic).join(CHECKPOINT_FILE);
+    let saved = std::fs::read(&checkpoint).unwrap();
+    {
+        let log = EmbeddedLog::open(config(dir)).await.unwrap();
+        append_range(&log, topic, durable..total).await;
+    }
+    std::fs::write(&checkpoint, saved).unwrap();
+}
+
+/// The files in the quarantine directory, with their bytes.
+fn quarantined(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let Ok(entries) = std::fs::read_dir(dir.join(QUARANTINE_DIR)) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = entries
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn corrupt_offset(error: &LogError) -> Option<u64> {
+    match error {
+        LogError::Corrupt { offset, .. } => *offset,
+        _ => None,
     }
 }
 
@@ -219,7 +274,7 @@ async fn concurrent_appenders_and_readers_see_every_record_once_in_order() {
             .len()
             > 3
     );
-    assert!(verify(dir.path()).unwrap().first_problem().is_none());
+    assert!(verify_dir(dir.path()).first_problem().is_none());
 }
 
 #[tokio::test]
@@ -251,7 +306,7 @@ async fn segments_roll_and_the_chain_runs_across_them() {
         read_all(&log, Topic::Data, 137).await[0].record,
         record(137)
     );
-    let report = verify(dir.path()).unwrap();
+    let report = verify_dir(dir.path());
     assert!(
         report.first_problem().is_none(),
         "{:?}",
@@ -269,85 +324,49 @@ async fn segments_roll_and_the_chain_runs_across_them() {
     let (_, second) = &segments[1];
     let (_, third) = &segments[2];
     std::fs::copy(third, second).unwrap();
-    let problem = verify(dir.path())
-        .unwrap()
-        .first_problem()
-        .cloned()
-        .unwrap();
+    let problem = verify_dir(dir.path()).first_problem().cloned().unwrap();
     assert_eq!(&problem.segment, second);
 }
 
 #[tokio::test]
-async fn a_torn_write_is_truncated_and_appends_continue() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
-        append_range(&log, Topic::Data, 0..20).await;
-    }
-    let segment = last_segment(dir.path(), Topic::Data);
-    let (last_pos, last_len) = *frames(&segment).last().unwrap();
-    // Cut the last record in half, as a crash in the middle of a write would.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&segment)
-        .unwrap()
-        .set_len(last_pos + last_len / 2)
-        .unwrap();
-    let report = verify(dir.path()).unwrap();
-    assert!(report.first_problem().is_none());
-    assert!(report.partitions[0].torn_tail.is_some());
-
-    let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
-    assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 19);
-    assert_eq!(std::fs::metadata(&segment).unwrap().len(), last_pos);
-    append_range(&log, Topic::Data, 19..25).await;
-    let entries = read_all(&log, Topic::Data, 0).await;
-    assert_eq!(entries.len(), 25);
-    assert!(
-        entries
-            .iter()
-            .enumerate()
-            .all(|(i, e)| e.record == record(i as u64))
-    );
-    drop(log);
-    let report = verify(dir.path()).unwrap();
-    assert!(
-        report.first_problem().is_none() && report.partitions[0].torn_tail.is_none(),
-        "{report:?}"
-    );
-}
-
-#[tokio::test]
-async fn torn_headers_and_zeroed_tails_are_recovered_too() {
+async fn torn_writes_after_the_checkpoint_are_cut_off_into_quarantine() {
     for damage in [
+        "half a record",
         "half a frame header",
         "zeroed tail",
-        "bad checksum on the last record",
+        "a length but a zeroed body",
     ] {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
-            append_range(&log, Topic::Control, 0..5).await;
-        }
+        crashed(dir.path(), Topic::Control, 3, 5).await;
         let segment = last_segment(dir.path(), Topic::Control);
         let mut bytes = std::fs::read(&segment).unwrap();
-        let (last_pos, _) = *frames(&segment).last().unwrap();
-        let kept = match damage {
+        let (last_pos, last_len) = *frames(&segment).last().unwrap();
+        let (kept, cut_at) = match damage {
+            "half a record" => {
+                bytes.truncate((last_pos + last_len / 2) as usize);
+                (4, last_pos)
+            }
             "half a frame header" => {
                 bytes.extend_from_slice(&[7, 0, 0, 0, 1]);
-                5
+                (5, last_pos + last_len)
             }
             "zeroed tail" => {
                 bytes.extend_from_slice(&[0u8; 4096]);
-                5
+                (5, last_pos + last_len)
             }
             _ => {
-                let end = bytes.len() - 3;
-                bytes[end] ^= 0xFF;
-                4
+                let body = (last_pos + FRAME_HEADER_LEN) as usize..(last_pos + last_len) as usize;
+                bytes[body].fill(0);
+                (4, last_pos)
             }
         };
         std::fs::write(&segment, &bytes).unwrap();
+        let report = verify_dir(dir.path());
+        assert!(report.first_problem().is_none(), "{damage}: {report:?}");
+        let control = report.partition(Topic::Control, 0).unwrap();
+        assert!(control.torn_tail.is_some(), "{damage}");
+        assert_eq!(control.end, kept, "{damage}");
+
         let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
         assert_eq!(
             log.end_offset(Topic::Control, 0).await.unwrap(),
@@ -355,18 +374,68 @@ async fn torn_headers_and_zeroed_tails_are_recovered_too() {
             "{damage}"
         );
         assert_eq!(
-            read_all(&log, Topic::Control, 0).await.len() as u64,
-            kept,
+            std::fs::metadata(&segment).unwrap().len(),
+            cut_at,
             "{damage}"
         );
-        if kept == 4 {
-            assert_eq!(std::fs::metadata(&segment).unwrap().len(), last_pos);
-        }
+        // The cut bytes are kept, not deleted.
+        let kept_bytes = quarantined(dir.path());
+        assert_eq!(kept_bytes.len(), 1, "{damage}");
+        assert_eq!(kept_bytes[0].1, bytes[cut_at as usize..], "{damage}");
+        assert!(
+            kept_bytes[0].0.starts_with("control-0-"),
+            "{}",
+            kept_bytes[0].0
+        );
+        // Appends go on after the last complete record.
+        append_range(&log, Topic::Control, kept..kept + 3).await;
+        let entries = read_all(&log, Topic::Control, 0).await;
+        assert_eq!(entries.len() as u64, kept + 3, "{damage}");
+        assert!(
+            entries
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.record == record(i as u64))
+        );
+        drop(log);
+        let report = verify_dir(dir.path());
+        let control = report.partition(Topic::Control, 0).unwrap();
+        assert!(
+            report.first_problem().is_none() && control.torn_tail.is_none(),
+            "{damage}: {report:?}"
+        );
+        assert_eq!(control.checkpoint.unwrap().offset, kept + 3);
     }
 }
 
 #[tokio::test]
-async fn a_flipped_byte_is_pinpointed_by_verify_and_by_readers() {
+async fn a_complete_record_that_fails_its_checksum_is_damage_even_at_the_end() {
+    // The last record synced (before the checkpoint), and written after it.
+    for durable in [5, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        crashed(dir.path(), Topic::Data, durable, 5).await;
+        let segment = last_segment(dir.path(), Topic::Data);
+        let (pos, len) = *frames(&segment).last().unwrap();
+        flip_byte(&segment, pos + len - 40);
+        let before = std::fs::read(&segment).unwrap();
+
+        let problem = verify_dir(dir.path()).first_problem().cloned().unwrap();
+        assert_eq!((problem.offset, problem.byte), (Some(4), pos), "{problem}");
+        let error = EmbeddedLog::open(config(dir.path())).await.err().unwrap();
+        assert_eq!(corrupt_offset(&error), Some(4), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains(&segment.display().to_string()) && message.contains("loom repair"),
+            "{message}"
+        );
+        // Nothing was changed or dropped.
+        assert_eq!(std::fs::read(&segment).unwrap(), before);
+        assert!(quarantined(dir.path()).is_empty());
+    }
+}
+
+#[tokio::test]
+async fn damage_in_the_active_segment_refuses_to_open_and_names_the_spot() {
     let dir = tempfile::tempdir().unwrap();
     {
         let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
@@ -375,62 +444,377 @@ async fn a_flipped_byte_is_pinpointed_by_verify_and_by_readers() {
     let segment = last_segment(dir.path(), Topic::Data);
     let (pos, len) = frames(&segment)[17];
     flip_byte(&segment, pos + len - 40);
-
-    let problem = verify(dir.path())
-        .unwrap()
-        .first_problem()
-        .cloned()
-        .unwrap();
+    let problem = verify_dir(dir.path()).first_problem().cloned().unwrap();
     assert_eq!(problem.segment, segment);
-    assert_eq!(problem.offset, Some(17));
-    assert_eq!(problem.byte, pos);
+    assert_eq!((problem.offset, problem.byte), (Some(17), pos));
+    let error = EmbeddedLog::open(config(dir.path())).await.err().unwrap();
+    assert_eq!(corrupt_offset(&error), Some(17), "{error}");
 
-    // The damaged record is in the middle: opening keeps everything, readers name the spot
-    // and can step over it.
-    let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
-    assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 30);
-    let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
-    assert_eq!(reader.poll(100).await.unwrap().len(), 17);
-    let error = reader.poll(100).await.unwrap_err();
-    let message = error.to_string();
-    assert!(
-        matches!(&error, LogError::Corrupt { offset: Some(17), segment: s, .. } if s == &segment),
-        "{message}"
+    // A damaged length: the boundaries after it cannot be trusted.
+    flip_byte(&segment, pos + len - 40);
+    let (pos, _) = frames(&segment)[4];
+    flip_byte(&segment, pos + 1);
+    let error = EmbeddedLog::open(config(dir.path())).await.err().unwrap();
+    assert_eq!(corrupt_offset(&error), Some(4), "{error}");
+    assert_eq!(
+        verify_dir(dir.path()).first_problem().unwrap().offset,
+        Some(4)
     );
-    assert!(
-        message.contains(&segment.display().to_string()) && message.contains("offset 17"),
-        "{message}"
-    );
-    let rest = reader.poll(100).await.unwrap();
-    assert_eq!(rest.first().unwrap().position.offset, 18);
-    assert_eq!(rest.len(), 12);
 }
 
 #[tokio::test]
-async fn a_damaged_length_in_the_middle_refuses_to_open_and_names_the_spot() {
+async fn damage_in_a_sealed_segment_is_named_by_verify_and_by_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.segment_bytes = 1024;
+    {
+        let log = EmbeddedLog::open(config.clone()).await.unwrap();
+        for i in 0..10 {
+            append_range(&log, Topic::Data, i * 5..i * 5 + 5).await;
+        }
+    }
+    let (_, first) = list_segments(&partition_dir(dir.path(), Topic::Data)).unwrap()[0].clone();
+    let (pos, len) = frames(&first)[2];
+    flip_byte(&first, pos + len - 40);
+    let problem = verify_dir(dir.path()).first_problem().cloned().unwrap();
+    assert_eq!(
+        (problem.segment.clone(), problem.offset),
+        (first.clone(), Some(2))
+    );
+
+    // Opening reads only the sealed segments' headers; a reader that reaches the damage gets an
+    // error naming it (never the record silently skipped), and can step over it.
+    let log = EmbeddedLog::open(config).await.unwrap();
+    let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
+    assert_eq!(reader.poll(100).await.unwrap().len(), 2);
+    let error = reader.poll(100).await.unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(&error, LogError::Corrupt { offset: Some(2), segment: s, .. } if s == &first),
+        "{message}"
+    );
+    assert_eq!(reader.poll(100).await.unwrap()[0].position.offset, 3);
+}
+
+#[tokio::test]
+async fn a_log_shorter_than_its_checkpoint_or_with_garbage_after_it_is_damage() {
+    for damage in ["cut before the checkpoint", "garbage appended"] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
+            append_range(&log, Topic::Data, 0..10).await;
+        }
+        let segment = last_segment(dir.path(), Topic::Data);
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let (last_pos, last_len) = *frames(&segment).last().unwrap();
+        match damage {
+            "cut before the checkpoint" => bytes.truncate((last_pos + last_len / 2) as usize),
+            _ => bytes.extend_from_slice(b"this is not a frame, but it is not a torn write either"),
+        }
+        std::fs::write(&segment, &bytes).unwrap();
+        let problem = verify_dir(dir.path()).first_problem().cloned();
+        assert!(problem.is_some(), "{damage}");
+        let error = EmbeddedLog::open(config(dir.path())).await.err();
+        assert!(
+            matches!(error, Some(LogError::Corrupt { .. })),
+            "{damage}: {error:?}"
+        );
+        assert_eq!(
+            std::fs::read(&segment).unwrap(),
+            bytes,
+            "{damage}: nothing changed"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_checkpoint_falls_back_to_its_other_slot_or_refuses() {
     let dir = tempfile::tempdir().unwrap();
     {
         let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
         append_range(&log, Topic::Data, 0..10).await;
     }
-    let segment = last_segment(dir.path(), Topic::Data);
-    let (pos, _) = frames(&segment)[4];
-    flip_byte(&segment, pos + 1);
-    let error = EmbeddedLog::open(config(dir.path())).await.err().unwrap();
-    assert!(
-        matches!(
-            &error,
-            LogError::Corrupt {
-                offset: Some(4),
-                ..
+    let checkpoint = partition_dir(dir.path(), Topic::Data).join(CHECKPOINT_FILE);
+    let original = std::fs::read(&checkpoint).unwrap();
+
+    // One slot damaged (as a torn checkpoint write leaves it): the other one is used, and said.
+    for slot in [0, 1] {
+        let mut bytes = original.clone();
+        bytes[slot * 128 + 60] ^= 1;
+        std::fs::write(&checkpoint, &bytes).unwrap();
+        let report = verify_dir(dir.path());
+        assert!(report.first_problem().is_none(), "slot {slot}: {report:?}");
+        let data = report.partition(Topic::Data, 0).unwrap();
+        assert!(
+            data.notes.iter().any(|n| n.contains("unreadable")),
+            "{:?}",
+            data.notes
+        );
+        let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
+        assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 10);
+        drop(log);
+        std::fs::write(&checkpoint, &original).unwrap();
+    }
+
+    // Both slots, the file gone, or a checkpoint under another key: refused, nothing changed.
+    let mut both = original.clone();
+    both[60] ^= 1;
+    both[128 + 60] ^= 1;
+    let foreign = tempfile::tempdir().unwrap();
+    CheckpointFile::open(foreign.path(), ChainKey::new([1; 32]), Topic::Data)
+        .unwrap()
+        .write(
+            &verify_dir(dir.path())
+                .partition(Topic::Data, 0)
+                .unwrap()
+                .checkpoint
+                .unwrap(),
+        )
+        .unwrap();
+    let foreign = std::fs::read(foreign.path().join(CHECKPOINT_FILE)).unwrap();
+    for (damage, bytes, reason) in [
+        ("both slots", Some(both), "readable"),
+        ("deleted", None, "no checkpoint"),
+        ("another key", Some(foreign), "not authenticated"),
+    ] {
+        match &bytes {
+            Some(bytes) => std::fs::write(&checkpoint, bytes).unwrap(),
+            None => std::fs::remove_file(&checkpoint).unwrap(),
+        }
+        let problem = verify_dir(dir.path()).first_problem().cloned().unwrap();
+        assert!(problem.reason.contains(reason), "{damage}: {problem}");
+        let error = EmbeddedLog::open(config(dir.path())).await.err().unwrap();
+        assert!(error.to_string().contains(reason), "{damage}: {error}");
+        std::fs::write(&checkpoint, &original).unwrap();
+    }
+
+    // A log whose checkpoint is gone is accepted as it is by an explicit repair at its end.
+    std::fs::remove_file(&checkpoint).unwrap();
+    let cut = truncate_at(dir.path(), Topic::Data, 10, &key()).unwrap();
+    assert_eq!(cut.end, 10);
+    let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
+    assert_eq!(read_all(&log, Topic::Data, 0).await.len(), 10);
+}
+
+#[tokio::test]
+async fn missing_segments_are_damage() {
+    for which in ["a middle one", "the last one", "the first one"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        config.segment_bytes = 1024;
+        {
+            let log = EmbeddedLog::open(config.clone()).await.unwrap();
+            for i in 0..20 {
+                append_range(&log, Topic::Data, i * 5..i * 5 + 5).await;
             }
-        ),
+        }
+        let segments = list_segments(&partition_dir(dir.path(), Topic::Data)).unwrap();
+        assert!(segments.len() > 4);
+        let gone = match which {
+            "a middle one" => &segments[2].1,
+            "the last one" => &segments[segments.len() - 1].1,
+            _ => &segments[0].1,
+        };
+        std::fs::remove_file(gone).unwrap();
+        let problem = verify_dir(dir.path()).first_problem().cloned().unwrap();
+        assert!(problem.reason.contains("missing"), "{which}: {problem}");
+        let error = EmbeddedLog::open(config).await.err().unwrap();
+        assert!(error.to_string().contains("missing"), "{which}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn a_segment_rewritten_with_a_recomputed_chain_is_found_without_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
+        append_range(&log, Topic::Data, 0..10).await;
+    }
+    // A forger without the master key rewrites record 6 and recomputes every checksum and the
+    // whole chain from the segment header on.
+    let segment = last_segment(dir.path(), Topic::Data);
+    let mut records = Vec::new();
+    scan_segment(&segment, 0, |step| {
+        if let Step::Record { record, .. } = step {
+            records.push(record.clone());
+        }
+    })
+    .unwrap();
+    // Same length, other bytes: every frame stays where it was.
+    records[6].value.reverse();
+    let mut chain = [0u8; 32];
+    let mut bytes = encode_segment_header(0, &chain).to_vec();
+    for (i, record) in records.iter().enumerate() {
+        encode_frame(&mut bytes, i as u64, record, &mut chain).unwrap();
+    }
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let problem = verify_dir(dir.path()).first_problem().cloned().unwrap();
+    assert!(problem.reason.contains("checkpoint's head"), "{problem}");
+    let error = EmbeddedLog::open(config(dir.path())).await.err().unwrap();
+    assert!(error.to_string().contains("checkpoint's head"), "{error}");
+
+    // A checkpoint forged for the new chain needs the key: one under another key is refused.
+    let forged = CheckpointFile::open(
+        &partition_dir(dir.path(), Topic::Data),
+        ChainKey::new([2; 32]),
+        Topic::Data,
+    )
+    .unwrap();
+    let mut checkpoint =
+        super::checkpoint::load(&partition_dir(dir.path(), Topic::Data), &key(), Topic::Data)
+            .unwrap()
+            .checkpoint
+            .unwrap();
+    checkpoint.sequence += 1;
+    checkpoint.head = chain;
+    forged.write(&checkpoint).unwrap();
+    let problem = verify_dir(dir.path()).first_problem().cloned().unwrap();
+    assert!(problem.reason.contains("not authenticated"), "{problem}");
+}
+
+#[tokio::test]
+async fn repair_cuts_at_the_damage_and_keeps_what_it_cuts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.segment_bytes = 2048;
+    {
+        let log = EmbeddedLog::open(config.clone()).await.unwrap();
+        for i in 0..8 {
+            append_range(&log, Topic::Data, i * 5..i * 5 + 5).await;
+        }
+    }
+    let segments = list_segments(&partition_dir(dir.path(), Topic::Data)).unwrap();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let (base, path) = segments[1].clone();
+    let (pos, len) = frames(&path)[1];
+    let damaged = base + 1;
+    flip_byte(&path, pos + len - 40);
+    assert_eq!(
+        verify_dir(dir.path())
+            .partition(Topic::Data, 0)
+            .unwrap()
+            .end,
+        damaged
+    );
+
+    // Past the damage: refused, with where to cut instead.
+    let error = truncate_at(dir.path(), Topic::Data, damaged + 2, &key()).unwrap_err();
+    assert!(
+        error.to_string().contains(&format!("cut at {damaged}")),
         "{error}"
     );
-    assert_eq!(
-        verify(dir.path()).unwrap().first_problem().unwrap().offset,
-        Some(4)
+
+    let segment_bytes = std::fs::read(&path).unwrap();
+    let later: Vec<Vec<u8>> = segments[2..]
+        .iter()
+        .map(|(_, p)| std::fs::read(p).unwrap())
+        .collect();
+    let cut = truncate_at(dir.path(), Topic::Data, damaged, &key()).unwrap();
+    assert_eq!(cut.end, damaged);
+    // The rest of the segment, every later segment and the old checkpoint are in quarantine.
+    let kept: Vec<Vec<u8>> = quarantined(dir.path())
+        .into_iter()
+        .map(|(_, b)| b)
+        .collect();
+    assert!(kept.contains(&segment_bytes[pos as usize..].to_vec()));
+    for bytes in &later {
+        assert!(kept.contains(bytes));
+    }
+    assert_eq!(kept.len(), 2 + later.len());
+
+    let log = EmbeddedLog::open(config).await.unwrap();
+    assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), damaged);
+    append_range(&log, Topic::Data, damaged..damaged + 5).await;
+    let entries = read_all(&log, Topic::Data, 0).await;
+    assert!(
+        entries
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.record == record(i as u64))
     );
+    drop(log);
+    let report = verify_dir(dir.path());
+    assert!(report.first_problem().is_none(), "{report:?}");
+}
+
+#[tokio::test]
+async fn the_chain_is_checked_against_expected_and_anchored_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
+        append_range(&log, Topic::Data, 0..20).await;
+        log.sync().await.unwrap();
+        let (offset, head) = log.durable_head(Topic::Data).unwrap();
+        assert_eq!(offset, 20);
+        let registry = crate::codec::Registry::builtin().unwrap();
+        let anchor = anchor_event(&key(), Topic::Data, 0, offset, &head, "test");
+        log.append(
+            Topic::Control,
+            vec![registry.encode_record(&anchor).unwrap()],
+        )
+        .await
+        .unwrap();
+        append_range(&log, Topic::Data, 20..25).await;
+    }
+    let report = verify_dir(dir.path());
+    assert!(report.first_problem().is_none(), "{report:?}");
+    let data = report.partition(Topic::Data, 0).unwrap();
+    assert_eq!(data.anchored, Some(20));
+    let head = data.head();
+    assert_eq!(head.offset, 25);
+    assert_eq!(ExpectedHead::parse(&head.to_string()).unwrap(), head);
+
+    let expect = |heads: &[ExpectedHead]| verify(dir.path(), &key(), heads).unwrap();
+    assert!(
+        expect(std::slice::from_ref(&head))
+            .first_problem()
+            .is_none()
+    );
+    let wrong = ExpectedHead {
+        head: [9; 32],
+        ..head.clone()
+    };
+    assert!(
+        expect(&[wrong])
+            .first_problem()
+            .unwrap()
+            .reason
+            .contains("rewritten")
+    );
+    let beyond = ExpectedHead {
+        offset: 26,
+        ..head.clone()
+    };
+    assert!(
+        expect(&[beyond])
+            .first_problem()
+            .unwrap()
+            .reason
+            .contains("only 25")
+    );
+
+    // An anchor that the key did not make is refused.
+    {
+        let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
+        let registry = crate::codec::Registry::builtin().unwrap();
+        let forged = anchor_event(
+            &ChainKey::new([5; 32]),
+            Topic::Data,
+            0,
+            25,
+            &head.head,
+            "forger",
+        );
+        log.append(
+            Topic::Control,
+            vec![registry.encode_record(&forged).unwrap()],
+        )
+        .await
+        .unwrap();
+    }
+    let problem = verify_dir(dir.path()).first_problem().cloned().unwrap();
+    assert!(problem.reason.contains("not authenticated"), "{problem}");
 }
 
 #[tokio::test]
@@ -450,11 +834,7 @@ async fn tampering_that_fixes_the_checksum_still_breaks_the_chain() {
     bytes[pos as usize + 8..pos as usize + 12].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&segment, &bytes).unwrap();
 
-    let problem = verify(dir.path())
-        .unwrap()
-        .first_problem()
-        .cloned()
-        .unwrap();
+    let problem = verify_dir(dir.path()).first_problem().cloned().unwrap();
     assert_eq!(problem.offset, Some(6));
     assert!(problem.reason.contains("chain"), "{}", problem.reason);
 }
@@ -477,6 +857,7 @@ async fn oversized_records_are_refused() {
 
 #[tokio::test]
 async fn every_fsync_policy_writes_the_same_log() {
+    let mut logs = Vec::new();
     for fsync in [
         FsyncPolicy::Always,
         FsyncPolicy::Interval(Duration::from_millis(1)),
@@ -490,9 +871,14 @@ async fn every_fsync_policy_writes_the_same_log() {
         .await
         .unwrap();
         append_range(&log, Topic::Data, 0..5).await;
+        append_range(&log, Topic::Data, 5..9).await;
         log.sync().await.unwrap();
-        assert_eq!(read_all(&log, Topic::Data, 0).await.len(), 5);
+        assert_eq!(read_all(&log, Topic::Data, 0).await.len(), 9);
+        drop(log);
+        logs.push(std::fs::read(last_segment(dir.path(), Topic::Data)).unwrap());
     }
+    // The policy decides when bytes reach the disk, never which bytes.
+    assert!(logs.windows(2).all(|pair| pair[0] == pair[1]));
 }
 
 #[test]
@@ -560,9 +946,7 @@ async fn segments_before_an_offset_can_be_removed() {
 #[tokio::test]
 async fn a_read_only_open_reads_beside_the_writer_and_refuses_to_write() {
     let dir = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open(EmbeddedLogConfig::new(dir.path()))
-        .await
-        .unwrap();
+    let log = EmbeddedLog::open(config(dir.path())).await.unwrap();
     let records: Vec<Record> = (0..10)
         .map(|i| Record {
             key: b"k".to_vec(),
@@ -572,7 +956,9 @@ async fn a_read_only_open_reads_beside_the_writer_and_refuses_to_write() {
         .collect();
     log.append(Topic::Data, records.clone()).await.unwrap();
 
-    let reader = EmbeddedLog::open_read_only(dir.path()).await.unwrap();
+    let reader = EmbeddedLog::open_read_only(dir.path(), key())
+        .await
+        .unwrap();
     assert_eq!(reader.end_offset(Topic::Data, 0).await.unwrap(), 10);
     assert_eq!(reader.end_offset(Topic::Control, 0).await.unwrap(), 0);
     let mut entries = reader.read_from(Topic::Data, 0, 0).await.unwrap();
