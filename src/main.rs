@@ -120,6 +120,10 @@ pub struct KafkaArgs {
     /// get 503 (nothing goes unrecorded).
     #[arg(long, env = "LOOM_SPOOL_MAX_RECORDS", default_value_t = 1_000_000)]
     spool_max_records: u64,
+    /// How long an append waits for Kafka before its events go to the local spool instead (at
+    /// once when librdkafka reports every broker down).
+    #[arg(long, env = "LOOM_SPOOL_AFTER", default_value = "250ms", value_parser = humantime::parse_duration)]
+    spool_after: std::time::Duration,
     /// Create Loom's topics on start when they are missing (`false`: `loom migrate` must have).
     #[arg(long, env = "LOOM_KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     kafka_create_topics: bool,
@@ -150,6 +154,7 @@ impl KafkaArgs {
         LogLocation::Kafka {
             kafka: config,
             spool_max_records: self.spool_max_records,
+            spool_after: self.spool_after,
         }
     }
 }

@@ -25,6 +25,8 @@ pub enum LogLocation {
     Kafka {
         kafka: KafkaLogConfig,
         spool_max_records: u64,
+        /// How long an append waits for Kafka before it spools instead.
+        spool_after: Duration,
     },
 }
 
@@ -200,10 +202,12 @@ impl Node {
             LogLocation::Kafka {
                 kafka,
                 spool_max_records,
+                spool_after,
             } => {
                 let kafka = Arc::new(KafkaLog::connect(kafka.clone()).await?);
                 let spool = SpoolConfig {
                     max_records: *spool_max_records,
+                    kafka_timeout: *spool_after,
                     ..SpoolConfig::new(config.data_dir.join("spool"), chain_key.clone())
                 };
                 let spooled = Arc::new(SpooledLog::open(kafka, spool).await?);

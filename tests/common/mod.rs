@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+pub mod load;
+
 pub const LOOM: &str = env!("CARGO_BIN_EXE_loom");
 
 /// A `loom serve` process on a free port, killed when dropped.

@@ -13,13 +13,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::watch;
 
 use super::kafka_group::KafkaGroupReader;
 use super::{Entry, GroupReader, Header, Log, LogError, LogReader, Position, Record, Topic};
@@ -75,10 +76,28 @@ fn kafka_error(context: &str) -> impl FnOnce(KafkaError) -> LogError + '_ {
     move |error| LogError::Kafka(format!("{context}: {error}"))
 }
 
+/// Whether librdkafka has said that every broker is down; cleared by the next delivery.
+#[derive(Clone)]
+struct BrokersDown(Arc<watch::Sender<bool>>);
+
+/// The producer's context: hears librdkafka's error events, so that an outage is known at once
+/// rather than after appends time out.
+struct ProducerContext(BrokersDown);
+
+impl ClientContext for ProducerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.0.0.send_replace(true);
+        }
+        tracing::error!("librdkafka: {error}: {reason}");
+    }
+}
+
 /// The log on a Kafka cluster.
 pub struct KafkaLog {
     config: KafkaLogConfig,
-    producer: FutureProducer,
+    producer: FutureProducer<ProducerContext>,
+    brokers_down: BrokersDown,
     data_topic: String,
     control_topic: String,
     data_partitions: u32,
@@ -121,7 +140,8 @@ impl KafkaLog {
                 }
             }
         }
-        let producer: FutureProducer = config
+        let brokers_down = BrokersDown(Arc::new(watch::channel(false).0));
+        let producer: FutureProducer<ProducerContext> = config
             .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -130,20 +150,53 @@ impl KafkaLog {
             // Give up on a delivery when the caller does, so that a spooled batch is not also
             // delivered later by librdkafka's own retries.
             .set("message.timeout.ms", config.timeout.as_millis().to_string())
-            .create()
+            .create_with_context(ProducerContext(brokers_down.clone()))
             .map_err(kafka_error("creating the producer"))?;
         let log = KafkaLog {
             data_partitions: 0,
             producer,
+            brokers_down,
             data_topic,
             control_topic,
             config,
         };
         let data_partitions = log.partition_count(Topic::Data).await?;
+        log.warm_up().await;
         Ok(KafkaLog {
             data_partitions,
             ..log
         })
+    }
+
+    /// Has the producer connect and learn the topics' leaders now, so that the first append
+    /// does not wait for that (and spool for nothing).
+    async fn warm_up(&self) {
+        let producer = self.producer.clone();
+        let topics = [self.data_topic.clone(), self.control_topic.clone()];
+        let timeout = self.config.timeout;
+        let warmed = tokio::task::spawn_blocking(move || {
+            topics.iter().try_for_each(|topic| {
+                producer
+                    .client()
+                    .fetch_metadata(Some(topic), timeout)
+                    .map(drop)
+            })
+        })
+        .await;
+        if let Ok(Err(error)) = warmed {
+            tracing::warn!(%error, "the producer could not fetch the topics' metadata yet");
+        }
+    }
+
+    /// librdkafka has reported every broker down, and nothing was delivered since.
+    pub fn brokers_down(&self) -> bool {
+        *self.brokers_down.0.borrow()
+    }
+
+    /// Resolves once librdkafka reports every broker down (at once if it has already).
+    pub async fn until_brokers_down(&self) {
+        let mut down = self.brokers_down.0.subscribe();
+        let _ = down.wait_for(|down| *down).await;
     }
 
     fn topic_name(&self, topic: Topic) -> &str {
@@ -273,6 +326,9 @@ impl Log for KafkaLog {
         }
         metrics::counter!("loom_log_appended_records_total", "topic" => topic.name())
             .increment(records.len() as u64);
+        self.brokers_down
+            .0
+            .send_if_modified(|down| std::mem::replace(down, false));
         Ok(positions)
     }
 

@@ -26,8 +26,11 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     /// Records waiting in the spool at most; further appends fail.
     pub max_records: u64,
-    /// How long an append waits for Kafka before it spools instead.
+    /// How long an append waits for Kafka before it spools instead (it spools at once when
+    /// librdkafka reports every broker down).
     pub kafka_timeout: Duration,
+    /// How long forwarding a batch of the spool may take before it is tried again.
+    pub forward_timeout: Duration,
     /// Authenticates the spool's checkpoints (derived from the master key).
     pub chain_key: ChainKey,
 }
@@ -37,7 +40,8 @@ impl SpoolConfig {
         SpoolConfig {
             dir: dir.into(),
             max_records: 1_000_000,
-            kafka_timeout: Duration::from_secs(5),
+            kafka_timeout: Duration::from_millis(250),
+            forward_timeout: Duration::from_secs(10),
             chain_key,
         }
     }
@@ -166,7 +170,7 @@ impl SpooledLog {
         if count > 0 {
             let records = entries.into_iter().map(|e| e.record).collect();
             tokio::time::timeout(
-                self.config.kafka_timeout,
+                self.config.forward_timeout,
                 self.kafka.append(Topic::Data, records),
             )
             .await
@@ -207,16 +211,24 @@ impl Log for SpooledLog {
         }
         let mut state = self.state.lock().await;
         if !state.spooling {
-            let direct = tokio::time::timeout(
-                self.config.kafka_timeout,
-                self.kafka.append(topic, records.clone()),
-            )
-            .await;
-            match direct {
-                Ok(Ok(positions)) => return Ok(positions),
-                Ok(Err(error)) => tracing::warn!(%error, "Kafka refused an append; spooling"),
-                Err(_) => tracing::warn!("Kafka did not confirm an append in time; spooling"),
+            if self.kafka.brokers_down() {
+                tracing::warn!("every Kafka broker is down; spooling");
+            } else {
+                tokio::select! {
+                    direct = self.kafka.append(topic, records.clone()) => match direct {
+                        Ok(positions) => return Ok(positions),
+                        Err(error) => tracing::warn!(%error, "Kafka refused an append; spooling"),
+                    },
+                    () = tokio::time::sleep(self.config.kafka_timeout) => tracing::warn!(
+                        timeout = ?self.config.kafka_timeout,
+                        "Kafka did not confirm an append in time; spooling"
+                    ),
+                    () = self.kafka.until_brokers_down() => {
+                        tracing::warn!("every Kafka broker went down during an append; spooling");
+                    }
+                }
             }
+            metrics::counter!("loom_spool_switches_total").increment(1);
             state.spooling = true;
         }
         let end = self.spool.end_offset(Topic::Data, 0).await?;

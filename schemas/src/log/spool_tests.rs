@@ -28,6 +28,7 @@ async fn open(port: u16, prefix: &str, spool_dir: &std::path::Path) -> SpooledLo
         dir: spool_dir.to_owned(),
         max_records: 40,
         kafka_timeout: Duration::from_secs(2),
+        forward_timeout: Duration::from_secs(5),
         chain_key: crate::testing::chain_key(),
     };
     SpooledLog::open(kafka, spool).await.unwrap()

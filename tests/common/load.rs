@@ -1,0 +1,220 @@
+//! Clients that keep a gateway busy with a mix of requests — chat, streams, tool calls,
+//! Anthropic streams, embeddings, some answered only after an upstream retry — and note which
+//! requests were answered whole, for the tests that kill processes under load.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use loom_schemas::codec::Registry;
+use loom_schemas::event::{Payload, RequestStatus};
+use loom_schemas::log::Entry;
+use serde_json::{Value, json};
+
+/// Who to load, and how.
+#[derive(Clone)]
+pub struct Load {
+    /// The gateway, `http://host:port`.
+    pub base: String,
+    pub key: String,
+    /// The mock upstream, to inject faults that make the gateway retry.
+    pub mock: String,
+    pub clients: usize,
+    /// Prefix of the trace ids, unique per run.
+    pub tag: String,
+}
+
+/// What the clients saw.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Trace ids of the requests answered 2xx and received whole.
+    pub answered: Vec<String>,
+    /// Answers by HTTP status.
+    pub statuses: BTreeMap<u16, u64>,
+    /// When each 503 came.
+    pub unavailable_at: Vec<Instant>,
+    pub transport_errors: u64,
+}
+
+const TOOLS: &str = r#"[{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}}]"#;
+
+impl Load {
+    /// Runs the clients until `stop` is set — or, with `until_gone`, until the gateway stops
+    /// answering (it was killed).
+    pub async fn run(&self, stop: Arc<AtomicBool>, until_gone: bool) -> Tally {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let clients: Vec<_> = (0..self.clients)
+            .map(|id| {
+                let (load, client, stop) = (self.clone(), client.clone(), Arc::clone(&stop));
+                tokio::spawn(async move { load.client(id, client, stop, until_gone).await })
+            })
+            .collect();
+        let mut tally = Tally::default();
+        for client in clients {
+            let one = client.await.unwrap();
+            tally.answered.extend(one.answered);
+            for (status, n) in one.statuses {
+                *tally.statuses.entry(status).or_default() += n;
+            }
+            tally.unavailable_at.extend(one.unavailable_at);
+            tally.transport_errors += one.transport_errors;
+        }
+        tally
+    }
+
+    async fn client(
+        &self,
+        id: usize,
+        client: reqwest::Client,
+        stop: Arc<AtomicBool>,
+        until_gone: bool,
+    ) -> Tally {
+        let mut tally = Tally::default();
+        let tools: Value = serde_json::from_str(TOOLS).unwrap();
+        let mut n = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let trace = format!("{}-c{id}-{n}", self.tag);
+            if n.is_multiple_of(5) {
+                // The next upstream call fails once: the gateway retries it.
+                let _ = client
+                    .post(format!("{}/mock/faults", self.mock))
+                    .json(&json!({"faults": [{"kind": "status", "status": 500}]}))
+                    .send()
+                    .await;
+            }
+            let messages =
+                json!([{"role": "user", "content": format!("request {n} of client {id}")}]);
+            let (path, body, stream) = match n % 5 {
+                0 => (
+                    "/v1/chat/completions",
+                    json!({"model": "fast", "messages": messages}),
+                    false,
+                ),
+                1 => (
+                    "/v1/chat/completions",
+                    json!({"model": "fast", "stream": true, "messages": messages}),
+                    true,
+                ),
+                2 => (
+                    "/v1/chat/completions",
+                    json!({"model": "fast", "messages": [{"role": "user", "content": "weather in Paris?"}], "tools": tools}),
+                    false,
+                ),
+                3 => (
+                    "/v1/messages",
+                    json!({"model": "fast", "max_tokens": 100, "stream": true, "messages": messages}),
+                    true,
+                ),
+                _ => (
+                    "/v1/embeddings",
+                    json!({"model": "fast", "input": format!("text {n}")}),
+                    false,
+                ),
+            };
+            let sent = client
+                .post(format!("{}{path}", self.base))
+                .bearer_auth(&self.key)
+                .header("x-request-id", &trace)
+                .json(&body)
+                .send()
+                .await;
+            let response = match sent {
+                Ok(response) => response,
+                Err(_) => {
+                    tally.transport_errors += 1;
+                    if until_gone {
+                        return tally;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let status = response.status().as_u16();
+            *tally.statuses.entry(status).or_default() += 1;
+            if status == 503 {
+                tally.unavailable_at.push(Instant::now());
+            }
+            let Ok(bytes) = response.bytes().await else {
+                tally.transport_errors += 1;
+                if until_gone {
+                    return tally;
+                }
+                continue;
+            };
+            let text = String::from_utf8_lossy(&bytes);
+            let whole = if stream {
+                text.ends_with("data: [DONE]\n\n") || text.contains("event: message_stop")
+            } else {
+                serde_json::from_slice::<Value>(&bytes).is_ok()
+            };
+            if (200..300).contains(&status) && whole {
+                tally.answered.push(trace);
+            }
+        }
+        tally
+    }
+}
+
+/// What the log holds of one request.
+#[derive(Debug, Default)]
+pub struct Trail {
+    /// `request.completed` events (distinct event ids), with their status and attempts.
+    pub completed: HashMap<String, (RequestStatus, i32)>,
+    /// Distinct `llm_call.completed` event ids.
+    pub calls: HashSet<String>,
+}
+
+/// Folds log entries into each trace's trail (duplicates, as Kafka may hold, count once).
+pub fn trails(entries: &[Entry]) -> HashMap<String, Trail> {
+    let registry = Registry::builtin().unwrap();
+    let mut trails: HashMap<String, Trail> = HashMap::new();
+    for entry in entries {
+        let event = registry.decode(&entry.record.value).unwrap();
+        let Some(trace) = event.envelope.trace_id.clone() else {
+            continue;
+        };
+        let trail = trails.entry(trace).or_default();
+        let id = event.envelope.event_id.to_string();
+        match event.payload {
+            Payload::RequestCompleted(done) => {
+                trail.completed.insert(id, (done.status, done.attempts));
+            }
+            Payload::LlmCallCompleted(_) => {
+                trail.calls.insert(id);
+            }
+            _ => {}
+        }
+    }
+    trails
+}
+
+/// Asserts that every answered trace has its `request.completed` (ok) and every attempt it
+/// counts in `trails`.
+pub fn assert_recorded(answered: &[String], trails: &HashMap<String, Trail>) {
+    let mut missing = Vec::new();
+    for trace in answered {
+        let Some(trail) = trails.get(trace) else {
+            missing.push(format!("{trace}: no events"));
+            continue;
+        };
+        let completed: Vec<_> = trail.completed.values().collect();
+        match completed.as_slice() {
+            [(RequestStatus::Ok, attempts)] if *attempts as usize == trail.calls.len() => {}
+            _ => missing.push(format!(
+                "{trace}: completed {completed:?}, {} attempts recorded",
+                trail.calls.len()
+            )),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} answered requests are not fully recorded: {missing:?}",
+        missing.len(),
+        answered.len()
+    );
+}
