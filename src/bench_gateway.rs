@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, bail};
+use loom_gateway::config::EventsAck;
 use serde_json::{Value, json};
 
 /// Arguments of `loom bench gateway`.
@@ -28,6 +29,9 @@ pub struct GatewayBenchArgs {
     /// projector [default: serve's, SQLite in the data directory].
     #[arg(long)]
     read_models: Option<String>,
+    /// The `--events-ack` modes to measure side by side, each in a server of its own.
+    #[arg(long, value_delimiter = ',', default_value = "recorded,fsynced,none")]
+    events_ack: Vec<EventsAck>,
     /// The oha binary (`cargo install oha`; ./infra/bench.sh installs it).
     #[arg(long, env = "LOOM_OHA", default_value = "oha")]
     oha: PathBuf,
@@ -222,14 +226,20 @@ fn write_config(dir: &Path, mock: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
-    let work = tempfile::Builder::new()
-        .prefix("loom-bench-gateway")
-        .tempdir()?;
-    let mut mock = Command::new(sibling("loom-mock")?);
-    mock.args(["--listen", "127.0.0.1:0"]);
-    let (_mock, mock_addr) = spawn_listening(mock)?;
-    let config = write_config(work.path(), &mock_addr)?;
+/// A `loom serve` under test, with a key of its tenant.
+struct Gateway {
+    process: Process,
+    addr: String,
+    key: String,
+    ack: EventsAck,
+}
+
+async fn start_gateway(
+    args: &GatewayBenchArgs,
+    work: &Path,
+    config: &Path,
+    ack: EventsAck,
+) -> anyhow::Result<Gateway> {
     let token = "bench-admin";
     let mut loom = Command::new(std::env::current_exe()?);
     loom.args([
@@ -238,25 +248,46 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
         "127.0.0.1:0",
         "--log",
         "warn,loom_gateway=info",
+        "--events-ack",
+        ack.name(),
     ])
     .arg("--data-dir")
-    .arg(work.path().join("data"))
+    .arg(work.join(format!("data-{ack}")))
     .arg("--config")
-    .arg(&config)
+    .arg(config)
     .env("LOOM_ADMIN_TOKEN", token)
     .env_remove("LOOM_MASTER_KEY");
     if let Some(read_models) = &args.read_models {
         loom.args(["--read-models", read_models]);
     }
-    let (gateway, loom_addr) = spawn_listening(loom)?;
-    let pid = gateway.0.id();
+    let (process, addr) = spawn_listening(loom)?;
     let client = reqwest::Client::new();
-    let key = setup_key(&client, &format!("http://{loom_addr}"), token).await?;
+    let key = setup_key(&client, &format!("http://{addr}"), token).await?;
+    Ok(Gateway {
+        process,
+        addr,
+        key,
+        ack,
+    })
+}
+
+pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("loom-bench-gateway")
+        .tempdir()?;
+    let mut mock = Command::new(sibling("loom-mock")?);
+    mock.args(["--listen", "127.0.0.1:0"]);
+    let (_mock, mock_addr) = spawn_listening(mock)?;
+    let config = write_config(work.path(), &mock_addr)?;
+    let mut gateways = Vec::new();
+    for ack in &args.events_ack {
+        gateways.push(start_gateway(&args, work.path(), &config, *ack).await?);
+    }
+    let client = reqwest::Client::new();
 
     let chat = json!({"model": "fast", "messages": [{"role": "user", "content": "Summarise the quarterly report in three bullet points for the leadership team."}]});
     let stream = json!({"model": "fast", "stream": true, "messages": chat["messages"]});
     let direct = format!("http://{mock_addr}/v1/chat/completions");
-    let through = format!("http://{loom_addr}/v1/chat/completions");
 
     say!(
         "loom bench gateway: {}s per case, {} connections, oha {}; mock upstream (no added latency) vs the same mock through Loom",
@@ -265,15 +296,20 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
         args.oha.display()
     );
     say!(
-        "Loom records every request's events on its embedded log (fsync 200ms) with sealed bodies; read models: {}; 2 cores shared by oha, the mock and Loom.",
+        "Loom records every request's events on its embedded log (fsync 200ms) with sealed bodies; read models: {}; one server per --events-ack mode ({}), idle while the others are measured; 2 cores shared by oha, the mock and Loom.",
         match args.read_models.as_deref() {
             Some("off") => "off (the gateway alone)".to_owned(),
             Some(other) => format!("projected in-process into {other}"),
             None => "projected in-process into SQLite".to_owned(),
-        }
+        },
+        args.events_ack
+            .iter()
+            .map(|a| a.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     say!(
-        "{:<16} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>12}",
+        "{:<18} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>12}",
         "case",
         "target/s",
         "req/s",
@@ -288,14 +324,9 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
     cases.push(None);
     for rate in cases {
         let label = rate.map_or_else(|| "max".to_owned(), |r| r.to_string());
-        let base = tokio::task::block_in_place(|| oha(&args, &direct, None, rate, &chat))?;
-        let cpu_before = cpu_seconds(pid)?;
-        let ours = tokio::task::block_in_place(|| oha(&args, &through, Some(&key), rate, &chat))?;
-        let cpu = cpu_seconds(pid)? - cpu_before;
-        let (rss, _) = memory_mib(pid)?;
         let row = |name: &str, run: &Run, cpu: Option<f64>, rss: Option<f64>| {
             say!(
-                "{name:<16} {label:>10} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.1}% {:>10} {:>12}",
+                "{name:<18} {label:>10} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.1}% {:>10} {:>12}",
                 run.rps,
                 run.p50,
                 run.p90,
@@ -308,43 +339,71 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
                 rss.map_or_else(|| "-".into(), |r| format!("{r:.1}")),
             );
         };
+        let base = tokio::task::block_in_place(|| oha(&args, &direct, None, rate, &chat))?;
         row("direct", &base, None, None);
-        row("through loom", &ours, Some(cpu), Some(rss));
-        say!(
-            "{:<16} {label:>10} {:>9.2}x {:>+9.3} {:>+9.3} {:>+9.3}   (overhead: loom minus direct; throughput ratio)",
-            "  difference",
-            ours.rps / base.rps.max(1e-9),
-            ours.p50 - base.p50,
-            ours.p90 - base.p90,
-            ours.p99 - base.p99,
-        );
+        for gateway in &gateways {
+            let pid = gateway.process.0.id();
+            let through = format!("http://{}/v1/chat/completions", gateway.addr);
+            let cpu_before = cpu_seconds(pid)?;
+            let ours = tokio::task::block_in_place(|| {
+                oha(&args, &through, Some(&gateway.key), rate, &chat)
+            })?;
+            let cpu = cpu_seconds(pid)? - cpu_before;
+            let (rss, _) = memory_mib(pid)?;
+            row(
+                &format!("loom ack={}", gateway.ack),
+                &ours,
+                Some(cpu),
+                Some(rss),
+            );
+            say!(
+                "{:<18} {label:>10} {:>9.2}x {:>+9.3} {:>+9.3} {:>+9.3}   (overhead: loom minus direct; throughput ratio)",
+                "  difference",
+                ours.rps / base.rps.max(1e-9),
+                ours.p50 - base.p50,
+                ours.p90 - base.p90,
+                ours.p99 - base.p99,
+            );
+        }
     }
 
     let rate = args.rates.first().copied();
     let base = tokio::task::block_in_place(|| oha(&args, &direct, None, rate, &stream))?;
-    let ours = tokio::task::block_in_place(|| oha(&args, &through, Some(&key), rate, &stream))?;
-    say!(
-        "streaming at {}/s: time to first byte p50 {:.3} ms direct, {:.3} ms through Loom ({:+.3}); p99 {:.3} vs {:.3} ({:+.3})",
-        rate.map_or_else(|| "max".to_owned(), |r| r.to_string()),
-        base.ttfb_p50,
-        ours.ttfb_p50,
-        ours.ttfb_p50 - base.ttfb_p50,
-        base.ttfb_p99,
-        ours.ttfb_p99,
-        ours.ttfb_p99 - base.ttfb_p99,
-    );
-    let (rss, peak) = memory_mib(pid)?;
-    let health: Value = client
-        .get(format!("http://{loom_addr}/health"))
-        .send()
-        .await?
-        .json()
-        .await?;
-    say!(
-        "gateway memory: {rss:.1} MiB resident, {peak:.1} MiB peak; events on the log: {}",
-        health
-            .pointer("/log/data/end_offset")
-            .unwrap_or(&Value::Null)
-    );
+    for gateway in &gateways {
+        let through = format!("http://{}/v1/chat/completions", gateway.addr);
+        let ours = tokio::task::block_in_place(|| {
+            oha(&args, &through, Some(&gateway.key), rate, &stream)
+        })?;
+        say!(
+            "streaming at {}/s, ack={}: first byte p50 {:.3} ms direct, {:.3} through Loom ({:+.3}), p99 {:.3} vs {:.3} ({:+.3}); whole stream p99 {:.3} vs {:.3} ({:+.3})",
+            rate.map_or_else(|| "max".to_owned(), |r| r.to_string()),
+            gateway.ack,
+            base.ttfb_p50,
+            ours.ttfb_p50,
+            ours.ttfb_p50 - base.ttfb_p50,
+            base.ttfb_p99,
+            ours.ttfb_p99,
+            ours.ttfb_p99 - base.ttfb_p99,
+            base.p99,
+            ours.p99,
+            ours.p99 - base.p99,
+        );
+    }
+    for gateway in &gateways {
+        let (rss, peak) = memory_mib(gateway.process.0.id())?;
+        let health: Value = client
+            .get(format!("http://{}/health", gateway.addr))
+            .send()
+            .await?
+            .json()
+            .await?;
+        say!(
+            "ack={}: memory {rss:.1} MiB resident, {peak:.1} MiB peak; events on the log: {}",
+            gateway.ack,
+            health
+                .pointer("/log/data/end_offset")
+                .unwrap_or(&Value::Null)
+        );
+    }
     Ok(())
 }

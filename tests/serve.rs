@@ -441,3 +441,137 @@ async fn serve_with_read_models_off_runs_no_projector() {
     assert!(dir.path().join("log").exists());
     assert!(!dir.path().join("read-models").exists());
 }
+
+/// (byte position, length) of every frame of a segment file.
+fn frames(segment: &Path) -> Vec<(usize, usize)> {
+    let bytes = std::fs::read(segment).unwrap();
+    let mut pos = 52;
+    let mut frames = Vec::new();
+    while pos + 12 <= bytes.len() {
+        let len = 12 + u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        frames.push((pos, len));
+        pos += len;
+    }
+    frames
+}
+
+#[tokio::test]
+async fn a_damaged_last_record_is_refused_until_repair_cuts_it_into_quarantine() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let tenant = stdout_line(&admin(dir.path(), &["tenant", "create", "acme"]));
+    stdout_line(&admin(dir.path(), &["key", "create", "--tenant", &tenant]));
+    let segment = dir.path().join("log/control/0/00000000000000000000.seg");
+    let (pos, len) = *frames(&segment).last().unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[pos + len - 40] ^= 0x20;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    // verify fails and says how to proceed; nothing that opens the log drops the record.
+    let verified = loom(&["verify", "--data-dir", data_dir]);
+    assert_eq!(
+        verified.status.code(),
+        Some(1),
+        "{}",
+        text(&verified.stdout)
+    );
+    let report = text(&verified.stdout);
+    assert!(
+        report.contains("DAMAGED") && report.contains("--truncate-at control/0:1"),
+        "{report}"
+    );
+    let listed = admin(dir.path(), &["key", "list"]);
+    assert_eq!(listed.status.code(), Some(1));
+    let error = text(&listed.stderr);
+    assert!(
+        error.contains("00000000000000000000.seg") && error.contains("record offset 1"),
+        "{error}"
+    );
+    let refused = Server::start(dir.path(), &[], &[]).err().unwrap();
+    assert!(refused.contains("record offset 1"), "{refused}");
+    assert!(!refused.contains("panicked"), "{refused}");
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        bytes,
+        "the log is untouched"
+    );
+
+    // An explicit repair cuts the damaged record off and keeps its bytes.
+    let repaired = loom(&[
+        "repair",
+        "--data-dir",
+        data_dir,
+        "--truncate-at",
+        "control/0:1",
+    ]);
+    assert!(repaired.status.success(), "{}", text(&repaired.stderr));
+    let kept: Vec<_> = std::fs::read_dir(dir.path().join("log/quarantine"))
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(kept.contains(&bytes[pos..].to_vec()), "{kept:?}");
+    assert!(loom(&["verify", "--data-dir", data_dir]).status.success());
+    assert_eq!(stdout_line(&admin(dir.path(), &["key", "list"])), "[]");
+    assert!(stdout_line(&admin(dir.path(), &["tenant", "list"])).contains("acme"));
+}
+
+#[tokio::test]
+async fn verify_reports_a_torn_tail_apart_and_checks_heads_it_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    write_records(dir.path(), 10).await;
+    let printed = loom(&["verify", "--data-dir", data_dir, "--print-head"]);
+    assert!(printed.status.success(), "{}", text(&printed.stderr));
+    let head = text(&printed.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("head: data/0:"))
+        .map(|h| format!("data/0:{h}"))
+        .unwrap();
+    assert!(head.starts_with("data/0:10:"), "{head}");
+    let expected = loom(&["verify", "--data-dir", data_dir, "--expect-head", &head]);
+    assert!(expected.status.success(), "{}", text(&expected.stdout));
+    let other = format!("data/0:10:{}", "ab".repeat(32));
+    let wrong = loom(&["verify", "--data-dir", data_dir, "--expect-head", &other]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(
+        text(&wrong.stdout).contains("rewritten"),
+        "{}",
+        text(&wrong.stdout)
+    );
+    let malformed = loom(&["verify", "--data-dir", data_dir, "--expect-head", "data:10"]);
+    assert_eq!(malformed.status.code(), Some(2));
+
+    // A crash in the middle of a write after the last checkpoint: a torn tail, not damage.
+    let checkpoint = dir.path().join("log/data/0/checkpoint");
+    let saved = std::fs::read(&checkpoint).unwrap();
+    write_records(dir.path(), 5).await;
+    std::fs::write(&checkpoint, saved).unwrap();
+    let segment = dir.path().join("log/data/0/00000000000000000000.seg");
+    let (pos, len) = *frames(&segment).last().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    file.set_len((pos + len / 2) as u64).unwrap();
+    let torn = loom(&["verify", "--data-dir", data_dir]);
+    assert!(torn.status.success(), "{}", text(&torn.stderr));
+    assert!(
+        text(&torn.stdout).contains("torn tail"),
+        "{}",
+        text(&torn.stdout)
+    );
+    let server = Server::start(dir.path(), &[], &[]).unwrap();
+    assert!(server.stop().success());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("log/quarantine"))
+            .unwrap()
+            .count(),
+        1
+    );
+    let verified = loom(&["verify", "--data-dir", data_dir]);
+    assert!(
+        text(&verified.stdout).contains("data/0: 14 records"),
+        "{}",
+        text(&verified.stdout)
+    );
+}

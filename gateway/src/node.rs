@@ -105,7 +105,6 @@ pub struct Node {
     pub control: Control,
     /// `role/host/pid`, the producer of the events this node writes.
     pub producer: Arc<str>,
-    fsync: FsyncPolicy,
 }
 
 /// How often the embedded log's data head is anchored in the control topic (and at every start).
@@ -238,7 +237,6 @@ impl Node {
             keys: Arc::new(keys),
             control,
             producer: producer_id(config.role).into(),
-            fsync: config.fsync,
         };
         // What recovery left is durable now: anchor it before anything else is written.
         if let Some(anchors) = &node.anchors {
@@ -248,7 +246,7 @@ impl Node {
     }
 
     /// Background work until `shutdown`: follows the control topic, forwards the spool to Kafka,
-    /// and forces the log to disk on the fsync interval.
+    /// and anchors the embedded log's head. (The embedded log keeps its fsync interval itself.)
     pub async fn run_background(self, shutdown: CancellationToken) {
         let drain = async {
             if let Some(spool) = &self.spool {
@@ -260,12 +258,7 @@ impl Node {
             Arc::clone(&self.keys),
             shutdown.clone(),
         );
-        tokio::join!(
-            follow,
-            drain,
-            self.sync_periodically(shutdown.clone()),
-            self.anchor_periodically(shutdown.clone())
-        );
+        tokio::join!(follow, drain, self.anchor_periodically(shutdown.clone()));
     }
 
     async fn anchor_periodically(&self, shutdown: CancellationToken) {
@@ -281,24 +274,6 @@ impl Node {
                 _ = ticker.tick() => {
                     if let Err(error) = anchors.anchor(&self.producer).await {
                         tracing::error!(%error, "anchoring the log's head failed");
-                    }
-                }
-            }
-        }
-    }
-
-    async fn sync_periodically(&self, shutdown: CancellationToken) {
-        let FsyncPolicy::Interval(interval) = self.fsync else {
-            return;
-        };
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = ticker.tick() => {
-                    if let Err(error) = self.log.sync().await {
-                        tracing::error!(%error, "periodic log sync failed");
                     }
                 }
             }

@@ -161,9 +161,13 @@ impl EmbeddedLog {
                 end,
             }))
         };
+        let (data, control) = (open(Topic::Data)?, open(Topic::Control)?);
+        if let FsyncPolicy::Interval(interval) = config.fsync {
+            sync_periodically([Arc::downgrade(&data), Arc::downgrade(&control)], interval);
+        }
         Ok(EmbeddedLog {
-            data: open(Topic::Data)?,
-            control: open(Topic::Control)?,
+            data,
+            control,
             dir,
             lock: Some(lock),
         })
@@ -297,6 +301,66 @@ impl Partition {
             .map_err(|_| LogError::WriterFailed("writer lock poisoned".into()))?;
         f(&mut writer)
     }
+
+    /// Forces what was appended so far to disk and checkpoints it, without holding appends up
+    /// for the fsync: the file is synced through a second handle, outside the writer's lock.
+    fn sync(&self) -> Result<(), LogError> {
+        let captured = self.with_writer(|writer| {
+            if !writer.unsynced {
+                return Ok(None);
+            }
+            let file = writer.file.try_clone().map_err(LogError::io(format!(
+                "opening {}",
+                writer.segment.display()
+            )))?;
+            Ok(Some((
+                file,
+                writer.segment.clone(),
+                writer.next_checkpoint(),
+            )))
+        })?;
+        let Some((file, segment, checkpoint)) = captured else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        file.sync_data()
+            .map_err(LogError::io(format!("syncing {}", segment.display())))?;
+        metrics::histogram!("loom_log_fsync_seconds").record(started.elapsed().as_secs_f64());
+        self.with_writer(|writer| {
+            // Another checkpoint since (a roll, an append's own sync) is at least as far.
+            if writer.durable.sequence + 1 != checkpoint.sequence {
+                return Ok(());
+            }
+            writer.checkpoints.write(&checkpoint)?;
+            writer.durable = checkpoint;
+            writer.unsynced =
+                (writer.base, writer.size) != (checkpoint.segment, checkpoint.position);
+            Ok(())
+        })
+    }
+}
+
+/// Syncs the partitions every `interval` (`--fsync 200ms`) until they are dropped, on a thread
+/// of its own so that no append waits for the fsync.
+fn sync_periodically(partitions: [std::sync::Weak<Partition>; 2], interval: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("loom-log-sync".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                for partition in &partitions {
+                    let Some(partition) = partition.upgrade() else {
+                        return;
+                    };
+                    if let Err(error) = partition.sync() {
+                        tracing::error!(%error, "periodic log sync failed");
+                    }
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "could not start the log's sync thread; syncing on appends only");
+    }
 }
 
 #[async_trait]
@@ -367,13 +431,9 @@ impl Log for EmbeddedLog {
             return Ok(()); // Read-only: nothing written here.
         }
         let partitions = [Arc::clone(&self.data), Arc::clone(&self.control)];
-        tokio::task::spawn_blocking(move || {
-            partitions
-                .iter()
-                .try_for_each(|p| p.with_writer(|w| w.sync()))
-        })
-        .await
-        .map_err(|e| LogError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || partitions.iter().try_for_each(|p| p.sync()))
+            .await
+            .map_err(|e| LogError::Task(e.to_string()))?
     }
 }
 
@@ -397,7 +457,6 @@ struct Writer {
     durable: Checkpoint,
     fsync: FsyncPolicy,
     segment_bytes: u64,
-    last_sync: Instant,
     unsynced: bool,
     failed: Option<String>,
     buf: Vec<u8>,
@@ -436,7 +495,6 @@ impl Writer {
             },
             fsync: config.fsync,
             segment_bytes: config.segment_bytes,
-            last_sync: Instant::now(),
             // Records after the old checkpoint are synced and checkpointed now.
             unsynced: true,
             failed: None,
@@ -500,12 +558,9 @@ impl Writer {
         self.next_offset += records.len() as u64;
         self.chain = chain;
         self.unsynced = true;
-        match self.fsync {
-            FsyncPolicy::Always => self.sync()?,
-            FsyncPolicy::Interval(interval) if self.last_sync.elapsed() >= interval => {
-                self.sync()?
-            }
-            _ => {}
+        // An interval is kept by the sync thread, off the append path (see `sync_periodically`).
+        if self.fsync == FsyncPolicy::Always {
+            self.sync()?;
         }
         Ok(first)
     }
@@ -521,14 +576,12 @@ impl Writer {
             .map_err(LogError::io(format!("syncing {}", self.segment.display())))?;
         metrics::histogram!("loom_log_fsync_seconds").record(started.elapsed().as_secs_f64());
         self.unsynced = false;
-        self.last_sync = Instant::now();
         self.checkpoint(false)
     }
 
-    /// Writes a checkpoint at the current end, which must be durable already; `durably` waits
-    /// for the checkpoint itself to reach the disk.
-    fn checkpoint(&mut self, durably: bool) -> Result<(), LogError> {
-        let checkpoint = Checkpoint {
+    /// The checkpoint of the current end.
+    fn next_checkpoint(&self) -> Checkpoint {
+        Checkpoint {
             sequence: self.durable.sequence + 1,
             first_segment: self.first_segment,
             segments: self.segments,
@@ -536,7 +589,13 @@ impl Writer {
             position: self.size,
             offset: self.next_offset,
             head: self.chain,
-        };
+        }
+    }
+
+    /// Writes a checkpoint at the current end, which must be durable already; `durably` waits
+    /// for the checkpoint itself to reach the disk.
+    fn checkpoint(&mut self, durably: bool) -> Result<(), LogError> {
+        let checkpoint = self.next_checkpoint();
         if durably {
             self.checkpoints.write_durably(&checkpoint)?;
         } else {
