@@ -29,6 +29,10 @@ pub struct GatewayBenchArgs {
     /// projector [default: serve's, SQLite in the data directory].
     #[arg(long)]
     read_models: Option<String>,
+    /// Runs of each case, interleaved (direct, then each mode, then again); the figures printed
+    /// are the medians, which a noisy shared machine needs.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// The `--events-ack` modes to measure side by side, each in a server of its own.
     #[arg(long, value_delimiter = ',', default_value = "recorded,fsynced,none")]
     events_ack: Vec<EventsAck>,
@@ -96,6 +100,7 @@ fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
 }
 
 /// One oha run's figures.
+#[derive(Clone, Copy)]
 struct Run {
     rps: f64,
     success: f64,
@@ -105,6 +110,27 @@ struct Run {
     ttfb_p50: f64,
     ttfb_p99: f64,
     requests: f64,
+}
+
+impl Run {
+    /// Each figure's median over `runs` (requests: their sum).
+    fn median(runs: &[Run]) -> Run {
+        let median = |field: fn(&Run) -> f64| {
+            let mut values: Vec<f64> = runs.iter().map(field).collect();
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        Run {
+            rps: median(|r| r.rps),
+            success: median(|r| r.success),
+            p50: median(|r| r.p50),
+            p90: median(|r| r.p90),
+            p99: median(|r| r.p99),
+            ttfb_p50: median(|r| r.ttfb_p50),
+            ttfb_p99: median(|r| r.ttfb_p99),
+            requests: runs.iter().map(|r| r.requests).sum(),
+        }
+    }
 }
 
 fn oha(
@@ -290,8 +316,9 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
     let direct = format!("http://{mock_addr}/v1/chat/completions");
 
     say!(
-        "loom bench gateway: {}s per case, {} connections, oha {}; mock upstream (no added latency) vs the same mock through Loom",
+        "loom bench gateway: {}s per case, medians of {} interleaved runs, {} connections, oha {}; mock upstream (no added latency) vs the same mock through Loom",
         args.seconds,
+        args.repeat.max(1),
         args.connections,
         args.oha.display()
     );
@@ -339,17 +366,29 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
                 rss.map_or_else(|| "-".into(), |r| format!("{r:.1}")),
             );
         };
-        let base = tokio::task::block_in_place(|| oha(&args, &direct, None, rate, &chat))?;
+        let mut direct_runs = Vec::new();
+        let mut runs = vec![Vec::new(); gateways.len()];
+        let mut cpu = vec![0.0; gateways.len()];
+        for _ in 0..args.repeat.max(1) {
+            direct_runs.push(tokio::task::block_in_place(|| {
+                oha(&args, &direct, None, rate, &chat)
+            })?);
+            for (i, gateway) in gateways.iter().enumerate() {
+                let pid = gateway.process.0.id();
+                let through = format!("http://{}/v1/chat/completions", gateway.addr);
+                let cpu_before = cpu_seconds(pid)?;
+                runs[i].push(tokio::task::block_in_place(|| {
+                    oha(&args, &through, Some(&gateway.key), rate, &chat)
+                })?);
+                cpu[i] += cpu_seconds(pid)? - cpu_before;
+            }
+        }
+        let base = Run::median(&direct_runs);
         row("direct", &base, None, None);
-        for gateway in &gateways {
-            let pid = gateway.process.0.id();
-            let through = format!("http://{}/v1/chat/completions", gateway.addr);
-            let cpu_before = cpu_seconds(pid)?;
-            let ours = tokio::task::block_in_place(|| {
-                oha(&args, &through, Some(&gateway.key), rate, &chat)
-            })?;
-            let cpu = cpu_seconds(pid)? - cpu_before;
-            let (rss, _) = memory_mib(pid)?;
+        for (i, gateway) in gateways.iter().enumerate() {
+            let ours = Run::median(&runs[i]);
+            let cpu = cpu[i];
+            let (rss, _) = memory_mib(gateway.process.0.id())?;
             row(
                 &format!("loom ack={}", gateway.ack),
                 &ours,

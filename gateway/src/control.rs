@@ -40,6 +40,7 @@ pub struct ControlState {
     tenants: HashMap<Uuid, TenantInfo>,
     keys: HashMap<Uuid, ApiKeyInfo>,
     key_by_hash: HashMap<[u8; 32], Uuid>,
+    anchored: Option<u64>,
 }
 
 impl ControlState {
@@ -91,8 +92,17 @@ impl ControlState {
                     key.revoked = true;
                 }
             }
+            Payload::LogAnchored(anchored) if anchored.topic == Topic::Data.name() => {
+                self.anchored = u64::try_from(anchored.offset).ok();
+            }
             _ => {}
         }
+    }
+
+    /// The data offset of the latest `log.anchored` event (so that a node does not anchor the
+    /// same head twice).
+    pub fn anchored(&self) -> Option<u64> {
+        self.anchored
     }
 
     /// The key a client presented, if it is valid now: issued, not revoked, not expired, and its

@@ -1,30 +1,33 @@
 //! Data-plane events leave the request path through a bounded queue; one writer task appends them
-//! to the log with group commit: it appends as soon as events are waiting, and whatever arrives
-//! while an append is in flight goes into the next one. A request's answer waits until its last
-//! event is recorded ([`Emitter::record`], per [`EventsAck`]); the events queued before it are in
-//! the same append or an earlier one, so they are recorded too. When the queue is full the
+//! to the log with group commit: as soon as an event that an answer waits for is queued, it
+//! appends it with everything queued before it, and whatever arrives while an append is in flight
+//! goes into the next one (events nobody waits for yet linger up to 5 ms for company). A request's
+//! answer waits until its last event is recorded ([`Emitter::record`], per [`EventsAck`]); the
+//! events queued before it are in the same append or an earlier one, so they are recorded too. When the queue is full the
 //! configured policy applies at the start of a request (default: 503), so no admitted request
 //! loses an event.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use loom_schemas::codec::Registry;
+use loom_schemas::codec::{CodecError, Registry};
 use loom_schemas::event::Event;
-use loom_schemas::log::{Log, Record, Topic};
+use loom_schemas::log::{EmbeddedLog, Log, LogError, Record, Topic};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 
 use crate::config::{EventsAck, LimitsConfig, WhenEventsFull};
 
 /// Events per append, at most.
 const BATCH: usize = 512;
-/// With `--events-ack none` nobody waits for an append: the writer lets a small batch grow this
-/// long, since fewer, larger appends cost far less CPU.
+/// How long events nobody waits for may wait for company: fewer, larger appends cost far less
+/// CPU than one per event.
 const LINGER: Duration = Duration::from_millis(5);
 
-/// An event in the queue, with whoever waits for it to be recorded.
+/// An event in the queue, encoded (on the request's task, so that the one writer only appends),
+/// with whoever waits for it to be recorded.
 struct Queued {
-    event: Event,
+    record: Record,
     recorded: Option<oneshot::Sender<()>>,
 }
 
@@ -32,6 +35,7 @@ struct Queued {
 #[derive(Clone)]
 pub struct Emitter {
     tx: mpsc::Sender<Queued>,
+    registry: &'static Registry,
     when_full: WhenEventsFull,
     ack: EventsAck,
     ack_timeout: Duration,
@@ -48,10 +52,17 @@ pub struct Unrecorded;
 
 impl Emitter {
     /// Creates the queue; run the returned writer until the emitter and its clones are dropped.
-    pub fn new(limits: &LimitsConfig, log: Arc<dyn Log>) -> (Emitter, EventWriter) {
+    /// `embedded` is `log` itself when it is the embedded log: the writer then appends to it on
+    /// its own thread without a hand-off.
+    pub fn new(
+        limits: &LimitsConfig,
+        log: Arc<dyn Log>,
+        embedded: Option<Arc<EmbeddedLog>>,
+    ) -> Result<(Emitter, EventWriter), CodecError> {
         let (tx, rx) = mpsc::channel(limits.events_capacity);
         let emitter = Emitter {
             tx,
+            registry: Registry::builtin()?,
             when_full: limits.when_events_full,
             ack: limits.events_ack,
             ack_timeout: limits.events_ack_timeout,
@@ -59,9 +70,23 @@ impl Emitter {
         let writer = EventWriter {
             rx,
             log,
+            embedded,
             ack: limits.events_ack,
         };
-        (emitter, writer)
+        Ok((emitter, writer))
+    }
+
+    /// The event as a log record; `None` (counted and logged) if it does not encode, which only
+    /// a bug can cause.
+    fn encode(&self, event: &Event, recorded: Option<oneshot::Sender<()>>) -> Option<Queued> {
+        match self.registry.encode_record(event) {
+            Ok(record) => Some(Queued { record, recorded }),
+            Err(error) => {
+                metrics::counter!("loom_events_unencodable_total").increment(1);
+                tracing::error!(%error, event_type = event.payload.event_type(), "an event could not be encoded");
+                None
+            }
+        }
     }
 
     /// Queues the first event of a request, applying the full-queue policy.
@@ -71,27 +96,25 @@ impl Emitter {
                 self.emit(event).await;
                 Ok(())
             }
-            WhenEventsFull::Reject => self
-                .tx
-                .try_send(Queued {
-                    event,
-                    recorded: None,
-                })
-                .map_err(|error| match error {
+            WhenEventsFull::Reject => {
+                let Some(queued) = self.encode(&event, None) else {
+                    return Ok(());
+                };
+                self.tx.try_send(queued).map_err(|error| match error {
                     mpsc::error::TrySendError::Full(_) => {
                         metrics::counter!("loom_events_rejected_requests_total").increment(1);
                         QueueFull
                     }
                     mpsc::error::TrySendError::Closed(_) => QueueFull,
-                }),
+                })
+            }
         }
     }
 
     /// Queues an event of an admitted request, waiting for room if needed.
     pub async fn emit(&self, event: Event) {
-        let queued = Queued {
-            event,
-            recorded: None,
+        let Some(queued) = self.encode(&event, None) else {
+            return;
         };
         if self.tx.send(queued).await.is_err() {
             tracing::error!("event writer is gone; an event was lost");
@@ -109,10 +132,7 @@ impl Emitter {
         }
         let started = Instant::now();
         let (recorded, done) = oneshot::channel();
-        let queued = Queued {
-            event,
-            recorded: Some(recorded),
-        };
+        let queued = self.encode(&event, Some(recorded)).ok_or(Unrecorded)?;
         let waited = tokio::time::timeout(self.ack_timeout, async {
             self.tx.send(queued).await.map_err(|_| Unrecorded)?;
             done.await.map_err(|_| Unrecorded)
@@ -135,15 +155,10 @@ impl Emitter {
     /// Queues an event without waiting (for code that cannot wait, such as a drop handler).
     /// Hands the event back if the queue is full.
     pub fn try_emit(&self, event: Event) -> Result<(), Box<Event>> {
-        let queued = Queued {
-            event,
-            recorded: None,
+        let Some(queued) = self.encode(&event, None) else {
+            return Ok(());
         };
-        self.tx.try_send(queued).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(queued) | mpsc::error::TrySendError::Closed(queued) => {
-                Box::new(queued.event)
-            }
-        })
+        self.tx.try_send(queued).map_err(|_| Box::new(event))
     }
 }
 
@@ -151,68 +166,101 @@ impl Emitter {
 pub struct EventWriter {
     rx: mpsc::Receiver<Queued>,
     log: Arc<dyn Log>,
+    embedded: Option<Arc<EmbeddedLog>>,
     ack: EventsAck,
 }
 
 impl EventWriter {
-    /// Runs until every [`Emitter`] is dropped and the queue is empty. A failed append is
-    /// retried (the queue fills up meanwhile, and new requests are refused): nothing is dropped.
-    pub async fn run(mut self) {
-        let Ok(registry) = Registry::builtin() else {
-            tracing::error!("the event schemas do not load; events cannot be written");
-            return;
-        };
+    /// Runs the writer on a thread of its own (taken from tokio's blocking pool, tracked by
+    /// `tasks`) until every [`Emitter`] is dropped and the queue is empty. On its own thread it
+    /// appends to the embedded log directly: an answer waits for one wake-up of the writer and
+    /// the write, not for hand-offs between threads that compete for the cores. A failed append
+    /// is retried (the queue fills up meanwhile, and new requests are refused): nothing is
+    /// dropped.
+    pub fn spawn(self, tasks: &TaskTracker) -> tokio::task::JoinHandle<()> {
+        let runtime = tokio::runtime::Handle::current();
+        tasks.spawn_blocking(move || runtime.block_on(self.run()))
+    }
+
+    /// The writer's loop; only ever on the thread `spawn` gives it, since it blocks.
+    async fn run(mut self) {
         let mut batch = Vec::with_capacity(BATCH);
         while self.rx.recv_many(&mut batch, BATCH).await > 0 {
-            if self.ack == EventsAck::None && batch.len() < BATCH {
-                tokio::time::sleep(LINGER).await;
-                while batch.len() < BATCH {
-                    match self.rx.try_recv() {
-                        Ok(queued) => batch.push(queued),
-                        Err(_) => break,
-                    }
-                }
-            }
-            let count = self.append(registry, &batch).await;
+            self.gather(&mut batch).await;
+            self.append(&batch).await;
             let durable = match self.ack {
-                EventsAck::Fsynced => self.log.sync().await.map_err(|error| {
+                EventsAck::Fsynced => self.sync().await.map_err(|error| {
                     metrics::counter!("loom_events_sync_failures_total").increment(1);
                     tracing::error!(%error, "syncing the log failed; the waiting answers get 503");
                 }),
                 EventsAck::Recorded | EventsAck::None => Ok(()),
             };
+            metrics::counter!("loom_events_written_total").increment(batch.len() as u64);
             for queued in batch.drain(..) {
                 if let (Some(recorded), Ok(())) = (queued.recorded, durable) {
                     let _ = recorded.send(());
                 }
             }
-            metrics::counter!("loom_events_written_total").increment(count as u64);
             metrics::gauge!("loom_events_queued").set(self.rx.len() as f64);
         }
     }
 
-    /// Appends a batch, retrying until the log takes it; returns how many events were written.
-    async fn append(&self, registry: &Registry, batch: &[Queued]) -> usize {
-        let mut backoff = Duration::from_millis(50);
-        // The events stay in hand until the log has them; a retry encodes them again.
-        loop {
-            let records: Vec<Record> = batch
-                .iter()
-                .filter_map(|queued| match registry.encode_record(&queued.event) {
-                    Ok(record) => Some(record),
-                    Err(error) => {
-                        metrics::counter!("loom_events_unencodable_total").increment(1);
-                        tracing::error!(%error, event_type = queued.event.payload.event_type(), "an event could not be encoded");
-                        None
+    async fn sync(&self) -> Result<(), LogError> {
+        match &self.embedded {
+            Some(log) => log.sync_blocking(),
+            None => self.log.sync().await,
+        }
+    }
+
+    /// Lets a batch that nobody waits for grow until an event that someone waits for joins it, it
+    /// is full, or [`LINGER`] has passed: the events before a request's last ride along with it.
+    /// An answer never waits for this.
+    async fn gather(&mut self, batch: &mut Vec<Queued>) {
+        if batch.iter().any(|queued| queued.recorded.is_some()) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(queued)) => {
+                    let waited_for = queued.recorded.is_some();
+                    batch.push(queued);
+                    if waited_for {
+                        // And whatever else is already waiting.
+                        while batch.len() < BATCH {
+                            match self.rx.try_recv() {
+                                Ok(queued) => batch.push(queued),
+                                Err(_) => break,
+                            }
+                        }
+                        return;
                     }
-                })
-                .collect();
-            let count = records.len();
-            match self.log.append(Topic::Data, records).await {
-                Ok(_) => return count,
+                }
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+
+    /// Appends a batch, retrying until the log takes it.
+    async fn append(&self, batch: &[Queued]) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let appended = match &self.embedded {
+                // On the writer's own thread (see `spawn`): blocking is fine here.
+                Some(log) => {
+                    let records: Vec<&Record> = batch.iter().map(|queued| &queued.record).collect();
+                    log.append_blocking(Topic::Data, &records).map(drop)
+                }
+                None => {
+                    let records = batch.iter().map(|queued| queued.record.clone()).collect();
+                    self.log.append(Topic::Data, records).await.map(drop)
+                }
+            };
+            match appended {
+                Ok(()) => return,
                 Err(error) => {
                     metrics::counter!("loom_events_append_failures_total").increment(1);
-                    tracing::error!(%error, count, "appending events failed; retrying");
+                    tracing::error!(%error, count = batch.len(), "appending events failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -251,7 +299,7 @@ mod tests {
         }
     }
 
-    async fn log() -> (tempfile::TempDir, Arc<dyn Log>) {
+    async fn log() -> (tempfile::TempDir, Arc<EmbeddedLog>) {
         let dir = tempfile::tempdir().unwrap();
         let log = EmbeddedLog::open(EmbeddedLogConfig::new(
             dir.path(),
@@ -266,7 +314,12 @@ mod tests {
     async fn a_full_queue_refuses_new_requests_or_makes_them_wait() {
         let (_dir, log) = log().await;
         let config = limits(2, WhenEventsFull::Reject, EventsAck::Recorded);
-        let (emitter, writer) = Emitter::new(&config, Arc::clone(&log));
+        let (emitter, writer) = Emitter::new(
+            &config,
+            Arc::clone(&log) as Arc<dyn Log>,
+            Some(Arc::clone(&log)),
+        )
+        .unwrap();
         emitter.admit(event()).await.unwrap();
         emitter.emit(event()).await;
         assert!(
@@ -275,7 +328,7 @@ mod tests {
         );
         assert!(emitter.try_emit(event()).is_err());
         // Once the writer drains the queue, requests are admitted again and nothing was lost.
-        let writing = tokio::spawn(writer.run());
+        let writing = writer.spawn(&TaskTracker::new());
         tokio::time::timeout(Duration::from_secs(10), async {
             while emitter.admit(event()).await.is_err() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -288,7 +341,12 @@ mod tests {
         assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 3);
 
         let config = limits(1, WhenEventsFull::Wait, EventsAck::Recorded);
-        let (emitter, writer) = Emitter::new(&config, Arc::clone(&log));
+        let (emitter, writer) = Emitter::new(
+            &config,
+            Arc::clone(&log) as Arc<dyn Log>,
+            Some(Arc::clone(&log)),
+        )
+        .unwrap();
         emitter.admit(event()).await.unwrap();
         let waiting = {
             let emitter = emitter.clone();
@@ -299,7 +357,7 @@ mod tests {
             !waiting.is_finished(),
             "with `wait`, the request waits for room"
         );
-        let writing = tokio::spawn(writer.run());
+        let writing = writer.spawn(&TaskTracker::new());
         waiting.await.unwrap().unwrap();
         drop(emitter);
         writing.await.unwrap();
@@ -352,6 +410,7 @@ mod tests {
 
     async fn observed() -> (tempfile::TempDir, Arc<Observed>) {
         let (dir, inner) = log().await;
+        let inner: Arc<dyn Log> = inner;
         let log = Arc::new(Observed {
             inner,
             syncs: AtomicUsize::new(0),
@@ -367,8 +426,10 @@ mod tests {
             let (emitter, writer) = Emitter::new(
                 &limits(64, WhenEventsFull::Reject, ack),
                 Arc::clone(&log) as Arc<dyn Log>,
-            );
-            let writing = tokio::spawn(writer.run());
+                None,
+            )
+            .unwrap();
+            let writing = writer.spawn(&TaskTracker::new());
             emitter.admit(event()).await.unwrap();
             emitter.emit(event()).await;
             let answering = {
@@ -401,8 +462,9 @@ mod tests {
             events_ack_timeout: Duration::from_millis(100),
             ..limits(64, WhenEventsFull::Reject, EventsAck::Recorded)
         };
-        let (emitter, writer) = Emitter::new(&config, Arc::clone(&log) as Arc<dyn Log>);
-        let writing = tokio::spawn(writer.run());
+        let (emitter, writer) =
+            Emitter::new(&config, Arc::clone(&log) as Arc<dyn Log>, None).unwrap();
+        let writing = writer.spawn(&TaskTracker::new());
         assert!(emitter.record(event()).await.is_err());
         // The event is not dropped: it is recorded once the log takes appends again.
         log.hold.add_permits(1000);
@@ -415,8 +477,9 @@ mod tests {
     async fn with_no_ack_an_answer_does_not_wait() {
         let (_dir, log) = observed().await;
         let config = limits(64, WhenEventsFull::Reject, EventsAck::None);
-        let (emitter, writer) = Emitter::new(&config, Arc::clone(&log) as Arc<dyn Log>);
-        let writing = tokio::spawn(writer.run());
+        let (emitter, writer) =
+            Emitter::new(&config, Arc::clone(&log) as Arc<dyn Log>, None).unwrap();
+        let writing = writer.spawn(&TaskTracker::new());
         emitter.record(event()).await.unwrap();
         assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 0);
         log.hold.add_permits(1000);

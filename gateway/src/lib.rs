@@ -84,9 +84,17 @@ pub async fn serve(
             }
         });
     }
-    let (emitter, writer) = Emitter::new(&config.gateway.limits, Arc::clone(&node.log));
+    let (emitter, writer) = Emitter::new(
+        &config.gateway.limits,
+        Arc::clone(&node.log),
+        node.embedded_log(),
+    )
+    .map_err(|e| NodeError::Io {
+        context: "loading the event schemas".into(),
+        source: std::io::Error::other(e),
+    })?;
     // The writer ends once every request holding an emitter is done and the queue is drained.
-    tasks.spawn(writer.run());
+    writer.spawn(&tasks);
     // The tokenizer for usage estimates takes a moment to build: build it now, off the request path.
     tasks.spawn_blocking(tokens::warm_up);
     let gateway = Gateway::new(config.gateway, emitter).map_err(|e| NodeError::Io {

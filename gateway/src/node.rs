@@ -232,7 +232,7 @@ impl Node {
             anchors: embedded.map(|log| Anchors {
                 log,
                 key: chain_key,
-                last: Arc::new(std::sync::Mutex::new(None)),
+                last: Arc::new(std::sync::Mutex::new(control.read(|s| s.anchored()))),
             }),
             keys: Arc::new(keys),
             control,
@@ -278,6 +278,13 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// The log, when it is the embedded one.
+    pub fn embedded_log(&self) -> Option<Arc<EmbeddedLog>> {
+        self.anchors
+            .as_ref()
+            .map(|anchors| Arc::clone(&anchors.log))
     }
 
     /// The next offset of each topic's partition 0.

@@ -4,6 +4,7 @@
 //! blocking pool, never on the async threads. Readers are woken through a watch channel when the
 //! writer publishes a new end offset.
 
+use std::borrow::Borrow;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -211,6 +212,26 @@ impl EmbeddedLog {
         &self.dir
     }
 
+    /// Appends `records` on the calling thread, which may block (a thread of its own, or the
+    /// blocking pool — never an async worker); returns the first record's offset. A writer with
+    /// a thread of its own saves the hand-off to the blocking pool that `append` makes.
+    pub fn append_blocking<R: Borrow<Record>>(
+        &self,
+        topic: Topic,
+        records: &[R],
+    ) -> Result<u64, LogError> {
+        self.partition(topic, 0)?.append(topic, records)
+    }
+
+    /// [`Log::sync`] on the calling thread, which may block (as for [`Self::append_blocking`]).
+    pub fn sync_blocking(&self) -> Result<(), LogError> {
+        if self.lock.is_none() {
+            return Ok(()); // Read-only: nothing written here.
+        }
+        self.data.sync()?;
+        self.control.sync()
+    }
+
     /// The durable end of a partition as its last checkpoint has it: (records, chain head).
     /// `None` when open read-only.
     pub fn durable_head(&self, topic: Topic) -> Option<(u64, Chain)> {
@@ -302,6 +323,24 @@ impl Partition {
         f(&mut writer)
     }
 
+    /// Appends `records` (blocking); returns the first one's offset.
+    fn append<R: Borrow<Record>>(&self, topic: Topic, records: &[R]) -> Result<u64, LogError> {
+        if records.is_empty() {
+            return Ok(*self.end.borrow());
+        }
+        let first = self.with_writer(|writer| {
+            let first = writer.append(records)?;
+            self.end.send_replace(writer.next_offset);
+            Ok(first)
+        })?;
+        let bytes: usize = records.iter().map(|r| r.borrow().value.len()).sum();
+        metrics::counter!("loom_log_appended_records_total", "topic" => topic.name())
+            .increment(records.len() as u64);
+        metrics::counter!("loom_log_appended_bytes_total", "topic" => topic.name())
+            .increment(bytes as u64);
+        Ok(first)
+    }
+
     /// Forces what was appended so far to disk and checkpoints it, without holding appends up
     /// for the fsync: the file is synced through a second handle, outside the writer's lock.
     fn sync(&self) -> Result<(), LogError> {
@@ -375,20 +414,9 @@ impl Log for EmbeddedLog {
         }
         let partition = Arc::clone(self.partition(topic, 0)?);
         let count = records.len() as u64;
-        let bytes: usize = records.iter().map(|r| r.value.len()).sum();
-        let first = tokio::task::spawn_blocking(move || {
-            partition.with_writer(|writer| {
-                let first = writer.append(&records)?;
-                partition.end.send_replace(writer.next_offset);
-                Ok(first)
-            })
-        })
-        .await
-        .map_err(|e| LogError::Task(e.to_string()))??;
-        metrics::counter!("loom_log_appended_records_total", "topic" => topic.name())
-            .increment(count);
-        metrics::counter!("loom_log_appended_bytes_total", "topic" => topic.name())
-            .increment(bytes as u64);
+        let first = tokio::task::spawn_blocking(move || partition.append(topic, &records))
+            .await
+            .map_err(|e| LogError::Task(e.to_string()))??;
         Ok((first..first + count)
             .map(|offset| Position {
                 partition: 0,
@@ -518,7 +546,7 @@ impl Writer {
     }
 
     /// Appends `records`, returning the offset of the first.
-    fn append(&mut self, records: &[Record]) -> Result<u64, LogError> {
+    fn append<R: Borrow<Record>>(&mut self, records: &[R]) -> Result<u64, LogError> {
         if let Some(reason) = &self.failed {
             return Err(LogError::WriterFailed(reason.clone()));
         }
@@ -530,7 +558,7 @@ impl Writer {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         for (i, record) in records.iter().enumerate() {
-            encode_frame(&mut buf, first + i as u64, record, &mut chain)?;
+            encode_frame(&mut buf, first + i as u64, record.borrow(), &mut chain)?;
         }
         let written = self.file.write_all(&buf);
         let len = buf.len() as u64;
