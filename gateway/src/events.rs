@@ -1,11 +1,11 @@
-//! Data-plane events leave the request path through a bounded queue; one writer task appends them
-//! to the log with group commit: as soon as an event that an answer waits for is queued, it
-//! appends it with everything queued before it, and whatever arrives while an append is in flight
-//! goes into the next one (events nobody waits for yet linger up to 5 ms for company). A request's
-//! answer waits until its last event is recorded ([`Emitter::record`], per [`EventsAck`]); the
-//! events queued before it are in the same append or an earlier one, so they are recorded too. When the queue is full the
-//! configured policy applies at the start of a request (default: 503), so no admitted request
-//! loses an event.
+//! Data-plane events leave the request path through a bounded queue, already encoded; one writer,
+//! on a thread of its own, appends them to the log with group commit: as soon as an event that an
+//! answer waits for is queued, it appends it with everything queued before it, and whatever
+//! arrives while an append is in flight goes into the next one (events nobody waits for yet wait
+//! up to 5 ms for company). A request's answer waits until its last event is recorded
+//! ([`Emitter::record`], per [`EventsAck`]); the events queued before it are in the same append
+//! or an earlier one, so they are recorded too. When the queue is full the configured policy
+//! applies at the start of a request (default: 503), so no admitted request loses an event.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -174,6 +174,9 @@ pub async fn stored_positions(
         .collect()
 }
 
+/// How long the projector waits after folding a batch smaller than its limit.
+const TRICKLE_WAIT: Duration = Duration::from_millis(20);
+
 async fn follow(
     log: Arc<dyn Log>,
     store: ReadStore,
@@ -213,6 +216,15 @@ async fn follow(
                 }
                 if let Err(error) = reader.commit(&reached).await {
                     tracing::debug!(%error, "recording the group's advisory offsets failed");
+                }
+                // A small batch: the log is quiet or trickling (a gateway appends per answered
+                // request). Let the next batch grow a little: one transaction per append would
+                // cost the read models far more than these milliseconds of freshness.
+                if entries.len() < config.batch {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(TRICKLE_WAIT) => {}
+                    }
                 }
             }
             // Every batch is stored before the next is read: nothing is pending.
