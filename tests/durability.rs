@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 use loom_mock::{MockConfig, MockServer};
 use loom_schemas::log::{Entry, KafkaLog, KafkaLogConfig, Log, Topic};
 use loom_schemas::testing::{TestBroker, TestDatabase, free_port, open_data_dir_log};
-use serde_json::{Value, json};
 
 use common::load::{Load, assert_recorded, trails};
-use common::{LOOM, Server};
+use common::{LOOM, Server, tenant_and_key};
 
 const ADMIN: &str = "durability-admin";
 const MASTER: &str = "4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d";
@@ -48,36 +47,6 @@ fn write_config(dir: &std::path::Path, mock: &MockServer) -> std::path::PathBuf 
     );
     std::fs::write(&path, text).unwrap();
     path
-}
-
-async fn post(client: &reqwest::Client, url: String, body: Value) -> Value {
-    let response = client
-        .post(url)
-        .bearer_auth(ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success(), "{}", response.status());
-    response.json().await.unwrap()
-}
-
-/// A tenant and a key for it, through the admin API.
-async fn tenant_key(server: &Server) -> String {
-    let client = reqwest::Client::new();
-    let tenant = post(
-        &client,
-        server.url("/admin/tenants"),
-        json!({"name": "durable"}),
-    )
-    .await;
-    let key = post(
-        &client,
-        server.url("/admin/keys"),
-        json!({"tenant_id": tenant["tenant_id"]}),
-    )
-    .await;
-    key["key"].as_str().unwrap().to_owned()
 }
 
 /// Runs the load against `server` and SIGKILLs it after a random 0.5–3 s; returns what was
@@ -225,7 +194,7 @@ async fn every_answer_of_a_sigkilled_serve_is_in_the_log_and_the_read_models() {
     let env = [("LOOM_ADMIN_TOKEN", ADMIN)];
     let start = || Server::start(&data_dir, &args, &env).unwrap();
     let server = start();
-    let key = tenant_key(&server).await;
+    let (_, key) = tenant_and_key(&server, ADMIN, "durable").await;
     let mut answered = load_then_kill(server, &key, &mock, "serve-r0".into()).await;
     for round in 1..4 {
         answered.extend(load_then_kill(start(), &key, &mock, format!("serve-r{round}")).await);
@@ -298,7 +267,7 @@ async fn every_answer_of_a_sigkilled_kafka_gateway_is_in_kafka_and_the_read_mode
     let env = [("LOOM_ADMIN_TOKEN", ADMIN), ("LOOM_MASTER_KEY", MASTER)];
     let start = || Server::start_as("gateway", &data_dir, &args, &env).unwrap();
     let server = start();
-    let key = tenant_key(&server).await;
+    let (_, key) = tenant_and_key(&server, ADMIN, "durable").await;
     let mut answered = Vec::new();
     let mut server = Some(server);
     for round in 0..3 {
@@ -334,7 +303,7 @@ async fn a_broker_killed_under_load_costs_no_answers_and_loses_no_events() {
     let env = [("LOOM_ADMIN_TOKEN", ADMIN), ("LOOM_MASTER_KEY", MASTER)];
     let broker = TestBroker::start(port, &broker_db.broker_storage());
     let gateway = Server::start_as("gateway", &data_dir, &args, &env).unwrap();
-    let key = tenant_key(&gateway).await;
+    let (_, key) = tenant_and_key(&gateway, ADMIN, "outage").await;
 
     let load = Load {
         base: gateway.base.clone(),

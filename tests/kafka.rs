@@ -14,7 +14,7 @@ use loom_schemas::log::{KafkaLog, KafkaLogConfig, Log, Topic, segment};
 use loom_schemas::testing::{TestBroker, TestDatabase, free_port};
 use serde_json::{Value, json};
 
-use common::Server;
+use common::{Server, tenant_and_key};
 
 const ADMIN: &str = "kafka-admin";
 const MASTER: &str = "7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e";
@@ -193,19 +193,7 @@ async fn a_gateway_killed_during_a_broker_outage_drains_its_spool_after_restart(
     let broker = TestBroker::start(port, &db.broker_storage());
     let gateway = start();
     let client = reqwest::Client::new();
-    let tenant = post(
-        &client,
-        gateway.url("/admin/tenants"),
-        json!({"name": "outage"}),
-    )
-    .await;
-    let key = post(
-        &client,
-        gateway.url("/admin/keys"),
-        json!({"tenant_id": tenant["tenant_id"]}),
-    )
-    .await;
-    let key = key["key"].as_str().unwrap().to_owned();
+    let (_, key) = tenant_and_key(&gateway, ADMIN, "outage").await;
 
     // The broker goes away; requests are still served, their events spooled on disk.
     broker.kill();

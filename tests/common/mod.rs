@@ -103,6 +103,26 @@ impl Drop for Server {
     }
 }
 
+/// Creates a tenant and a key for it through `server`'s admin API; returns (tenant id, key).
+pub async fn tenant_and_key(server: &Server, admin_token: &str, name: &str) -> (String, String) {
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        let request = client
+            .post(server.url(path))
+            .bearer_auth(admin_token)
+            .json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            assert!(response.status().is_success(), "{}", response.status());
+            response.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let tenant = post("/admin/tenants", serde_json::json!({"name": name})).await;
+    let tenant_id = tenant["tenant_id"].as_str().unwrap().to_owned();
+    let key = post("/admin/keys", serde_json::json!({"tenant_id": tenant_id})).await;
+    (tenant_id, key["key"].as_str().unwrap().to_owned())
+}
+
 pub fn loom(args: &[&str]) -> Output {
     Command::new(LOOM)
         .args(args)

@@ -110,7 +110,7 @@ pub enum LogError {
         #[source]
         source: std::io::Error,
     },
-    #[error("log damaged: {} at byte {byte}{}: {reason}. Nothing was repaired; `loom verify` \
+    #[error("damaged: {} at byte {byte}{}: {reason}. Nothing was repaired; `loom verify` \
         names every damaged spot, and `loom repair --truncate-at` cuts the log there, keeping \
         what it cuts in the quarantine directory",
         segment.display(),

@@ -21,6 +21,7 @@ use super::segment::{
     Boundary, Chain, SEGMENT_HEADER_LEN, ScanStop, Step, decode_segment_header,
     encode_segment_header, list_segments, scan_segment, segment_name,
 };
+use super::verify::{Torn, checkpoint_problem, count_problem, leftovers, walk};
 use super::{LogError, Topic};
 
 /// The directory cut bytes are kept in.
@@ -70,132 +71,33 @@ pub fn recover(log_dir: &Path, topic: Topic, key: &ChainKey) -> Result<Recovered
     };
     // Segments older than the first one counted: an interrupted removal (the checkpoint that
     // stopped counting them was synced before any was deleted).
-    while let Some((base, path)) = segments.first().filter(|(base, _)| *base < c.first_segment) {
+    for (base, path) in segments.drain(..leftovers(&segments, &c)) {
         tracing::warn!(segment = %path.display(), base, "removing a segment an interrupted removal left behind");
-        std::fs::remove_file(path).map_err(LogError::io(format!("removing {}", path.display())))?;
-        segments.remove(0);
+        std::fs::remove_file(&path)
+            .map_err(LogError::io(format!("removing {}", path.display())))?;
     }
-    let counted: Vec<u64> = segments
-        .iter()
-        .map(|(base, _)| *base)
-        .take_while(|base| *base <= c.segment)
-        .collect();
-    if counted.len() as u64 != c.segments
-        || counted.first() != Some(&c.first_segment)
-        || counted.last() != Some(&c.segment)
-    {
-        return Err(damage(
-            &checkpoint_path,
-            0,
-            None,
-            format!(
-                "segments missing: the checkpoint counts {} segment(s) from base {} to {}, the \
-                 directory has {} ({counted:?})",
-                c.segments,
-                c.first_segment,
-                c.segment,
-                counted.len()
-            ),
-        ));
+    if let Some(problem) = count_problem(&segments, &c, &checkpoint_path) {
+        return Err(problem.into());
     }
     // The sealed segments before the checkpoint's: their headers (`loom verify` reads them whole).
-    let first_scanned = counted.len() - 1;
+    let first_scanned = segments.partition_point(|(base, _)| *base < c.segment);
     for (base, path) in &segments[..first_scanned] {
         check_header(path, *base)?;
     }
-
-    let last = segments.len() - 1;
-    let mut next_offset = c.segment;
-    let mut chain = [0u8; 32];
-    // The last segment with an intact header, and the end of its intact records.
-    let mut active: Option<(u64, PathBuf, u64)> = None;
-    let mut torn = None;
-    for (index, (base, path)) in segments.iter().enumerate().skip(first_scanned) {
-        if index > first_scanned && *base != next_offset {
-            return Err(damage(
-                path,
-                0,
-                None,
-                "segment does not start where the previous one ended (records missing)",
-            ));
-        }
-        let mut met: Option<Boundary> = None;
-        let scan = scan_segment(path, *base, |step| {
-            if let Step::Boundary(b) = step
-                && index == first_scanned
-                && b.position == c.position
-            {
-                met = Some(b);
-            }
-        })?;
-        if index > first_scanned && scan.end > 0 && scan.prev_chain != chain {
-            return Err(damage(
-                path,
-                0,
-                None,
-                "segment's chain link does not match the previous segment (altered or replaced)",
-            ));
-        }
-        let end_offset = base + scan.records;
-        match scan.stop {
-            ScanStop::End => {}
-            ScanStop::Torn { at, reason }
-                if index == last && (index > first_scanned || at >= c.position) =>
-            {
-                torn = Some((path.clone(), at, reason, scan.file_len));
-            }
-            ScanStop::Torn { at, reason } => {
-                let why = if index == last {
-                    "before the checkpoint: written and synced, now missing"
-                } else {
-                    "in a segment that is followed by another"
-                };
-                return Err(damage(
-                    path,
-                    at,
-                    Some(end_offset),
-                    format!("{reason}, {why}"),
-                ));
-            }
-            ScanStop::Damaged { at, offset, reason } => {
-                return Err(damage(path, at, offset, reason));
-            }
-        }
-        if index == first_scanned {
-            match met {
-                None => {
-                    return Err(damage(
-                        &checkpoint_path,
-                        0,
-                        Some(c.offset),
-                        format!(
-                            "the records do not reach the checkpoint (byte {} of {}, offset {}): \
-                             the log is shorter than what was synced",
-                            c.position,
-                            path.display(),
-                            c.offset
-                        ),
-                    ));
-                }
-                Some(b) if b.offset != c.offset || b.head != c.head => {
-                    return Err(damage(
-                        &checkpoint_path,
-                        0,
-                        Some(c.offset),
-                        "the chain does not lead to the checkpoint's head: records before it \
-                         were rewritten",
-                    ));
-                }
-                Some(_) => {}
-            }
-        }
-        if scan.end > 0 {
-            next_offset = end_offset;
-            chain = scan.head;
-            active = Some((*base, path.clone(), scan.end));
-        }
+    let walked = walk(&segments[first_scanned..], Some(&c), |_| {})?;
+    if let Some(problem) = walked.problem {
+        return Err(problem.into());
     }
-    if let Some((path, at, reason, file_len)) = torn {
+    if let Some(problem) = checkpoint_problem(&c, walked.met_checkpoint, &checkpoint_path) {
+        return Err(problem.into());
+    }
+    if let Some(Torn {
+        path,
+        at,
+        reason,
+        file_len,
+    }) = walked.torn
+    {
         if at < SEGMENT_HEADER_LEN {
             // A crash while rolling: the new segment's header never fully reached the disk.
             let kept = quarantine_file(log_dir, topic, &path)?;
@@ -220,7 +122,7 @@ pub fn recover(log_dir: &Path, topic: Topic, key: &ChainKey) -> Result<Recovered
             );
         }
     }
-    let Some((base, path, size)) = active else {
+    let Some((base, path, size)) = walked.active else {
         return Err(damage(&dir, 0, None, "no segment with an intact header"));
     };
     let file = open_for_append(&path, size)?;
@@ -229,8 +131,8 @@ pub fn recover(log_dir: &Path, topic: Topic, key: &ChainKey) -> Result<Recovered
         path,
         base,
         size,
-        next_offset,
-        chain,
+        next_offset: walked.end,
+        chain: walked.head,
         first_segment: c.first_segment,
         segments: segments.len() as u64,
         sequence: c.sequence,

@@ -36,6 +36,20 @@ fn verify_dir(dir: &Path) -> VerifyReport {
     verify(dir, &key(), &[]).unwrap()
 }
 
+/// A data partition of `batches` batches of 5 records in segments of `segment_bytes`, written and
+/// closed; returns the log's config.
+async fn segmented(dir: &Path, segment_bytes: u64, batches: u64) -> EmbeddedLogConfig {
+    let config = EmbeddedLogConfig {
+        segment_bytes,
+        ..config(dir)
+    };
+    let log = EmbeddedLog::open(config.clone()).await.unwrap();
+    for i in 0..batches {
+        append_range(&log, Topic::Data, i * 5..i * 5 + 5).await;
+    }
+    config
+}
+
 /// Leaves `topic` as a crash would: records `0..durable` synced and checkpointed, then
 /// `durable..total` written after the last checkpoint.
 async fn crashed(dir: &Path, topic: Topic, durable: u64, total: u64) {
@@ -92,6 +106,18 @@ async fn read_all(log: &EmbeddedLog, topic: Topic, from: u64) -> Vec<Entry> {
         }
         entries.extend(batch);
     }
+}
+
+/// The partition holds exactly `record(0)`, `record(1)`, … up to `count`.
+async fn assert_holds_records(log: &EmbeddedLog, topic: Topic, count: u64) {
+    let entries = read_all(log, topic, 0).await;
+    assert_eq!(entries.len() as u64, count);
+    assert!(
+        entries
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.record == record(i as u64))
+    );
 }
 
 fn partition_dir(dir: &Path, topic: Topic) -> PathBuf {
@@ -280,14 +306,7 @@ async fn concurrent_appenders_and_readers_see_every_record_once_in_order() {
 #[tokio::test]
 async fn segments_roll_and_the_chain_runs_across_them() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
-    config.segment_bytes = 2 * 1024;
-    {
-        let log = EmbeddedLog::open(config.clone()).await.unwrap();
-        for i in 0..40 {
-            append_range(&log, Topic::Data, i * 5..i * 5 + 5).await;
-        }
-    }
+    let config = segmented(dir.path(), 2 * 1024, 40).await;
     let segments = list_segments(&partition_dir(dir.path(), Topic::Data)).unwrap();
     assert!(segments.len() >= 5, "{} segments", segments.len());
     let log = EmbeddedLog::open(config).await.unwrap();
@@ -389,14 +408,7 @@ async fn torn_writes_after_the_checkpoint_are_cut_off_into_quarantine() {
         );
         // Appends go on after the last complete record.
         append_range(&log, Topic::Control, kept..kept + 3).await;
-        let entries = read_all(&log, Topic::Control, 0).await;
-        assert_eq!(entries.len() as u64, kept + 3, "{damage}");
-        assert!(
-            entries
-                .iter()
-                .enumerate()
-                .all(|(i, e)| e.record == record(i as u64))
-        );
+        assert_holds_records(&log, Topic::Control, kept + 3).await;
         drop(log);
         let report = verify_dir(dir.path());
         let control = report.partition(Topic::Control, 0).unwrap();
@@ -465,14 +477,7 @@ async fn damage_in_the_active_segment_refuses_to_open_and_names_the_spot() {
 #[tokio::test]
 async fn damage_in_a_sealed_segment_is_named_by_verify_and_by_readers() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
-    config.segment_bytes = 1024;
-    {
-        let log = EmbeddedLog::open(config.clone()).await.unwrap();
-        for i in 0..10 {
-            append_range(&log, Topic::Data, i * 5..i * 5 + 5).await;
-        }
-    }
+    let config = segmented(dir.path(), 1024, 10).await;
     let (_, first) = list_segments(&partition_dir(dir.path(), Topic::Data)).unwrap()[0].clone();
     let (pos, len) = frames(&first)[2];
     flip_byte(&first, pos + len - 40);
@@ -600,14 +605,7 @@ async fn a_damaged_checkpoint_falls_back_to_its_other_slot_or_refuses() {
 async fn missing_segments_are_damage() {
     for which in ["a middle one", "the last one", "the first one"] {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = config(dir.path());
-        config.segment_bytes = 1024;
-        {
-            let log = EmbeddedLog::open(config.clone()).await.unwrap();
-            for i in 0..20 {
-                append_range(&log, Topic::Data, i * 5..i * 5 + 5).await;
-            }
-        }
+        let config = segmented(dir.path(), 1024, 20).await;
         let segments = list_segments(&partition_dir(dir.path(), Topic::Data)).unwrap();
         assert!(segments.len() > 4);
         let gone = match which {
@@ -676,14 +674,7 @@ async fn a_segment_rewritten_with_a_recomputed_chain_is_found_without_the_key() 
 #[tokio::test]
 async fn repair_cuts_at_the_damage_and_keeps_what_it_cuts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
-    config.segment_bytes = 2048;
-    {
-        let log = EmbeddedLog::open(config.clone()).await.unwrap();
-        for i in 0..8 {
-            append_range(&log, Topic::Data, i * 5..i * 5 + 5).await;
-        }
-    }
+    let config = segmented(dir.path(), 2048, 8).await;
     let segments = list_segments(&partition_dir(dir.path(), Topic::Data)).unwrap();
     assert!(segments.len() >= 3, "{segments:?}");
     let (base, path) = segments[1].clone();
@@ -726,13 +717,7 @@ async fn repair_cuts_at_the_damage_and_keeps_what_it_cuts() {
     let log = EmbeddedLog::open(config).await.unwrap();
     assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), damaged);
     append_range(&log, Topic::Data, damaged..damaged + 5).await;
-    let entries = read_all(&log, Topic::Data, 0).await;
-    assert!(
-        entries
-            .iter()
-            .enumerate()
-            .all(|(i, e)| e.record == record(i as u64))
-    );
+    assert_holds_records(&log, Topic::Data, damaged + 5).await;
     drop(log);
     let report = verify_dir(dir.path());
     assert!(report.first_problem().is_none(), "{report:?}");
@@ -908,12 +893,8 @@ fn fsync_policies_parse() {
 #[tokio::test]
 async fn segments_before_an_offset_can_be_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
-    config.segment_bytes = 1024;
-    let log = EmbeddedLog::open(config).await.unwrap();
-    for i in 0..20 {
-        append_range(&log, Topic::Data, i * 5..i * 5 + 5).await;
-    }
+    let config = segmented(dir.path(), 1024, 20).await;
+    let log = EmbeddedLog::open(config.clone()).await.unwrap();
     let before = list_segments(&partition_dir(dir.path(), Topic::Data)).unwrap();
     assert!(before.len() > 4);
     let keep_from = before[3].0;
@@ -940,6 +921,12 @@ async fn segments_before_an_offset_can_be_removed() {
         1
     );
     append_range(&log, Topic::Data, 100..101).await;
+    assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 101);
+    // The checkpoint counts only the segments left: the log opens and verifies as it is.
+    drop(log);
+    let report = verify_dir(dir.path());
+    assert!(report.first_problem().is_none(), "{report:?}");
+    let log = EmbeddedLog::open(config).await.unwrap();
     assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), 101);
 }
 

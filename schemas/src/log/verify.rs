@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::checkpoint::{self, CHECKPOINT_FILE, ChainKey, Checkpoint, anchor_mac};
-use super::segment::{Chain, ScanStop, Step, list_segments, scan_segment};
+use super::segment::{Boundary, Chain, ScanStop, Step, list_segments, scan_segment};
 use super::{LogError, Record, Topic};
 use crate::codec::Registry;
 use crate::event::Payload;
@@ -309,11 +309,8 @@ fn verify_partition(
         problem: None,
         notes: loaded.note.into_iter().collect(),
     };
-    if let Some(c) = checkpoint {
-        let leftovers = segments
-            .iter()
-            .take_while(|(base, _)| *base < c.first_segment)
-            .count();
+    if let Some(c) = &checkpoint {
+        let leftovers = leftovers(&segments, c);
         if leftovers > 0 {
             report.notes.push(format!(
                 "{leftovers} segment(s) before the first one the checkpoint counts (left by an \
@@ -322,191 +319,270 @@ fn verify_partition(
             segments.drain(..leftovers);
             report.end = c.first_segment;
         }
-        let counted: Vec<u64> = segments
-            .iter()
-            .map(|(base, _)| *base)
-            .take_while(|base| *base <= c.segment)
-            .collect();
-        if counted.len() as u64 != c.segments
-            || counted.first() != Some(&c.first_segment)
-            || counted.last() != Some(&c.segment)
-        {
-            report.problem = Some(Problem {
-                segment: checkpoint_path.clone(),
-                byte: 0,
-                offset: None,
-                reason: format!(
-                    "segments missing: the checkpoint counts {} segment(s) from base {} to {}, \
-                     the directory has {} ({:?})",
-                    c.segments,
-                    c.first_segment,
-                    c.segment,
-                    counted.len(),
-                    counted
-                ),
-            });
-        }
+        report.problem = count_problem(&segments, c, &checkpoint_path);
     }
-    let mut met_checkpoint = None;
+    if report.problem.is_some() {
+        return Ok(report);
+    }
     let mut met_heads = vec![None; expected.len()];
-    let last_index = segments.len().saturating_sub(1);
-    for (index, (base, path)) in segments.iter().enumerate() {
-        if report.problem.is_some() {
-            break;
+    let walked = walk(&segments, checkpoint.as_ref(), |step| match step {
+        Step::Boundary(b) => {
+            for (head, met) in expected.iter().zip(met_heads.iter_mut()) {
+                if head.offset == b.offset && met.is_none() {
+                    *met = Some(b.head);
+                }
+            }
         }
+        Step::Record { offset, record } => on_record(offset, record),
+    })?;
+    report.records = walked.records;
+    report.bytes = walked.bytes;
+    report.end = walked.end;
+    report.head = walked.head;
+    report.torn_tail = walked.torn.as_ref().map(|torn| {
+        format!(
+            "{} at byte {} of {} ({} bytes after the last complete record)",
+            torn.reason,
+            torn.at,
+            torn.path.display(),
+            torn.file_len - torn.at
+        )
+    });
+    report.problem = walked
+        .problem
+        .or_else(|| {
+            loaded
+                .problem
+                .map(|reason| at_checkpoint(&checkpoint_path, None, reason))
+        })
+        .or_else(|| match (&checkpoint, report.records) {
+            (None, 0) => None,
+            (None, _) => Some(at_checkpoint(
+                &checkpoint_path,
+                None,
+                "no checkpoint: the chain does not lead to an authenticated head (the checkpoint \
+                 was deleted, or the log was written before checkpoints existed)"
+                    .into(),
+            )),
+            (Some(c), _) => checkpoint_problem(c, walked.met_checkpoint, &checkpoint_path),
+        })
+        .or_else(|| heads_problem(expected, &met_heads, report.end, dir));
+    if report.problem.is_none() {
+        report.checkpoint = checkpoint;
+    }
+    Ok(report)
+}
+
+fn at_checkpoint(path: &Path, offset: Option<u64>, reason: String) -> Problem {
+    Problem {
+        segment: path.to_owned(),
+        byte: 0,
+        offset,
+        reason,
+    }
+}
+
+/// How many of the first segments come before the first one `checkpoint` counts: left by a
+/// removal that was interrupted after the checkpoint stopped counting them.
+pub(crate) fn leftovers(segments: &[(u64, PathBuf)], checkpoint: &Checkpoint) -> usize {
+    segments
+        .iter()
+        .take_while(|(base, _)| *base < checkpoint.first_segment)
+        .count()
+}
+
+/// Whether the segments up to the checkpoint's are the ones it counts (none missing).
+pub(crate) fn count_problem(
+    segments: &[(u64, PathBuf)],
+    checkpoint: &Checkpoint,
+    checkpoint_path: &Path,
+) -> Option<Problem> {
+    let counted: Vec<u64> = segments
+        .iter()
+        .map(|(base, _)| *base)
+        .take_while(|base| *base <= checkpoint.segment)
+        .collect();
+    let whole = counted.len() as u64 == checkpoint.segments
+        && counted.first() == Some(&checkpoint.first_segment)
+        && counted.last() == Some(&checkpoint.segment);
+    (!whole).then(|| {
+        at_checkpoint(
+            checkpoint_path,
+            None,
+            format!(
+                "segments missing: the checkpoint counts {} segment(s) from base {} to {}, the \
+                 directory has {} ({counted:?})",
+                checkpoint.segments,
+                checkpoint.first_segment,
+                checkpoint.segment,
+                counted.len()
+            ),
+        )
+    })
+}
+
+/// Whether the chain met `checkpoint` where it says, with its head.
+pub(crate) fn checkpoint_problem(
+    checkpoint: &Checkpoint,
+    met: Option<Boundary>,
+    checkpoint_path: &Path,
+) -> Option<Problem> {
+    let reason = match met {
+        None => format!(
+            "the records do not reach the checkpoint (segment {}, byte {}, offset {}): the log \
+             is shorter than what was synced",
+            checkpoint.segment, checkpoint.position, checkpoint.offset
+        ),
+        Some(b) if b.offset != checkpoint.offset || b.head != checkpoint.head => {
+            "the chain does not lead to the checkpoint's head: records before it were rewritten"
+                .into()
+        }
+        Some(_) => return None,
+    };
+    Some(at_checkpoint(
+        checkpoint_path,
+        Some(checkpoint.offset),
+        reason,
+    ))
+}
+
+/// Whether the chain had every expected head (`met`: the chain at each one's offset).
+fn heads_problem(
+    expected: &[ExpectedHead],
+    met: &[Option<Chain>],
+    end: u64,
+    dir: &Path,
+) -> Option<Problem> {
+    expected.iter().zip(met).find_map(|(head, met)| {
+        let reason = match met {
+            None => format!("expected head {head}, but the partition has only {end} records"),
+            Some(found) if *found != head.head => format!(
+                "expected head {head}, but the chain there is {}: records before it were \
+                 rewritten",
+                hex::encode(found)
+            ),
+            Some(_) => return None,
+        };
+        Some(Problem {
+            segment: dir.to_owned(),
+            byte: 0,
+            offset: Some(head.offset),
+            reason,
+        })
+    })
+}
+
+/// An unfinished write at the very end of a partition, after its checkpoint.
+#[derive(Debug, Clone)]
+pub(crate) struct Torn {
+    pub path: PathBuf,
+    pub at: u64,
+    pub reason: &'static str,
+    pub file_len: u64,
+}
+
+/// What reading a run of segments whole found.
+#[derive(Debug)]
+pub(crate) struct Walk {
+    pub records: u64,
+    pub bytes: u64,
+    /// The offset after the last intact record.
+    pub end: u64,
+    /// The chain after the last intact record.
+    pub head: Chain,
+    /// The last segment with an intact header, and the byte after its last intact record.
+    pub active: Option<(u64, PathBuf, u64)>,
+    /// The boundary at the checkpoint's position, if the walk met it.
+    pub met_checkpoint: Option<Boundary>,
+    pub torn: Option<Torn>,
+    /// The first damaged spot; the walk stops there.
+    pub problem: Option<Problem>,
+}
+
+/// Reads `segments` (consecutive, the first one read from its start) whole: each starts where
+/// the previous ended and links to its chain, every checksum, offset and chain hash inside holds.
+/// An unfinished write at the very end, after `checkpoint`, is a torn tail; anything else wrong
+/// is the problem, where the walk stops. `visit` sees every record and boundary.
+pub(crate) fn walk(
+    segments: &[(u64, PathBuf)],
+    checkpoint: Option<&Checkpoint>,
+    mut visit: impl FnMut(Step<'_>),
+) -> Result<Walk, LogError> {
+    let mut walked = Walk {
+        records: 0,
+        bytes: 0,
+        end: segments.first().map_or(0, |(base, _)| *base),
+        head: [0u8; 32],
+        active: None,
+        met_checkpoint: None,
+        torn: None,
+        problem: None,
+    };
+    let last = segments.len().saturating_sub(1);
+    for (index, (base, path)) in segments.iter().enumerate() {
         let problem = |byte: u64, offset: Option<u64>, reason: &str| Problem {
             segment: path.clone(),
             byte,
             offset,
             reason: reason.to_owned(),
         };
-        if index > 0 && *base != report.end {
-            report.problem = Some(problem(
+        if index > 0 && *base != walked.end {
+            walked.problem = Some(problem(
                 0,
                 None,
                 "segment does not start where the previous one ended (records missing)",
             ));
             break;
         }
-        let scan = scan_segment(path, *base, |step| match step {
-            Step::Boundary(b) => {
-                if checkpoint.is_some_and(|c| c.segment == *base && c.position == b.position) {
-                    met_checkpoint = Some(b);
-                }
-                for (head, met) in expected.iter().zip(met_heads.iter_mut()) {
-                    if head.offset == b.offset && met.is_none() {
-                        *met = Some(b.head);
-                    }
-                }
+        let scan = scan_segment(path, *base, |step| {
+            if let Step::Boundary(b) = &step
+                && checkpoint.is_some_and(|c| c.segment == *base && c.position == b.position)
+            {
+                walked.met_checkpoint = Some(*b);
             }
-            Step::Record { offset, record } => on_record(offset, record),
+            visit(step);
         })?;
-        report.bytes += scan.file_len;
-        if index > 0 && scan.end > 0 && scan.prev_chain != report.head {
-            report.problem = Some(problem(
+        walked.bytes += scan.file_len;
+        if index > 0 && scan.end > 0 && scan.prev_chain != walked.head {
+            walked.problem = Some(problem(
                 0,
                 None,
                 "segment's chain link does not match the previous segment (altered or replaced)",
             ));
             break;
         }
-        report.records += scan.records;
-        report.end = base + scan.records;
+        walked.records += scan.records;
+        walked.end = base + scan.records;
         if scan.end > 0 {
-            report.head = scan.head;
+            walked.head = scan.head;
+            walked.active = Some((*base, path.clone(), scan.end));
         }
         let after_checkpoint =
             |at: u64| checkpoint.is_none_or(|c| (*base, at) >= (c.segment, c.position));
         match scan.stop {
             ScanStop::End => {}
-            ScanStop::Torn { at, reason } if index == last_index && after_checkpoint(at) => {
-                report.torn_tail = Some(format!(
-                    "{reason} at byte {at} of {} ({} bytes after the last complete record)",
-                    path.display(),
-                    scan.file_len - at
-                ));
+            ScanStop::Torn { at, reason } if index == last && after_checkpoint(at) => {
+                walked.torn = Some(Torn {
+                    path: path.clone(),
+                    at,
+                    reason,
+                    file_len: scan.file_len,
+                });
             }
             ScanStop::Torn { at, reason } => {
-                let why = if index == last_index {
+                let why = if index == last {
                     "before the checkpoint: written and synced, now missing"
                 } else {
                     "in a segment that is followed by another"
                 };
-                report.problem = Some(problem(at, Some(report.end), &format!("{reason}, {why}")));
+                walked.problem = Some(problem(at, Some(walked.end), &format!("{reason}, {why}")));
+                break;
             }
             ScanStop::Damaged { at, offset, reason } => {
-                report.problem = Some(problem(at, offset, &reason))
+                walked.problem = Some(problem(at, offset, &reason));
+                break;
             }
         }
     }
-    if report.problem.is_none() {
-        report.problem = check_heads(
-            &report,
-            &loaded.problem,
-            checkpoint,
-            met_checkpoint,
-            &checkpoint_path,
-            expected,
-            &met_heads,
-            dir,
-        );
-        if report.problem.is_none() {
-            report.checkpoint = checkpoint;
-        }
-    }
-    Ok(report)
-}
-
-/// Whether the intact chain leads to the checkpoint and to every expected head.
-#[allow(clippy::too_many_arguments)]
-fn check_heads(
-    report: &PartitionReport,
-    checkpoint_problem: &Option<String>,
-    checkpoint: Option<Checkpoint>,
-    met_checkpoint: Option<super::segment::Boundary>,
-    checkpoint_path: &Path,
-    expected: &[ExpectedHead],
-    met_heads: &[Option<Chain>],
-    dir: &Path,
-) -> Option<Problem> {
-    let at_checkpoint = |offset: Option<u64>, reason: String| Problem {
-        segment: checkpoint_path.to_owned(),
-        byte: 0,
-        offset,
-        reason,
-    };
-    if let Some(reason) = checkpoint_problem {
-        return Some(at_checkpoint(None, reason.clone()));
-    }
-    match (checkpoint, met_checkpoint) {
-        (None, _) if report.records > 0 => {
-            return Some(at_checkpoint(
-                None,
-                "no checkpoint: the chain does not lead to an authenticated head (the checkpoint \
-                 was deleted, or the log was written before checkpoints existed)"
-                    .into(),
-            ));
-        }
-        (None, _) => {}
-        (Some(c), None) => {
-            return Some(at_checkpoint(
-                Some(c.offset),
-                format!(
-                    "the records do not reach the checkpoint (segment {}, byte {}, offset {}): \
-                     the log is shorter than what was synced",
-                    c.segment, c.position, c.offset
-                ),
-            ));
-        }
-        (Some(c), Some(met)) if met.offset != c.offset || met.head != c.head => {
-            return Some(at_checkpoint(
-                Some(c.offset),
-                "the chain does not lead to the checkpoint's head: records before it were \
-                 rewritten"
-                    .into(),
-            ));
-        }
-        (Some(_), Some(_)) => {}
-    }
-    for (head, met) in expected.iter().zip(met_heads) {
-        let reason = match met {
-            None => format!(
-                "expected head {head}, but the partition has only {} records",
-                report.end
-            ),
-            Some(found) if *found != head.head => format!(
-                "expected head {head}, but the chain there is {}: records before it were \
-                 rewritten",
-                hex::encode(found)
-            ),
-            Some(_) => continue,
-        };
-        return Some(Problem {
-            segment: dir.to_owned(),
-            byte: 0,
-            offset: Some(head.offset),
-            reason,
-        });
-    }
-    None
+    Ok(walked)
 }
