@@ -3,7 +3,12 @@
 //! request that got a 2xx has its `request.completed` and every attempt in the log, and once in
 //! the read models.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr
+)]
 
 mod common;
 
@@ -327,6 +332,12 @@ async fn a_broker_killed_under_load_costs_no_answers_and_loses_no_events() {
     let tally = running.await.unwrap();
 
     assert!(tally.answered.len() > 100, "{tally:?}");
+    eprintln!(
+        "broker outage: {} answered, statuses {:?}, slowest answer {:?}",
+        tally.answered.len(),
+        tally.statuses,
+        tally.slowest
+    );
     assert_eq!(tally.transport_errors, 0, "{tally:?}");
     // The switch to the spool is the only window in which a request may be refused.
     let late: Vec<_> = tally

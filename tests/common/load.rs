@@ -35,6 +35,8 @@ pub struct Tally {
     /// When each 503 came.
     pub unavailable_at: Vec<Instant>,
     pub transport_errors: u64,
+    /// The slowest answer received whole.
+    pub slowest: Duration,
 }
 
 const TOOLS: &str = r#"[{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}}]"#;
@@ -62,6 +64,7 @@ impl Load {
             }
             tally.unavailable_at.extend(one.unavailable_at);
             tally.transport_errors += one.transport_errors;
+            tally.slowest = tally.slowest.max(one.slowest);
         }
         tally
     }
@@ -116,6 +119,7 @@ impl Load {
                     false,
                 ),
             };
+            let started = Instant::now();
             let sent = client
                 .post(format!("{}{path}", self.base))
                 .bearer_auth(&self.key)
@@ -154,6 +158,7 @@ impl Load {
             };
             if (200..300).contains(&status) && whole {
                 tally.answered.push(trace);
+                tally.slowest = tally.slowest.max(started.elapsed());
             }
         }
         tally
