@@ -460,13 +460,14 @@ async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
     let log: Arc<dyn Log> = Arc::new(KafkaLog::connect(kafka).await?);
     let location = StoreLocation::parse(&args.read_models);
     let (shutdown, signals) = cancel_on_signal();
+    let tasks = tokio_util::task::TaskTracker::new();
     if let Some(addr) = args.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
         let stop = shutdown.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let served = axum::serve(listener, loom_gateway::metrics_router())
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
@@ -479,9 +480,13 @@ async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
         log,
         &location,
         args.projection.config(&args.kafka),
-        shutdown,
+        shutdown.clone(),
     )
     .await;
+    // However the projector ended, the metrics server stops with it.
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
     signals.abort();
     Ok(projected?)
 }

@@ -5,14 +5,18 @@
 
 mod common;
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use loom_mock::{MockConfig, MockServer};
 use loom_schemas::codec::Registry;
-use loom_schemas::event::Payload;
+use loom_schemas::crypto::FieldContext;
+use loom_schemas::event::{Payload, Sealed};
+use loom_schemas::keystore::{KeyStore, MasterKey};
 use loom_schemas::log::{KafkaLog, KafkaLogConfig, Log, Topic, segment};
 use loom_schemas::testing::{TestBroker, TestDatabase, free_port};
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 use common::{Server, tenant_and_key};
 
@@ -35,24 +39,29 @@ async fn post(client: &reqwest::Client, url: String, body: Value) -> Value {
     response.json().await.unwrap_or(Value::Null)
 }
 
-/// Sends a chat request until `accepted(status)` holds; returns how long that took.
+/// Sends a chat request until `accepted(status)` holds; returns how long that took. Each
+/// request's trace id and status are added to `sent`.
 async fn until(
     client: &reqwest::Client,
     server: &Server,
     key: &str,
     accepted: impl Fn(u16) -> bool,
+    sent: &mut Vec<(String, u16)>,
 ) -> Duration {
     let started = Instant::now();
     loop {
+        let trace = uuid::Uuid::now_v7().to_string();
         let status = client
             .post(server.url("/v1/chat/completions"))
             .bearer_auth(key)
+            .header("x-request-id", &trace)
             .json(&json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]}))
             .send()
             .await
             .unwrap()
             .status()
             .as_u16();
+        sent.push((trace, status));
         if accepted(status) {
             return started.elapsed();
         }
@@ -120,15 +129,16 @@ async fn two_gateways_share_the_log_and_obey_each_others_control_changes() {
     let key = key["key"].as_str().unwrap().to_owned();
 
     // A key issued through one gateway is honoured by the other, with its bodies sealed.
-    let issued = until(&client, &b, &key, |s| s == 200).await;
-    until(&client, &a, &key, |s| s == 200).await;
+    let (mut sent_a, mut sent_b) = (Vec::new(), Vec::new());
+    let issued = until(&client, &b, &key, |s| s == 200, &mut sent_b).await;
+    until(&client, &a, &key, |s| s == 200, &mut sent_a).await;
     post(
         &client,
         a.url(&format!("/admin/keys/{key_id}/revoke")),
         json!({}),
     )
     .await;
-    let revoked = until(&client, &b, &key, |s| s == 401).await;
+    let revoked = until(&client, &b, &key, |s| s == 401, &mut sent_b).await;
     eprintln!(
         "the other gateway accepted the new key after {issued:?} and refused it {revoked:?} after revocation"
     );
@@ -142,8 +152,8 @@ async fn two_gateways_share_the_log_and_obey_each_others_control_changes() {
     kafka.create_topics = false;
     let log = KafkaLog::connect(kafka).await.unwrap();
     let registry = Registry::builtin().unwrap();
-    let mut producers = std::collections::BTreeSet::new();
-    let mut completed = 0;
+    // trace → (producer, HTTP status of request.completed, the sealed body of request.received)
+    let mut seen: HashMap<String, (String, Option<i32>, Option<Sealed>, Uuid)> = HashMap::new();
     for partition in 0..log.partitions(Topic::Data) {
         let mut reader = log.read_from(Topic::Data, partition, 0).await.unwrap();
         loop {
@@ -153,15 +163,51 @@ async fn two_gateways_share_the_log_and_obey_each_others_control_changes() {
             }
             for entry in batch {
                 let event = registry.decode(&entry.record.value).unwrap();
-                producers.insert(event.envelope.producer.clone());
-                if matches!(event.payload, Payload::RequestCompleted(_)) {
-                    completed += 1;
+                let trace = event.envelope.trace_id.clone().unwrap_or_default();
+                let slot = seen
+                    .entry(trace)
+                    .or_insert_with(|| (event.envelope.producer.clone(), None, None, Uuid::nil()));
+                match event.payload {
+                    Payload::RequestCompleted(done) => slot.1 = Some(done.http_status),
+                    Payload::RequestReceived(received) => {
+                        slot.2 = received.body;
+                        slot.3 = event.envelope.event_id;
+                    }
+                    _ => {}
                 }
             }
         }
     }
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let keys = KeyStore::open_postgres(pool, MasterKey::parse(MASTER).unwrap())
+        .await
+        .unwrap();
+    let tenant_id = Uuid::parse_str(tenant["tenant_id"].as_str().unwrap()).unwrap();
+    let mut producers = BTreeSet::new();
+    for (trace, status) in sent_a.iter().chain(&sent_b) {
+        let (producer, completed, body, received_id) = seen
+            .get(trace)
+            .unwrap_or_else(|| panic!("request {trace} is not on the data topic"));
+        assert_eq!(*completed, Some(i32::from(*status)), "{trace}");
+        producers.insert(producer.clone());
+        if *status == 200 {
+            let ctx = FieldContext {
+                tenant_id,
+                event_id: *received_id,
+                field: "body",
+            };
+            let body = keys
+                .open(&ctx, body.as_ref().expect("a sealed body"))
+                .unwrap();
+            assert!(
+                String::from_utf8(body).unwrap().contains("\"hi\""),
+                "{trace}"
+            );
+        }
+    }
+    // Both gateways' requests are there, from their own producers.
+    assert!(sent_a.iter().any(|(_, s)| *s == 200) && sent_b.iter().any(|(_, s)| *s == 401));
     assert_eq!(producers.len(), 2, "{producers:?}");
-    assert!(completed >= 3);
     db.drop().await;
 }
 

@@ -433,13 +433,52 @@ async fn the_admin_api_needs_its_token_and_is_off_without_one() {
 
 #[tokio::test]
 async fn serve_with_read_models_off_runs_no_projector() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &["--read-models", "off"], &[]).unwrap();
-    let health = reqwest::get(server.url("/health")).await.unwrap();
-    assert_eq!(health.status(), 200);
-    assert!(server.stop().success());
-    assert!(dir.path().join("log").exists());
-    assert!(!dir.path().join("read-models").exists());
+    // The same traffic on two servers: the default one projects it, the one with `off` does not.
+    let token = "off-admin";
+    let mut seen = Vec::new();
+    for read_models in [None, Some("off")] {
+        let dir = tempfile::tempdir().unwrap();
+        let args: Vec<&str> = read_models.map_or(vec![], |off| vec!["--read-models", off]);
+        let server = Server::start(dir.path(), &args, &[("LOOM_ADMIN_TOKEN", token)]).unwrap();
+        common::tenant_and_key(&server, token, "acme").await;
+        let sqlite = dir.path().join("read-models/v1.sqlite");
+        let started = std::time::Instant::now();
+        let projected = loop {
+            let tenants =
+                match sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", sqlite.display()))
+                    .await
+                {
+                    Ok(pool) => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tenants")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap_or(0),
+                    Err(_) => 0,
+                };
+            // The default server's projection shows within a second or two; give `off` longer.
+            if tenants == 1 || started.elapsed() > std::time::Duration::from_secs(5) {
+                break tenants == 1;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        let metrics = reqwest::get(server.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(server.stop().success());
+        seen.push((
+            projected,
+            dir.path().join("read-models").exists(),
+            metrics.contains("loom_projector_position"),
+        ));
+    }
+    assert_eq!(seen[0], (true, true, true), "the default server projects");
+    assert_eq!(
+        seen[1],
+        (false, false, false),
+        "with --read-models off nothing is projected"
+    );
 }
 
 /// (byte position, length) of every frame of a segment file.

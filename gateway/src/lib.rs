@@ -97,10 +97,11 @@ pub async fn serve(
     writer.spawn(&tasks);
     // The tokenizer for usage estimates takes a moment to build: build it now, off the request path.
     tasks.spawn_blocking(tokens::warm_up);
-    let gateway = Gateway::new(config.gateway, emitter).map_err(|e| NodeError::Io {
-        context: "building the upstream HTTP client".into(),
-        source: std::io::Error::other(e),
-    })?;
+    let gateway =
+        Gateway::new(config.gateway, emitter, tasks.clone()).map_err(|e| NodeError::Io {
+            context: "building the upstream HTTP client".into(),
+            source: std::io::Error::other(e),
+        })?;
     let app = router(AppState::new(
         node.clone(),
         Arc::new(gateway),

@@ -17,6 +17,7 @@ use loom_schemas::event::{
     now_micros,
 };
 use serde_json::{Value, json};
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::config::{GatewayConfig, Strategy};
@@ -33,12 +34,19 @@ pub struct Gateway {
     pub config: Arc<GatewayConfig>,
     pub http: reqwest::Client,
     pub emitter: Emitter,
+    /// Background work of requests (events of a stream whose client went away), drained on
+    /// shutdown.
+    pub tasks: TaskTracker,
     /// Per deployment: skipped until this time (µs since the epoch).
     cooldown_until: Vec<AtomicI64>,
 }
 
 impl Gateway {
-    pub fn new(config: GatewayConfig, emitter: Emitter) -> Result<Gateway, reqwest::Error> {
+    pub fn new(
+        config: GatewayConfig,
+        emitter: Emitter,
+        tasks: TaskTracker,
+    ) -> Result<Gateway, reqwest::Error> {
         let http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
@@ -54,6 +62,7 @@ impl Gateway {
             config: Arc::new(config),
             http,
             emitter,
+            tasks,
             cooldown_until,
         })
     }

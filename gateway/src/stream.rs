@@ -389,14 +389,13 @@ impl Drop for ChatStream {
             }
         }
         if !late.is_empty() {
-            // The queue is full: hand the rest to a task that waits for room.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    for event in late {
-                        emitter.emit(event).await;
-                    }
-                });
-            }
+            // The queue is full: hand the rest to a task that waits for room (tracked, so that
+            // shutdown waits for it too).
+            self.flow.gateway.tasks.spawn(async move {
+                for event in late {
+                    emitter.emit(event).await;
+                }
+            });
         }
     }
 }

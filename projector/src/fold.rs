@@ -220,6 +220,8 @@ pub struct DeadLetter {
     pub event_type: Option<String>,
     pub reason: String,
     pub record: Vec<u8>,
+    /// When the record was appended to the log (its timestamp): a replay writes the same row.
+    pub recorded_at: i64,
 }
 
 /// The snake_case name serde gives an enum value (`CallStatus::ClientCancelled` →
@@ -270,6 +272,7 @@ impl Changes {
             event_type: header("loom.event_type"),
             reason,
             record: entry.record.value.clone(),
+            recorded_at: entry.record.timestamp_us,
         });
     }
 

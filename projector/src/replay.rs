@@ -93,19 +93,22 @@ pub async fn replay(
         ..config
     };
     let running = tokio::spawn(Projector::new(log, store.clone(), replaying).run(shutdown.clone()));
-    let done = loop {
-        let done = folded(&store, &targets).await?;
-        bar.set_position(done);
-        if done >= total {
-            break done;
+    let watched = async {
+        loop {
+            let done = folded(&store, &targets).await?;
+            bar.set_position(done);
+            if done >= total || running.is_finished() {
+                return Ok::<_, sqlx::Error>(done);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        if running.is_finished() {
-            break done;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
+    .await;
+    // Whatever ended the watch, the projector stops before the replay returns.
     shutdown.cancel();
-    match running.await {
+    let ran = running.await;
+    let done = watched?;
+    match ran {
         Ok(result) => result?,
         Err(error) => tracing::error!(%error, "the replay's projector panicked"),
     }

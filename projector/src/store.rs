@@ -186,9 +186,6 @@ impl ReadStore {
 fn row_text(row: &AnyRow) -> Result<String, sqlx::Error> {
     let mut text = String::new();
     for (i, column) in row.columns().iter().enumerate() {
-        if column.name() == "recorded_at" {
-            continue;
-        }
         let value = match row.try_get::<Option<i64>, _>(i) {
             Ok(v) => format!("{v:?}"),
             Err(_) => match row.try_get::<Option<String>, _>(i) {

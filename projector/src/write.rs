@@ -389,7 +389,7 @@ pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sql
                 d.event_type,
                 d.reason,
                 d.record,
-                loom_schemas::event::now_micros(),
+                d.recorded_at,
             ]
         })
         .collect();

@@ -5,22 +5,32 @@ usage: read_events.py SCHEMA_DIR EVENTS_FILE
 EVENTS_FILE holds one hex-encoded event per line, in Avro single-object encoding. Each event is
 matched to its writer schema by the CRC-64-AVRO fingerprint in its header, decoded, and printed as
 one JSON line: {"fingerprint", "event_type", "schema_version", "event_id", "tenant_id", "payload"}.
-Bytes are printed as hex, UUIDs and timestamps as strings.
+Bytes are printed as hex, UUIDs as strings, timestamps as microseconds since the epoch.
 """
 
+import datetime
 import glob
 import io
 import json
 import os
 import sys
+import uuid
 
 from fastavro import schemaless_reader
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
 
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
 def jsonable(value):
     if isinstance(value, bytes):
         return value.hex()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime.datetime):
+        # timestamp-micros, back to the number on the wire.
+        return (value - EPOCH) // datetime.timedelta(microseconds=1)
     if isinstance(value, dict):
         return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list):
