@@ -26,6 +26,7 @@ pub struct AdminArgs {
     #[arg(
         long,
         env = "LOOM_KEY_STORE_URL",
+        hide_env_values = true,
         value_name = "POSTGRES_URL",
         conflicts_with = "url"
     )]
@@ -101,7 +102,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 key_store: args
                     .key_store_url
                     .clone()
-                    .map_or(KeyStoreLocation::DataDir, KeyStoreLocation::Postgres),
+                    .map_or(KeyStoreLocation::DataDir, |url| {
+                        KeyStoreLocation::Postgres(url.as_str().into())
+                    }),
                 master_key: crate::master_key_from_env(),
                 role: "admin",
                 log: args.kafka.location(),

@@ -91,7 +91,10 @@ pub async fn run(args: ProjectorBenchArgs) -> anyhow::Result<()> {
             "sqlite",
             StoreLocation::Sqlite(dir.path().join("read-models")),
         ),
-        ("postgres", StoreLocation::Postgres(database.url.clone())),
+        (
+            "postgres",
+            StoreLocation::Postgres(database.url.clone().into()),
+        ),
     ];
     for (name, location) in &backends {
         let store = ReadStore::open(location, 1).await?;

@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use loom_gateway::config::{EventsAck, GatewayConfig};
 use loom_gateway::{KeyStoreLocation, LogLocation, NodeConfig, ServeConfig};
 use loom_projector::{StoreLocation, project_active};
+use loom_schemas::SecretString;
 use loom_schemas::log::{
     EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, KafkaLog, KafkaLogConfig, Log, LogError,
 };
@@ -128,7 +129,7 @@ pub struct KafkaArgs {
     #[arg(long, env = "LOOM_KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     kafka_create_topics: bool,
     /// Another librdkafka property as KEY=VALUE (repeatable; comma-separated in the env var).
-    #[arg(long = "kafka-property", env = "LOOM_KAFKA_PROPERTIES", value_delimiter = ',', value_parser = parse_property)]
+    #[arg(long = "kafka-property", env = "LOOM_KAFKA_PROPERTIES", hide_env_values = true, value_delimiter = ',', value_parser = parse_property)]
     kafka_properties: Vec<(String, String)>,
 }
 
@@ -188,7 +189,12 @@ struct ServeArgs {
     segment_bytes: u64,
 
     /// Keep tenant data keys in this Postgres database instead of <data dir>/keys.json.
-    #[arg(long, env = "LOOM_KEY_STORE_URL", value_name = "POSTGRES_URL")]
+    #[arg(
+        long,
+        env = "LOOM_KEY_STORE_URL",
+        hide_env_values = true,
+        value_name = "POSTGRES_URL"
+    )]
     key_store_url: Option<String>,
 
     /// Upstreams, model aliases and routing, as TOML (see docs/configuration.md).
@@ -201,7 +207,12 @@ struct ServeArgs {
 
     /// Read models the in-process projector folds the log into (`loom serve` only): a Postgres
     /// URL, a directory for SQLite files, or `off` [default: <data dir>/read-models].
-    #[arg(long, env = "LOOM_READ_MODELS", value_name = "URL_OR_DIR")]
+    #[arg(
+        long,
+        env = "LOOM_READ_MODELS",
+        hide_env_values = true,
+        value_name = "URL_OR_DIR"
+    )]
     read_models: Option<String>,
 
     #[command(flatten)]
@@ -214,7 +225,12 @@ struct ProjectorArgs {
     kafka: KafkaArgs,
 
     /// The read models: a Postgres URL (or a directory for SQLite files).
-    #[arg(long, env = "LOOM_READ_MODELS", value_name = "URL_OR_DIR")]
+    #[arg(
+        long,
+        env = "LOOM_READ_MODELS",
+        hide_env_values = true,
+        value_name = "URL_OR_DIR"
+    )]
     read_models: String,
 
     /// Serve /health and /metrics on this address (e.g. 127.0.0.1:9091).
@@ -275,7 +291,12 @@ struct ReplayArgs {
 
     /// The read models: a Postgres URL, or a directory for SQLite files
     /// [default: <data dir>/read-models].
-    #[arg(long, env = "LOOM_READ_MODELS", value_name = "URL_OR_DIR")]
+    #[arg(
+        long,
+        env = "LOOM_READ_MODELS",
+        hide_env_values = true,
+        value_name = "URL_OR_DIR"
+    )]
     read_models: Option<String>,
 
     /// The projection to rebuild.
@@ -289,7 +310,12 @@ struct ReplayArgs {
 #[derive(Args)]
 struct MigrateArgs {
     /// Postgres to migrate: the key store's tables and the active read models.
-    #[arg(long, env = "LOOM_DATABASE_URL", value_name = "POSTGRES_URL")]
+    #[arg(
+        long,
+        env = "LOOM_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "POSTGRES_URL"
+    )]
     database_url: Option<String>,
 
     /// With --kafka-brokers: create Loom's topics.
@@ -404,13 +430,13 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
             log: args.kafka.location(),
             fsync: args.fsync,
             segment_bytes: args.segment_bytes,
-            key_store: args
-                .key_store_url
-                .map_or(KeyStoreLocation::DataDir, KeyStoreLocation::Postgres),
+            key_store: args.key_store_url.map_or(KeyStoreLocation::DataDir, |url| {
+                KeyStoreLocation::Postgres(url.into())
+            }),
             master_key: master_key_from_env(),
             role: "gateway",
         },
-        admin_token: args.admin_token,
+        admin_token: args.admin_token.map(SecretString::from),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -518,10 +544,11 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
 }
 
 /// `LOOM_MASTER_KEY`, if set and not empty.
-pub fn master_key_from_env() -> Option<String> {
+pub fn master_key_from_env() -> Option<SecretString> {
     std::env::var("LOOM_MASTER_KEY")
         .ok()
         .filter(|k| !k.is_empty())
+        .map(SecretString::from)
 }
 
 /// A token cancelled on SIGINT or SIGTERM, and the task that waits for them (abort it when done).
@@ -579,7 +606,7 @@ async fn migrate_postgres(url: &str) -> anyhow::Result<()> {
         .await
         .context("applying the key store's migrations")?;
     // The read models readers use (opening a version migrates it).
-    let location = StoreLocation::Postgres(url.to_owned());
+    let location = StoreLocation::Postgres(url.into());
     let catalog = loom_projector::Catalog::open(&location).await?;
     let version = catalog.active().await?;
     loom_projector::ReadStore::open(&location, version)

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
+use loom_schemas::ExposeSecret;
 use loom_schemas::codec::Registry;
 use loom_schemas::keystore::MasterKey;
 use loom_schemas::log::checkpoint::anchor_event;
@@ -54,7 +55,8 @@ fn parse_cut(text: &str) -> Result<(Topic, u64), String> {
 /// The key that authenticates the log's chain heads, from the master key (which readers never
 /// generate).
 pub fn chain_key(data_dir: &Path) -> anyhow::Result<ChainKey> {
-    let master = MasterKey::load(data_dir, crate::master_key_from_env().as_deref())?;
+    let from_env = crate::master_key_from_env();
+    let master = MasterKey::load(data_dir, from_env.as_ref().map(|key| key.expose_secret()))?;
     let Some(master) = master else {
         anyhow::bail!(
             "no master key: neither LOOM_MASTER_KEY nor {} is there, and the log's checkpoints \

@@ -295,7 +295,7 @@ async fn a_projector_killed_at_random_points_ends_where_a_clean_replay_does() {
     let total = events.len() as u64;
 
     // The projector, killed without warning at random points, restarted each time.
-    let v1 = ReadStore::open(&StoreLocation::Postgres(db.url.clone()), 1)
+    let v1 = ReadStore::open(&StoreLocation::Postgres(db.url.clone().into()), 1)
         .await
         .unwrap();
     let mut rng = fastrand::Rng::with_seed(7);
@@ -350,7 +350,7 @@ async fn a_projector_killed_at_random_points_ends_where_a_clean_replay_does() {
         "{}",
         text(&replayed.stdout)
     );
-    let v2 = ReadStore::open(&StoreLocation::Postgres(db.url.clone()), 2)
+    let v2 = ReadStore::open(&StoreLocation::Postgres(db.url.clone().into()), 2)
         .await
         .unwrap();
     assert_eq!(v2.digests().await.unwrap(), v1.digests().await.unwrap());

@@ -614,3 +614,117 @@ async fn verify_reports_a_torn_tail_apart_and_checks_heads_it_printed() {
         text(&verified.stdout)
     );
 }
+
+/// `url` with `password` in its user info (the test Postgres trusts local users: it is ignored).
+fn with_password(url: &str, password: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (user_info, host) = rest.split_once('@').unwrap();
+    let user = user_info.split(':').next().unwrap();
+    format!("{scheme}://{user}:{password}@{host}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs_or_the_data_dir() {
+    let provider_key = "sk-provider-secret-7d1f";
+    let mock = loom_mock::MockServer::start(loom_mock::MockConfig {
+        api_key: Some(provider_key.into()),
+        ..loom_mock::MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let (keys_db, models_db) = (TestDatabase::create().await, TestDatabase::create().await);
+    let secrets = [
+        (
+            "master key",
+            "5ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2",
+        ),
+        ("admin token", "admin-token-secret-91ab"),
+        ("provider key", provider_key),
+        ("key store password", "keystore-pw-secret-33c0"),
+        ("read models password", "readmodels-pw-secret-77e2"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("loom.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[upstreams.mock]\nprovider = \"openai\"\nbase_url = \"{}/v1\"\napi_key_env = \"SECRET_PROVIDER_KEY\"\n\
+             [models.fast]\ndeployments = [{{ upstream = \"mock\", model = \"m\" }}]\n",
+            mock.url()
+        ),
+    )
+    .unwrap();
+    let data_dir = dir.path().join("data");
+    let key_store = with_password(&keys_db.url, secrets[3].1);
+    let read_models = with_password(&models_db.url, secrets[4].1);
+    let args = [
+        "--log",
+        "debug",
+        "--config",
+        config.to_str().unwrap(),
+        "--key-store-url",
+        &key_store,
+        "--read-models",
+        &read_models,
+    ];
+    let env = [
+        ("LOOM_MASTER_KEY", secrets[0].1),
+        ("LOOM_ADMIN_TOKEN", secrets[1].1),
+        ("SECRET_PROVIDER_KEY", provider_key),
+    ];
+    let server = Server::start(&data_dir, &args, &env).unwrap();
+    let (_, key) = common::tenant_and_key(&server, secrets[1].1, "acme").await;
+    let answered = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(
+            &serde_json::json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        answered.status(),
+        200,
+        "the provider key reached the upstream"
+    );
+    // `--help` shows the environment's values, except secret ones.
+    let help = std::process::Command::new(common::LOOM)
+        .args(["serve", "--help"])
+        .envs(env)
+        .env("LOOM_KEY_STORE_URL", &key_store)
+        .env("LOOM_READ_MODELS", &read_models)
+        .output()
+        .unwrap();
+    let (status, log) = server.stop_with_log();
+    assert!(status.success());
+    assert!(log.len() > 20, "debug logging is on: {log:?}");
+    let log = log.join("\n");
+    let mut files = String::new();
+    for entry in walk(&data_dir) {
+        files.push_str(&String::from_utf8_lossy(&std::fs::read(entry).unwrap()));
+    }
+    for (what, secret) in secrets {
+        assert!(!log.contains(secret), "the {what} is in the log");
+        assert!(!files.contains(secret), "the {what} is in the data dir");
+        assert!(
+            !text(&help.stdout).contains(secret),
+            "the {what} is in --help"
+        );
+    }
+    keys_db.drop().await;
+    models_db.drop().await;
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+        if entry.file_type().unwrap().is_dir() {
+            files.extend(walk(&entry.path()));
+        } else {
+            files.push(entry.path());
+        }
+    }
+    files
+}

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use loom_schemas::SecretString;
 use serde::Deserialize;
 
 use crate::pricing::PriceTable;
@@ -220,25 +221,14 @@ pub struct RawConfig {
     pub models: BTreeMap<String, ModelConfig>,
 }
 
-/// A validated upstream, with its key read from the environment.
-#[derive(Clone)]
+/// A validated upstream, with its key read from the environment (a secret: never printed).
+#[derive(Debug, Clone)]
 pub struct Upstream {
     pub name: String,
     pub kind: ProviderKind,
     pub base_url: String,
-    pub api_key: Option<String>,
+    pub api_key: Option<SecretString>,
     pub api_version: Option<String>,
-}
-
-impl std::fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream")
-            .field("name", &self.name)
-            .field("kind", &self.kind)
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
 }
 
 /// One place a model alias can be served from.
@@ -314,7 +304,7 @@ impl GatewayConfig {
         for (name, upstream) in raw.upstreams {
             let api_key = match &upstream.api_key_env {
                 Some(var) => match env(var) {
-                    Some(key) if !key.is_empty() => Some(key),
+                    Some(key) if !key.is_empty() => Some(SecretString::from(key)),
                     _ => {
                         return invalid(format!(
                             "upstream {name}: environment variable {var} is not set"
@@ -407,6 +397,8 @@ impl GatewayConfig {
 
 #[cfg(test)]
 mod tests {
+    use loom_schemas::ExposeSecret;
+
     use super::*;
 
     const EXAMPLE: &str = r#"
@@ -451,7 +443,14 @@ deployments = [
         );
         let openai = &config.upstreams[first.upstream];
         assert_eq!(openai.base_url, "https://api.openai.com/v1");
-        assert_eq!(openai.api_key.as_deref(), Some("sk-test"));
+        assert_eq!(
+            openai.api_key.as_ref().map(|k| k.expose_secret()),
+            Some("sk-test")
+        );
+        assert!(
+            !format!("{config:?}").contains("sk-test"),
+            "Debug redacts keys"
+        );
         assert!(!format!("{openai:?}").contains("sk-test"));
     }
 

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use config::GatewayConfig;
 use events::Emitter;
 use loom_projector::{ProjectorConfig, StoreLocation, project_active};
+use loom_schemas::{ExposeSecret, SecretString};
 use proxy::Gateway;
 
 use tokio::net::TcpListener;
@@ -40,7 +41,7 @@ pub struct ServeConfig {
     /// Upstreams, models and routing (`--config`); empty serves no models.
     pub gateway: GatewayConfig,
     /// Enables the admin API for holders of this token.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<SecretString>,
     /// Run the read-model projector in this process, into these read models.
     pub read_models: Option<StoreLocation>,
     /// How the in-process projector runs.
@@ -105,7 +106,10 @@ pub async fn serve(
     let app = router(AppState::new(
         node.clone(),
         Arc::new(gateway),
-        config.admin_token.as_deref(),
+        config
+            .admin_token
+            .as_ref()
+            .map(|token| token.expose_secret()),
     ));
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -11,6 +11,7 @@ use loom_schemas::log::{
     ChainKey, EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, KafkaLog, KafkaLogConfig, Log, LogError,
     SpoolConfig, SpooledLog, Topic,
 };
+use loom_schemas::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::Control;
@@ -31,12 +32,22 @@ pub enum LogLocation {
 }
 
 /// Where tenant data keys are kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum KeyStoreLocation {
     /// `<data dir>/keys.json` (the embedded default).
     DataDir,
-    /// A Postgres database, by URL.
-    Postgres(String),
+    /// A Postgres database, by URL (a secret: it may carry a password).
+    Postgres(SecretString),
+}
+
+impl KeyStoreLocation {
+    /// What to say about it in logs.
+    fn describe(&self) -> &'static str {
+        match self {
+            KeyStoreLocation::DataDir => "data dir",
+            KeyStoreLocation::Postgres(_) => "postgres",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -47,7 +58,7 @@ pub struct NodeConfig {
     pub segment_bytes: u64,
     pub key_store: KeyStoreLocation,
     /// The master key's text (`LOOM_MASTER_KEY`); `None` reads or creates `<data dir>/master.key`.
-    pub master_key: Option<String>,
+    pub master_key: Option<SecretString>,
     /// What this process is, for the `producer` of the events it writes (`gateway`, `admin`).
     pub role: &'static str,
 }
@@ -160,8 +171,10 @@ impl Node {
             "creating data directory {}",
             config.data_dir.display()
         )))?;
-        let (master, source) =
-            MasterKey::load_or_generate(&config.data_dir, config.master_key.as_deref())?;
+        let (master, source) = MasterKey::load_or_generate(
+            &config.data_dir,
+            config.master_key.as_ref().map(|key| key.expose_secret()),
+        )?;
         if let MasterKeySource::Generated(path) = &source {
             tracing::warn!(
                 path = %path.display(),
@@ -177,7 +190,7 @@ impl Node {
                 let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(4)
                     .acquire_timeout(Duration::from_secs(10))
-                    .connect(url)
+                    .connect(url.expose_secret())
                     .await?;
                 KeyStore::open_postgres(pool, master).await?
             }
@@ -222,7 +235,7 @@ impl Node {
                 LogLocation::Kafka { kafka, .. } => format!("kafka {}", kafka.brokers),
             },
             fsync = %config.fsync,
-            key_store = ?config.key_store,
+            key_store = config.key_store.describe(),
             tenants = control.read(|s| s.tenants().count()),
             "opened data directory"
         );

@@ -4,6 +4,7 @@
 //! `ACTIVE` and `BUILDING` in the read-models directory. A switch is atomic either way (one
 //! transaction; a file rename).
 
+use loom_schemas::ExposeSecret;
 use std::path::{Path, PathBuf};
 
 use sqlx::any::AnyPoolOptions;
@@ -41,7 +42,7 @@ impl Catalog {
             StoreLocation::Postgres(url) => {
                 let pool = AnyPoolOptions::new()
                     .max_connections(2)
-                    .connect(url)
+                    .connect(url.expose_secret())
                     .await?;
                 let create = "CREATE TABLE IF NOT EXISTS public.loom_read_models (
                                   id               SMALLINT PRIMARY KEY CHECK (id = 1),

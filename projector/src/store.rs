@@ -6,6 +6,7 @@
 //! the old one serves: a Postgres schema `loom_read_v<N>` (chosen through `search_path`), or a
 //! SQLite file `v<N>.sqlite` in the read-models directory.
 
+use loom_schemas::{ExposeSecret, SecretString};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -45,10 +46,11 @@ pub enum Backend {
     Sqlite,
 }
 
-/// Where the read models live: a Postgres URL, or a directory of SQLite files.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the read models live: a Postgres URL (a secret: it may carry a password), or a
+/// directory of SQLite files.
+#[derive(Debug, Clone)]
 pub enum StoreLocation {
-    Postgres(String),
+    Postgres(SecretString),
     Sqlite(PathBuf),
 }
 
@@ -56,7 +58,7 @@ impl StoreLocation {
     /// `postgres://…` (or `postgresql://…`) is Postgres; anything else is a directory for SQLite.
     pub fn parse(text: &str) -> StoreLocation {
         if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            StoreLocation::Postgres(text.to_owned())
+            StoreLocation::Postgres(text.into())
         } else {
             StoreLocation::Sqlite(PathBuf::from(text))
         }
@@ -94,9 +96,10 @@ impl ReadStore {
     ) -> Result<ReadStore, StoreError> {
         sqlx::any::install_default_drivers();
         let (pool, backend) = match location {
-            StoreLocation::Postgres(url) => {
-                (connect_postgres(url, version).await?, Backend::Postgres)
-            }
+            StoreLocation::Postgres(url) => (
+                connect_postgres(url.expose_secret(), version).await?,
+                Backend::Postgres,
+            ),
             StoreLocation::Sqlite(dir) => (connect_sqlite(dir, version).await?, Backend::Sqlite),
         };
         let migrator = match backend {

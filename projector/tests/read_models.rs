@@ -45,7 +45,7 @@ impl Backend {
     async fn postgres() -> Backend {
         let database = TestDatabase::create().await;
         Backend {
-            location: StoreLocation::Postgres(database.url.clone()),
+            location: StoreLocation::Postgres(database.url.clone().into()),
             _dir: tempfile::tempdir().unwrap(),
             database: Some(database),
         }

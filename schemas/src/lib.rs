@@ -7,6 +7,8 @@
 //! - [`keystore`]: tenant data keys wrapped by a master key (file or Postgres).
 //! - [`log`]: the log abstraction and its embedded segment-file implementation.
 
+pub use secrecy::{ExposeSecret, SecretString};
+
 pub mod codec;
 pub mod crypto;
 pub mod event;

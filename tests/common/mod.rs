@@ -16,6 +16,8 @@ pub struct Server {
     child: Child,
     pub base: String,
     stderr: std::sync::mpsc::Receiver<String>,
+    /// What it logged before listening.
+    startup: Vec<String>,
 }
 
 impl Server {
@@ -57,10 +59,12 @@ impl Server {
                 Ok(line) => {
                     if let Some(addr) = line.split("listening on ").nth(1) {
                         let base = format!("http://{}", addr.trim());
+                        seen.push(line);
                         return Ok(Server {
                             child,
                             base,
                             stderr: lines,
+                            startup: seen,
                         });
                     }
                     seen.push(line);
@@ -81,7 +85,12 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits for a clean exit.
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    pub fn stop(self) -> std::process::ExitStatus {
+        self.stop_with_log().0
+    }
+
+    /// [`Server::stop`], and everything the server logged.
+    pub fn stop_with_log(mut self) -> (std::process::ExitStatus, Vec<String>) {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let status = self.child.wait().unwrap();
@@ -92,7 +101,9 @@ impl Server {
             "no clean stop in:\n{}",
             rest.join("\n")
         );
-        status
+        let mut log = std::mem::take(&mut self.startup);
+        log.extend(rest);
+        (status, log)
     }
 }
 

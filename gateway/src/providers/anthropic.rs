@@ -2,6 +2,7 @@
 //! come back as OpenAI chat, tool calls included.
 
 use axum::body::Bytes;
+use loom_schemas::ExposeSecret;
 use serde_json::{Map, Value, json};
 
 use super::{Adapter, Operation};
@@ -394,7 +395,7 @@ impl Adapter for Anthropic {
             .header("anthropic-version", API_VERSION)
             .json(&chat_to_messages(body, model));
         if let Some(key) = &upstream.api_key {
-            request = request.header("x-api-key", key);
+            request = request.header("x-api-key", key.expose_secret());
         }
         request
     }

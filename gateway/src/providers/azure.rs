@@ -1,5 +1,6 @@
 //! Azure OpenAI.
 
+use loom_schemas::ExposeSecret;
 use serde_json::Value;
 
 use super::{Adapter, Operation, path, with_model};
@@ -29,7 +30,7 @@ impl Adapter for Azure {
             )])
             .json(&with_model(body, model));
         if let Some(key) = &upstream.api_key {
-            request = request.header("api-key", key);
+            request = request.header("api-key", key.expose_secret());
         }
         request
     }

@@ -1,5 +1,6 @@
 //! OpenAI, and every server that speaks its API (vLLM, Ollama, LM Studio, …).
 
+use loom_schemas::ExposeSecret;
 use serde_json::Value;
 
 use super::{Adapter, Operation, path, with_model};
@@ -21,7 +22,7 @@ impl Adapter for OpenAi {
             .post(format!("{}/{}", upstream.base_url, path(operation)))
             .json(&with_model(body, model));
         match &upstream.api_key {
-            Some(key) => request.bearer_auth(key),
+            Some(key) => request.bearer_auth(key.expose_secret()),
             None => request,
         }
     }

@@ -25,8 +25,9 @@ use tokio::sync::watch;
 use super::kafka_group::KafkaGroupReader;
 use super::{Entry, GroupReader, Header, Log, LogError, LogReader, Position, Record, Topic};
 
-/// How to reach and use the cluster.
-#[derive(Debug, Clone)]
+/// How to reach and use the cluster. `Debug` leaves out the values of `properties` (they carry
+/// SASL passwords and key passphrases).
+#[derive(Clone)]
 pub struct KafkaLogConfig {
     /// `host:port,…`
     pub brokers: String,
@@ -45,6 +46,29 @@ pub struct KafkaLogConfig {
     pub properties: BTreeMap<String, String>,
     /// Limit on metadata look-ups and on waiting for a delivery.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for KafkaLogConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaLogConfig")
+            .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("data_partitions", &self.data_partitions)
+            .field("replication", &self.replication)
+            .field("create_topics", &self.create_topics)
+            .field("linger", &self.linger)
+            .field("compression", &self.compression)
+            .field(
+                "properties",
+                &self
+                    .properties
+                    .keys()
+                    .map(|k| (k, "<redacted>"))
+                    .collect::<Vec<_>>(),
+            )
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl KafkaLogConfig {
