@@ -16,6 +16,7 @@ pub struct AdminArgs {
     /// Data directory to work on directly (it must not be held by a running server).
     #[arg(
         long,
+        global = true,
         env = "LOOM_DATA_DIR",
         default_value = "./loom-data",
         conflicts_with = "url"
@@ -25,6 +26,7 @@ pub struct AdminArgs {
     /// Keep tenant data keys in this Postgres (as `loom serve --key-store-url`).
     #[arg(
         long,
+        global = true,
         env = "LOOM_KEY_STORE_URL",
         hide_env_values = true,
         value_name = "POSTGRES_URL",
@@ -36,11 +38,11 @@ pub struct AdminArgs {
     kafka: crate::KafkaArgs,
 
     /// A running server to manage through its admin API instead, e.g. http://127.0.0.1:8080.
-    #[arg(long, env = "LOOM_ADMIN_URL", requires = "admin_token")]
+    #[arg(long, global = true, env = "LOOM_ADMIN_URL", requires = "admin_token")]
     url: Option<String>,
 
     /// The server's admin token (its LOOM_ADMIN_TOKEN).
-    #[arg(long, env = "LOOM_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "LOOM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
 
     #[command(subcommand)]

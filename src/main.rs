@@ -95,7 +95,12 @@ struct NotYet {
 #[derive(Args)]
 pub struct DataDirArgs {
     /// Data directory: the embedded log, key store and master key live here.
-    #[arg(long, env = "LOOM_DATA_DIR", default_value = "./loom-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOOM_DATA_DIR",
+        default_value = "./loom-data"
+    )]
     pub data_dir: PathBuf,
 }
 
@@ -103,33 +108,63 @@ pub struct DataDirArgs {
 #[derive(Args)]
 pub struct KafkaArgs {
     /// Put the log on Kafka at these brokers (host:port,…) instead of in the data directory.
-    #[arg(long, env = "LOOM_KAFKA_BROKERS", value_name = "BROKERS")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOOM_KAFKA_BROKERS",
+        value_name = "BROKERS"
+    )]
     kafka_brokers: Option<String>,
     /// Prefix of Loom's topics (`<prefix>data`, `<prefix>control`).
-    #[arg(long, env = "LOOM_KAFKA_TOPIC_PREFIX", default_value = "loom.")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOOM_KAFKA_TOPIC_PREFIX",
+        default_value = "loom."
+    )]
     kafka_topic_prefix: String,
     /// Partitions of the data topic when Loom creates it.
-    #[arg(long, env = "LOOM_KAFKA_DATA_PARTITIONS", default_value_t = 6)]
+    #[arg(
+        long,
+        global = true,
+        env = "LOOM_KAFKA_DATA_PARTITIONS",
+        default_value_t = 6
+    )]
     kafka_data_partitions: i32,
     /// Replication factor of the topics Loom creates.
-    #[arg(long, env = "LOOM_KAFKA_REPLICATION", default_value_t = 1)]
+    #[arg(
+        long,
+        global = true,
+        env = "LOOM_KAFKA_REPLICATION",
+        default_value_t = 1
+    )]
     kafka_replication: i32,
     /// Producer compression: none, gzip, snappy or lz4.
-    #[arg(long, env = "LOOM_KAFKA_COMPRESSION", default_value = "lz4")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOOM_KAFKA_COMPRESSION",
+        default_value = "lz4"
+    )]
     kafka_compression: String,
     /// Data-plane records the local spool holds while Kafka is unreachable; past that, requests
     /// get 503 (nothing goes unrecorded).
-    #[arg(long, env = "LOOM_SPOOL_MAX_RECORDS", default_value_t = 1_000_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "LOOM_SPOOL_MAX_RECORDS",
+        default_value_t = 1_000_000
+    )]
     spool_max_records: u64,
     /// How long an append waits for Kafka before its events go to the local spool instead (at
     /// once when librdkafka reports every broker down).
-    #[arg(long, env = "LOOM_SPOOL_AFTER", default_value = "250ms", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "LOOM_SPOOL_AFTER", default_value = "250ms", value_parser = humantime::parse_duration)]
     spool_after: std::time::Duration,
     /// Create Loom's topics on start when they are missing (`false`: `loom migrate` must have).
-    #[arg(long, env = "LOOM_KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, global = true, env = "LOOM_KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     kafka_create_topics: bool,
     /// Another librdkafka property as KEY=VALUE (repeatable; comma-separated in the env var).
-    #[arg(long = "kafka-property", env = "LOOM_KAFKA_PROPERTIES", hide_env_values = true, value_delimiter = ',', value_parser = parse_property)]
+    #[arg(long = "kafka-property", global = true, env = "LOOM_KAFKA_PROPERTIES", hide_env_values = true, value_delimiter = ',', value_parser = parse_property)]
     kafka_properties: Vec<(String, String)>,
 }
 

@@ -302,6 +302,28 @@ async fn admin_cli_manages_tenants_and_keys_on_a_data_dir_and_through_a_server()
     assert!(key.starts_with("loom-"), "{key}");
     let listed: serde_json::Value =
         serde_json::from_str(&stdout_line(&admin(dir.path(), &["key", "list"]))).unwrap();
+    // Shared flags work after the subcommand too.
+    let after = loom(&[
+        "admin",
+        "key",
+        "list",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(
+        stdout_line(&after),
+        stdout_line(&admin(dir.path(), &["key", "list"]))
+    );
+    let help = text(&loom(&["admin", "key", "create", "--help"]).stdout);
+    for flag in [
+        "--data-dir",
+        "--key-store-url",
+        "--kafka-brokers",
+        "--url",
+        "--log",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from the leaf's --help");
+    }
     assert_eq!(listed[0]["tenant_id"], tenant.as_str());
     assert_eq!(listed[0]["name"], "ci");
     assert!(key.starts_with(listed[0]["prefix"].as_str().unwrap()));
