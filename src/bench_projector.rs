@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use loom_projector::fold::Changes;
+use loom_projector::fold::{Changes, ControlState};
 use loom_projector::{ProjectorConfig, ReadStore, StoreLocation, fold_batch};
 use loom_schemas::codec::Registry;
 use loom_schemas::event::Plane;
@@ -70,10 +70,14 @@ pub async fn run(args: ProjectorBenchArgs) -> anyhow::Result<()> {
 
     // The ceiling: reading, decoding and folding with no store.
     let registry = Registry::builtin()?;
-    let ceiling = time_batches(log.as_ref(), args.batch, |topic, batch| async move {
-        std::hint::black_box(Changes::fold(registry, topic, &batch));
-        Ok(())
-    })
+    let ceiling = time_batches(
+        log.as_ref(),
+        args.batch,
+        |topic, batch, mut control| async move {
+            std::hint::black_box(Changes::fold(registry, topic, &batch, &mut control));
+            Ok(control)
+        },
+    )
     .await?;
     say!(
         "\nbaseline  read + decode + fold, no store ({} events)  {:>9.0} events/s  batch p50 {:>7.2} ms  p99 {:>7.2} ms",
@@ -98,11 +102,11 @@ pub async fn run(args: ProjectorBenchArgs) -> anyhow::Result<()> {
     ];
     for (name, location) in &backends {
         let store = ReadStore::open(location, 1).await?;
-        let folded = time_batches(log.as_ref(), args.batch, |topic, batch| {
+        let folded = time_batches(log.as_ref(), args.batch, |topic, batch, mut control| {
             let store = store.clone();
             async move {
-                fold_batch(&store, registry, topic, &batch).await?;
-                Ok(())
+                fold_batch(&store, registry, topic, &batch, &mut control).await?;
+                Ok(control)
             }
         })
         .await?;
@@ -199,13 +203,15 @@ struct Timed {
 /// per-batch latencies, reading included.
 async fn time_batches<F, Fut>(log: &dyn Log, batch: usize, mut step: F) -> anyhow::Result<Timed>
 where
-    F: FnMut(Topic, Vec<Entry>) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    F: FnMut(Topic, Vec<Entry>, ControlState) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ControlState>>,
 {
     let mut latencies = Vec::new();
     let mut events = 0;
     let started = Instant::now();
     for topic in [Topic::Control, Topic::Data] {
+        // The control topic's state, as the projector carries it from batch to batch.
+        let mut control = ControlState::default();
         let mut reader = log.read_from(topic, 0, 0).await?;
         loop {
             let t = Instant::now();
@@ -214,7 +220,9 @@ where
                 break;
             }
             events += entries.len();
-            step(topic, entries).await.context("folding a batch")?;
+            control = step(topic, entries, control)
+                .await
+                .context("folding a batch")?;
             latencies.push(t.elapsed().as_secs_f64() * 1000.0);
         }
     }

@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 
 use loom_schemas::codec::Registry;
+pub use loom_schemas::control::{ControlChange, ControlState};
 use loom_schemas::event::{Event, Payload, Plane, Sealed};
 use loom_schemas::log::{Entry, Topic};
 
 /// Row changes of one batch, applied in one transaction (see `write`).
 #[derive(Debug, Default)]
 pub struct Changes {
-    /// Control-plane changes, in log order.
+    /// Control-plane changes the rules accepted, in log order.
     pub control: Vec<ControlChange>,
     /// One merged patch per trace, in the order the traces first appear.
     pub traces: Vec<TracePatch>,
@@ -22,72 +23,6 @@ pub struct Changes {
     pub dead_letters: Vec<DeadLetter>,
     /// The next offset of each (topic, partition) touched.
     pub positions: BTreeMap<(&'static str, u32), u64>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum ControlChange {
-    TenantCreated {
-        tenant_id: String,
-        name: String,
-        at: i64,
-    },
-    TenantErased {
-        tenant_id: String,
-        at: i64,
-    },
-    ProjectCreated {
-        project_id: String,
-        tenant_id: String,
-        name: String,
-        routing_policy: Option<String>,
-        security_policy: Option<String>,
-        at: i64,
-    },
-    ProjectUpdated {
-        project_id: String,
-        name: Option<String>,
-        routing_policy: Option<String>,
-        security_policy: Option<String>,
-        at: i64,
-    },
-    KeyIssued {
-        key_id: String,
-        tenant_id: String,
-        project_id: Option<String>,
-        name: Option<String>,
-        key_hash: Vec<u8>,
-        prefix: String,
-        roles: String,
-        expires_at: Option<i64>,
-        at: i64,
-    },
-    KeyRevoked {
-        key_id: String,
-        reason: Option<String>,
-        at: i64,
-    },
-    QuotaLimitSet {
-        tenant_id: String,
-        scope: String,
-        scope_id: String,
-        metric: String,
-        window: String,
-        limit: Option<i64>,
-        at: i64,
-    },
-    RoleGranted {
-        tenant_id: String,
-        principal: String,
-        role: String,
-        project_id: String,
-        at: i64,
-    },
-    RoleRevoked {
-        tenant_id: String,
-        principal: String,
-        role: String,
-        project_id: String,
-    },
 }
 
 /// What the events of a batch say about one trace; `None` leaves a column as it is.
@@ -226,7 +161,7 @@ pub struct DeadLetter {
 
 /// The snake_case name serde gives an enum value (`CallStatus::ClientCancelled` →
 /// `client_cancelled`).
-fn name_of<T: serde::Serialize>(value: &T) -> String {
+pub(crate) fn name_of<T: serde::Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(name)) => name,
         other => format!("{other:?}"),
@@ -234,8 +169,14 @@ fn name_of<T: serde::Serialize>(value: &T) -> String {
 }
 
 impl Changes {
-    /// Folds `entries` of `topic`.
-    pub fn fold(registry: &Registry, topic: Topic, entries: &[Entry]) -> Changes {
+    /// Folds `entries` of `topic`. Control events are judged by the shared rules against
+    /// `control`, the state of the control topic before them, which they advance.
+    pub fn fold(
+        registry: &Registry,
+        topic: Topic,
+        entries: &[Entry],
+        control: &mut ControlState,
+    ) -> Changes {
         let mut changes = Changes::default();
         let mut trace_index: BTreeMap<(String, String), usize> = BTreeMap::new();
         for entry in entries {
@@ -247,7 +188,7 @@ impl Changes {
             *position = (*position).max(next);
             match registry.decode(&entry.record.value) {
                 Ok(event) => {
-                    if let Err(reason) = changes.add(topic, event, &mut trace_index) {
+                    if let Err(reason) = changes.add(topic, event, &mut trace_index, control) {
                         changes.dead(topic, entry, reason);
                     }
                 }
@@ -282,6 +223,7 @@ impl Changes {
         topic: Topic,
         event: Event,
         trace_index: &mut BTreeMap<(String, String), usize>,
+        control: &mut ControlState,
     ) -> Result<(), String> {
         let plane = event.payload.plane();
         if Topic::for_plane(plane) != topic {
@@ -292,15 +234,19 @@ impl Changes {
                 topic.name()
             ));
         }
+        if plane == Plane::Control {
+            // A refused event (another tenant's key, a duplicate, …) changes nothing, as in the
+            // gateway, which folds the same events by the same rules.
+            match control.apply(&event) {
+                Ok(ControlChange::Anchored { .. }) | Err(_) => {}
+                Ok(change) => self.control.push(change),
+            }
+            return Ok(());
+        }
         let envelope = event.envelope;
         let tenant_id = envelope.tenant_id.to_string();
         let event_id = envelope.event_id.to_string();
         let at = envelope.occurred_at;
-        if plane == Plane::Control {
-            let change = control_change(tenant_id, at, event.payload);
-            self.control.extend(change);
-            return Ok(());
-        }
         let Some(trace_id) = envelope.trace_id.filter(|t| !t.is_empty()) else {
             return Err(format!("{} has no trace id", event.payload.event_type()));
         };
@@ -413,69 +359,4 @@ impl Changes {
         }
         Ok(())
     }
-}
-
-fn control_change(tenant_id: String, at: i64, payload: Payload) -> Option<ControlChange> {
-    Some(match payload {
-        Payload::TenantCreated(p) => ControlChange::TenantCreated {
-            tenant_id,
-            name: p.name,
-            at,
-        },
-        Payload::TenantErased(_) => ControlChange::TenantErased { tenant_id, at },
-        Payload::ProjectCreated(p) => ControlChange::ProjectCreated {
-            project_id: p.project_id.to_string(),
-            tenant_id,
-            name: p.name,
-            routing_policy: p.routing_policy,
-            security_policy: p.security_policy,
-            at,
-        },
-        Payload::ProjectUpdated(p) => ControlChange::ProjectUpdated {
-            project_id: p.project_id.to_string(),
-            name: p.name,
-            routing_policy: p.routing_policy,
-            security_policy: p.security_policy,
-            at,
-        },
-        Payload::ApiKeyIssued(p) => ControlChange::KeyIssued {
-            key_id: p.key_id.to_string(),
-            tenant_id,
-            project_id: p.project_id.map(|id| id.to_string()),
-            name: p.name,
-            key_hash: p.key_hash,
-            prefix: p.prefix,
-            roles: p.roles.join(","),
-            expires_at: p.expires_at,
-            at,
-        },
-        Payload::ApiKeyRevoked(p) => ControlChange::KeyRevoked {
-            key_id: p.key_id.to_string(),
-            reason: p.reason,
-            at,
-        },
-        Payload::QuotaLimitSet(p) => ControlChange::QuotaLimitSet {
-            tenant_id,
-            scope: name_of(&p.scope),
-            scope_id: p.scope_id,
-            metric: name_of(&p.metric),
-            window: name_of(&p.window),
-            limit: p.limit,
-            at,
-        },
-        Payload::RoleGranted(p) => ControlChange::RoleGranted {
-            tenant_id,
-            principal: p.principal,
-            role: p.role,
-            project_id: p.project_id.map(|id| id.to_string()).unwrap_or_default(),
-            at,
-        },
-        Payload::RoleRevoked(p) => ControlChange::RoleRevoked {
-            tenant_id,
-            principal: p.principal,
-            role: p.role,
-            project_id: p.project_id.map(|id| id.to_string()).unwrap_or_default(),
-        },
-        _ => return None,
-    })
 }

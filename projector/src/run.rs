@@ -10,7 +10,7 @@ use sqlx::{Acquire, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
-use crate::fold::Changes;
+use crate::fold::{Changes, ControlState};
 use crate::partitions;
 use crate::store::{ReadStore, StoreError, StoreLocation};
 use crate::write;
@@ -188,6 +188,9 @@ async fn follow(
     // A group per topic, so that members joining for one topic do not stop the other's.
     let group = format!("{}-{}", config.group, topic.name());
     let mut reader = log.join_group(&group, topic).await?;
+    // The control topic's state where this projection stands: control events are judged
+    // against it (see `loom_schemas::control`). Data batches do not touch it.
+    let mut control = ControlState::default();
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -197,12 +200,20 @@ async fn follow(
             GroupEvent::Assigned { partitions, start } => {
                 let stored = stored_positions(&store, topic).await?;
                 tracing::info!(topic = topic.name(), ?partitions, ?stored, "projecting");
+                if topic == Topic::Control {
+                    let until = stored
+                        .iter()
+                        .find(|p| p.partition == 0)
+                        .map_or(0, |p| p.offset);
+                    control = control_state(log.as_ref(), registry, until).await?;
+                }
                 // A dropped answer means the member is stopping anyway.
                 let _ = start.send(stored);
             }
             GroupEvent::Entries(entries) => {
                 let Some(reached) =
-                    fold_until_stored(&store, registry, topic, &entries, &shutdown).await
+                    fold_until_stored(&store, registry, topic, &entries, &mut control, &shutdown)
+                        .await
                 else {
                     return Ok(());
                 };
@@ -242,12 +253,13 @@ async fn fold_until_stored(
     registry: &Registry,
     topic: Topic,
     entries: &[Entry],
+    control: &mut ControlState,
     shutdown: &CancellationToken,
 ) -> Option<Vec<Position>> {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
-        match fold_batch(store, registry, topic, entries).await {
+        match fold_batch(store, registry, topic, entries, control).await {
             Ok(reached) => {
                 metrics::counter!("loom_projector_records_total", "topic" => topic.name())
                     .increment(entries.len() as u64);
@@ -270,14 +282,18 @@ async fn fold_until_stored(
 }
 
 /// Folds `entries` and stores the result with the positions, in one transaction; returns the
-/// positions reached (the next offset of each partition the batch touched).
+/// positions reached (the next offset of each partition the batch touched). `control` is the
+/// control topic's state before the batch; it moves on only once the batch is stored, so that a
+/// retry folds the same batch the same way.
 pub async fn fold_batch(
     store: &ReadStore,
     registry: &Registry,
     topic: Topic,
     entries: &[Entry],
+    control: &mut ControlState,
 ) -> Result<Vec<Position>, sqlx::Error> {
-    let mut changes = Changes::fold(registry, topic, entries);
+    let mut after = control.clone();
+    let mut changes = Changes::fold(registry, topic, entries, &mut after);
     let reached = changes
         .positions
         .iter()
@@ -289,7 +305,32 @@ pub async fn fold_batch(
     let mut tx = conn.begin().await?;
     write::apply(&mut tx, changes).await?;
     tx.commit().await?;
+    *control = after;
     Ok(reached)
+}
+
+/// The control topic's state after its first `until` records, folded by the shared rules.
+pub async fn control_state(
+    log: &dyn Log,
+    registry: &Registry,
+    until: u64,
+) -> Result<ControlState, LogError> {
+    let mut state = ControlState::default();
+    let mut reader = log.read_from(Topic::Control, 0, 0).await?;
+    let mut at = 0;
+    while at < until {
+        let entries = reader.poll(1024).await?;
+        if entries.is_empty() {
+            break;
+        }
+        for entry in entries.iter().take_while(|e| e.position.offset < until) {
+            if let Ok(event) = registry.decode(&entry.record.value) {
+                let _ = state.apply(&event);
+            }
+        }
+        at = reader.position().offset;
+    }
+    Ok(state)
 }
 
 /// Removes what is past retention, hourly.

@@ -7,7 +7,7 @@ use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, AssertSqlSafe, Row};
 
-use crate::fold::{Changes, ControlChange};
+use crate::fold::{Changes, ControlChange, name_of};
 
 /// A bound value of a row.
 enum Value {
@@ -534,6 +534,10 @@ fn rollup_sql(table: &str, bucket_us: i64, traces: usize) -> String {
 }
 
 async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Result<(), sqlx::Error> {
+    let id = |id: uuid::Uuid| id.to_string();
+    let optional_id = |id: Option<uuid::Uuid>| id.map(|id| id.to_string());
+    // The rules (`loom_schemas::control`) already refused what may not be done: these statements
+    // only write what they accepted (and are idempotent, for records the log delivers twice).
     let (sql, values): (&str, Vec<Value>) = match change {
         ControlChange::TenantCreated {
             tenant_id,
@@ -542,11 +546,11 @@ async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Resul
         } => (
             "INSERT INTO tenants (tenant_id, name, created_at) VALUES ($1, $2, $3) \
              ON CONFLICT DO NOTHING",
-            row![tenant_id, name, at],
+            row![id(tenant_id), name, at],
         ),
         ControlChange::TenantErased { tenant_id, at } => (
             "UPDATE tenants SET erased_at = $2 WHERE tenant_id = $1 AND erased_at IS NULL",
-            row![tenant_id, at],
+            row![id(tenant_id), at],
         ),
         ControlChange::ProjectCreated {
             project_id,
@@ -559,8 +563,8 @@ async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Resul
             "INSERT INTO projects (project_id, tenant_id, name, routing_policy, security_policy, \
              created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT DO NOTHING",
             row![
-                project_id,
-                tenant_id,
+                id(project_id),
+                id(tenant_id),
                 name,
                 routing_policy,
                 security_policy,
@@ -578,30 +582,33 @@ async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Resul
              routing_policy = COALESCE($3, routing_policy), \
              security_policy = COALESCE($4, security_policy), updated_at = $5 \
              WHERE project_id = $1",
-            row![project_id, name, routing_policy, security_policy, at],
+            row![id(project_id), name, routing_policy, security_policy, at],
         ),
-        ControlChange::KeyIssued {
-            key_id,
-            tenant_id,
-            project_id,
-            name,
-            key_hash,
-            prefix,
-            roles,
-            expires_at,
-            at,
-        } => (
+        ControlChange::KeyIssued { key, key_hash, at } => (
             "INSERT INTO api_keys (key_id, tenant_id, project_id, name, key_hash, prefix, roles, \
              expires_at, issued_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT DO NOTHING",
             row![
-                key_id, tenant_id, project_id, name, key_hash, prefix, roles, expires_at, at
+                id(key.key_id),
+                id(key.tenant_id),
+                optional_id(key.project_id),
+                key.name,
+                key_hash.to_vec(),
+                key.prefix,
+                key.roles.join(","),
+                key.expires_at,
+                at
             ],
         ),
-        ControlChange::KeyRevoked { key_id, reason, at } => (
-            "UPDATE api_keys SET revoked_at = $2, revoke_reason = $3 \
-             WHERE key_id = $1 AND revoked_at IS NULL",
-            row![key_id, at, reason],
+        ControlChange::KeyRevoked {
+            key_id,
+            tenant_id,
+            reason,
+            at,
+        } => (
+            "UPDATE api_keys SET revoked_at = $3, revoke_reason = $4 \
+             WHERE key_id = $1 AND tenant_id = $2 AND revoked_at IS NULL",
+            row![id(key_id), id(tenant_id), at, reason],
         ),
         ControlChange::QuotaLimitSet {
             tenant_id,
@@ -616,7 +623,15 @@ async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Resul
              limit_value, set_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (tenant_id, scope, scope_id, metric, quota_window) \
              DO UPDATE SET limit_value = excluded.limit_value, set_at = excluded.set_at",
-            row![tenant_id, scope, scope_id, metric, window, limit, at],
+            row![
+                id(tenant_id),
+                name_of(&scope),
+                scope_id,
+                name_of(&metric),
+                name_of(&window),
+                limit,
+                at
+            ],
         ),
         ControlChange::RoleGranted {
             tenant_id,
@@ -627,7 +642,13 @@ async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Resul
         } => (
             "INSERT INTO role_bindings (tenant_id, principal, role, project_id, granted_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            row![tenant_id, principal, role, project_id, at],
+            row![
+                id(tenant_id),
+                principal,
+                role,
+                optional_id(project_id).unwrap_or_default(),
+                at
+            ],
         ),
         ControlChange::RoleRevoked {
             tenant_id,
@@ -637,8 +658,14 @@ async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Resul
         } => (
             "DELETE FROM role_bindings WHERE tenant_id = $1 AND principal = $2 AND role = $3 \
              AND project_id = $4",
-            row![tenant_id, principal, role, project_id],
+            row![
+                id(tenant_id),
+                principal,
+                role,
+                optional_id(project_id).unwrap_or_default()
+            ],
         ),
+        ControlChange::Anchored { .. } => return Ok(()),
     };
     let mut query = sqlx::query(sql);
     for value in values {

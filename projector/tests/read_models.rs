@@ -13,6 +13,7 @@ use loom_projector::{
     Projector, ProjectorConfig, ReadStore, StoreLocation, fold_batch, stored_positions,
 };
 use loom_schemas::codec::Registry;
+use loom_schemas::control::ControlState;
 use loom_schemas::event::{Envelope, Event, Plane, RequestCompleted, RequestStatus, now_micros};
 use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Record, Topic};
 use loom_schemas::samples;
@@ -291,9 +292,12 @@ async fn folding_the_same_records_again_changes_nothing() {
         for topic in Topic::ALL {
             let mut reader = log.read_from(topic, 0, 0).await.unwrap();
             let entries = reader.poll(100_000).await.unwrap();
+            let mut control = ControlState::default();
             for chunk in entries.chunks(37) {
                 let doubled: Vec<_> = chunk.iter().chain(chunk).cloned().collect();
-                fold_batch(&store, registry, topic, &doubled).await.unwrap();
+                fold_batch(&store, registry, topic, &doubled, &mut control)
+                    .await
+                    .unwrap();
             }
         }
         assert_eq!(digest(&store).await, before);

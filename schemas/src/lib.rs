@@ -3,6 +3,7 @@
 //!
 //! - [`event`]: the event types (mirroring `schemas/avro/*.avsc`).
 //! - [`codec`]: Avro single-object encoding with a registry of every schema version.
+//! - [`control`]: the control plane's rules, one fold the gateway and the projector share.
 //! - [`crypto`]: sealed fields (AES-256-GCM), keyed body digests, API-key hashing.
 //! - [`keystore`]: tenant data keys wrapped by a master key (file or Postgres).
 //! - [`log`]: the log abstraction and its embedded segment-file implementation.
@@ -10,6 +11,7 @@
 pub use secrecy::{ExposeSecret, SecretString};
 
 pub mod codec;
+pub mod control;
 pub mod crypto;
 pub mod event;
 pub mod keystore;

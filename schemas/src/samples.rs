@@ -637,3 +637,114 @@ fn completed(
     }
     .into()
 }
+
+/// A control-plane history meant to probe the rules: `tenants` tenants and `steps` events of
+/// every kind, among them what no one may do — revocations under another tenant's id, events for
+/// unknown keys, tenants and projects, keys in another tenant's project, duplicate tenants, keys
+/// and revocations, and anything after a tenant's erasure. Events come in log order; the same
+/// `seed` gives the same history.
+pub fn control_history(tenants: usize, steps: usize, seed: u64) -> Vec<Event> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let tenant_ids: Vec<Uuid> = (0..tenants.max(1)).map(|_| Uuid::now_v7()).collect();
+    let mut projects: Vec<(Uuid, Uuid)> = Vec::new();
+    let mut keys: Vec<(Uuid, Uuid, ApiKeyIssued)> = Vec::new();
+    let mut events = Vec::with_capacity(steps + tenant_ids.len());
+    let event = |tenant: Uuid, payload: Payload| Event {
+        envelope: Envelope::new(tenant, None, "admin/rules/1"),
+        payload,
+    };
+    // Most tenants exist from the start; one is only ever named, never created.
+    for tenant in &tenant_ids[..tenant_ids.len().saturating_sub(1).max(1)] {
+        events.push(event(*tenant, TenantCreated { name: "t".into() }.into()));
+    }
+    for step in 0..steps {
+        let tenant = tenant_ids[rng.usize(..tenant_ids.len())];
+        let other = tenant_ids[rng.usize(..tenant_ids.len())];
+        let payload: Payload = match rng.u8(..12) {
+            0 => TenantCreated {
+                name: format!("again {step}"),
+            }
+            .into(),
+            1 if rng.u8(..4) == 0 => TenantErased { reason: None }.into(),
+            1 | 2 => {
+                let project_id = Uuid::now_v7();
+                projects.push((project_id, tenant));
+                ProjectCreated {
+                    project_id,
+                    name: format!("p{step}"),
+                    routing_policy: None,
+                    security_policy: None,
+                }
+                .into()
+            }
+            3..=5 => {
+                // In the tenant's project, another tenant's, one that does not exist, or none.
+                let project_id = match rng.u8(..4) {
+                    0 => projects.iter().find(|(_, t)| *t == tenant).map(|(p, _)| *p),
+                    1 => projects.iter().find(|(_, t)| *t != tenant).map(|(p, _)| *p),
+                    2 => Some(Uuid::now_v7()),
+                    _ => None,
+                };
+                let secret = format!("loom-rules-{seed}-{step}");
+                let issued = ApiKeyIssued {
+                    key_id: Uuid::now_v7(),
+                    project_id,
+                    name: Some(format!("k{step}")),
+                    key_hash: crypto::hash_api_key(&secret).to_vec(),
+                    prefix: crypto::display_prefix(&secret),
+                    roles: vec!["inference".into()],
+                    expires_at: None,
+                };
+                keys.push((issued.key_id, tenant, issued.clone()));
+                issued.into()
+            }
+            // The same key issued again.
+            6 if !keys.is_empty() => keys[rng.usize(..keys.len())].2.clone().into(),
+            // Revoked by its tenant, by another (under `other`'s id), again, or an unknown key.
+            6..=8 => {
+                let key_id = if keys.is_empty() || rng.u8(..5) == 0 {
+                    Uuid::now_v7()
+                } else {
+                    let (key_id, owner, _) = &keys[rng.usize(..keys.len())];
+                    let revoker = if rng.bool() { *owner } else { other };
+                    events.push(event(
+                        revoker,
+                        ApiKeyRevoked {
+                            key_id: *key_id,
+                            reason: Some(format!("r{step}")),
+                        }
+                        .into(),
+                    ));
+                    continue;
+                };
+                ApiKeyRevoked {
+                    key_id,
+                    reason: None,
+                }
+                .into()
+            }
+            9 => QuotaLimitSet {
+                scope: QuotaScope::Tenant,
+                scope_id: tenant.to_string(),
+                metric: QuotaMetric::Requests,
+                window: QuotaWindow::Minute,
+                limit: Some(i64::from(rng.u16(..))),
+            }
+            .into(),
+            10 => RoleGranted {
+                principal: format!("u{}@rules.test", rng.u8(..4)),
+                role: "viewer".into(),
+                project_id: projects.last().map(|(p, _)| *p),
+            }
+            .into(),
+            _ => RoleRevoked {
+                principal: format!("u{}@rules.test", rng.u8(..4)),
+                role: "viewer".into(),
+                project_id: None,
+            }
+            .into(),
+        };
+        events.push(event(tenant, payload));
+    }
+    events
+}
