@@ -346,6 +346,23 @@ async fn admin_cli_manages_tenants_and_keys_on_a_data_dir_and_through_a_server()
         "{}",
         text(&unknown.stderr)
     );
+    let no_project = admin(
+        dir.path(),
+        &[
+            "key",
+            "create",
+            "--tenant",
+            &tenant,
+            "--project",
+            &uuid::Uuid::now_v7().to_string(),
+        ],
+    );
+    assert!(!no_project.status.success());
+    assert!(
+        text(&no_project.stderr).contains("has no project"),
+        "{}",
+        text(&no_project.stderr)
+    );
 
     // Through a running server: the data dir is locked, the admin API takes over.
     let token = "admin-secret";

@@ -21,6 +21,8 @@ pub enum AdminError {
     TenantErased(Uuid),
     #[error("no API key {0}")]
     UnknownKey(Uuid),
+    #[error("tenant {tenant} has no project {project}")]
+    UnknownProject { tenant: Uuid, project: Uuid },
     #[error("log: {0}")]
     Log(#[from] LogError),
     #[error("key store: {0}")]
@@ -173,6 +175,15 @@ impl Node {
                 return Err(AdminError::TenantErased(request.tenant_id));
             }
             Some(_) => {}
+        }
+        // The rules refuse a key in a project that is not the tenant's: say so here.
+        if let Some(project) = request.project_id
+            && self.control.read(|s| s.project_tenant(project)) != Some(request.tenant_id)
+        {
+            return Err(AdminError::UnknownProject {
+                tenant: request.tenant_id,
+                project,
+            });
         }
         let new = NewApiKey::generate()?;
         let key_id = Uuid::now_v7();

@@ -326,6 +326,11 @@ impl ControlState {
         self.tenants.get(&tenant_id)
     }
 
+    /// The tenant a project belongs to.
+    pub fn project_tenant(&self, project_id: Uuid) -> Option<Uuid> {
+        self.projects.get(&project_id).copied()
+    }
+
     pub fn key(&self, key_id: Uuid) -> Option<&ApiKeyInfo> {
         self.keys.get(&key_id)
     }

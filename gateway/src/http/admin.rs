@@ -56,7 +56,9 @@ impl From<AdminError> for ApiError {
     fn from(error: AdminError) -> Self {
         match &error {
             AdminError::Invalid(message) => ApiError::invalid_request(message.clone()),
-            AdminError::UnknownTenant(_) | AdminError::UnknownKey(_) => ApiError::new(
+            AdminError::UnknownTenant(_)
+            | AdminError::UnknownKey(_)
+            | AdminError::UnknownProject { .. } => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "not_found",
