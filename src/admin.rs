@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use loom_gateway::{CreatedKey, CreatedTenant, KeyRequest, KeyStoreLocation, Node, NodeConfig};
+use loom::{KeyStoreLocation, Node, NodeConfig};
+use loom_gateway::{CreatedKey, CreatedTenant, KeyRequest};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -109,8 +110,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                     }),
                 master_key: crate::master_key_from_env(),
                 role: "admin",
-                log: args.kafka.location(),
-                ..NodeConfig::new(&args.data_dir)
+                log: args.kafka.location(loom::LogLocation::default()),
+                ..NodeConfig::new(loom::DataDir::new(&args.data_dir))
             };
             let node = Node::open(&config)
                 .await
@@ -237,7 +238,7 @@ impl Target {
 
     async fn create_tenant(&self, name: &str) -> anyhow::Result<CreatedTenant> {
         match self {
-            Target::Local { node, .. } => Ok(node.create_tenant(name).await?),
+            Target::Local { node, .. } => Ok(node.services.create_tenant(name).await?),
             Target::Remote { .. } => {
                 let value = self
                     .call(
@@ -253,7 +254,7 @@ impl Target {
 
     async fn create_key(&self, request: &KeyRequest) -> anyhow::Result<CreatedKey> {
         match self {
-            Target::Local { node, .. } => Ok(node.create_key(request).await?),
+            Target::Local { node, .. } => Ok(node.services.create_key(request).await?),
             Target::Remote { .. } => {
                 let value = self
                     .call(
@@ -269,7 +270,7 @@ impl Target {
 
     async fn revoke_key(&self, key_id: Uuid, reason: Option<String>) -> anyhow::Result<()> {
         match self {
-            Target::Local { node, .. } => Ok(node.revoke_key(key_id, reason).await?),
+            Target::Local { node, .. } => Ok(node.services.revoke_key(key_id, reason).await?),
             Target::Remote { .. } => {
                 let path = format!("/admin/keys/{key_id}/revoke");
                 self.call(
@@ -285,7 +286,7 @@ impl Target {
 
     async fn list_tenants(&self) -> anyhow::Result<Value> {
         match self {
-            Target::Local { node, .. } => Ok(serde_json::to_value(node.list_tenants())?),
+            Target::Local { node, .. } => Ok(serde_json::to_value(node.services.list_tenants())?),
             Target::Remote { .. } => {
                 self.call(reqwest::Method::GET, "/admin/tenants", None)
                     .await
@@ -295,7 +296,9 @@ impl Target {
 
     async fn list_keys(&self, tenant: Option<Uuid>) -> anyhow::Result<Value> {
         match self {
-            Target::Local { node, .. } => Ok(serde_json::to_value(node.list_keys(tenant))?),
+            Target::Local { node, .. } => {
+                Ok(serde_json::to_value(node.services.list_keys(tenant))?)
+            }
             Target::Remote { .. } => {
                 let path = tenant.map_or_else(
                     || "/admin/keys".to_owned(),

@@ -12,17 +12,14 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use loom::{KeyStoreLocation, LogLocation, NodeConfig, ServeConfig};
 use loom_gateway::config::{EventsAck, GatewayConfig};
-use loom_gateway::{KeyStoreLocation, LogLocation, NodeConfig, ServeConfig};
-use loom_projector::{StoreLocation, project_active};
+use loom_projector::StoreLocation;
 use loom_schemas::SecretString;
-use loom_schemas::log::{
-    EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, KafkaLog, KafkaLogConfig, Log, LogError,
-};
+use loom_schemas::log::{EmbeddedLogConfig, FsyncPolicy, KafkaLogConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -104,6 +101,12 @@ pub struct DataDirArgs {
     pub data_dir: PathBuf,
 }
 
+impl DataDirArgs {
+    pub fn dir(&self) -> loom::DataDir {
+        loom::DataDir::new(&self.data_dir)
+    }
+}
+
 /// Where the log is: the embedded one in the data dir, or Kafka.
 #[derive(Args)]
 pub struct KafkaArgs {
@@ -176,9 +179,10 @@ fn parse_property(text: &str) -> Result<(String, String), String> {
 }
 
 impl KafkaArgs {
-    pub fn location(&self) -> LogLocation {
+    /// Kafka if `--kafka-brokers` is given, else the embedded log `embedded`.
+    pub fn location(&self, embedded: LogLocation) -> LogLocation {
         let Some(brokers) = &self.kafka_brokers else {
-            return LogLocation::Embedded;
+            return embedded;
         };
         let mut config = KafkaLogConfig::new(brokers);
         config.topic_prefix = self.kafka_topic_prefix.clone();
@@ -461,10 +465,11 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
         read_models,
         projector: args.projection.config(&args.kafka),
         node: NodeConfig {
-            data_dir: args.data.data_dir,
-            log: args.kafka.location(),
-            fsync: args.fsync,
-            segment_bytes: args.segment_bytes,
+            data_dir: args.data.dir(),
+            log: args.kafka.location(LogLocation::Embedded {
+                fsync: args.fsync,
+                segment_bytes: args.segment_bytes,
+            }),
             key_store: args.key_store_url.map_or(KeyStoreLocation::DataDir, |url| {
                 KeyStoreLocation::Postgres(url.into())
             }),
@@ -477,7 +482,7 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let (shutdown, signals) = cancel_on_signal();
-    let served = loom_gateway::serve(config, listener, shutdown).await;
+    let served = loom::serve(config, listener, shutdown).await;
     signals.abort();
     Ok(served?)
 }
@@ -485,82 +490,33 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
 /// The read models named on the command line, or SQLite files in the data directory.
 fn read_models(named: Option<&str>, data: &DataDirArgs) -> StoreLocation {
     named.map_or_else(
-        || StoreLocation::Sqlite(data.data_dir.join("read-models")),
+        || StoreLocation::Sqlite(data.dir().read_models()),
         StoreLocation::parse,
     )
 }
 
-/// The log named by the Kafka flags, or the embedded one in the data directory (read-only when
-/// a running server holds it).
-async fn open_log(kafka: &KafkaArgs, data: &DataDirArgs) -> anyhow::Result<Arc<dyn Log>> {
-    Ok(match kafka.location() {
-        LogLocation::Kafka { kafka, .. } => Arc::new(KafkaLog::connect(kafka).await?),
-        LogLocation::Embedded => {
-            let dir = data.data_dir.join("log");
-            let key = verify::chain_key(&data.data_dir)?;
-            match EmbeddedLog::open(EmbeddedLogConfig::new(&dir, key.clone())).await {
-                Ok(log) => Arc::new(log),
-                // A running server holds it: read what it holds now, beside it.
-                Err(LogError::Locked(_)) => {
-                    tracing::info!("a server holds the log; reading it read-only beside it");
-                    Arc::new(EmbeddedLog::open_read_only(&dir, key).await?)
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
-    })
-}
-
 async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
-    let LogLocation::Kafka { kafka, .. } = args.kafka.location() else {
-        anyhow::bail!(
-            "`loom projector` reads a log shared with other processes: set --kafka-brokers \
-             (`loom serve` runs the projector in-process on the embedded log)"
-        );
-    };
-    let log: Arc<dyn Log> = Arc::new(KafkaLog::connect(kafka).await?);
-    let location = StoreLocation::parse(&args.read_models);
     let (shutdown, signals) = cancel_on_signal();
-    let tasks = tokio_util::task::TaskTracker::new();
-    if let Some(addr) = args.listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let served = axum::serve(listener, loom_gateway::metrics_router())
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "serving metrics failed");
-            }
-        });
-    }
-    let projected = project_active(
-        log,
-        &location,
+    let projected = loom::roles::projector(
+        &args.kafka.location(LogLocation::default()),
+        &StoreLocation::parse(&args.read_models),
         args.projection.config(&args.kafka),
-        shutdown.clone(),
+        args.listen,
+        shutdown,
     )
     .await;
-    // However the projector ended, the metrics server stops with it.
-    shutdown.cancel();
-    tasks.close();
-    tasks.wait().await;
     signals.abort();
     Ok(projected?)
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
-    let log = open_log(&args.kafka, &args.data).await?;
-    let location = read_models(args.read_models.as_deref(), &args.data);
-    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let report = loom_projector::replay(
-        log,
-        &location,
+    let report = loom::roles::replay(
+        &args.kafka.location(LogLocation::default()),
+        &args.data.dir(),
+        master_key_from_env().as_ref(),
+        &read_models(args.read_models.as_deref(), &args.data),
         args.projection_args.config(&args.kafka),
-        progress,
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
     )
     .await?;
     let seconds = report.elapsed.as_secs_f64().max(1e-9);
@@ -614,41 +570,9 @@ async fn wait_for_signal() {
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
-    if args.database_url.is_none() && args.kafka.kafka_brokers.is_none() {
-        anyhow::bail!("nothing to migrate: give --database-url, --kafka-brokers or both");
-    }
-    if let LogLocation::Kafka { mut kafka, .. } = args.kafka.location() {
-        kafka.create_topics = true;
-        let log = KafkaLog::connect(kafka).await?;
-        tracing::info!(
-            data_partitions = log.partitions(loom_schemas::log::Topic::Data),
-            "Kafka topics are ready"
-        );
-    }
-    if let Some(url) = &args.database_url {
-        migrate_postgres(url).await?;
-    }
-    Ok(())
-}
-
-async fn migrate_postgres(url: &str) -> anyhow::Result<()> {
-    use sqlx::Connection;
-    let mut connection = sqlx::PgConnection::connect(url)
-        .await
-        .context("connecting to Postgres")?;
-    loom_schemas::keystore::POSTGRES_MIGRATOR
-        .run(&mut connection)
-        .await
-        .context("applying the key store's migrations")?;
-    // The read models readers use (opening a version migrates it).
-    let location = StoreLocation::Postgres(url.into());
-    let catalog = loom_projector::Catalog::open(&location).await?;
-    let version = catalog.active().await?;
-    loom_projector::ReadStore::open(&location, version)
-        .await?
-        .close()
-        .await;
-    catalog.publish(version).await?;
-    tracing::info!(read_models_version = version, "database is up to date");
-    Ok(())
+    Ok(loom::roles::migrate(
+        &args.kafka.location(LogLocation::default()),
+        args.database_url.as_deref(),
+    )
+    .await?)
 }

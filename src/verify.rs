@@ -1,14 +1,13 @@
 //! `loom verify` and `loom repair`: check the embedded log, and cut it where it is damaged.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use loom_schemas::ExposeSecret;
+use loom::DataDir;
 use loom_schemas::codec::Registry;
-use loom_schemas::keystore::MasterKey;
 use loom_schemas::log::checkpoint::anchor_event;
 use loom_schemas::log::recovery::QUARANTINE_DIR;
 use loom_schemas::log::{ChainKey, EmbeddedLog, EmbeddedLogConfig, ExpectedHead, Log, Topic};
@@ -54,21 +53,20 @@ fn parse_cut(text: &str) -> Result<(Topic, u64), String> {
 
 /// The key that authenticates the log's chain heads, from the master key (which readers never
 /// generate).
-pub fn chain_key(data_dir: &Path) -> anyhow::Result<ChainKey> {
-    let from_env = crate::master_key_from_env();
-    let master = MasterKey::load(data_dir, from_env.as_ref().map(|key| key.expose_secret()))?;
-    let Some(master) = master else {
+pub fn chain_key(data_dir: &DataDir) -> anyhow::Result<ChainKey> {
+    let Some(master) = loom::load_master_key(data_dir, crate::master_key_from_env().as_ref())?
+    else {
         anyhow::bail!(
             "no master key: neither LOOM_MASTER_KEY nor {} is there, and the log's checkpoints \
              are authenticated with it",
-            data_dir.join("master.key").display()
+            data_dir.master_key_file().display()
         );
     };
     Ok(master.chain_key())
 }
 
-fn log_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
-    let log_dir = data_dir.join("log");
+fn log_dir(data_dir: &DataDir) -> anyhow::Result<PathBuf> {
+    let log_dir = data_dir.log();
     if !log_dir.is_dir() {
         anyhow::bail!("no log at {}: is --data-dir right?", log_dir.display());
     }
@@ -76,7 +74,7 @@ fn log_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let data_dir = args.data.data_dir;
+    let data_dir = args.data.dir();
     let log_dir = log_dir(&data_dir)?;
     let key = chain_key(&data_dir)?;
     let expected = args.expect_head;
@@ -131,7 +129,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                  --truncate-at {}/{}:{}` cuts the rest off into {}/{QUARANTINE_DIR}/ (or \
                  restore the log from a backup)",
                 p.end,
-                data_dir.display(),
+                data_dir.path().display(),
                 p.topic,
                 p.partition,
                 p.end,
@@ -162,7 +160,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn repair(args: RepairArgs) -> anyhow::Result<ExitCode> {
-    let data_dir = args.data.data_dir;
+    let data_dir = args.data.dir();
     let log_dir = log_dir(&data_dir)?;
     let key = chain_key(&data_dir)?;
     let (topic, offset) = args.truncate_at;

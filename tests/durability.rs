@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use loom_mock::{MockConfig, MockServer};
 use loom_schemas::log::{Entry, KafkaLog, KafkaLogConfig, Log, Topic};
-use loom_schemas::testing::{TestBroker, TestDatabase, free_port, open_data_dir_log};
+use loom_schemas::testing::{TestBroker, TestDatabase, free_port};
 
 use common::load::{Load, assert_recorded, trails};
-use common::{LOOM, Server, tenant_and_key};
+use common::{LOOM, Server, open_data_dir_log, tenant_and_key};
 
 const ADMIN: &str = "durability-admin";
 const MASTER: &str = "4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d4d";

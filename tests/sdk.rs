@@ -51,7 +51,7 @@ deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
 }
 
 async fn events(data_dir: &Path) -> Vec<Event> {
-    let log = loom_schemas::testing::open_data_dir_log(data_dir).await;
+    let log = common::open_data_dir_log(data_dir).await;
     let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
     let registry = Registry::builtin().unwrap();
     let mut events = Vec::new();

@@ -167,8 +167,8 @@ async fn migrate_applies_the_postgres_migrations() {
 
 /// Writes `count` records into the embedded log of a new data directory (with a master key).
 async fn write_records(data_dir: &Path, count: u64) {
-    MasterKey::load_or_generate(data_dir, None).unwrap();
-    let log = loom_schemas::testing::open_data_dir_log(data_dir).await;
+    MasterKey::load_or_generate(&loom::DataDir::new(data_dir).master_key_file(), None).unwrap();
+    let log = common::open_data_dir_log(data_dir).await;
     let records = (0..count)
         .map(|i| Record {
             key: b"k".to_vec(),

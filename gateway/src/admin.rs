@@ -9,7 +9,7 @@ use loom_schemas::log::{LogError, Topic};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::node::Node;
+use crate::services::Services;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -84,7 +84,7 @@ pub struct KeyView {
     pub revoked: bool,
 }
 
-impl Node {
+impl Services {
     /// Every tenant, by id.
     pub fn list_tenants(&self) -> Vec<TenantView> {
         let mut tenants: Vec<TenantView> = self.control.read(|s| {

@@ -345,12 +345,12 @@ pub(crate) async fn begin(
     dialect: Dialect,
 ) -> Result<(Flow, Value, Bytes), Response> {
     let gateway = Arc::clone(&state.gateway);
-    let key = presented_key(headers).and_then(|secret| state.node.control.authenticate(secret));
+    let key = presented_key(headers).and_then(|secret| state.services.control.authenticate(secret));
     let flow = Flow {
         dialect,
         gateway: Arc::clone(&gateway),
-        producer: Arc::clone(&state.node.producer),
-        keys: Arc::clone(&state.node.keys),
+        producer: Arc::clone(&state.services.producer),
+        keys: Arc::clone(&state.services.keys),
         trace_id: trace_id(headers),
         tenant_id: key.as_ref().map_or(Uuid::nil(), |k| k.tenant_id),
         key,
@@ -1190,7 +1190,7 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body:
 pub async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let started = Instant::now();
     let mut response = if presented_key(&headers)
-        .and_then(|secret| state.node.control.authenticate(secret))
+        .and_then(|secret| state.services.control.authenticate(secret))
         .is_none()
     {
         ApiError::new(

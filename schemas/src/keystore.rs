@@ -104,46 +104,43 @@ impl MasterKey {
         crate::log::ChainKey::new(okm)
     }
 
-    /// The key from `from_env` if given, else from `<data dir>/master.key`; `None` if neither
-    /// exists (for readers, which never generate one).
-    pub fn load(
-        data_dir: &Path,
-        from_env: Option<&str>,
-    ) -> Result<Option<MasterKey>, KeyStoreError> {
+    /// The key from `from_env` if given, else from the file at `path` (`<data dir>/master.key`);
+    /// `None` if neither exists (for readers, which never generate one).
+    pub fn load(path: &Path, from_env: Option<&str>) -> Result<Option<MasterKey>, KeyStoreError> {
         if let Some(text) = from_env {
             return Ok(Some(Self::parse(text)?));
         }
-        let path = data_dir.join("master.key");
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path)
+        let text = std::fs::read_to_string(path)
             .map_err(io_error(format!("reading {}", path.display())))?;
         Ok(Some(Self::parse(&text)?))
     }
 
-    /// The key from `from_env` (the value of `LOOM_MASTER_KEY`) if given, else from
-    /// `<data dir>/master.key`, generating that file on first run.
+    /// The key from `from_env` (the value of `LOOM_MASTER_KEY`) if given, else from the file at
+    /// `path`, generating that file (mode 0600) on first run.
     pub fn load_or_generate(
-        data_dir: &Path,
+        path: &Path,
         from_env: Option<&str>,
     ) -> Result<(MasterKey, MasterKeySource), KeyStoreError> {
-        let path = data_dir.join("master.key");
-        if let Some(key) = Self::load(data_dir, from_env)? {
+        if let Some(key) = Self::load(path, from_env)? {
             let source = match from_env {
                 Some(_) => MasterKeySource::Environment,
-                None => MasterKeySource::File(path),
+                None => MasterKeySource::File(path.to_owned()),
             };
             return Ok((key, source));
         }
         let key = Self::generate()?;
-        std::fs::create_dir_all(data_dir)
-            .map_err(io_error(format!("creating {}", data_dir.display())))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(io_error(format!("creating {}", dir.display())))?;
+        }
         write_private_file(
-            &path,
+            path,
             format!("{}\n", hex::encode(key.0.expose())).as_bytes(),
         )?;
-        Ok((key, MasterKeySource::Generated(path)))
+        Ok((key, MasterKeySource::Generated(path.to_owned())))
     }
 
     fn wrap_aad(tenant_id: Uuid, key_id: Uuid, purpose: Purpose, version: u32) -> Vec<u8> {
@@ -783,17 +780,20 @@ mod tests {
     #[test]
     fn master_keys_load_generate_and_refuse_garbage() {
         let dir = tempfile::tempdir().unwrap();
-        let (generated, source) = MasterKey::load_or_generate(dir.path(), None).unwrap();
+        let (generated, source) =
+            MasterKey::load_or_generate(&dir.path().join("master.key"), None).unwrap();
         assert_eq!(
             source,
             MasterKeySource::Generated(dir.path().join("master.key"))
         );
-        let (loaded, source) = MasterKey::load_or_generate(dir.path(), None).unwrap();
+        let (loaded, source) =
+            MasterKey::load_or_generate(&dir.path().join("master.key"), None).unwrap();
         assert_eq!(source, MasterKeySource::File(dir.path().join("master.key")));
         assert_eq!(generated.0.expose(), loaded.0.expose());
 
         let hex_key = "00".repeat(32);
-        let (from_env, source) = MasterKey::load_or_generate(dir.path(), Some(&hex_key)).unwrap();
+        let (from_env, source) =
+            MasterKey::load_or_generate(&dir.path().join("master.key"), Some(&hex_key)).unwrap();
         assert_eq!(source, MasterKeySource::Environment);
         assert_eq!(from_env.0.expose(), &[0u8; 32]);
         assert!(MasterKey::parse("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").is_ok());

@@ -120,23 +120,3 @@ impl TestDatabase {
 pub fn chain_key() -> crate::log::ChainKey {
     crate::log::ChainKey::new([0x7e; 32])
 }
-
-/// The chain key of a data directory a real `loom` wrote (from its `master.key`).
-#[allow(clippy::expect_used)]
-pub fn chain_key_of(data_dir: &std::path::Path) -> crate::log::ChainKey {
-    crate::keystore::MasterKey::load(data_dir, None)
-        .expect("reading the master key")
-        .expect("the data directory has a master key")
-        .chain_key()
-}
-
-/// The embedded log of a data directory a real `loom` wrote (no server may hold it).
-#[allow(clippy::expect_used)]
-pub async fn open_data_dir_log(data_dir: &std::path::Path) -> crate::log::EmbeddedLog {
-    crate::log::EmbeddedLog::open(crate::log::EmbeddedLogConfig::new(
-        data_dir.join("log"),
-        chain_key_of(data_dir),
-    ))
-    .await
-    .expect("opening the data directory's log")
-}

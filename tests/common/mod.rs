@@ -134,6 +134,21 @@ pub async fn tenant_and_key(server: &Server, admin_token: &str, name: &str) -> (
     (tenant_id, key["key"].as_str().unwrap().to_owned())
 }
 
+/// The embedded log of a data directory a real `loom` wrote (no server may hold it), opened with
+/// the chain key of its `master.key`.
+pub async fn open_data_dir_log(data_dir: &Path) -> loom_schemas::log::EmbeddedLog {
+    let data_dir = loom::DataDir::new(data_dir);
+    let master = loom_schemas::keystore::MasterKey::load(&data_dir.master_key_file(), None)
+        .unwrap()
+        .expect("the data directory has a master key");
+    loom_schemas::log::EmbeddedLog::open(loom_schemas::log::EmbeddedLogConfig::new(
+        data_dir.log(),
+        master.chain_key(),
+    ))
+    .await
+    .unwrap()
+}
+
 pub fn loom(args: &[&str]) -> Output {
     Command::new(LOOM)
         .args(args)

@@ -92,19 +92,19 @@ async fn create_tenant(
     State(state): State<AppState>,
     Json(request): Json<TenantRequest>,
 ) -> Result<Response, ApiError> {
-    let created = state.node.create_tenant(&request.name).await?;
+    let created = state.services.create_tenant(&request.name).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
 async fn list_tenants(State(state): State<AppState>) -> Json<Vec<TenantView>> {
-    Json(state.node.list_tenants())
+    Json(state.services.list_tenants())
 }
 
 async fn create_key(
     State(state): State<AppState>,
     Json(request): Json<KeyRequest>,
 ) -> Result<Response, ApiError> {
-    let created = state.node.create_key(&request).await?;
+    let created = state.services.create_key(&request).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -117,7 +117,7 @@ async fn list_keys(
     State(state): State<AppState>,
     Query(filter): Query<KeyFilter>,
 ) -> Json<Vec<KeyView>> {
-    Json(state.node.list_keys(filter.tenant_id))
+    Json(state.services.list_keys(filter.tenant_id))
 }
 
 #[derive(Deserialize, Default)]
@@ -133,6 +133,6 @@ async fn revoke_key(
     body: Option<Json<RevokeRequest>>,
 ) -> Result<StatusCode, ApiError> {
     let reason = body.and_then(|Json(r)| r.reason);
-    state.node.revoke_key(key_id, reason).await?;
+    state.services.revoke_key(key_id, reason).await?;
     Ok(StatusCode::NO_CONTENT)
 }

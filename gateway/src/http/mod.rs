@@ -12,22 +12,26 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 
-use crate::node::Node;
 use crate::proxy::{self, Gateway};
+use crate::services::Services;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub node: Node,
+    pub services: Services,
     pub(crate) gateway: Arc<Gateway>,
     /// SHA-256 of the admin token; `None` disables the admin API.
     admin_token: Option<Arc<[u8; 32]>>,
 }
 
 impl AppState {
-    pub(crate) fn new(node: Node, gateway: Arc<Gateway>, admin_token: Option<&str>) -> Self {
+    pub(crate) fn new(
+        services: Services,
+        gateway: Arc<Gateway>,
+        admin_token: Option<&str>,
+    ) -> Self {
         AppState {
-            node,
+            services,
             gateway,
             admin_token: admin_token
                 .filter(|t| !t.is_empty())
@@ -115,7 +119,7 @@ impl ApiError {
 }
 
 async fn health(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let ends = state.node.log_ends().await.map_err(|error| {
+    let ends = state.services.log_ends().await.map_err(|error| {
         tracing::error!(%error, "health check could not read the log");
         ApiError::internal("the log is unavailable")
     })?;
@@ -178,7 +182,7 @@ pub fn metrics_router() -> Router {
 
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let handle = prometheus().ok_or_else(|| ApiError::internal("metrics are unavailable"))?;
-    if let Ok(ends) = state.node.log_ends().await {
+    if let Ok(ends) = state.services.log_ends().await {
         for (topic, end) in ends {
             metrics::gauge!("loom_log_end_offset", "topic" => topic.name()).set(end as f64);
         }

@@ -1,9 +1,10 @@
-//! A Loom node: the data directory's log and key store, opened once and shared.
+//! A Loom node: the data directory's key store and the log, opened once and shared; and
+//! [`open_log`], the one way every role opens the log.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use loom_gateway::{Control, Services, StartError};
 use loom_schemas::codec::Registry;
 use loom_schemas::keystore::{KeyStore, KeyStoreError, MasterKey, MasterKeySource};
 use loom_schemas::log::checkpoint::anchor_event;
@@ -14,13 +15,16 @@ use loom_schemas::log::{
 use loom_schemas::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
-use crate::control::Control;
+use crate::DataDir;
 
 /// Where the log is.
 #[derive(Debug, Clone)]
 pub enum LogLocation {
-    /// Segment files in `<data dir>/log` (the embedded default; one process).
-    Embedded,
+    /// Segment files in `<data dir>/log` (the embedded default; one writing process).
+    Embedded {
+        fsync: FsyncPolicy,
+        segment_bytes: u64,
+    },
     /// A Kafka cluster, shared by every node; data-plane appends spool to `<data dir>/spool`
     /// while it is unreachable, up to `spool_max_records`.
     Kafka {
@@ -31,10 +35,20 @@ pub enum LogLocation {
     },
 }
 
+impl Default for LogLocation {
+    fn default() -> LogLocation {
+        LogLocation::Embedded {
+            fsync: FsyncPolicy::default(),
+            segment_bytes: EmbeddedLogConfig::DEFAULT_SEGMENT_BYTES,
+        }
+    }
+}
+
 /// Where tenant data keys are kept.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub enum KeyStoreLocation {
     /// `<data dir>/keys.json` (the embedded default).
+    #[default]
     DataDir,
     /// A Postgres database, by URL (a secret: it may carry a password).
     Postgres(SecretString),
@@ -52,10 +66,8 @@ impl KeyStoreLocation {
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    pub data_dir: PathBuf,
+    pub data_dir: DataDir,
     pub log: LogLocation,
-    pub fsync: FsyncPolicy,
-    pub segment_bytes: u64,
     pub key_store: KeyStoreLocation,
     /// The master key's text (`LOOM_MASTER_KEY`); `None` reads or creates `<data dir>/master.key`.
     pub master_key: Option<SecretString>,
@@ -64,20 +76,14 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(data_dir: DataDir) -> Self {
         Self {
-            data_dir: data_dir.into(),
-            log: LogLocation::Embedded,
-            fsync: FsyncPolicy::default(),
-            segment_bytes: EmbeddedLogConfig::DEFAULT_SEGMENT_BYTES,
+            data_dir,
+            log: LogLocation::default(),
             key_store: KeyStoreLocation::DataDir,
             master_key: None,
             role: "gateway",
         }
-    }
-
-    pub fn log_dir(&self) -> PathBuf {
-        self.data_dir.join("log")
     }
 }
 
@@ -89,6 +95,12 @@ pub enum NodeError {
     KeyStore(#[from] KeyStoreError),
     #[error("could not connect to the key store database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Gateway(#[from] StartError),
+    #[error(
+        "the embedded log's checkpoints are authenticated with the master key, and there is none"
+    )]
+    NoMasterKey,
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -104,18 +116,114 @@ impl NodeError {
     }
 }
 
+/// What a role does with the log it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Appends: the embedded log held by this process alone; on Kafka, with a local spool.
+    Write,
+    /// Reads only: the embedded log read-only beside a server that holds it, if one does.
+    Read,
+}
+
+/// A log as [`open_log`] opens it.
+pub struct OpenedLog {
+    pub log: Arc<dyn Log>,
+    /// The same log, when it is the embedded one.
+    pub embedded: Option<Arc<EmbeddedLog>>,
+    /// The spool in front of Kafka, when writing to Kafka.
+    pub spool: Option<Arc<SpooledLog>>,
+}
+
+/// Opens the log where `location` says, for `access` — the one way `serve`, `gateway`,
+/// `projector`, `replay` and `admin` open it. `chain_key` authenticates the embedded log's (and
+/// the spool's) checkpoints; reading Kafka needs none.
+pub async fn open_log(
+    location: &LogLocation,
+    data_dir: &DataDir,
+    chain_key: Option<&ChainKey>,
+    access: Access,
+) -> Result<OpenedLog, NodeError> {
+    let needs_key = || chain_key.cloned().ok_or(NodeError::NoMasterKey);
+    Ok(match (location, access) {
+        (
+            LogLocation::Embedded {
+                fsync,
+                segment_bytes,
+            },
+            _,
+        ) => {
+            let config = EmbeddedLogConfig {
+                dir: data_dir.log(),
+                fsync: *fsync,
+                segment_bytes: *segment_bytes,
+                chain_key: needs_key()?,
+            };
+            let log = match (EmbeddedLog::open(config.clone()).await, access) {
+                (Ok(log), _) => log,
+                // A running server holds it: read what it holds now, beside it.
+                (Err(LogError::Locked(_)), Access::Read) => {
+                    tracing::info!("a server holds the log; reading it read-only beside it");
+                    EmbeddedLog::open_read_only(config.dir, config.chain_key).await?
+                }
+                (Err(error), _) => return Err(error.into()),
+            };
+            let log = Arc::new(log);
+            OpenedLog {
+                log: Arc::clone(&log) as Arc<dyn Log>,
+                embedded: Some(log),
+                spool: None,
+            }
+        }
+        (LogLocation::Kafka { kafka, .. }, Access::Read) => OpenedLog {
+            log: Arc::new(KafkaLog::connect(kafka.clone()).await?),
+            embedded: None,
+            spool: None,
+        },
+        (
+            LogLocation::Kafka {
+                kafka,
+                spool_max_records,
+                spool_after,
+            },
+            Access::Write,
+        ) => {
+            let kafka = Arc::new(KafkaLog::connect(kafka.clone()).await?);
+            let spool = SpoolConfig {
+                max_records: *spool_max_records,
+                kafka_timeout: *spool_after,
+                ..SpoolConfig::new(data_dir.spool(), needs_key()?)
+            };
+            let spooled = Arc::new(SpooledLog::open(kafka, spool).await?);
+            OpenedLog {
+                log: Arc::clone(&spooled) as Arc<dyn Log>,
+                embedded: None,
+                spool: Some(spooled),
+            }
+        }
+    })
+}
+
+/// The master key named by `master_key` (`LOOM_MASTER_KEY`) or `<data dir>/master.key`, if any
+/// (readers never generate one).
+pub fn load_master_key(
+    data_dir: &DataDir,
+    master_key: Option<&SecretString>,
+) -> Result<Option<MasterKey>, KeyStoreError> {
+    MasterKey::load(
+        &data_dir.master_key_file(),
+        master_key.map(|key| key.expose_secret()),
+    )
+}
+
 /// What a running node shares between its tasks.
 #[derive(Clone)]
 pub struct Node {
-    pub log: Arc<dyn Log>,
+    /// What the gateway and the admin API work with.
+    pub services: Services,
     /// The log's spool, when it is on Kafka.
     spool: Option<Arc<SpooledLog>>,
     /// Anchors the embedded log's data head in its control topic.
     anchors: Option<Anchors>,
-    pub keys: Arc<KeyStore>,
-    pub control: Control,
-    /// `role/host/pid`, the producer of the events this node writes.
-    pub producer: Arc<str>,
 }
 
 /// How often the embedded log's data head is anchored in the control topic (and at every start).
@@ -167,12 +275,13 @@ impl Node {
     /// Opens the data directory: the key store first (a wrong master key stops here, before the
     /// log is touched), then the log, recovering it from a crash if needed.
     pub async fn open(config: &NodeConfig) -> Result<Node, NodeError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(NodeError::io(&format!(
+        let data_dir = &config.data_dir;
+        std::fs::create_dir_all(data_dir.path()).map_err(NodeError::io(&format!(
             "creating data directory {}",
-            config.data_dir.display()
+            data_dir.path().display()
         )))?;
         let (master, source) = MasterKey::load_or_generate(
-            &config.data_dir,
+            &data_dir.master_key_file(),
             config.master_key.as_ref().map(|key| key.expose_secret()),
         )?;
         if let MasterKeySource::Generated(path) = &source {
@@ -183,9 +292,7 @@ impl Node {
         }
         let chain_key = master.chain_key();
         let keys = match &config.key_store {
-            KeyStoreLocation::DataDir => {
-                KeyStore::open_file(config.data_dir.join("keys.json"), master).await?
-            }
+            KeyStoreLocation::DataDir => KeyStore::open_file(data_dir.keys_file(), master).await?,
             KeyStoreLocation::Postgres(url) => {
                 let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(4)
@@ -195,65 +302,37 @@ impl Node {
                 KeyStore::open_postgres(pool, master).await?
             }
         };
-        let mut spooled_log = None;
-        let mut embedded = None;
-        let log: Arc<dyn Log> = match &config.log {
-            LogLocation::Embedded => {
-                let log = Arc::new(
-                    EmbeddedLog::open(EmbeddedLogConfig {
-                        dir: config.log_dir(),
-                        fsync: config.fsync,
-                        segment_bytes: config.segment_bytes,
-                        chain_key: chain_key.clone(),
-                    })
-                    .await?,
-                );
-                embedded = Some(Arc::clone(&log));
-                log
-            }
-            LogLocation::Kafka {
-                kafka,
-                spool_max_records,
-                spool_after,
-            } => {
-                let kafka = Arc::new(KafkaLog::connect(kafka.clone()).await?);
-                let spool = SpoolConfig {
-                    max_records: *spool_max_records,
-                    kafka_timeout: *spool_after,
-                    ..SpoolConfig::new(config.data_dir.join("spool"), chain_key.clone())
-                };
-                let spooled = Arc::new(SpooledLog::open(kafka, spool).await?);
-                spooled_log = Some(Arc::clone(&spooled));
-                spooled
-            }
-        };
-        let control = Control::load(&*log).await?;
+        let opened = open_log(&config.log, data_dir, Some(&chain_key), Access::Write).await?;
+        let control = Control::load(&*opened.log).await?;
         tracing::info!(
-            data_dir = %config.data_dir.display(),
+            data_dir = %data_dir.path().display(),
             log = match &config.log {
-                LogLocation::Embedded => "embedded".to_owned(),
+                LogLocation::Embedded { fsync, .. } => format!("embedded, fsync {fsync}"),
                 LogLocation::Kafka { kafka, .. } => format!("kafka {}", kafka.brokers),
             },
-            fsync = %config.fsync,
             key_store = config.key_store.describe(),
             tenants = control.read(|s| s.tenants().count()),
             "opened data directory"
         );
-        let node = Node {
+        let anchors = opened.embedded.clone().map(|log| Anchors {
             log,
-            spool: spooled_log,
-            anchors: embedded.map(|log| Anchors {
-                log,
-                key: chain_key,
-                last: Arc::new(std::sync::Mutex::new(control.read(|s| s.anchored()))),
-            }),
-            keys: Arc::new(keys),
-            control,
-            producer: producer_id(config.role).into(),
+            key: chain_key,
+            last: Arc::new(std::sync::Mutex::new(control.read(|s| s.anchored()))),
+        });
+        let node = Node {
+            services: Services {
+                log: opened.log,
+                embedded: opened.embedded,
+                keys: Arc::new(keys),
+                control,
+                producer: producer_id(config.role).into(),
+            },
+            spool: opened.spool,
+            anchors,
         };
         // What recovery left is durable now: anchor it before anything else is written.
         if let Some(anchors) = &node.anchors {
-            anchors.anchor(&node.producer).await?;
+            anchors.anchor(&node.services.producer).await?;
         }
         Ok(node)
     }
@@ -266,9 +345,9 @@ impl Node {
                 spool.drain(shutdown.clone()).await;
             }
         };
-        let follow = self.control.clone().follow(
-            Arc::clone(&self.log),
-            Arc::clone(&self.keys),
+        let follow = self.services.control.clone().follow(
+            Arc::clone(&self.services.log),
+            Arc::clone(&self.services.keys),
             shutdown.clone(),
         );
         tokio::join!(follow, drain, self.anchor_periodically(shutdown.clone()));
@@ -285,7 +364,7 @@ impl Node {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {
-                    if let Err(error) = anchors.anchor(&self.producer).await {
+                    if let Err(error) = anchors.anchor(&self.services.producer).await {
                         tracing::error!(%error, "anchoring the log's head failed");
                     }
                 }
@@ -293,24 +372,8 @@ impl Node {
         }
     }
 
-    /// The log, when it is the embedded one.
-    pub fn embedded_log(&self) -> Option<Arc<EmbeddedLog>> {
-        self.anchors
-            .as_ref()
-            .map(|anchors| Arc::clone(&anchors.log))
-    }
-
-    /// The next offset of each topic's partition 0.
-    pub async fn log_ends(&self) -> Result<Vec<(Topic, u64)>, LogError> {
-        let mut ends = Vec::with_capacity(Topic::ALL.len());
-        for topic in Topic::ALL {
-            ends.push((topic, self.log.end_offset(topic, 0).await?));
-        }
-        Ok(ends)
-    }
-
     /// Makes everything durable before the process exits.
     pub async fn close(&self) -> Result<(), NodeError> {
-        Ok(self.log.sync().await?)
+        Ok(self.services.log.sync().await?)
     }
 }

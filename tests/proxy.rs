@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
+use loom::{DataDir, NodeConfig, ServeConfig};
 use loom_gateway::config::{GatewayConfig, RawConfig};
-use loom_gateway::{NodeConfig, ServeConfig};
 use loom_mock::{MockConfig, MockServer};
 use loom_schemas::codec::Registry;
 use loom_schemas::crypto::FieldContext;
@@ -83,7 +83,7 @@ deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
     let config = ServeConfig {
         node: NodeConfig {
             master_key: Some(MASTER.into()),
-            ..NodeConfig::new(dir.path())
+            ..NodeConfig::new(DataDir::new(dir.path()))
         },
         gateway,
         admin_token: Some(ADMIN.into()),
@@ -94,8 +94,7 @@ deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
-    let server =
-        tokio::spawn(async move { loom_gateway::serve(config, listener, token).await.unwrap() });
+    let server = tokio::spawn(async move { loom::serve(config, listener, token).await.unwrap() });
     let client = reqwest::Client::new();
     let mut harness = Harness {
         mock,

@@ -1,0 +1,151 @@
+//! The roles of the read side: `loom projector`, `loom replay` and `loom migrate`.
+
+use std::net::SocketAddr;
+
+use loom_projector::{
+    ProjectorConfig, ProjectorError, ReplayReport, StoreLocation, project_active,
+};
+use loom_schemas::SecretString;
+use loom_schemas::log::{KafkaLog, Log, Topic};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::DataDir;
+use crate::node::{Access, LogLocation, NodeError, load_master_key, open_log};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    #[error(
+        "`loom projector` reads a log shared with other processes: set --kafka-brokers \
+         (`loom serve` runs the projector in-process on the embedded log)"
+    )]
+    ProjectorNeedsKafka,
+    #[error("nothing to migrate: give --database-url, --kafka-brokers or both")]
+    NothingToMigrate,
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Projector(#[from] ProjectorError),
+    #[error("key store: {0}")]
+    KeyStore(#[from] loom_schemas::keystore::KeyStoreError),
+    #[error("log: {0}")]
+    Log(#[from] loom_schemas::log::LogError),
+    #[error("connecting to Postgres: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("Postgres: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("applying the key store's migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("read models: {0}")]
+    Store(#[from] loom_projector::StoreError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `loom projector`: folds a shared (Kafka) log into `read_models` until `shutdown`, serving
+/// `/health` and `/metrics` on `listen` if given.
+pub async fn projector(
+    log: &LogLocation,
+    read_models: &StoreLocation,
+    config: ProjectorConfig,
+    listen: Option<SocketAddr>,
+    shutdown: CancellationToken,
+) -> Result<(), RoleError> {
+    if !matches!(log, LogLocation::Kafka { .. }) {
+        return Err(RoleError::ProjectorNeedsKafka);
+    }
+    // Reading Kafka touches no data directory.
+    let opened = open_log(log, &DataDir::default(), None, Access::Read).await?;
+    let tasks = TaskTracker::new();
+    if let Some(addr) = listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RoleError::Io {
+                context: format!("binding {addr}"),
+                source,
+            })?;
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("metrics on http://{addr}/metrics");
+        }
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, loom_gateway::metrics_router())
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "serving metrics failed");
+            }
+        });
+    }
+    let projected = project_active(opened.log, read_models, config, shutdown.clone()).await;
+    // However the projector ended, the metrics server stops with it.
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    Ok(projected?)
+}
+
+/// `loom replay`: rebuilds the read models from the log into a new version and switches readers
+/// to it. On the embedded log it runs beside a server that holds it.
+pub async fn replay(
+    log: &LogLocation,
+    data_dir: &DataDir,
+    master_key: Option<&SecretString>,
+    read_models: &StoreLocation,
+    config: ProjectorConfig,
+    progress: bool,
+) -> Result<ReplayReport, RoleError> {
+    let chain_key = load_master_key(data_dir, master_key)?.map(|key| key.chain_key());
+    let opened = open_log(log, data_dir, chain_key.as_ref(), Access::Read).await?;
+    Ok(loom_projector::replay(opened.log, read_models, config, progress).await?)
+}
+
+/// `loom migrate`: creates the Kafka topics (with `log` on Kafka) and applies the Postgres
+/// migrations of the key store and the active read models (with `database_url`).
+pub async fn migrate(log: &LogLocation, database_url: Option<&str>) -> Result<(), RoleError> {
+    let kafka = match log {
+        LogLocation::Kafka { kafka, .. } => Some(kafka),
+        LogLocation::Embedded { .. } => None,
+    };
+    if kafka.is_none() && database_url.is_none() {
+        return Err(RoleError::NothingToMigrate);
+    }
+    if let Some(kafka) = kafka {
+        let mut kafka = kafka.clone();
+        kafka.create_topics = true;
+        let log = KafkaLog::connect(kafka).await?;
+        tracing::info!(
+            data_partitions = log.partitions(Topic::Data),
+            "Kafka topics are ready"
+        );
+    }
+    if let Some(url) = database_url {
+        migrate_postgres(url).await?;
+    }
+    Ok(())
+}
+
+async fn migrate_postgres(url: &str) -> Result<(), RoleError> {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(url)
+        .await
+        .map_err(RoleError::Connect)?;
+    loom_schemas::keystore::POSTGRES_MIGRATOR
+        .run(&mut connection)
+        .await?;
+    // The read models readers use (opening a version migrates it).
+    let location = StoreLocation::Postgres(url.into());
+    let catalog = loom_projector::Catalog::open(&location).await?;
+    let version = catalog.active().await?;
+    loom_projector::ReadStore::open(&location, version)
+        .await?
+        .close()
+        .await;
+    catalog.publish(version).await?;
+    tracing::info!(read_models_version = version, "database is up to date");
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! `loom serve` and `loom gateway`: a node with its HTTP app, and (all in one) the read-model
+//! projector in the same process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use loom_gateway::config::GatewayConfig;
+use loom_gateway::install_metrics;
+use loom_projector::{ProjectorConfig, StoreLocation, project_active};
+use loom_schemas::SecretString;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::node::{Node, NodeConfig, NodeError};
+
+/// What `loom serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub node: NodeConfig,
+    /// Upstreams, models and routing (`--config`); empty serves no models.
+    pub gateway: GatewayConfig,
+    /// Enables the admin API for holders of this token.
+    pub admin_token: Option<SecretString>,
+    /// Run the read-model projector in this process, into these read models.
+    pub read_models: Option<StoreLocation>,
+    /// How the in-process projector runs.
+    pub projector: ProjectorConfig,
+}
+
+/// Opens the node described by `config` and serves HTTP on `listener` until `shutdown` is
+/// cancelled; then drains in-flight requests, writes every queued event and makes the log
+/// durable.
+pub async fn serve(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    install_metrics();
+    let node = Node::open(&config.node).await?;
+    let addr: SocketAddr = listener
+        .local_addr()
+        .map_err(NodeError::io("reading the listen address"))?;
+    tracing::info!("listening on {addr}");
+
+    let tasks = TaskTracker::new();
+    tasks.spawn(node.clone().run_background(shutdown.clone()));
+    if let Some(location) = config.read_models.clone() {
+        let (log, shutdown) = (Arc::clone(&node.services.log), shutdown.clone());
+        let projector = config.projector.clone();
+        tasks.spawn(async move {
+            // The log keeps every event: a projector that fails starts again from its positions.
+            while let Err(error) = project_active(
+                Arc::clone(&log),
+                &location,
+                projector.clone(),
+                shutdown.clone(),
+            )
+            .await
+            {
+                tracing::error!(%error, "the read-model projector stopped; restarting it in 5 s");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
+        });
+    }
+    let app = loom_gateway::app(
+        config.gateway,
+        node.services.clone(),
+        config.admin_token.as_ref(),
+        &tasks,
+    )?;
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .map_err(NodeError::io("serving HTTP"));
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    node.close().await?;
+    tracing::info!("stopped");
+    served
+}
