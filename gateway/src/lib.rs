@@ -3,30 +3,39 @@
 //! `loom serve` are the `loom` package's; this crate gets what it needs as [`Services`].
 
 mod admin;
+mod anthropic;
+mod auth;
 pub mod config;
+mod content;
 mod control;
+mod error;
 mod events;
+mod flow;
+mod gateway;
 mod http;
-mod messages_api;
 pub mod pricing;
 mod providers;
-mod proxy;
+mod record;
+mod routing;
 mod services;
 mod stream;
 mod tokens;
+mod upstream;
 
 pub use admin::{AdminError, CreatedKey, CreatedTenant, KeyRequest, KeyView, TenantView};
 pub use control::{ApiKeyInfo, Control, ControlState, TenantInfo};
-pub use http::{ApiError, AppState, install_metrics, metrics_router, router};
+pub use error::GatewayError;
+pub use flow::Dialect;
+pub use http::{AppState, install_metrics, metrics_router, router};
 pub use services::Services;
 
 use std::sync::Arc;
 
 use config::GatewayConfig;
 use events::Emitter;
+use gateway::Gateway;
 use loom_schemas::codec::CodecError;
 use loom_schemas::{ExposeSecret, SecretString};
-use proxy::Gateway;
 use tokio_util::task::TaskTracker;
 
 /// Why the gateway could not be put together.

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::config::ProviderKind;
-use crate::proxy::Usage;
+use crate::record::Usage;
 
 /// The table Loom ships (see `gateway/prices/README.md`).
 const BUILTIN: &str = include_str!("../prices/model_prices_and_context_window.json");

@@ -8,20 +8,19 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use eventsource_stream::Eventsource;
 use futures_util::{Stream, StreamExt};
 use loom_schemas::event::{CallStatus, Event, RequestStatus};
 use serde_json::{Value, json};
 
-use crate::http::ApiError;
-use crate::messages_api::{self, MessagesEncoder};
+use crate::anthropic::stream::{MessagesEncoder, StreamTranslator};
+use crate::error::GatewayError;
+use crate::flow::{Dialect, Flow};
 use crate::providers::adapter;
-use crate::providers::anthropic::StreamTranslator;
-use crate::proxy::{
-    Answer, CallRecord, Dialect, Flow, Outcome, Usage, call_event, tool_call_events,
-};
+use crate::record::{CallRecord, Outcome, Usage, call_event};
+use crate::upstream::Answer;
 
 /// How long the upstream body may go on after `[DONE]` before the stream is finished anyway.
 const AFTER_DONE: Duration = Duration::from_secs(1);
@@ -66,7 +65,7 @@ impl ChatStream {
         client_wants_usage: bool,
     ) -> Response {
         let Some(response) = answer.response.take() else {
-            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            return GatewayError::Internal("the answer has no body").into_response();
         };
         let config = &flow.gateway.config;
         let flow_kind = config.upstreams[config.deployments[answer.deployment].upstream].kind;
@@ -81,7 +80,9 @@ impl ChatStream {
             .header(header::CONTENT_TYPE, "text/event-stream")
             .header(header::CACHE_CONTROL, "no-cache")
             .body(Body::empty())
-            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+            .unwrap_or_else(|_| {
+                GatewayError::Internal("could not build the response").into_response()
+            });
         flow.headers(&mut response);
         let stream = ChatStream {
             flow,
@@ -138,8 +139,10 @@ impl ChatStream {
                     return self
                         .fail(
                             CallStatus::Timeout,
-                            "upstream_timeout",
-                            "the upstream stopped sending",
+                            GatewayError::StreamBroken {
+                                class: "upstream_timeout",
+                                message: "the upstream stopped sending",
+                            },
                         )
                         .await;
                 }
@@ -148,8 +151,10 @@ impl ChatStream {
                     return self
                         .fail(
                             CallStatus::Error,
-                            "upstream_stream_error",
-                            "the upstream stream failed",
+                            GatewayError::StreamBroken {
+                                class: "upstream_stream_error",
+                                message: "the upstream stream failed",
+                            },
                         )
                         .await;
                 }
@@ -157,8 +162,10 @@ impl ChatStream {
                     return self
                         .fail(
                             CallStatus::Error,
-                            "upstream_truncated",
-                            "the upstream stream ended early",
+                            GatewayError::StreamBroken {
+                                class: "upstream_truncated",
+                                message: "the upstream stream ended early",
+                            },
                         )
                         .await;
                 }
@@ -275,7 +282,7 @@ impl ChatStream {
     /// The upstream finished: records the request, then gives the client its last frames.
     async fn done(&mut self) -> Option<Bytes> {
         if let Err(unrecorded) = self.finish(CallStatus::Ok, None).await {
-            return Some(self.error_frame(unrecorded.code, &unrecorded.message));
+            return Some(unrecorded.sse_frame(self.flow.dialect));
         }
         match &mut self.encoder {
             Some(encoder) => joined(encoder.finish(None)),
@@ -284,21 +291,12 @@ impl ChatStream {
     }
 
     /// Ends the stream with an error frame for the client.
-    async fn fail(&mut self, status: CallStatus, class: &str, message: &str) -> Option<Bytes> {
-        match self.finish(status, Some(class)).await {
-            Ok(()) => Some(self.error_frame(class, message)),
-            Err(unrecorded) => Some(self.error_frame(unrecorded.code, &unrecorded.message)),
-        }
-    }
-
-    /// An error event in the client's dialect.
-    fn error_frame(&self, code: &str, message: &str) -> Bytes {
-        if self.encoder.is_some() {
-            let error = messages_api::error_body("api_error", message);
-            return Bytes::from(format!("event: error\ndata: {error}\n\n"));
-        }
-        let error = json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}});
-        Bytes::from(format!("data: {error}\n\n"))
+    async fn fail(&mut self, status: CallStatus, error: GatewayError) -> Option<Bytes> {
+        let frame = match self.finish(status, Some(error.error_class())).await {
+            Ok(()) => error.sse_frame(self.flow.dialect),
+            Err(unrecorded) => unrecorded.sse_frame(self.flow.dialect),
+        };
+        Some(frame)
     }
 
     /// The final events of the request.
@@ -315,7 +313,7 @@ impl ChatStream {
             ..CallRecord::answered(&self.answer, latency, status, class, &self.captured, true)
         };
         let mut events = vec![call_event(&self.flow, call)];
-        events.extend(tool_call_events(&self.flow, &self.tool_calls));
+        events.extend(self.flow.tool_calls(&self.tool_calls));
         let gateway = &self.flow.gateway;
         let deployment = &gateway.config.deployments[self.answer.deployment];
         let outcome = Outcome {
@@ -350,7 +348,11 @@ impl ChatStream {
     }
 
     /// Queues the final events; the last, `request.completed`, is recorded before this returns.
-    async fn finish(&mut self, status: CallStatus, class: Option<&str>) -> Result<(), ApiError> {
+    async fn finish(
+        &mut self,
+        status: CallStatus,
+        class: Option<&str>,
+    ) -> Result<(), GatewayError> {
         let mut events = self.final_events(status, class);
         let completed = events.pop();
         for event in events {
@@ -363,7 +365,7 @@ impl ChatStream {
                 .emitter
                 .record(completed)
                 .await
-                .map_err(|_| ApiError::events_unavailable()),
+                .map_err(|_| GatewayError::EventsUnavailable),
             None => Ok(()),
         }
     }

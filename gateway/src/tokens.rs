@@ -4,6 +4,8 @@
 use std::sync::LazyLock;
 
 use serde_json::Value;
+
+use crate::content::text_of;
 use tiktoken_rs::CoreBPE;
 
 static TOKENIZER: LazyLock<Option<CoreBPE>> = LazyLock::new(|| tiktoken_rs::o200k_base().ok());
@@ -36,26 +38,6 @@ pub fn prompt_tokens(request: &Value) -> i64 {
         tokens = count(&text_of(input));
     }
     tokens
-}
-
-/// The text of a content value: a string, text parts, or strings of an array.
-fn text_of(content: &Value) -> String {
-    match content {
-        Value::String(text) => text.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .map(|part| match part {
-                Value::String(text) => text.clone(),
-                other => other
-                    .get("text")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned(),
-            })
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
-    }
 }
 
 #[cfg(test)]

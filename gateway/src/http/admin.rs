@@ -9,8 +9,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{ApiError, AppState};
+use super::AppState;
 use crate::admin::{AdminError, KeyRequest, KeyView, TenantView};
+use crate::error::GatewayError;
 
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
@@ -26,13 +27,7 @@ async fn require_admin_token(
     next: Next,
 ) -> Response {
     let Some(expected) = &state.admin_token else {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "admin_api_disabled",
-            "the admin API is disabled: start Loom with LOOM_ADMIN_TOKEN set",
-        )
-        .into_response();
+        return GatewayError::AdminDisabled.into_response();
     };
     let presented = request
         .headers()
@@ -41,42 +36,29 @@ async fn require_admin_token(
         .and_then(|v| v.strip_prefix("Bearer "));
     // Compared as hashes, so the comparison's timing says nothing about the token.
     if presented.map(loom_schemas::crypto::hash_api_key).as_ref() != Some(&**expected) {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "invalid_admin_token",
-            "missing or wrong admin token",
-        )
-        .into_response();
+        return GatewayError::InvalidAdminToken.into_response();
     }
     next.run(request).await
 }
 
-impl From<AdminError> for ApiError {
+impl From<AdminError> for GatewayError {
     fn from(error: AdminError) -> Self {
         match &error {
-            AdminError::Invalid(message) => ApiError::invalid_request(message.clone()),
+            AdminError::Invalid(message) => GatewayError::InvalidRequest(message.clone()),
             AdminError::UnknownTenant(_)
             | AdminError::UnknownKey(_)
-            | AdminError::UnknownProject { .. } => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "not_found",
-                error.to_string(),
-            ),
-            AdminError::TenantErased(_) => ApiError::new(
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                "tenant_erased",
-                error.to_string(),
-            ),
+            | AdminError::UnknownProject { .. } => GatewayError::NotFound(error.to_string()),
+            AdminError::TenantErased(_) => GatewayError::Conflict {
+                code: "tenant_erased",
+                message: error.to_string(),
+            },
             AdminError::Log(_)
             | AdminError::KeyStore(_)
             | AdminError::Codec(_)
             | AdminError::Crypto(_)
             | AdminError::NotApplied => {
                 tracing::error!(%error, "admin operation failed");
-                ApiError::internal("the operation failed; see the server log")
+                GatewayError::Internal("the operation failed; see the server log")
             }
         }
     }
@@ -91,7 +73,7 @@ struct TenantRequest {
 async fn create_tenant(
     State(state): State<AppState>,
     Json(request): Json<TenantRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, GatewayError> {
     let created = state.services.create_tenant(&request.name).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
@@ -103,7 +85,7 @@ async fn list_tenants(State(state): State<AppState>) -> Json<Vec<TenantView>> {
 async fn create_key(
     State(state): State<AppState>,
     Json(request): Json<KeyRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, GatewayError> {
     let created = state.services.create_key(&request).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
@@ -131,7 +113,7 @@ async fn revoke_key(
     State(state): State<AppState>,
     Path(key_id): Path<Uuid>,
     body: Option<Json<RevokeRequest>>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, GatewayError> {
     let reason = body.and_then(|Json(r)| r.reason);
     state.services.revoke_key(key_id, reason).await?;
     Ok(StatusCode::NO_CONTENT)

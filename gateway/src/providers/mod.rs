@@ -40,7 +40,7 @@ pub trait Adapter: Send + Sync {
     }
 
     /// What turns the upstream's stream events into OpenAI chunks, when they are not already.
-    fn stream_translator(&self) -> Option<anthropic::StreamTranslator> {
+    fn stream_translator(&self) -> Option<crate::anthropic::stream::StreamTranslator> {
         None
     }
 }

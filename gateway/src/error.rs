@@ -1,0 +1,287 @@
+//! The gateway's one error type. What went wrong alone decides the HTTP status, OpenAI's `type`
+//! and `code`, the `error_class` recorded in `request.completed`, and the body in the client's
+//! dialect; no handler builds an error body or spells a code itself. Internals are logged where
+//! they happen, never sent.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use loom_schemas::event::RequestStatus;
+use serde_json::{Value, json};
+
+use crate::flow::Dialect;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayError {
+    /// The request is malformed or incomplete.
+    InvalidRequest(String),
+    /// No API key, or not a valid one.
+    InvalidApiKey,
+    /// The body is over `[limits] max_body_bytes`.
+    BodyTooLarge {
+        limit: usize,
+    },
+    /// No model alias by this name.
+    ModelNotFound(String),
+    /// An upstream refused the request for reasons a retry will not change (its 4xx), passed on
+    /// with its own message.
+    UpstreamRefused {
+        status: u16,
+        class: &'static str,
+        message: String,
+    },
+    /// Every upstream attempt failed; `class` is the last one's.
+    UpstreamFailed {
+        class: &'static str,
+    },
+    /// The upstream did not answer in time.
+    UpstreamTimeout,
+    /// A stream broke off after it began (its status is sent already).
+    StreamBroken {
+        class: &'static str,
+        message: &'static str,
+    },
+    /// The event queue is full: the request is refused before anything is sent upstream.
+    EventQueueFull,
+    /// The request's events were not recorded in time: it must not be answered as if they were.
+    EventsUnavailable,
+    RouteNotFound,
+    MethodNotAllowed,
+    /// The admin API is off (no admin token configured).
+    AdminDisabled,
+    InvalidAdminToken,
+    /// An admin API object that does not exist.
+    NotFound(String),
+    /// An admin API change that conflicts with the state (an erased tenant).
+    Conflict {
+        code: &'static str,
+        message: String,
+    },
+    /// Something broke inside Loom; the details are in the server's log.
+    Internal(&'static str),
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::InvalidApiKey | GatewayError::InvalidAdminToken => {
+                StatusCode::UNAUTHORIZED
+            }
+            GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::ModelNotFound(_)
+            | GatewayError::RouteNotFound
+            | GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::UpstreamRefused { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
+            GatewayError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            // Sent in a stream whose status went out as 200.
+            GatewayError::StreamBroken { .. } => StatusCode::OK,
+            GatewayError::EventQueueFull | GatewayError::EventsUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::AdminDisabled => StatusCode::FORBIDDEN,
+            GatewayError::Conflict { .. } => StatusCode::CONFLICT,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's error `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidRequest(_)
+            | GatewayError::BodyTooLarge { .. }
+            | GatewayError::ModelNotFound(_)
+            | GatewayError::UpstreamRefused { .. }
+            | GatewayError::RouteNotFound
+            | GatewayError::MethodNotAllowed
+            | GatewayError::NotFound(_)
+            | GatewayError::Conflict { .. }
+            | GatewayError::InvalidApiKey => "invalid_request_error",
+            GatewayError::InvalidAdminToken => "authentication_error",
+            GatewayError::AdminDisabled => "permission_error",
+            GatewayError::UpstreamFailed { .. }
+            | GatewayError::UpstreamTimeout
+            | GatewayError::StreamBroken { .. }
+            | GatewayError::EventQueueFull
+            | GatewayError::EventsUnavailable
+            | GatewayError::Internal(_) => "server_error",
+        }
+    }
+
+    /// OpenAI's error `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidRequest(_) => "invalid_request",
+            GatewayError::InvalidApiKey => "invalid_api_key",
+            GatewayError::BodyTooLarge { .. } => "request_too_large",
+            GatewayError::ModelNotFound(_) => "model_not_found",
+            GatewayError::UpstreamRefused { .. } | GatewayError::UpstreamFailed { .. } => {
+                "upstream_error"
+            }
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::StreamBroken { class, .. } => class,
+            GatewayError::EventQueueFull => "event_queue_full",
+            GatewayError::EventsUnavailable => "events_unavailable",
+            GatewayError::RouteNotFound | GatewayError::NotFound(_) => "not_found",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::AdminDisabled => "admin_api_disabled",
+            GatewayError::InvalidAdminToken => "invalid_admin_token",
+            GatewayError::Conflict { code, .. } => code,
+            GatewayError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// What `request.completed` records as the request's `error_class`.
+    pub fn error_class(&self) -> &'static str {
+        match self {
+            GatewayError::UpstreamRefused { class, .. }
+            | GatewayError::UpstreamFailed { class }
+            | GatewayError::StreamBroken { class, .. } => class,
+            GatewayError::UpstreamTimeout => "timeout",
+            other => other.code(),
+        }
+    }
+
+    /// What `request.completed` records as the request's status.
+    pub fn request_status(&self) -> RequestStatus {
+        match self {
+            GatewayError::InvalidApiKey => RequestStatus::Denied,
+            _ => RequestStatus::Error,
+        }
+    }
+
+    /// The message for the client.
+    pub fn message(&self) -> String {
+        match self {
+            GatewayError::InvalidRequest(message)
+            | GatewayError::NotFound(message)
+            | GatewayError::UpstreamRefused { message, .. }
+            | GatewayError::Conflict { message, .. } => message.clone(),
+            GatewayError::InvalidApiKey => "missing or invalid API key".into(),
+            GatewayError::BodyTooLarge { limit } => {
+                format!("the request body is larger than {limit} bytes")
+            }
+            GatewayError::ModelNotFound(alias) => {
+                format!("The model `{alias}` does not exist or you do not have access to it.")
+            }
+            GatewayError::UpstreamFailed { class } => {
+                format!("every upstream attempt failed; last error: {class}")
+            }
+            GatewayError::UpstreamTimeout => "the upstream did not answer in time".into(),
+            GatewayError::StreamBroken { message, .. } | GatewayError::Internal(message) => {
+                (*message).into()
+            }
+            GatewayError::EventQueueFull => {
+                "Loom cannot record more requests right now; retry shortly".into()
+            }
+            GatewayError::EventsUnavailable => {
+                "Loom could not record this request; retry shortly".into()
+            }
+            GatewayError::RouteNotFound => "no such route".into(),
+            GatewayError::MethodNotAllowed => "method not allowed on this route".into(),
+            GatewayError::AdminDisabled => {
+                "the admin API is disabled: start Loom with LOOM_ADMIN_TOKEN set".into()
+            }
+            GatewayError::InvalidAdminToken => "missing or wrong admin token".into(),
+        }
+    }
+
+    /// The error body in `dialect`.
+    pub fn body(&self, dialect: Dialect) -> Value {
+        match dialect {
+            Dialect::OpenAi => json!({"error": {
+                "message": self.message(),
+                "type": self.kind(),
+                "param": null,
+                "code": self.code(),
+            }}),
+            Dialect::Anthropic => json!({"type": "error", "error": {
+                "type": self.anthropic_kind(),
+                "message": self.message(),
+            }}),
+        }
+    }
+
+    /// Anthropic's error type for this error.
+    fn anthropic_kind(&self) -> &'static str {
+        if matches!(self, GatewayError::StreamBroken { .. }) {
+            return "api_error";
+        }
+        match self.status().as_u16() {
+            400 | 413 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        }
+    }
+
+    /// The error as a response in `dialect`.
+    pub fn response(&self, dialect: Dialect) -> Response {
+        (self.status(), Json(self.body(dialect))).into_response()
+    }
+
+    /// The error as a server-sent event in `dialect`, for a stream already under way.
+    pub fn sse_frame(&self, dialect: Dialect) -> Bytes {
+        let body = self.body(dialect);
+        Bytes::from(match dialect {
+            Dialect::OpenAi => format!("data: {body}\n\n"),
+            Dialect::Anthropic => format!("event: error\ndata: {body}\n\n"),
+        })
+    }
+}
+
+/// Outside the data plane (admin API, routes) errors are OpenAI-shaped.
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        self.response(Dialect::OpenAi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_error_one_status_one_code_in_both_dialects() {
+        let error = GatewayError::ModelNotFound("gpt-5".into());
+        assert_eq!(error.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            error.body(Dialect::OpenAi)["error"]["code"],
+            "model_not_found"
+        );
+        assert_eq!(
+            error.body(Dialect::Anthropic)["error"]["type"],
+            "not_found_error"
+        );
+        assert_eq!(error.error_class(), "model_not_found");
+        let timeout = GatewayError::UpstreamTimeout;
+        assert_eq!(
+            (
+                timeout.status().as_u16(),
+                timeout.code(),
+                timeout.error_class()
+            ),
+            (504, "upstream_timeout", "timeout")
+        );
+        assert_eq!(
+            GatewayError::InvalidApiKey.request_status(),
+            RequestStatus::Denied
+        );
+        let broken = GatewayError::StreamBroken {
+            class: "upstream_truncated",
+            message: "the upstream stream ended early",
+        };
+        assert!(
+            String::from_utf8_lossy(&broken.sse_frame(Dialect::Anthropic))
+                .starts_with("event: error\ndata: ")
+        );
+    }
+}

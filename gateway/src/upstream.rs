@@ -1,0 +1,238 @@
+//! The upstream attempt loop: each deployment in the routed order gets `1 + retries` attempts
+//! (429, 5xx, timeouts, connection errors), with backoff that `retry-after` overrides, under a
+//! per-attempt and a total timeout. Every failed attempt is recorded as it happens.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, header};
+use loom_schemas::event::now_micros;
+use serde_json::Value;
+
+use crate::error::GatewayError;
+use crate::flow::Flow;
+use crate::providers::{Operation, adapter};
+use crate::record::{CallRecord, call_event};
+
+/// An upstream attempt's failure, classified.
+#[derive(Debug)]
+pub(crate) struct AttemptError {
+    pub class: &'static str,
+    pub http_status: Option<u16>,
+    pub retryable: bool,
+    /// The upstream's own error body, passed to the client for non-retryable errors.
+    pub body: Option<Bytes>,
+    pub retry_after: Option<Duration>,
+}
+
+impl AttemptError {
+    fn from_status(status: StatusCode, headers: &HeaderMap, body: Bytes) -> AttemptError {
+        let (class, retryable) = match status.as_u16() {
+            429 => ("rate_limited", true),
+            408 => ("timeout", true),
+            401 | 403 => ("upstream_auth", false),
+            400..=499 => ("upstream_invalid_request", false),
+            _ => ("server_error", true),
+        };
+        let retry_after = headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        AttemptError {
+            class,
+            http_status: Some(status.as_u16()),
+            retryable,
+            body: Some(body),
+            retry_after,
+        }
+    }
+
+    pub(crate) fn from_transport(error: &reqwest::Error) -> AttemptError {
+        let class = if error.is_timeout() {
+            "timeout"
+        } else if error.is_connect() {
+            "connect_error"
+        } else {
+            "transport_error"
+        };
+        AttemptError {
+            class,
+            http_status: None,
+            retryable: true,
+            body: None,
+            retry_after: None,
+        }
+    }
+
+    fn unsupported() -> AttemptError {
+        AttemptError {
+            class: "unsupported_operation",
+            http_status: Some(400),
+            retryable: false,
+            body: None,
+            retry_after: None,
+        }
+    }
+
+    pub(crate) fn timeout() -> AttemptError {
+        AttemptError {
+            class: "timeout",
+            http_status: None,
+            retryable: true,
+            body: None,
+            retry_after: None,
+        }
+    }
+}
+
+/// A successful upstream answer, not yet read.
+pub(crate) struct Answer {
+    /// Taken by whoever reads the body.
+    pub response: Option<reqwest::Response>,
+    pub status: StatusCode,
+    pub deployment: usize,
+    pub attempt: i32,
+    pub sent_at: Instant,
+    pub started_at: i64,
+    pub request_body: Bytes,
+}
+
+/// Tries the deployments in order, with retries and backoff, recording every attempt.
+pub(crate) async fn call_upstream(
+    flow: &mut Flow,
+    order: &[usize],
+    operation: Operation,
+    body: &Value,
+    stream: bool,
+) -> Result<Answer, (AttemptError, Option<usize>)> {
+    let gateway = Arc::clone(&flow.gateway);
+    let routing = &gateway.config.routing;
+    let deadline = flow.started + routing.total_timeout;
+    let mut last: Option<(AttemptError, usize)> = None;
+    for &deployment_index in order {
+        let deployment = &gateway.config.deployments[deployment_index];
+        let upstream = &gateway.config.upstreams[deployment.upstream];
+        let adapter = adapter(upstream.kind);
+        if !adapter.supports(operation) {
+            last = Some((AttemptError::unsupported(), deployment_index));
+            continue;
+        }
+        let mut backoff = routing.backoff;
+        for retry in 0..=routing.retries {
+            if retry > 0 {
+                let wait = last
+                    .as_ref()
+                    .and_then(|(e, _)| e.retry_after)
+                    .map_or(backoff, |after| after.min(Duration::from_secs(10)));
+                if Instant::now() + wait >= deadline {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                flow.outside += wait;
+                backoff *= 2;
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(last.map_or((AttemptError::timeout(), None), |(e, d)| (e, Some(d))));
+            }
+            flow.attempts += 1;
+            let attempt = flow.attempts;
+            let request =
+                adapter.request(&gateway.http, upstream, operation, &deployment.model, body);
+            let request_body = request
+                .try_clone()
+                .and_then(|r| r.build().ok())
+                .and_then(|r| {
+                    r.body()
+                        .and_then(|b| b.as_bytes())
+                        .map(Bytes::copy_from_slice)
+                })
+                .unwrap_or_default();
+            let started_at = now_micros();
+            let sent_at = Instant::now();
+            let timeout = routing.attempt_timeout.min(remaining);
+            let result = tokio::time::timeout(timeout, request.send()).await;
+            let outcome = match result {
+                Err(_) => Err(AttemptError::timeout()),
+                Ok(Err(error)) => Err(AttemptError::from_transport(&error)),
+                Ok(Ok(response)) if response.status().is_success() => Ok(response),
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    let headers = response.headers().clone();
+                    let body = tokio::time::timeout(timeout, response.bytes())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or_default();
+                    Err(AttemptError::from_status(status, &headers, body))
+                }
+            };
+            match outcome {
+                Ok(response) => {
+                    return Ok(Answer {
+                        status: StatusCode::from_u16(response.status().as_u16())
+                            .unwrap_or(StatusCode::OK),
+                        response: Some(response),
+                        deployment: deployment_index,
+                        attempt,
+                        sent_at,
+                        started_at,
+                        request_body,
+                    });
+                }
+                Err(error) => {
+                    let latency = sent_at.elapsed();
+                    flow.outside += latency;
+                    let call = CallRecord::failed(
+                        deployment_index,
+                        attempt,
+                        started_at,
+                        latency,
+                        &error,
+                        stream,
+                        &request_body,
+                    );
+                    gateway.emitter.emit(call_event(flow, call)).await;
+                    let retryable = error.retryable;
+                    last = Some((error, deployment_index));
+                    if !retryable {
+                        return Err(
+                            last.map_or((AttemptError::timeout(), None), |(e, d)| (e, Some(d)))
+                        );
+                    }
+                }
+            }
+        }
+        gateway.cool_down(deployment_index);
+    }
+    Err(last.map_or((AttemptError::timeout(), None), |(e, d)| (e, Some(d))))
+}
+
+impl AttemptError {
+    /// What the client is told when this was the last attempt.
+    pub fn to_client(&self) -> GatewayError {
+        match (self.class, self.http_status) {
+            ("timeout", _) => GatewayError::UpstreamTimeout,
+            (class, Some(status)) if !self.retryable => {
+                let message = self
+                    .body
+                    .as_ref()
+                    .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                    .and_then(|v| {
+                        v.pointer("/error/message")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned)
+                    })
+                    .unwrap_or_else(|| format!("the upstream refused the request ({class})"));
+                GatewayError::UpstreamRefused {
+                    status,
+                    class,
+                    message,
+                }
+            }
+            (class, _) => GatewayError::UpstreamFailed { class },
+        }
+    }
+}
