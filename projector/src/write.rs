@@ -67,8 +67,33 @@ fn bind(query: Query<'_, Any, AnyArguments>, value: Value) -> Query<'_, Any, Any
     }
 }
 
-macro_rules! row {
-    ($($value:expr),* $(,)?) => { vec![$(Value::from($value)),*] };
+/// Rows for one table: its columns and, row by row, the values written to them.
+struct Rows {
+    columns: &'static [&'static str],
+    values: Vec<Vec<Value>>,
+}
+
+/// Declares [`Rows`] with each column named next to the value written to it, so that the two
+/// cannot drift apart. `rows!(items, |item| { column: value, other, … })` makes a row per item
+/// (`other` alone stands for `item.other`); `rows!({ column: value, … })` a single row.
+macro_rules! rows {
+    (@value $field:expr) => { $field };
+    (@value $field:expr, $value:expr) => { $value };
+    ({ $($column:ident: $value:expr),* $(,)? }) => {
+        Rows {
+            columns: &[$(stringify!($column)),*],
+            values: vec![vec![$(Value::from($value)),*]],
+        }
+    };
+    ($items:expr, |$item:ident| { $($column:ident $(: $value:expr)?),* $(,)? }) => {
+        Rows {
+            columns: &[$(stringify!($column)),*],
+            values: $items
+                .into_iter()
+                .map(|$item| vec![$(Value::from(rows!(@value $item.$column $(, $value)?))),*])
+                .collect(),
+        }
+    };
 }
 
 /// Bound parameters per statement. Postgres takes many (fewer round trips); on SQLite, binding
@@ -102,14 +127,14 @@ fn placeholders(rows: usize, columns: usize, first: usize) -> String {
 async fn insert(
     conn: &mut AnyConnection,
     table: &str,
-    columns: &[&str],
+    rows: Rows,
     tail: &str,
-    rows: Vec<Vec<Value>>,
 ) -> Result<(), sqlx::Error> {
+    let columns = rows.columns;
     let per_statement = (max_params(conn) / columns.len()).max(1);
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Vec<Value>> = rows.by_ref().take(per_statement).collect();
+    let mut values = rows.values.into_iter().peekable();
+    while values.peek().is_some() {
+        let chunk: Vec<Vec<Value>> = values.by_ref().take(per_statement).collect();
         let sql = format!(
             "INSERT INTO {table} ({}) VALUES {} {tail}",
             columns.join(", "),
@@ -124,32 +149,22 @@ async fn insert(
     Ok(())
 }
 
+/// Runs one statement with its `$n` parameters.
+async fn execute(
+    conn: &mut AnyConnection,
+    sql: &'static str,
+    values: Vec<Value>,
+) -> Result<(), sqlx::Error> {
+    let mut query = sqlx::query(sql);
+    for value in values {
+        query = bind(query, value);
+    }
+    query.execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// The traces' key: a patch merges into the row of its key, column by column.
 const TRACE_KEY: [&str; 3] = ["tenant_id", "trace_id", "started_at"];
-const TRACE_COLUMNS: [&str; 23] = [
-    "project_id",
-    "user_id",
-    "api_key_id",
-    "endpoint",
-    "stream",
-    "model_requested",
-    "model_served",
-    "provider",
-    "deployment",
-    "status",
-    "http_status",
-    "error_class",
-    "latency_us",
-    "ttft_us",
-    "overhead_us",
-    "tokens_in",
-    "tokens_out",
-    "tokens_cached",
-    "cost_micro_usd",
-    "policy_action",
-    "policy_findings",
-    "attempts",
-    "completed_at",
-];
 
 /// Latency buckets of the usage rollups: column and upper bound (µs, inclusive). Counts are
 /// cumulative, as in a Prometheus histogram.
@@ -213,222 +228,125 @@ pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sql
         apply_control(conn, change).await?;
     }
 
-    if !changes.traces.is_empty() {
-        let columns: Vec<&str> = TRACE_KEY.iter().chain(&TRACE_COLUMNS).copied().collect();
-        let merge: Vec<String> = TRACE_COLUMNS
-            .iter()
-            .map(|c| format!("{c} = COALESCE(excluded.{c}, traces.{c})"))
-            .collect();
-        let tail = format!(
-            "ON CONFLICT (tenant_id, trace_id, started_at) DO UPDATE SET {}",
-            merge.join(", ")
-        );
-        let rows = changes
-            .traces
-            .into_iter()
-            .map(|t| {
-                row![
-                    t.tenant_id,
-                    t.trace_id,
-                    t.started_at.unwrap_or(t.first_at),
-                    t.project_id,
-                    t.user_id,
-                    t.api_key_id,
-                    t.endpoint,
-                    t.stream,
-                    t.model_requested,
-                    t.model_served,
-                    t.provider,
-                    t.deployment,
-                    t.status,
-                    t.http_status,
-                    t.error_class,
-                    t.latency_us,
-                    t.ttft_us,
-                    t.overhead_us,
-                    t.tokens_in,
-                    t.tokens_out,
-                    t.tokens_cached,
-                    t.cost_micro_usd,
-                    t.policy_action,
-                    t.policy_findings,
-                    t.attempts,
-                    t.completed_at,
-                ]
-            })
-            .collect();
-        insert(conn, "traces", &columns, &tail, rows).await?;
-    }
-
-    let rows = changes
-        .llm_calls
-        .into_iter()
-        .map(|c| {
-            row![
-                c.event_id,
-                c.tenant_id,
-                c.trace_id,
-                c.attempt,
-                c.deployment,
-                c.provider,
-                c.model,
-                c.status,
-                c.http_status,
-                c.error_class,
-                c.stream,
-                c.started_at,
-                c.latency_us,
-                c.ttft_us,
-                c.tokens_in,
-                c.tokens_out,
-                c.tokens_cached,
-                c.cost_micro_usd,
-                c.usage_estimated,
-            ]
-        })
+    let traces = rows!(changes.traces, |t| {
+        tenant_id,
+        trace_id,
+        started_at: t.started_at.unwrap_or(t.first_at),
+        project_id,
+        user_id,
+        api_key_id,
+        endpoint,
+        stream,
+        model_requested,
+        model_served,
+        provider,
+        deployment,
+        status,
+        http_status,
+        error_class,
+        latency_us,
+        ttft_us,
+        overhead_us,
+        tokens_in,
+        tokens_out,
+        tokens_cached,
+        cost_micro_usd,
+        policy_action,
+        policy_findings,
+        attempts,
+        completed_at,
+    });
+    let merge: Vec<String> = traces
+        .columns
+        .iter()
+        .filter(|c| !TRACE_KEY.contains(c))
+        .map(|c| format!("{c} = COALESCE(excluded.{c}, traces.{c})"))
         .collect();
-    let columns = [
-        "event_id",
-        "tenant_id",
-        "trace_id",
-        "attempt",
-        "deployment",
-        "provider",
-        "model",
-        "status",
-        "http_status",
-        "error_class",
-        "stream",
-        "started_at",
-        "latency_us",
-        "ttft_us",
-        "tokens_in",
-        "tokens_out",
-        "tokens_cached",
-        "cost_micro_usd",
-        "usage_estimated",
-    ];
-    insert(conn, "llm_calls", &columns, "ON CONFLICT DO NOTHING", rows).await?;
+    let tail = format!(
+        "ON CONFLICT ({}) DO UPDATE SET {}",
+        TRACE_KEY.join(", "),
+        merge.join(", ")
+    );
+    insert(conn, "traces", traces, &tail).await?;
 
-    let rows = changes
-        .tool_calls
-        .into_iter()
-        .map(|t| {
-            row![
-                t.event_id,
-                t.tenant_id,
-                t.trace_id,
-                t.direction,
-                t.tool_call_id,
-                t.name,
-                t.occurred_at,
-            ]
-        })
-        .collect();
-    let columns = [
-        "event_id",
-        "tenant_id",
-        "trace_id",
-        "direction",
-        "tool_call_id",
-        "name",
-        "occurred_at",
-    ];
-    insert(conn, "tool_calls", &columns, "ON CONFLICT DO NOTHING", rows).await?;
+    let llm_calls = rows!(changes.llm_calls, |c| {
+        event_id,
+        tenant_id,
+        trace_id,
+        attempt,
+        deployment,
+        provider,
+        model,
+        status,
+        http_status,
+        error_class,
+        stream,
+        started_at,
+        latency_us,
+        ttft_us,
+        tokens_in,
+        tokens_out,
+        tokens_cached,
+        cost_micro_usd,
+        usage_estimated,
+    });
+    insert(conn, "llm_calls", llm_calls, "ON CONFLICT DO NOTHING").await?;
 
-    let rows = changes
-        .bodies
-        .into_iter()
-        .map(|b| {
-            row![
-                b.event_id,
-                b.field,
-                b.tenant_id,
-                b.trace_id,
-                b.occurred_at,
-                b.sealed
-            ]
-        })
-        .collect();
-    let columns = [
-        "event_id",
-        "field",
-        "tenant_id",
-        "trace_id",
-        "occurred_at",
-        "sealed",
-    ];
-    insert(
-        conn,
-        "trace_bodies",
-        &columns,
-        "ON CONFLICT DO NOTHING",
-        rows,
-    )
-    .await?;
+    let tool_calls = rows!(changes.tool_calls, |t| {
+        event_id,
+        tenant_id,
+        trace_id,
+        direction,
+        tool_call_id,
+        name,
+        occurred_at,
+    });
+    insert(conn, "tool_calls", tool_calls, "ON CONFLICT DO NOTHING").await?;
+
+    let bodies = rows!(changes.bodies, |b| {
+        event_id,
+        field,
+        tenant_id,
+        trace_id,
+        occurred_at,
+        sealed,
+    });
+    insert(conn, "trace_bodies", bodies, "ON CONFLICT DO NOTHING").await?;
 
     count_completions(conn, changes.completions).await?;
 
-    let rows = changes
-        .dead_letters
-        .into_iter()
-        .map(|d| {
-            metrics::counter!("loom_projector_dead_letters_total", "topic" => d.topic).increment(1);
-            tracing::warn!(
-                topic = d.topic,
-                partition = d.partition,
-                offset = d.offset,
-                reason = %d.reason,
-                "a record could not be folded; it is in dead_letters"
-            );
-            row![
-                d.topic,
-                i64::from(d.partition),
-                i64::try_from(d.offset).unwrap_or(i64::MAX),
-                d.event_id,
-                d.event_type,
-                d.reason,
-                d.record,
-                d.recorded_at,
-            ]
-        })
-        .collect();
-    let columns = [
-        "topic",
-        "partition",
-        "log_offset",
-        "event_id",
-        "event_type",
-        "reason",
-        "record",
-        "recorded_at",
-    ];
-    insert(
-        conn,
-        "dead_letters",
-        &columns,
-        "ON CONFLICT DO NOTHING",
-        rows,
-    )
-    .await?;
+    for d in &changes.dead_letters {
+        metrics::counter!("loom_projector_dead_letters_total", "topic" => d.topic).increment(1);
+        tracing::warn!(
+            topic = d.topic,
+            partition = d.partition,
+            offset = d.offset,
+            reason = %d.reason,
+            "a record could not be folded; it is in dead_letters"
+        );
+    }
+    let dead_letters = rows!(changes.dead_letters, |d| {
+        topic,
+        partition: i64::from(d.partition),
+        log_offset: i64::try_from(d.offset).unwrap_or(i64::MAX),
+        event_id,
+        event_type,
+        reason,
+        record,
+        recorded_at,
+    });
+    insert(conn, "dead_letters", dead_letters, "ON CONFLICT DO NOTHING").await?;
 
-    let rows = changes
-        .positions
-        .into_iter()
-        .map(|((topic, partition), next)| {
-            row![
-                topic,
-                i64::from(partition),
-                i64::try_from(next).unwrap_or(i64::MAX)
-            ]
-        })
-        .collect();
+    let positions = rows!(changes.positions, |position| {
+        topic: position.0.0,
+        partition: i64::from(position.0.1),
+        next_offset: i64::try_from(position.1).unwrap_or(i64::MAX),
+    });
     insert(
         conn,
         "positions",
-        &["topic", "partition", "next_offset"],
+        positions,
         "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
-        rows,
     )
     .await
 }
@@ -538,20 +456,20 @@ async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Resul
     let optional_id = |id: Option<uuid::Uuid>| id.map(|id| id.to_string());
     // The rules (`loom_schemas::control`) already refused what may not be done: these statements
     // only write what they accepted (and are idempotent, for records the log delivers twice).
-    let (sql, values): (&str, Vec<Value>) = match change {
+    match change {
         ControlChange::TenantCreated {
             tenant_id,
             name,
             at,
-        } => (
-            "INSERT INTO tenants (tenant_id, name, created_at) VALUES ($1, $2, $3) \
-             ON CONFLICT DO NOTHING",
-            row![id(tenant_id), name, at],
-        ),
-        ControlChange::TenantErased { tenant_id, at } => (
-            "UPDATE tenants SET erased_at = $2 WHERE tenant_id = $1 AND erased_at IS NULL",
-            row![id(tenant_id), at],
-        ),
+        } => {
+            let row = rows!({ tenant_id: id(tenant_id), name: name, created_at: at });
+            insert(conn, "tenants", row, "ON CONFLICT DO NOTHING").await
+        }
+        ControlChange::TenantErased { tenant_id, at } => {
+            let sql =
+                "UPDATE tenants SET erased_at = $2 WHERE tenant_id = $1 AND erased_at IS NULL";
+            execute(conn, sql, vec![id(tenant_id).into(), at.into()]).await
+        }
         ControlChange::ProjectCreated {
             project_id,
             tenant_id,
@@ -559,57 +477,68 @@ async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Resul
             routing_policy,
             security_policy,
             at,
-        } => (
-            "INSERT INTO projects (project_id, tenant_id, name, routing_policy, security_policy, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT DO NOTHING",
-            row![
-                id(project_id),
-                id(tenant_id),
-                name,
-                routing_policy,
-                security_policy,
-                at
-            ],
-        ),
+        } => {
+            let row = rows!({
+                project_id: id(project_id),
+                tenant_id: id(tenant_id),
+                name: name,
+                routing_policy: routing_policy,
+                security_policy: security_policy,
+                created_at: at,
+                updated_at: at,
+            });
+            insert(conn, "projects", row, "ON CONFLICT DO NOTHING").await
+        }
         ControlChange::ProjectUpdated {
             project_id,
             name,
             routing_policy,
             security_policy,
             at,
-        } => (
-            "UPDATE projects SET name = COALESCE($2, name), \
-             routing_policy = COALESCE($3, routing_policy), \
-             security_policy = COALESCE($4, security_policy), updated_at = $5 \
-             WHERE project_id = $1",
-            row![id(project_id), name, routing_policy, security_policy, at],
-        ),
-        ControlChange::KeyIssued { key, key_hash, at } => (
-            "INSERT INTO api_keys (key_id, tenant_id, project_id, name, key_hash, prefix, roles, \
-             expires_at, issued_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT DO NOTHING",
-            row![
-                id(key.key_id),
-                id(key.tenant_id),
-                optional_id(key.project_id),
-                key.name,
-                key_hash.to_vec(),
-                key.prefix,
-                key.roles.join(","),
-                key.expires_at,
-                at
-            ],
-        ),
+        } => {
+            let sql = "UPDATE projects SET name = COALESCE($2, name), \
+                       routing_policy = COALESCE($3, routing_policy), \
+                       security_policy = COALESCE($4, security_policy), updated_at = $5 \
+                       WHERE project_id = $1";
+            let values = vec![
+                id(project_id).into(),
+                name.into(),
+                routing_policy.into(),
+                security_policy.into(),
+                at.into(),
+            ];
+            execute(conn, sql, values).await
+        }
+        ControlChange::KeyIssued { key, key_hash, at } => {
+            let row = rows!({
+                key_id: id(key.key_id),
+                tenant_id: id(key.tenant_id),
+                project_id: optional_id(key.project_id),
+                name: key.name,
+                key_hash: key_hash.to_vec(),
+                prefix: key.prefix,
+                roles: key.roles.join(","),
+                expires_at: key.expires_at,
+                issued_at: at,
+            });
+            insert(conn, "api_keys", row, "ON CONFLICT DO NOTHING").await
+        }
         ControlChange::KeyRevoked {
             key_id,
             tenant_id,
             reason,
             at,
-        } => (
-            "UPDATE api_keys SET revoked_at = $3, revoke_reason = $4 \
-             WHERE key_id = $1 AND tenant_id = $2 AND revoked_at IS NULL",
-            row![id(key_id), id(tenant_id), at, reason],
-        ),
+        } => {
+            let sql = "UPDATE api_keys SET revoked_at = $3, revoke_reason = $4 \
+                       WHERE key_id = $1 AND tenant_id = $2 AND revoked_at IS NULL";
+            let values = vec![
+                id(key_id).into(),
+                id(tenant_id).into(),
+                at.into(),
+                reason.into(),
+            ];
+            execute(conn, sql, values).await
+        }
         ControlChange::QuotaLimitSet {
             tenant_id,
             scope,
@@ -618,61 +547,54 @@ async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Resul
             window,
             limit,
             at,
-        } => (
-            "INSERT INTO quota_limits (tenant_id, scope, scope_id, metric, quota_window, \
-             limit_value, set_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (tenant_id, scope, scope_id, metric, quota_window) \
-             DO UPDATE SET limit_value = excluded.limit_value, set_at = excluded.set_at",
-            row![
-                id(tenant_id),
-                name_of(&scope),
-                scope_id,
-                name_of(&metric),
-                name_of(&window),
-                limit,
-                at
-            ],
-        ),
+        } => {
+            let row = rows!({
+                tenant_id: id(tenant_id),
+                scope: name_of(&scope),
+                scope_id: scope_id,
+                metric: name_of(&metric),
+                quota_window: name_of(&window),
+                limit_value: limit,
+                set_at: at,
+            });
+            let tail = "ON CONFLICT (tenant_id, scope, scope_id, metric, quota_window) \
+                        DO UPDATE SET limit_value = excluded.limit_value, set_at = excluded.set_at";
+            insert(conn, "quota_limits", row, tail).await
+        }
         ControlChange::RoleGranted {
             tenant_id,
             principal,
             role,
             project_id,
             at,
-        } => (
-            "INSERT INTO role_bindings (tenant_id, principal, role, project_id, granted_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            row![
-                id(tenant_id),
-                principal,
-                role,
-                optional_id(project_id).unwrap_or_default(),
-                at
-            ],
-        ),
+        } => {
+            let row = rows!({
+                tenant_id: id(tenant_id),
+                principal: principal,
+                role: role,
+                project_id: optional_id(project_id).unwrap_or_default(),
+                granted_at: at,
+            });
+            insert(conn, "role_bindings", row, "ON CONFLICT DO NOTHING").await
+        }
         ControlChange::RoleRevoked {
             tenant_id,
             principal,
             role,
             project_id,
-        } => (
-            "DELETE FROM role_bindings WHERE tenant_id = $1 AND principal = $2 AND role = $3 \
-             AND project_id = $4",
-            row![
-                id(tenant_id),
-                principal,
-                role,
-                optional_id(project_id).unwrap_or_default()
-            ],
-        ),
-        ControlChange::Anchored { .. } => return Ok(()),
-    };
-    let mut query = sqlx::query(sql);
-    for value in values {
-        query = bind(query, value);
+        } => {
+            let sql = "DELETE FROM role_bindings WHERE tenant_id = $1 AND principal = $2 \
+                       AND role = $3 AND project_id = $4";
+            let values = vec![
+                id(tenant_id).into(),
+                principal.into(),
+                role.into(),
+                optional_id(project_id).unwrap_or_default().into(),
+            ];
+            execute(conn, sql, values).await
+        }
+        ControlChange::Anchored { .. } => Ok(()),
     }
-    query.execute(&mut *conn).await?;
-    Ok(())
 }
 
 #[cfg(test)]

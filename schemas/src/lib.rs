@@ -1,12 +1,18 @@
 //! Loom's contract: the events every component exchanges, how they are encoded and sealed, where
-//! tenant keys live, and the append-only log that carries them.
+//! tenant keys live, the rules the control topic is folded by, and the append-only log that
+//! carries them all.
 //!
 //! - [`event`]: the event types (mirroring `schemas/avro/*.avsc`).
 //! - [`codec`]: Avro single-object encoding with a registry of every schema version.
 //! - [`control`]: the control plane's rules, one fold the gateway and the projector share.
 //! - [`crypto`]: sealed fields (AES-256-GCM), keyed body digests, API-key hashing.
 //! - [`keystore`]: tenant data keys wrapped by a master key (file or Postgres).
-//! - [`log`]: the log abstraction and its embedded segment-file implementation.
+//! - [`log`]: the log and its two transports: the embedded segment files (hash chain,
+//!   checkpoints, recovery, verify) and Kafka (with the local spool for outages).
+//!
+//! With the `testing` feature, fixtures for tests and `loom bench`: [`samples`] (events and
+//! histories), [`scratch`] (throw-away Postgres databases) and [`testing`] (the test
+//! dependencies' addresses).
 
 pub use secrecy::{ExposeSecret, SecretString};
 
@@ -16,7 +22,9 @@ pub mod crypto;
 pub mod event;
 pub mod keystore;
 pub mod log;
+#[cfg(any(test, feature = "testing"))]
 pub mod samples;
+#[cfg(any(test, feature = "testing"))]
 pub mod scratch;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
