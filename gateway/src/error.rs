@@ -28,20 +28,19 @@ pub enum GatewayError {
     /// with its own message.
     UpstreamRefused {
         status: u16,
-        class: &'static str,
+        fault: UpstreamFault,
         message: String,
     },
-    /// Every upstream attempt failed; `class` is the last one's.
+    /// Every upstream attempt failed; `fault` is the last one's.
     UpstreamFailed {
-        class: &'static str,
+        fault: UpstreamFault,
     },
     /// The upstream did not answer in time.
     UpstreamTimeout,
     /// A stream broke off after it began (its status is sent already).
-    StreamBroken {
-        class: &'static str,
-        message: &'static str,
-    },
+    StreamBroken(UpstreamFault),
+    /// The client left before its answer was complete: recorded, never sent.
+    ClientCancelled,
     /// The event queue is full: the request is refused before anything is sent upstream.
     EventQueueFull,
     /// The request's events were not recorded in time: it must not be answered as if they were.
@@ -53,13 +52,75 @@ pub enum GatewayError {
     InvalidAdminToken,
     /// An admin API object that does not exist.
     NotFound(String),
-    /// An admin API change that conflicts with the state (an erased tenant).
-    Conflict {
-        code: &'static str,
-        message: String,
-    },
+    /// An admin API change for a tenant that is erased.
+    TenantErased(String),
     /// Something broke inside Loom; the details are in the server's log.
     Internal(&'static str),
+}
+
+/// How an upstream attempt failed: the `error_class` its `llm_call.completed` records (and the
+/// request's, when it was the last attempt), and whether another attempt may do better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFault {
+    /// 429.
+    RateLimited,
+    /// No answer in time (or 408).
+    Timeout,
+    /// 401 or 403: the upstream's credentials are wrong.
+    Auth,
+    /// Any other 4xx.
+    InvalidRequest,
+    /// 5xx.
+    ServerError,
+    /// The connection could not be made.
+    Connect,
+    /// The connection broke.
+    Transport,
+    /// This upstream kind does not offer the operation (e.g. embeddings on Anthropic).
+    Unsupported,
+    /// A stream under way stopped sending.
+    StreamStalled,
+    /// A stream under way failed.
+    StreamFailed,
+    /// A stream ended before its end.
+    StreamTruncated,
+}
+
+impl UpstreamFault {
+    pub fn for_status(status: u16) -> UpstreamFault {
+        match status {
+            429 => UpstreamFault::RateLimited,
+            408 => UpstreamFault::Timeout,
+            401 | 403 => UpstreamFault::Auth,
+            400..=499 => UpstreamFault::InvalidRequest,
+            _ => UpstreamFault::ServerError,
+        }
+    }
+
+    /// The recorded `error_class`.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamFault::RateLimited => "rate_limited",
+            UpstreamFault::Timeout => "timeout",
+            UpstreamFault::Auth => "upstream_auth",
+            UpstreamFault::InvalidRequest => "upstream_invalid_request",
+            UpstreamFault::ServerError => "server_error",
+            UpstreamFault::Connect => "connect_error",
+            UpstreamFault::Transport => "transport_error",
+            UpstreamFault::Unsupported => "unsupported_operation",
+            UpstreamFault::StreamStalled => "upstream_timeout",
+            UpstreamFault::StreamFailed => "upstream_stream_error",
+            UpstreamFault::StreamTruncated => "upstream_truncated",
+        }
+    }
+
+    /// Whether another attempt (or deployment) may succeed where this one failed.
+    pub fn retryable(self) -> bool {
+        !matches!(
+            self,
+            UpstreamFault::Auth | UpstreamFault::InvalidRequest | UpstreamFault::Unsupported
+        )
+    }
 }
 
 impl GatewayError {
@@ -79,13 +140,17 @@ impl GatewayError {
             GatewayError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             // Sent in a stream whose status went out as 200.
-            GatewayError::StreamBroken { .. } => StatusCode::OK,
+            GatewayError::StreamBroken(_) => StatusCode::OK,
+            // nginx's "client closed request"; no one is there to read it.
+            GatewayError::ClientCancelled => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             GatewayError::EventQueueFull | GatewayError::EventsUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::AdminDisabled => StatusCode::FORBIDDEN,
-            GatewayError::Conflict { .. } => StatusCode::CONFLICT,
+            GatewayError::TenantErased(_) => StatusCode::CONFLICT,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -100,13 +165,14 @@ impl GatewayError {
             | GatewayError::RouteNotFound
             | GatewayError::MethodNotAllowed
             | GatewayError::NotFound(_)
-            | GatewayError::Conflict { .. }
+            | GatewayError::TenantErased(_)
+            | GatewayError::ClientCancelled
             | GatewayError::InvalidApiKey => "invalid_request_error",
             GatewayError::InvalidAdminToken => "authentication_error",
             GatewayError::AdminDisabled => "permission_error",
             GatewayError::UpstreamFailed { .. }
             | GatewayError::UpstreamTimeout
-            | GatewayError::StreamBroken { .. }
+            | GatewayError::StreamBroken(_)
             | GatewayError::EventQueueFull
             | GatewayError::EventsUnavailable
             | GatewayError::Internal(_) => "server_error",
@@ -124,14 +190,15 @@ impl GatewayError {
                 "upstream_error"
             }
             GatewayError::UpstreamTimeout => "upstream_timeout",
-            GatewayError::StreamBroken { class, .. } => class,
+            GatewayError::StreamBroken(fault) => fault.name(),
+            GatewayError::ClientCancelled => "client_cancelled",
             GatewayError::EventQueueFull => "event_queue_full",
             GatewayError::EventsUnavailable => "events_unavailable",
             GatewayError::RouteNotFound | GatewayError::NotFound(_) => "not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::AdminDisabled => "admin_api_disabled",
             GatewayError::InvalidAdminToken => "invalid_admin_token",
-            GatewayError::Conflict { code, .. } => code,
+            GatewayError::TenantErased(_) => "tenant_erased",
             GatewayError::Internal(_) => "internal_error",
         }
     }
@@ -139,9 +206,9 @@ impl GatewayError {
     /// What `request.completed` records as the request's `error_class`.
     pub fn error_class(&self) -> &'static str {
         match self {
-            GatewayError::UpstreamRefused { class, .. }
-            | GatewayError::UpstreamFailed { class }
-            | GatewayError::StreamBroken { class, .. } => class,
+            GatewayError::UpstreamRefused { fault, .. }
+            | GatewayError::UpstreamFailed { fault }
+            | GatewayError::StreamBroken(fault) => fault.name(),
             GatewayError::UpstreamTimeout => "timeout",
             other => other.code(),
         }
@@ -161,7 +228,7 @@ impl GatewayError {
             GatewayError::InvalidRequest(message)
             | GatewayError::NotFound(message)
             | GatewayError::UpstreamRefused { message, .. }
-            | GatewayError::Conflict { message, .. } => message.clone(),
+            | GatewayError::TenantErased(message) => message.clone(),
             GatewayError::InvalidApiKey => "missing or invalid API key".into(),
             GatewayError::BodyTooLarge { limit } => {
                 format!("the request body is larger than {limit} bytes")
@@ -169,13 +236,21 @@ impl GatewayError {
             GatewayError::ModelNotFound(alias) => {
                 format!("The model `{alias}` does not exist or you do not have access to it.")
             }
-            GatewayError::UpstreamFailed { class } => {
-                format!("every upstream attempt failed; last error: {class}")
+            GatewayError::UpstreamFailed { fault } => {
+                format!(
+                    "every upstream attempt failed; last error: {}",
+                    fault.name()
+                )
             }
             GatewayError::UpstreamTimeout => "the upstream did not answer in time".into(),
-            GatewayError::StreamBroken { message, .. } | GatewayError::Internal(message) => {
-                (*message).into()
+            GatewayError::StreamBroken(fault) => match fault {
+                UpstreamFault::StreamStalled => "the upstream stopped sending",
+                UpstreamFault::StreamTruncated => "the upstream stream ended early",
+                _ => "the upstream stream failed",
             }
+            .into(),
+            GatewayError::Internal(message) => (*message).into(),
+            GatewayError::ClientCancelled => "the client closed the connection".into(),
             GatewayError::EventQueueFull => {
                 "Loom cannot record more requests right now; retry shortly".into()
             }
@@ -209,7 +284,7 @@ impl GatewayError {
 
     /// Anthropic's error type for this error.
     fn anthropic_kind(&self) -> &'static str {
-        if matches!(self, GatewayError::StreamBroken { .. }) {
+        if matches!(self, GatewayError::StreamBroken(_)) {
             return "api_error";
         }
         match self.status().as_u16() {
@@ -275,10 +350,8 @@ mod tests {
             GatewayError::InvalidApiKey.request_status(),
             RequestStatus::Denied
         );
-        let broken = GatewayError::StreamBroken {
-            class: "upstream_truncated",
-            message: "the upstream stream ended early",
-        };
+        let broken = GatewayError::StreamBroken(UpstreamFault::StreamTruncated);
+        assert_eq!(broken.error_class(), "upstream_truncated");
         assert!(
             String::from_utf8_lossy(&broken.sse_frame(Dialect::Anthropic))
                 .starts_with("event: error\ndata: ")

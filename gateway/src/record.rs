@@ -13,7 +13,7 @@ use loom_schemas::event::{
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, UpstreamFault};
 use crate::flow::{Flow, micros};
 use crate::tokens;
 use crate::upstream::{Answer, AttemptError};
@@ -310,13 +310,13 @@ impl<'a> CallRecord<'a> {
             started_at,
             latency,
             ttft: None,
-            status: if error.class == "timeout" {
+            status: if error.fault == UpstreamFault::Timeout {
                 CallStatus::Timeout
             } else {
                 CallStatus::Error
             },
             http_status: error.http_status,
-            error_class: Some(error.class),
+            error_class: Some(error.fault.name()),
             usage: Usage::default(),
             served_model: None,
             stream,

@@ -16,7 +16,7 @@ use loom_schemas::event::{CallStatus, Event, RequestStatus};
 use serde_json::{Value, json};
 
 use crate::anthropic::stream::{MessagesEncoder, StreamTranslator};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, UpstreamFault};
 use crate::flow::{Dialect, Flow};
 use crate::providers::adapter;
 use crate::record::{CallRecord, Outcome, Usage, call_event};
@@ -139,10 +139,7 @@ impl ChatStream {
                     return self
                         .fail(
                             CallStatus::Timeout,
-                            GatewayError::StreamBroken {
-                                class: "upstream_timeout",
-                                message: "the upstream stopped sending",
-                            },
+                            GatewayError::StreamBroken(UpstreamFault::StreamStalled),
                         )
                         .await;
                 }
@@ -151,10 +148,7 @@ impl ChatStream {
                     return self
                         .fail(
                             CallStatus::Error,
-                            GatewayError::StreamBroken {
-                                class: "upstream_stream_error",
-                                message: "the upstream stream failed",
-                            },
+                            GatewayError::StreamBroken(UpstreamFault::StreamFailed),
                         )
                         .await;
                 }
@@ -162,10 +156,7 @@ impl ChatStream {
                     return self
                         .fail(
                             CallStatus::Error,
-                            GatewayError::StreamBroken {
-                                class: "upstream_truncated",
-                                message: "the upstream stream ended early",
-                            },
+                            GatewayError::StreamBroken(UpstreamFault::StreamTruncated),
                         )
                         .await;
                 }
@@ -385,7 +376,8 @@ impl Drop for ChatStream {
         }
         let emitter = self.flow.gateway.emitter.clone();
         let mut late = Vec::new();
-        for event in self.final_events(CallStatus::ClientCancelled, Some("client_cancelled")) {
+        let class = GatewayError::ClientCancelled.error_class();
+        for event in self.final_events(CallStatus::ClientCancelled, Some(class)) {
             if let Err(event) = emitter.try_emit(event) {
                 late.push(*event);
             }

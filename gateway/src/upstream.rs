@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use loom_schemas::event::now_micros;
 use serde_json::Value;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, UpstreamFault};
 use crate::flow::Flow;
 use crate::providers::{Operation, adapter};
 use crate::record::{CallRecord, call_event};
@@ -18,72 +18,56 @@ use crate::record::{CallRecord, call_event};
 /// An upstream attempt's failure, classified.
 #[derive(Debug)]
 pub(crate) struct AttemptError {
-    pub class: &'static str,
+    pub fault: UpstreamFault,
     pub http_status: Option<u16>,
-    pub retryable: bool,
     /// The upstream's own error body, passed to the client for non-retryable errors.
     pub body: Option<Bytes>,
     pub retry_after: Option<Duration>,
 }
 
 impl AttemptError {
+    fn new(fault: UpstreamFault) -> AttemptError {
+        AttemptError {
+            fault,
+            http_status: None,
+            body: None,
+            retry_after: None,
+        }
+    }
+
     fn from_status(status: StatusCode, headers: &HeaderMap, body: Bytes) -> AttemptError {
-        let (class, retryable) = match status.as_u16() {
-            429 => ("rate_limited", true),
-            408 => ("timeout", true),
-            401 | 403 => ("upstream_auth", false),
-            400..=499 => ("upstream_invalid_request", false),
-            _ => ("server_error", true),
-        };
         let retry_after = headers
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         AttemptError {
-            class,
+            fault: UpstreamFault::for_status(status.as_u16()),
             http_status: Some(status.as_u16()),
-            retryable,
             body: Some(body),
             retry_after,
         }
     }
 
     pub(crate) fn from_transport(error: &reqwest::Error) -> AttemptError {
-        let class = if error.is_timeout() {
-            "timeout"
+        AttemptError::new(if error.is_timeout() {
+            UpstreamFault::Timeout
         } else if error.is_connect() {
-            "connect_error"
+            UpstreamFault::Connect
         } else {
-            "transport_error"
-        };
-        AttemptError {
-            class,
-            http_status: None,
-            retryable: true,
-            body: None,
-            retry_after: None,
-        }
+            UpstreamFault::Transport
+        })
     }
 
     fn unsupported() -> AttemptError {
         AttemptError {
-            class: "unsupported_operation",
             http_status: Some(400),
-            retryable: false,
-            body: None,
-            retry_after: None,
+            ..AttemptError::new(UpstreamFault::Unsupported)
         }
     }
 
     pub(crate) fn timeout() -> AttemptError {
-        AttemptError {
-            class: "timeout",
-            http_status: None,
-            retryable: true,
-            body: None,
-            retry_after: None,
-        }
+        AttemptError::new(UpstreamFault::Timeout)
     }
 }
 
@@ -195,7 +179,7 @@ pub(crate) async fn call_upstream(
                         &request_body,
                     );
                     gateway.emitter.emit(call_event(flow, call)).await;
-                    let retryable = error.retryable;
+                    let retryable = error.fault.retryable();
                     last = Some((error, deployment_index));
                     if !retryable {
                         return Err(
@@ -213,9 +197,9 @@ pub(crate) async fn call_upstream(
 impl AttemptError {
     /// What the client is told when this was the last attempt.
     pub fn to_client(&self) -> GatewayError {
-        match (self.class, self.http_status) {
-            ("timeout", _) => GatewayError::UpstreamTimeout,
-            (class, Some(status)) if !self.retryable => {
+        match (self.fault, self.http_status) {
+            (UpstreamFault::Timeout, _) => GatewayError::UpstreamTimeout,
+            (fault, Some(status)) if !fault.retryable() => {
                 let message = self
                     .body
                     .as_ref()
@@ -225,14 +209,16 @@ impl AttemptError {
                             .and_then(Value::as_str)
                             .map(str::to_owned)
                     })
-                    .unwrap_or_else(|| format!("the upstream refused the request ({class})"));
+                    .unwrap_or_else(|| {
+                        format!("the upstream refused the request ({})", fault.name())
+                    });
                 GatewayError::UpstreamRefused {
                     status,
-                    class,
+                    fault,
                     message,
                 }
             }
-            (class, _) => GatewayError::UpstreamFailed { class },
+            (fault, _) => GatewayError::UpstreamFailed { fault },
         }
     }
 }

@@ -48,10 +48,7 @@ impl From<AdminError> for GatewayError {
             AdminError::UnknownTenant(_)
             | AdminError::UnknownKey(_)
             | AdminError::UnknownProject { .. } => GatewayError::NotFound(error.to_string()),
-            AdminError::TenantErased(_) => GatewayError::Conflict {
-                code: "tenant_erased",
-                message: error.to_string(),
-            },
+            AdminError::TenantErased(_) => GatewayError::TenantErased(error.to_string()),
             AdminError::Log(_)
             | AdminError::KeyStore(_)
             | AdminError::Codec(_)
