@@ -25,73 +25,57 @@ pub struct Changes {
     pub positions: BTreeMap<(&'static str, u32), u64>,
 }
 
-/// What the events of a batch say about one trace; `None` leaves a column as it is.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TracePatch {
-    pub tenant_id: String,
-    pub trace_id: String,
-    /// When the first of these events happened: the trace's start if its `request.received`
-    /// is nowhere to be found (see `write::resolve_starts`).
-    pub first_at: i64,
-    pub project_id: Option<String>,
-    pub user_id: Option<String>,
-    pub api_key_id: Option<String>,
-    pub endpoint: Option<String>,
-    pub stream: Option<bool>,
-    pub model_requested: Option<String>,
-    pub model_served: Option<String>,
-    pub provider: Option<String>,
-    pub deployment: Option<String>,
-    pub status: Option<String>,
-    pub http_status: Option<i64>,
-    pub error_class: Option<String>,
-    pub latency_us: Option<i64>,
-    pub ttft_us: Option<i64>,
-    pub overhead_us: Option<i64>,
-    pub tokens_in: Option<i64>,
-    pub tokens_out: Option<i64>,
-    pub tokens_cached: Option<i64>,
-    pub cost_micro_usd: Option<i64>,
-    pub policy_action: Option<String>,
-    pub policy_findings: Option<i64>,
-    pub attempts: Option<i64>,
-    pub started_at: Option<i64>,
-    pub completed_at: Option<i64>,
+/// Declares [`TracePatch`] from one list of the columns a patch may set, so that its merge
+/// cannot leave one out.
+macro_rules! trace_patch {
+    ($($column:ident: $type:ty),* $(,)?) => {
+        /// What the events of a batch say about one trace; `None` leaves a column as it is.
+        #[derive(Debug, Clone, Default, PartialEq)]
+        pub struct TracePatch {
+            pub tenant_id: String,
+            pub trace_id: String,
+            /// When the first of these events happened: the trace's start if its
+            /// `request.received` is nowhere to be found (see `write::resolve_starts`).
+            pub first_at: i64,
+            $(pub $column: Option<$type>,)*
+        }
+
+        impl TracePatch {
+            /// Takes every value `later` sets (later events win, as they do across batches).
+            fn merge(&mut self, later: TracePatch) {
+                $(if later.$column.is_some() {
+                    self.$column = later.$column;
+                })*
+            }
+        }
+    };
 }
 
-impl TracePatch {
-    /// Takes every value `later` sets (later events win, as they do across batches).
-    fn merge(&mut self, later: TracePatch) {
-        macro_rules! take {
-            ($($field:ident),*) => { $( if later.$field.is_some() { self.$field = later.$field; } )* };
-        }
-        take!(
-            project_id,
-            user_id,
-            api_key_id,
-            endpoint,
-            stream,
-            model_requested,
-            model_served,
-            provider,
-            deployment,
-            status,
-            http_status,
-            error_class,
-            latency_us,
-            ttft_us,
-            overhead_us,
-            tokens_in,
-            tokens_out,
-            tokens_cached,
-            cost_micro_usd,
-            policy_action,
-            policy_findings,
-            attempts,
-            started_at,
-            completed_at
-        );
-    }
+trace_patch! {
+    project_id: String,
+    user_id: String,
+    api_key_id: String,
+    endpoint: String,
+    stream: bool,
+    model_requested: String,
+    model_served: String,
+    provider: String,
+    deployment: String,
+    status: String,
+    http_status: i64,
+    error_class: String,
+    latency_us: i64,
+    ttft_us: i64,
+    overhead_us: i64,
+    tokens_in: i64,
+    tokens_out: i64,
+    tokens_cached: i64,
+    cost_micro_usd: i64,
+    policy_action: String,
+    policy_findings: i64,
+    attempts: i64,
+    started_at: i64,
+    completed_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
