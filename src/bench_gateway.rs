@@ -273,7 +273,7 @@ async fn start_gateway(
         "--listen",
         "127.0.0.1:0",
         "--log",
-        "warn,loom_gateway=info",
+        loom::serve::QUIET_LOG,
         "--events-ack",
         ack.name(),
     ])

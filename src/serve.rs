@@ -28,6 +28,10 @@ pub struct ServeConfig {
     pub projector: ProjectorConfig,
 }
 
+/// A log filter that leaves out all but warnings and the line saying where the server listens
+/// (`listening on ADDR`, what benchmarks and scripts wait for).
+pub const QUIET_LOG: &str = "warn,loom::serve=info";
+
 /// Opens the node described by `config` and serves HTTP on `listener` until `shutdown` is
 /// cancelled; then drains in-flight requests, writes every queued event and makes the log
 /// durable.

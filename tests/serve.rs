@@ -60,6 +60,16 @@ async fn serve_answers_health_and_metrics_and_stops_cleanly() {
 }
 
 #[tokio::test]
+async fn the_quiet_log_still_says_where_the_server_listens() {
+    // `loom bench gateway` starts its servers with this filter and waits for that line.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--log", loom::serve::QUIET_LOG], &[]).unwrap();
+    let health = reqwest::get(server.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(server.stop().success());
+}
+
+#[tokio::test]
 async fn a_second_server_on_the_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _first = Server::start(dir.path(), &[], &[]).unwrap();

@@ -70,9 +70,11 @@ impl Server {
                     seen.push(line);
                 }
                 Err(_) => {
+                    // Exited, or silent for a minute: either way it is not coming up.
+                    let _ = child.kill();
                     let status = child.wait().expect("waiting for loom");
                     return Err(format!(
-                        "loom serve exited with {status} before listening:\n{}",
+                        "loom {role} did not start listening ({status}):\n{}",
                         seen.join("\n")
                     ));
                 }
