@@ -259,6 +259,19 @@ pub struct Outcome {
     pub ttft: Option<Duration>,
 }
 
+impl Outcome {
+    /// An outcome served (or failed) by deployment `index`: its name and provider filled in.
+    pub fn at(flow: &Flow, index: usize) -> Outcome {
+        let config = &flow.gateway.config;
+        let deployment = &config.deployments[index];
+        Outcome {
+            provider: Some(config.upstreams[deployment.upstream].kind.name().to_owned()),
+            deployment: Some(deployment.name.clone()),
+            ..Outcome::default()
+        }
+    }
+}
+
 impl Default for Outcome {
     fn default() -> Self {
         Outcome {

@@ -319,13 +319,6 @@ impl ChatStream {
                 .model
                 .clone()
                 .or_else(|| Some(deployment.model.clone())),
-            provider: Some(
-                gateway.config.upstreams[deployment.upstream]
-                    .kind
-                    .name()
-                    .to_owned(),
-            ),
-            deployment: Some(deployment.name.clone()),
             usage: self.usage,
             cost_micro_usd: self.flow.cost(
                 self.answer.deployment,
@@ -333,6 +326,7 @@ impl ChatStream {
                 &self.usage,
             ),
             ttft: self.ttft,
+            ..Outcome::at(&self.flow, self.answer.deployment)
         };
         events.push(self.flow.completed(&outcome));
         events

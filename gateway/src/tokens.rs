@@ -40,6 +40,35 @@ pub fn prompt_tokens(request: &Value) -> i64 {
     tokens
 }
 
+/// The text of a chat answer's choices (content and tool-call arguments), whose tokens
+/// are the completion's when the upstream reports no usage.
+pub fn answer_text(answer: &Value) -> String {
+    let mut text = String::new();
+    for choice in answer
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(content) = choice.pointer("/message/content").and_then(Value::as_str) {
+            text.push_str(content);
+        }
+        for call in choice
+            .pointer("/message/tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            text.push_str(
+                call.pointer("/function/arguments")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

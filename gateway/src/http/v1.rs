@@ -22,6 +22,7 @@ use crate::providers::{Operation, adapter};
 use crate::record::{CallRecord, Outcome, Usage, call_event};
 use crate::routing::route;
 use crate::stream::ChatStream;
+use crate::tokens;
 use crate::upstream::{Answer, AttemptError, call_upstream};
 
 /// `POST /v1/chat/completions`
@@ -240,17 +241,7 @@ async fn run_chat(mut flow: Flow, mut request: Value) -> Response {
     let answer = match call_upstream(&mut flow, &order, Operation::Chat, &request, stream).await {
         Ok(answer) => answer,
         Err((error, deployment)) => {
-            let mut outcome = Outcome::default();
-            if let Some(d) = deployment {
-                let deployment = &flow.gateway.config.deployments[d];
-                outcome.deployment = Some(deployment.name.clone());
-                outcome.provider = Some(
-                    flow.gateway.config.upstreams[deployment.upstream]
-                        .kind
-                        .name()
-                        .to_owned(),
-                );
-            }
+            let outcome = deployment.map_or_else(Outcome::default, |d| Outcome::at(&flow, d));
             return flow.fail_with(outcome, error.to_client()).await;
         }
     };
@@ -281,7 +272,6 @@ async fn finish_json(
     flow.outside += latency;
     let gateway = Arc::clone(&flow.gateway);
     let deployment = &gateway.config.deployments[answer.deployment];
-    let provider = gateway.config.upstreams[deployment.upstream].kind.name();
     let body = match body {
         Ok(body) => body,
         Err(error) => {
@@ -295,11 +285,7 @@ async fn finish_json(
                 &answer.request_body,
             );
             gateway.emitter.emit(call_event(&flow, call)).await;
-            let outcome = Outcome {
-                provider: Some(provider.to_owned()),
-                deployment: Some(deployment.name.clone()),
-                ..Outcome::default()
-            };
+            let outcome = Outcome::at(&flow, answer.deployment);
             return flow.fail_with(outcome, error.to_client()).await;
         }
     };
@@ -309,7 +295,7 @@ async fn finish_json(
     let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let usage = match parsed.get("usage").filter(|u| u.is_object()) {
         Some(usage) => Usage::from_openai(usage),
-        None => Usage::estimate(request, &answered_text(&parsed)),
+        None => Usage::estimate(request, &tokens::answer_text(&parsed)),
     };
     let served_model = parsed.get("model").and_then(Value::as_str);
     let cost_micro_usd = flow.cost(answer.deployment, served_model, &usage);
@@ -335,16 +321,10 @@ async fn finish_json(
         }
     }
     let outcome = Outcome {
-        model: parsed
-            .get("model")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .or_else(|| Some(deployment.model.clone())),
-        provider: Some(provider.to_owned()),
-        deployment: Some(deployment.name.clone()),
+        model: Some(served_model.unwrap_or(&deployment.model).to_owned()),
         usage,
         cost_micro_usd,
-        ..Outcome::default()
+        ..Outcome::at(&flow, answer.deployment)
     };
     if let Err(unrecorded) = flow.complete(&outcome).await {
         return flow.error_response(&unrecorded);
@@ -362,32 +342,4 @@ async fn finish_json(
         .unwrap_or_else(|_| GatewayError::Internal("could not build the response").into_response());
     flow.headers(&mut response);
     response
-}
-
-/// The text of a chat answer's choices (content and tool-call arguments), for estimating usage.
-fn answered_text(answer: &Value) -> String {
-    let mut text = String::new();
-    for choice in answer
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if let Some(content) = choice.pointer("/message/content").and_then(Value::as_str) {
-            text.push_str(content);
-        }
-        for call in choice
-            .pointer("/message/tool_calls")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            text.push_str(
-                call.pointer("/function/arguments")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default(),
-            );
-        }
-    }
-    text
 }
