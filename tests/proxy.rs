@@ -810,6 +810,57 @@ async fn a_revoked_key_is_refused_without_a_restart() {
 }
 
 #[tokio::test]
+async fn the_admin_api_answers_bad_input_in_openai_shape() {
+    let harness = start(MockConfig::default(), "").await;
+    let send = |method: reqwest::Method, path: &str, body: &'static str, content_type: &str| {
+        harness
+            .client
+            .request(method, format!("{}{path}", harness.base))
+            .bearer_auth(ADMIN)
+            .header("content-type", content_type.to_owned())
+            .body(body)
+            .send()
+    };
+    let post = reqwest::Method::POST;
+    for (path, body, names) in [
+        ("/admin/tenants", "not json", "expected"),
+        ("/admin/tenants", "", "empty"),
+        (
+            "/admin/tenants",
+            r#"{"name": "a", "color": "red"}"#,
+            "color",
+        ),
+        ("/admin/keys", r#"{"tenant_id": ""}"#, "tenant_id"),
+        ("/admin/keys/not-a-uuid/revoke", "", "UUID"),
+    ] {
+        let response = send(post.clone(), path, body, "application/json")
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{path} {body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+        assert_eq!(error["error"]["code"], "invalid_request", "{error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(names), "{path} {body}: {message}");
+    }
+    let response = harness
+        .client
+        .get(format!("{}/admin/keys?tenant_id=nope", harness.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "invalid_request");
+    // What `curl -d` sends (a form content type) is read as the JSON it is.
+    let form = "application/x-www-form-urlencoded";
+    let created = send(post, "/admin/tenants", r#"{"name": "curl"}"#, form);
+    assert_eq!(created.await.unwrap().status(), 201);
+    harness.stop().await;
+}
+
+#[tokio::test]
 async fn anthropic_upstreams_are_spoken_to_in_their_own_api() {
     let harness = start(MockConfig::default(), "").await;
     let response = harness

@@ -1,12 +1,15 @@
 //! The admin API (`/admin/*`), guarded by the admin token (`Authorization: Bearer <token>`).
 
-use axum::extract::{Path, Query, Request, State};
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use super::AppState;
@@ -61,6 +64,61 @@ impl From<AdminError> for GatewayError {
     }
 }
 
+/// A JSON request body, whatever its `Content-Type` says (`curl -d` sends a form type); what does
+/// not parse is a 400 in OpenAI's shape, naming the problem.
+struct JsonBody<T>(T);
+
+/// A JSON request body that may be left out (then `T::default()`).
+struct OrEmpty<T>(T);
+
+/// The body as JSON; `None` if it is empty.
+async fn read_json<S: Send + Sync, T: DeserializeOwned>(
+    request: Request,
+    state: &S,
+) -> Result<Option<T>, GatewayError> {
+    let bytes = Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| GatewayError::InvalidRequest(rejection.body_text()))?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let mut json = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut json)
+        .map(Some)
+        .map_err(|error| match error.path().to_string().as_str() {
+            "." => GatewayError::InvalidRequest(format!("the request body: {}", error.inner())),
+            path => GatewayError::InvalidRequest(format!("{path}: {}", error.inner())),
+        })
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = GatewayError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, GatewayError> {
+        let body = read_json(request, state).await?;
+        body.map(JsonBody)
+            .ok_or_else(|| GatewayError::InvalidRequest("the request body is empty".into()))
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OrEmpty<T> {
+    type Rejection = GatewayError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, GatewayError> {
+        Ok(OrEmpty(
+            read_json(request, state).await?.unwrap_or_default(),
+        ))
+    }
+}
+
+fn bad_path(rejection: PathRejection) -> GatewayError {
+    GatewayError::InvalidRequest(rejection.body_text())
+}
+
+fn bad_query(rejection: QueryRejection) -> GatewayError {
+    GatewayError::InvalidRequest(rejection.body_text())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TenantRequest {
@@ -69,7 +127,7 @@ struct TenantRequest {
 
 async fn create_tenant(
     State(state): State<AppState>,
-    Json(request): Json<TenantRequest>,
+    JsonBody(request): JsonBody<TenantRequest>,
 ) -> Result<Response, GatewayError> {
     let created = state.services.create_tenant(&request.name).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
@@ -81,7 +139,7 @@ async fn list_tenants(State(state): State<AppState>) -> Json<Vec<TenantView>> {
 
 async fn create_key(
     State(state): State<AppState>,
-    Json(request): Json<KeyRequest>,
+    JsonBody(request): JsonBody<KeyRequest>,
 ) -> Result<Response, GatewayError> {
     let created = state.services.create_key(&request).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
@@ -94,9 +152,10 @@ struct KeyFilter {
 
 async fn list_keys(
     State(state): State<AppState>,
-    Query(filter): Query<KeyFilter>,
-) -> Json<Vec<KeyView>> {
-    Json(state.services.list_keys(filter.tenant_id))
+    filter: Result<Query<KeyFilter>, QueryRejection>,
+) -> Result<Json<Vec<KeyView>>, GatewayError> {
+    let Query(filter) = filter.map_err(bad_query)?;
+    Ok(Json(state.services.list_keys(filter.tenant_id)))
 }
 
 #[derive(Deserialize, Default)]
@@ -108,10 +167,10 @@ struct RevokeRequest {
 
 async fn revoke_key(
     State(state): State<AppState>,
-    Path(key_id): Path<Uuid>,
-    body: Option<Json<RevokeRequest>>,
+    key_id: Result<Path<Uuid>, PathRejection>,
+    OrEmpty(request): OrEmpty<RevokeRequest>,
 ) -> Result<StatusCode, GatewayError> {
-    let reason = body.and_then(|Json(r)| r.reason);
-    state.services.revoke_key(key_id, reason).await?;
+    let Path(key_id) = key_id.map_err(bad_path)?;
+    state.services.revoke_key(key_id, request.reason).await?;
     Ok(StatusCode::NO_CONTENT)
 }
