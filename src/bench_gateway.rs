@@ -1,44 +1,98 @@
-//! `loom bench gateway`: latency and throughput of the gateway against the same mock upstream
-//! called directly, with a real load generator (oha), every event recorded and bodies sealed.
+//! `loom bench gateway`: latency, throughput and CPU of the gateway against the same mock
+//! upstream called directly and through nginx as a plain `proxy_pass` reverse proxy (the floor
+//! for one proxy hop), with a real load generator (oha), every event recorded and bodies sealed.
 //!
-//! Three processes share the machine: the mock (`loom-mock`), the gateway (`loom serve`, this
-//! binary) and oha. Each case runs twice, direct to the mock and through Loom, at the same rate.
+//! The processes share the machine: the mock (`loom-mock`), nginx, one `loom serve` (this binary)
+//! per configuration, and oha. Every case runs against each target in turn, at the same
+//! concurrency and rate.
 
 use crate::bench::say;
+use std::fmt;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
 
 use anyhow::{Context, bail};
 use loom_gateway::config::EventsAck;
 use serde_json::{Value, json};
 
+/// A load case: open connections, and a fixed rate (per second) or as fast as answers come.
+#[derive(Clone, Copy, Debug)]
+pub struct Case {
+    connections: u32,
+    rate: Option<u32>,
+}
+
+impl FromStr for Case {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Case, String> {
+        let (connections, rate) = text
+            .split_once('@')
+            .ok_or_else(|| format!("`{text}`: expected CONNECTIONS@RATE, e.g. 8@2000 or 1@max"))?;
+        let connections = connections
+            .parse()
+            .map_err(|_| format!("`{text}`: connections must be a number"))?;
+        let rate = match rate {
+            "max" => None,
+            rate => Some(
+                rate.parse()
+                    .map_err(|_| format!("`{text}`: the rate must be a number or `max`"))?,
+            ),
+        };
+        Ok(Case { connections, rate })
+    }
+}
+
+impl fmt::Display for Case {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.rate {
+            Some(rate) => write!(f, "{}@{rate}", self.connections),
+            None => write!(f, "{}@max", self.connections),
+        }
+    }
+}
+
 /// Arguments of `loom bench gateway`.
 #[derive(clap::Args)]
 pub struct GatewayBenchArgs {
-    /// Fixed request rates to measure, per second; the maximum rate is measured after them.
-    #[arg(long, value_delimiter = ',', default_value = "500,2000")]
-    rates: Vec<u32>,
+    /// Load cases, each CONNECTIONS@RATE (requests per second, or `max`: closed loop, as fast as
+    /// answers come).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "8@500,8@2000,8@max,1@max"
+    )]
+    cases: Vec<Case>,
     /// Seconds per case.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Concurrent connections oha keeps open.
-    #[arg(long, default_value_t = 64)]
-    connections: u32,
-    /// Passed to `loom serve --read-models`: `off` measures the gateway without its in-process
-    /// projector [default: serve's, SQLite in the data directory].
-    #[arg(long)]
-    read_models: Option<String>,
-    /// Runs of each case, interleaved (direct, then each mode, then again); the figures printed
-    /// are the medians, which a noisy shared machine needs.
+    /// The streaming case (time to first byte, whole stream, memory), CONNECTIONS@RATE.
+    #[arg(long, default_value = "8@500")]
+    stream: Case,
+    /// Seconds of the streaming case (Loom's memory is printed before and after it).
+    #[arg(long, default_value_t = 60)]
+    stream_seconds: u64,
+    /// The `loom serve --read-models` variants to measure, each in a server of its own: `off`
+    /// (the gateway alone), `default` (serve's: SQLite in the data directory, folded in-process),
+    /// or a location.
+    #[arg(long, value_delimiter = ',', default_value = "off,default")]
+    read_models: Vec<String>,
+    /// Runs of each case, interleaved (direct, nginx, then each server, then again); the figures
+    /// printed are the medians, which a noisy shared machine needs.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
-    /// The `--events-ack` modes to measure side by side, each in a server of its own.
-    #[arg(long, value_delimiter = ',', default_value = "recorded,fsynced,none")]
+    /// The `--events-ack` modes to measure, each in a server of its own.
+    #[arg(long, value_delimiter = ',', default_value = "recorded")]
     events_ack: Vec<EventsAck>,
     /// The oha binary (`cargo install oha`; ./infra/bench.sh installs it).
     #[arg(long, env = "LOOM_OHA", default_value = "oha")]
     oha: PathBuf,
+    /// The nginx binary for the `proxy_pass` baseline (./infra/bench.sh installs it); left out,
+    /// with a note, when it cannot be run.
+    #[arg(long, env = "LOOM_NGINX", default_value = "nginx")]
+    nginx: PathBuf,
 }
 
 /// A child process killed on drop.
@@ -72,31 +126,64 @@ fn spawn_listening(mut command: Command) -> anyhow::Result<(Process, String)> {
     bail!("the process exited before listening")
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+/// The process and its children (nginx's workers), by pid.
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let parent = stat_fields(child)
+                .ok()
+                .and_then(|fields| fields.get(1).and_then(|p| p.parse::<u32>().ok()));
+            if parent == Some(pid) {
+                pids.push(child);
+            }
+        }
+    }
+    pids
+}
+
+/// The fields of `/proc/PID/stat` after the command name (the first is the state).
+fn stat_fields(pid: u32) -> anyhow::Result<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after_name = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest)
         .context("bad /proc stat")?;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
-        + fields.get(12).context("stime")?.parse::<u64>()?;
+    Ok(after_name.split_whitespace().map(str::to_owned).collect())
+}
+
+/// utime + stime of a process and its children, in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let mut ticks = 0;
+    for pid in process_tree(pid) {
+        let fields = stat_fields(pid)?;
+        ticks += fields.get(11).context("utime")?.parse::<u64>()?
+            + fields.get(12).context("stime")?.parse::<u64>()?;
+    }
     // /proc reports in USER_HZ, which is 100 on Linux.
     Ok(ticks as f64 / 100.0)
 }
 
-/// Resident memory of a process, current and peak, in MiB.
+/// Resident memory of a process and its children, current and peak, in MiB.
 fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Option<f64> {
-        let line = status.lines().find(|l| l.starts_with(name))?;
-        Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
-    };
-    Ok((
-        field("VmRSS:").unwrap_or(0.0),
-        field("VmHWM:").unwrap_or(0.0),
-    ))
+    let (mut rss, mut peak) = (0.0, 0.0);
+    for pid in process_tree(pid) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> Option<f64> {
+            let line = status.lines().find(|l| l.starts_with(name))?;
+            Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+        };
+        rss += field("VmRSS:").unwrap_or(0.0);
+        peak += field("VmHWM:").unwrap_or(0.0);
+    }
+    Ok((rss, peak))
 }
 
 /// One oha run's figures.
@@ -107,6 +194,7 @@ struct Run {
     p50: f64,
     p90: f64,
     p99: f64,
+    p999: f64,
     ttfb_p50: f64,
     ttfb_p99: f64,
     requests: f64,
@@ -126,6 +214,7 @@ impl Run {
             p50: median(|r| r.p50),
             p90: median(|r| r.p90),
             p99: median(|r| r.p99),
+            p999: median(|r| r.p999),
             ttfb_p50: median(|r| r.ttfb_p50),
             ttfb_p99: median(|r| r.ttfb_p99),
             requests: runs.iter().map(|r| r.requests).sum(),
@@ -133,14 +222,9 @@ impl Run {
     }
 }
 
-fn oha(
-    args: &GatewayBenchArgs,
-    url: &str,
-    key: Option<&str>,
-    rate: Option<u32>,
-    body: &Value,
-) -> anyhow::Result<Run> {
-    let mut command = Command::new(&args.oha);
+/// Runs oha for `seconds` against `target` with `case`'s load.
+fn oha(oha: &Path, target: &Target, case: Case, seconds: u64, body: &Value) -> anyhow::Result<Run> {
+    let mut command = Command::new(oha);
     command
         .args([
             "--no-tui",
@@ -152,26 +236,26 @@ fn oha(
             "application/json",
         ])
         .arg("-z")
-        .arg(format!("{}s", args.seconds))
+        .arg(format!("{seconds}s"))
         .arg("-c")
-        .arg(args.connections.to_string())
+        .arg(case.connections.to_string())
         .arg("-d")
         .arg(body.to_string());
-    if let Some(rate) = rate {
+    if let Some(rate) = case.rate {
         command
             .arg("-q")
             .arg(rate.to_string())
             .arg("--latency-correction");
     }
-    if let Some(key) = key {
+    if let Some(key) = &target.key {
         command
             .arg("-H")
             .arg(format!("Authorization: Bearer {key}"));
     }
     let output = command
-        .arg(url)
+        .arg(format!("http://{}/v1/chat/completions", target.addr))
         .output()
-        .with_context(|| format!("running {}", args.oha.display()))?;
+        .with_context(|| format!("running {}", oha.display()))?;
     if !output.status.success() {
         bail!("oha failed: {}", String::from_utf8_lossy(&output.stderr));
     }
@@ -196,9 +280,10 @@ fn oha(
         p50: ms("/latencyPercentiles/p50"),
         p90: ms("/latencyPercentiles/p90"),
         p99: ms("/latencyPercentiles/p99"),
+        p999: ms("/latencyPercentiles/p99.9"),
         ttfb_p50: ms("/firstBytePercentiles/p50"),
         ttfb_p99: ms("/firstBytePercentiles/p99"),
-        requests: rps * args.seconds as f64,
+        requests: rps * seconds as f64,
     })
 }
 
@@ -252,21 +337,82 @@ fn write_config(dir: &Path, mock: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A `loom serve` under test, with a key of its tenant.
-struct Gateway {
-    process: Process,
+/// What oha is pointed at: the mock directly, nginx in front of it, or a `loom serve`.
+struct Target {
+    name: String,
     addr: String,
-    key: String,
-    ack: EventsAck,
+    /// The API key Loom wants.
+    key: Option<String>,
+    /// The process whose CPU and memory are measured (with its children); `None` for the mock
+    /// itself, the baseline.
+    process: Option<Process>,
+}
+
+impl Target {
+    fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.0.id())
+    }
+}
+
+/// A free port on loopback.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// nginx as users run it in front of an upstream: `proxy_pass` with HTTP/1.1 keep-alive to the
+/// upstream, a worker per core, access log off (Loom keeps no per-request text log either).
+fn start_nginx(binary: &Path, work: &Path, upstream: &str) -> anyhow::Result<Target> {
+    let dir = work.join("nginx");
+    std::fs::create_dir_all(dir.join("temp"))?;
+    let port = free_port()?;
+    let config = dir.join("nginx.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "daemon off;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir}/temp;\n  proxy_temp_path {dir}/temp;\n\
+               upstream mock {{ server {upstream}; keepalive 64; }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://mock;\n\
+                 proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+            dir = dir.display()
+        ),
+    )?;
+    let child = Command::new(binary)
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let process = Process(child);
+    let addr = format!("127.0.0.1:{port}");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            return Ok(Target {
+                name: "nginx proxy_pass".into(),
+                addr,
+                key: None,
+                process: Some(process),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    bail!("nginx did not start listening on {addr}")
 }
 
 async fn start_gateway(
-    args: &GatewayBenchArgs,
     work: &Path,
     config: &Path,
     ack: EventsAck,
-) -> anyhow::Result<Gateway> {
+    read_models: &str,
+) -> anyhow::Result<Target> {
     let token = "bench-admin";
+    let name = format!("loom rm={read_models} ack={ack}");
     let mut loom = Command::new(std::env::current_exe()?);
     loom.args([
         "serve",
@@ -278,23 +424,40 @@ async fn start_gateway(
         ack.name(),
     ])
     .arg("--data-dir")
-    .arg(work.join(format!("data-{ack}")))
+    .arg(work.join(format!("data-{read_models}-{ack}").replace('/', "_")))
     .arg("--config")
     .arg(config)
     .env("LOOM_ADMIN_TOKEN", token)
     .env_remove("LOOM_MASTER_KEY");
-    if let Some(read_models) = &args.read_models {
+    if read_models != "default" {
         loom.args(["--read-models", read_models]);
     }
     let (process, addr) = spawn_listening(loom)?;
     let client = reqwest::Client::new();
     let key = setup_key(&client, &format!("http://{addr}"), token).await?;
-    Ok(Gateway {
-        process,
+    Ok(Target {
+        name,
         addr,
-        key,
-        ack,
+        key: Some(key),
+        process: Some(process),
     })
+}
+
+/// One table row: a target's figures in a case, CPU per request and memory where measured.
+fn row(name: &str, case: Case, run: &Run, cpu_ms: Option<f64>, rss: Option<f64>) {
+    let dash = || "-".to_owned();
+    say!(
+        "{name:<26} {:>9} {:>9.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7.1}% {:>9} {:>8}",
+        case.to_string(),
+        run.rps,
+        run.p50,
+        run.p90,
+        run.p99,
+        run.p999,
+        run.success * 100.0,
+        cpu_ms.map_or_else(dash, |c| format!("{c:.3}")),
+        rss.map_or_else(dash, |r| format!("{r:.1}")),
+    );
 }
 
 pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
@@ -305,140 +468,155 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
     mock.args(["--listen", "127.0.0.1:0"]);
     let (_mock, mock_addr) = spawn_listening(mock)?;
     let config = write_config(work.path(), &mock_addr)?;
-    let mut gateways = Vec::new();
-    for ack in &args.events_ack {
-        gateways.push(start_gateway(&args, work.path(), &config, *ack).await?);
+    let mut targets = vec![Target {
+        name: "direct".into(),
+        addr: mock_addr.clone(),
+        key: None,
+        process: None,
+    }];
+    match start_nginx(&args.nginx, work.path(), &mock_addr) {
+        Ok(nginx) => targets.push(nginx),
+        Err(error) => say!(
+            "no nginx baseline ({error:#}); install nginx (./infra/bench.sh does) or pass --nginx"
+        ),
     }
-    let client = reqwest::Client::new();
+    for read_models in &args.read_models {
+        for ack in &args.events_ack {
+            targets.push(start_gateway(work.path(), &config, *ack, read_models).await?);
+        }
+    }
 
     let chat = json!({"model": "fast", "messages": [{"role": "user", "content": "Summarise the quarterly report in three bullet points for the leadership team."}]});
     let stream = json!({"model": "fast", "stream": true, "messages": chat["messages"]});
-    let direct = format!("http://{mock_addr}/v1/chat/completions");
 
     say!(
-        "loom bench gateway: {}s per case, medians of {} interleaved runs, {} connections, oha {}; mock upstream (no added latency) vs the same mock through Loom",
+        "loom bench gateway: {}s per case, medians of {} interleaved runs, oha {}; the mock upstream (no added latency) directly, through nginx proxy_pass, and through Loom",
         args.seconds,
         args.repeat.max(1),
-        args.connections,
         args.oha.display()
     );
     say!(
-        "Loom records every request's events on its embedded log (fsync 200ms) with sealed bodies; read models: {}; one server per --events-ack mode ({}), idle while the others are measured; 2 cores shared by oha, the mock and Loom.",
-        match args.read_models.as_deref() {
-            Some("off") => "off (the gateway alone)".to_owned(),
-            Some(other) => format!("projected in-process into {other}"),
-            None => "projected in-process into SQLite".to_owned(),
-        },
-        args.events_ack
-            .iter()
-            .map(|a| a.name())
-            .collect::<Vec<_>>()
-            .join(", ")
+        "Loom records every request's events on its embedded log (fsync 200ms) with sealed bodies; \
+         rm=off is the gateway alone, rm=default folds the read models into SQLite in-process. \
+         Each server is idle while the others are measured; all share the machine's {} cores with oha and the mock. \
+         CPU: user+system ms per request of the proxy process (nginx: master and workers).",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     say!(
-        "{:<18} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>12}",
+        "{:<26} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}",
+        "target",
         "case",
-        "target/s",
         "req/s",
         "p50 ms",
         "p90 ms",
         "p99 ms",
+        "p99.9 ms",
         "ok",
-        "cpu s/1k",
+        "cpu ms/rq",
         "rss MiB"
     );
-    let mut cases: Vec<Option<u32>> = args.rates.iter().copied().map(Some).collect();
-    cases.push(None);
-    for rate in cases {
-        let label = rate.map_or_else(|| "max".to_owned(), |r| r.to_string());
-        let row = |name: &str, run: &Run, cpu: Option<f64>, rss: Option<f64>| {
-            say!(
-                "{name:<18} {label:>10} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.1}% {:>10} {:>12}",
-                run.rps,
-                run.p50,
-                run.p90,
-                run.p99,
-                run.success * 100.0,
-                cpu.map_or_else(
-                    || "-".into(),
-                    |c| format!("{:.3}", c / run.requests.max(1.0) * 1000.0)
-                ),
-                rss.map_or_else(|| "-".into(), |r| format!("{r:.1}")),
-            );
-        };
-        let mut direct_runs = Vec::new();
-        let mut runs = vec![Vec::new(); gateways.len()];
-        let mut cpu = vec![0.0; gateways.len()];
+    for &case in &args.cases {
+        let mut runs = vec![Vec::new(); targets.len()];
+        let mut cpu = vec![0.0; targets.len()];
         for _ in 0..args.repeat.max(1) {
-            direct_runs.push(tokio::task::block_in_place(|| {
-                oha(&args, &direct, None, rate, &chat)
-            })?);
-            for (i, gateway) in gateways.iter().enumerate() {
-                let pid = gateway.process.0.id();
-                let through = format!("http://{}/v1/chat/completions", gateway.addr);
-                let cpu_before = cpu_seconds(pid)?;
+            for (i, target) in targets.iter().enumerate() {
+                let before = target.pid().map(cpu_seconds).transpose()?;
                 runs[i].push(tokio::task::block_in_place(|| {
-                    oha(&args, &through, Some(&gateway.key), rate, &chat)
+                    oha(&args.oha, target, case, args.seconds, &chat)
                 })?);
-                cpu[i] += cpu_seconds(pid)? - cpu_before;
+                if let (Some(pid), Some(before)) = (target.pid(), before) {
+                    cpu[i] += cpu_seconds(pid)? - before;
+                }
             }
         }
-        let base = Run::median(&direct_runs);
-        row("direct", &base, None, None);
-        for (i, gateway) in gateways.iter().enumerate() {
-            let ours = Run::median(&runs[i]);
-            let cpu = cpu[i];
-            let (rss, _) = memory_mib(gateway.process.0.id())?;
-            row(
-                &format!("loom ack={}", gateway.ack),
-                &ours,
-                Some(cpu),
-                Some(rss),
-            );
-            say!(
-                "{:<18} {label:>10} {:>9.2}x {:>+9.3} {:>+9.3} {:>+9.3}   (overhead: loom minus direct; throughput ratio)",
-                "  difference",
+        let medians: Vec<Run> = runs.iter().map(|r| Run::median(r)).collect();
+        let cpu_ms: Vec<Option<f64>> = targets
+            .iter()
+            .zip(&cpu)
+            .zip(&medians)
+            .map(|((t, cpu), run)| t.pid().map(|_| cpu / run.requests.max(1.0) * 1000.0))
+            .collect();
+        let nginx = targets.iter().position(|t| t.name.starts_with("nginx"));
+        for (i, target) in targets.iter().enumerate() {
+            let rss = target
+                .pid()
+                .map(memory_mib)
+                .transpose()?
+                .map(|(rss, _)| rss);
+            row(&target.name, case, &medians[i], cpu_ms[i], rss);
+            if i == 0 {
+                continue;
+            }
+            let (base, ours) = (&medians[0], &medians[i]);
+            let mut versus = format!(
+                "{:<26} {:>9} {:>8.2}x {:>+8.3} {:>+8.3} {:>+8.3} {:>+8.3}   overhead over direct",
+                "",
+                "",
                 ours.rps / base.rps.max(1e-9),
                 ours.p50 - base.p50,
                 ours.p90 - base.p90,
                 ours.p99 - base.p99,
+                ours.p999 - base.p999,
             );
+            if let Some(n) = nginx.filter(|&n| n != i) {
+                versus.push_str(&format!(
+                    "; vs nginx: {:.2}x req/s, {:.1}x CPU per request",
+                    ours.rps / medians[n].rps.max(1e-9),
+                    cpu_ms[i].unwrap_or(f64::NAN) / cpu_ms[n].unwrap_or(f64::NAN)
+                ));
+            }
+            say!("{versus}");
         }
     }
 
-    let rate = args.rates.first().copied();
-    let base = tokio::task::block_in_place(|| oha(&args, &direct, None, rate, &stream))?;
-    for gateway in &gateways {
-        let through = format!("http://{}/v1/chat/completions", gateway.addr);
-        let ours = tokio::task::block_in_place(|| {
-            oha(&args, &through, Some(&gateway.key), rate, &stream)
+    let case = args.stream;
+    say!(
+        "streaming, {case} for {}s: time to first byte and whole stream, ms",
+        args.stream_seconds
+    );
+    let mut direct: Option<Run> = None;
+    for target in &targets {
+        let before = target.pid().map(memory_mib).transpose()?;
+        let run = tokio::task::block_in_place(|| {
+            oha(&args.oha, target, case, args.stream_seconds, &stream)
         })?;
+        let memory = match (before, target.pid().map(memory_mib).transpose()?) {
+            (Some((start, _)), Some((end, peak))) => {
+                format!("; RSS {start:.1} MiB before, {end:.1} after, peak {peak:.1}")
+            }
+            _ => String::new(),
+        };
+        let versus = direct.map_or_else(String::new, |d| {
+            format!(
+                " (first byte {:+.3} / {:+.3}, whole {:+.3} / {:+.3} over direct)",
+                run.ttfb_p50 - d.ttfb_p50,
+                run.ttfb_p99 - d.ttfb_p99,
+                run.p50 - d.p50,
+                run.p99 - d.p99
+            )
+        });
         say!(
-            "streaming at {}/s, ack={}: first byte p50 {:.3} ms direct, {:.3} through Loom ({:+.3}), p99 {:.3} vs {:.3} ({:+.3}); whole stream p99 {:.3} vs {:.3} ({:+.3})",
-            rate.map_or_else(|| "max".to_owned(), |r| r.to_string()),
-            gateway.ack,
-            base.ttfb_p50,
-            ours.ttfb_p50,
-            ours.ttfb_p50 - base.ttfb_p50,
-            base.ttfb_p99,
-            ours.ttfb_p99,
-            ours.ttfb_p99 - base.ttfb_p99,
-            base.p99,
-            ours.p99,
-            ours.p99 - base.p99,
+            "  {:<26} {:>7.0} req/s, first byte p50 {:.3} p99 {:.3}, whole stream p50 {:.3} p99 {:.3}{versus}{memory}",
+            target.name,
+            run.rps,
+            run.ttfb_p50,
+            run.ttfb_p99,
+            run.p50,
+            run.p99
         );
+        direct.get_or_insert(run);
     }
-    for gateway in &gateways {
-        let (rss, peak) = memory_mib(gateway.process.0.id())?;
+    let client = reqwest::Client::new();
+    for target in targets.iter().filter(|t| t.key.is_some()) {
         let health: Value = client
-            .get(format!("http://{}/health", gateway.addr))
+            .get(format!("http://{}/health", target.addr))
             .send()
             .await?
             .json()
             .await?;
         say!(
-            "ack={}: memory {rss:.1} MiB resident, {peak:.1} MiB peak; events on the log: {}",
-            gateway.ack,
+            "{}: events on the log: {}",
+            target.name,
             health
                 .pointer("/log/data/end_offset")
                 .unwrap_or(&Value::Null)

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use loom_gateway::config::GatewayConfig;
 use loom_gateway::install_metrics;
 use loom_projector::{ProjectorConfig, StoreLocation, project_active};
@@ -76,6 +77,13 @@ pub async fn serve(
         config.admin_token.as_ref(),
         &tasks,
     )?;
+    // Streams write small frames one after another: without TCP_NODELAY each one after the
+    // first waits for the client's delayed ACK (40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
+        }
+    });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await

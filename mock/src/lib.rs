@@ -152,6 +152,17 @@ pub struct MockServer {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Sets TCP_NODELAY on every accepted connection, as real servers (and nginx) do: frames go
+/// out as they are written.
+pub fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
+}
+
 impl MockServer {
     /// Starts a mock on 127.0.0.1 with a free port.
     pub async fn start(config: MockConfig) -> std::io::Result<MockServer> {
@@ -159,7 +170,7 @@ impl MockServer {
         let addr = listener.local_addr()?;
         let app = router(config);
         let task = tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app).await {
+            if let Err(error) = axum::serve(nodelay(listener), app).await {
                 tracing::error!(%error, "mock server failed");
             }
         });
@@ -282,7 +293,7 @@ async fn prelude(
             status,
             retry_after,
         }) => {
-            tokio::time::sleep(delay).await;
+            pause(delay).await;
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return Err(error_response(
                 dialect,
@@ -297,8 +308,15 @@ async fn prelude(
         Some(Fault::Delay { ms }) => delay += Duration::from_millis(*ms),
         _ => {}
     }
-    tokio::time::sleep(delay).await;
+    pause(delay).await;
     Ok((parsed, fault))
+}
+
+/// Waits `delay`; not at all for zero (tokio's timer would round it up to a millisecond).
+async fn pause(delay: Duration) {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
 }
 
 fn truncate_after(fault: &Option<Fault>) -> Option<usize> {

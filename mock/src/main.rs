@@ -38,6 +38,6 @@ async fn main() -> anyhow::Result<()> {
         chunk_delay: Duration::from_millis(args.chunk_delay_ms),
         api_key: args.api_key,
     };
-    axum::serve(listener, loom_mock::router(config)).await?;
+    axum::serve(loom_mock::nodelay(listener), loom_mock::router(config)).await?;
     Ok(())
 }
