@@ -43,7 +43,15 @@ pub enum CryptoError {
     Random,
 }
 
-/// Fills a fresh array from the operating system's CSPRNG.
+/// Fills a fresh array from the thread's CSPRNG (`rand`'s ChaCha12, seeded and reseeded from the
+/// operating system): for nonces, which every sealed field needs, without a system call each.
+fn nonce() -> [u8; NONCE_LEN] {
+    let mut bytes = [0u8; NONCE_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    bytes
+}
+
+/// Fills a fresh array from the operating system's CSPRNG: for keys.
 pub fn random_bytes<const N: usize>() -> Result<[u8; N], CryptoError> {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).map_err(|_| CryptoError::Random)?;
@@ -80,7 +88,7 @@ pub(crate) fn aead_seal(
     aad: &[u8],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
-    let nonce_bytes: [u8; NONCE_LEN] = random_bytes()?;
+    let nonce_bytes = nonce();
     let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
     out.extend_from_slice(&nonce_bytes);
     out.extend_from_slice(plaintext);
