@@ -36,7 +36,7 @@ enum BenchKind {
         batch: usize,
     },
     /// Gateway latency, throughput, CPU and memory under load (oha), against the mock upstream
-    /// called directly.
+    /// called directly and through nginx `proxy_pass`.
     Gateway(crate::bench_gateway::GatewayBenchArgs),
     /// The log on a Kafka-protocol broker: producer throughput and append-to-read latency.
     Kafka(crate::bench_kafka::KafkaBenchArgs),
