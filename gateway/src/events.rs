@@ -1,13 +1,14 @@
 //! Data-plane events leave the request path through a bounded queue, already encoded; one writer,
 //! on a thread of its own, appends them to the log with group commit: as soon as an event that an
 //! answer waits for is queued, it appends it with everything queued before it, and whatever
-//! arrives while an append is in flight goes into the next one (events nobody waits for yet wait
-//! up to 5 ms for company). A request's answer waits until its last event is recorded
+//! arrives while an append is in flight goes into the next one. Events nobody waits for do not wake
+//! the writer: they go with the next answer's, or within 5 ms (100 ms after the writer last found
+//! the queue empty). A request's answer waits until its last event is recorded
 //! ([`Emitter::record`], per [`EventsAck`]); the events queued before it are in the same append
 //! or an earlier one, so they are recorded too. When the queue is full the configured policy
 //! applies at the start of a request (default: 503), so no admitted request loses an event.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use loom_schemas::codec::{CodecError, Registry};
@@ -23,6 +24,8 @@ const BATCH: usize = 512;
 /// How long events nobody waits for may wait for company: fewer, larger appends cost far less
 /// CPU than one per event.
 const LINGER: Duration = Duration::from_millis(5);
+/// How long the writer sleeps when it found nothing to write (unless an answer rings for it).
+const IDLE: Duration = Duration::from_millis(100);
 
 /// An event in the queue, encoded (on the request's task, so that the one writer only appends),
 /// with whoever waits for it to be recorded.
@@ -31,10 +34,40 @@ struct Queued {
     recorded: Option<oneshot::Sender<()>>,
 }
 
+/// Wakes the writer when an answer waits for its events (or the queue is filling up), and only
+/// then: the writer sleeps through the events nobody waits for, which it takes with the next
+/// answer's or after [`LINGER`] ([`IDLE`] when it last found nothing). One wake-up per answer,
+/// not one per event.
+#[derive(Default)]
+struct Doorbell {
+    rung: Mutex<bool>,
+    bell: Condvar,
+}
+
+impl Doorbell {
+    fn ring(&self) {
+        if let Ok(mut rung) = self.rung.lock() {
+            *rung = true;
+        }
+        self.bell.notify_one();
+    }
+
+    /// Blocks until rung or `timeout` has passed, and clears the bell.
+    fn wait(&self, timeout: Duration) {
+        let Ok(rung) = self.rung.lock() else {
+            return;
+        };
+        if let Ok((mut rung, _)) = self.bell.wait_timeout_while(rung, timeout, |rung| !*rung) {
+            *rung = false;
+        }
+    }
+}
+
 /// The request path's handle on the event queue.
 #[derive(Clone)]
 pub struct Emitter {
     tx: mpsc::Sender<Queued>,
+    doorbell: Arc<Doorbell>,
     registry: &'static Registry,
     when_full: WhenEventsFull,
     ack: EventsAck,
@@ -60,8 +93,10 @@ impl Emitter {
         embedded: Option<Arc<EmbeddedLog>>,
     ) -> Result<(Emitter, EventWriter), CodecError> {
         let (tx, rx) = mpsc::channel(limits.events_capacity);
+        let doorbell = Arc::new(Doorbell::default());
         let emitter = Emitter {
             tx,
+            doorbell: Arc::clone(&doorbell),
             registry: Registry::builtin()?,
             when_full: limits.when_events_full,
             ack: limits.events_ack,
@@ -69,6 +104,7 @@ impl Emitter {
         };
         let writer = EventWriter {
             rx,
+            doorbell,
             log,
             embedded,
             ack: limits.events_ack,
@@ -89,6 +125,14 @@ impl Emitter {
         }
     }
 
+    /// Rings for the writer once the queue is three-quarters full, so that it never waits for
+    /// [`LINGER`] with a full queue.
+    fn ring_if_filling(&self) {
+        if self.tx.capacity() < self.tx.max_capacity() / 4 {
+            self.doorbell.ring();
+        }
+    }
+
     /// Queues the first event of a request, applying the full-queue policy.
     pub async fn admit(&self, event: Event) -> Result<(), QueueFull> {
         match self.when_full {
@@ -100,13 +144,15 @@ impl Emitter {
                 let Some(queued) = self.encode(&event, None) else {
                     return Ok(());
                 };
-                self.tx.try_send(queued).map_err(|error| match error {
+                let sent = self.tx.try_send(queued).map_err(|error| match error {
                     mpsc::error::TrySendError::Full(_) => {
                         metrics::counter!("loom_events_rejected_requests_total").increment(1);
                         QueueFull
                     }
                     mpsc::error::TrySendError::Closed(_) => QueueFull,
-                })
+                });
+                self.ring_if_filling();
+                sent
             }
         }
     }
@@ -120,6 +166,7 @@ impl Emitter {
             tracing::error!("event writer is gone; an event was lost");
             metrics::counter!("loom_events_lost_total").increment(1);
         }
+        self.ring_if_filling();
     }
 
     /// Queues the last event of a request and waits until it is recorded, with every event
@@ -135,6 +182,7 @@ impl Emitter {
         let queued = self.encode(&event, Some(recorded)).ok_or(Unrecorded)?;
         let waited = tokio::time::timeout(self.ack_timeout, async {
             self.tx.send(queued).await.map_err(|_| Unrecorded)?;
+            self.doorbell.ring();
             done.await.map_err(|_| Unrecorded)
         })
         .await;
@@ -158,13 +206,16 @@ impl Emitter {
         let Some(queued) = self.encode(&event, None) else {
             return Ok(());
         };
-        self.tx.try_send(queued).map_err(|_| Box::new(event))
+        let sent = self.tx.try_send(queued).map_err(|_| Box::new(event));
+        self.ring_if_filling();
+        sent
     }
 }
 
 /// Drains the queue onto the log in batches.
 pub struct EventWriter {
     rx: mpsc::Receiver<Queued>,
+    doorbell: Arc<Doorbell>,
     log: Arc<dyn Log>,
     embedded: Option<Arc<EmbeddedLog>>,
     ack: EventsAck,
@@ -185,8 +236,22 @@ impl EventWriter {
     /// The writer's loop; only ever on the thread `spawn` gives it, since it blocks.
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(BATCH);
-        while self.rx.recv_many(&mut batch, BATCH).await > 0 {
-            self.gather(&mut batch).await;
+        let mut wait = Some(IDLE);
+        loop {
+            if let Some(timeout) = wait {
+                self.doorbell.wait(timeout);
+            }
+            let open = self.take(&mut batch);
+            wait = match batch.len() {
+                0 if !open => return,
+                0 => Some(IDLE),
+                // A full batch leaves more behind: take it at once.
+                BATCH => None,
+                _ => Some(LINGER),
+            };
+            if batch.is_empty() {
+                continue;
+            }
             self.append(&batch).await;
             let durable = match self.ack {
                 EventsAck::Fsynced => self.sync().await.map_err(|error| {
@@ -205,39 +270,23 @@ impl EventWriter {
         }
     }
 
+    /// Takes what is queued, up to [`BATCH`]; `false` once the queue is empty and every
+    /// [`Emitter`] is gone.
+    fn take(&mut self, batch: &mut Vec<Queued>) -> bool {
+        while batch.len() < BATCH {
+            match self.rx.try_recv() {
+                Ok(queued) => batch.push(queued),
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+        true
+    }
+
     async fn sync(&self) -> Result<(), LogError> {
         match &self.embedded {
             Some(log) => log.sync_blocking(),
             None => self.log.sync().await,
-        }
-    }
-
-    /// Lets a batch that nobody waits for grow until an event that someone waits for joins it, it
-    /// is full, or [`LINGER`] has passed: the events before a request's last ride along with it.
-    /// An answer never waits for this.
-    async fn gather(&mut self, batch: &mut Vec<Queued>) {
-        if batch.iter().any(|queued| queued.recorded.is_some()) {
-            return;
-        }
-        let deadline = tokio::time::Instant::now() + LINGER;
-        while batch.len() < BATCH {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(queued)) => {
-                    let waited_for = queued.recorded.is_some();
-                    batch.push(queued);
-                    if waited_for {
-                        // And whatever else is already waiting.
-                        while batch.len() < BATCH {
-                            match self.rx.try_recv() {
-                                Ok(queued) => batch.push(queued),
-                                Err(_) => break,
-                            }
-                        }
-                        return;
-                    }
-                }
-                Ok(None) | Err(_) => return,
-            }
         }
     }
 
@@ -453,6 +502,37 @@ mod tests {
             drop(emitter);
             writing.await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn events_nobody_waits_for_are_written_without_an_answer_and_all_before_the_writer_ends()
+    {
+        let (_dir, log) = log().await;
+        let (emitter, writer) = Emitter::new(
+            &limits(1024, WhenEventsFull::Wait, EventsAck::Recorded),
+            Arc::clone(&log) as Arc<dyn Log>,
+            Some(Arc::clone(&log)),
+        )
+        .unwrap();
+        let writing = writer.spawn(&TaskTracker::new());
+        emitter.emit(event()).await;
+        // Nothing rings for it: the writer takes it on its own (the minute is only a bound on a
+        // broken writer, not a measurement).
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while log.end_offset(Topic::Data, 0).await.unwrap() < 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the event is written without an answer waiting for it");
+        // More than a batch, then the emitter goes: every event is written before the writer ends.
+        for _ in 0..(BATCH * 2 + 7) {
+            emitter.emit(event()).await;
+        }
+        drop(emitter);
+        writing.await.unwrap();
+        let expected = 1 + BATCH as u64 * 2 + 7;
+        assert_eq!(log.end_offset(Topic::Data, 0).await.unwrap(), expected);
     }
 
     #[tokio::test]
