@@ -95,11 +95,23 @@ pub struct GatewayBenchArgs {
     nginx: PathBuf,
 }
 
-/// A child process killed on drop.
+/// A child process stopped on drop: SIGTERM (nginx's master then stops its workers, which a
+/// SIGKILL would leave behind), and SIGKILL if it is still there after 5 s.
 struct Process(Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
+        let terminated = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        if terminated.is_ok_and(|status| status.success()) {
+            for _ in 0..100 {
+                if matches!(self.0.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
