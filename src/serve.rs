@@ -53,7 +53,7 @@ pub async fn serve(
     if let Some(location) = config.read_models.clone() {
         let (log, shutdown) = (Arc::clone(&node.services.log), shutdown.clone());
         let projector = config.projector.clone();
-        tasks.spawn(async move {
+        let projecting = async move {
             // The log keeps every event: a projector that fails starts again from its positions.
             while let Err(error) = project_active(
                 Arc::clone(&log),
@@ -68,6 +68,17 @@ pub async fn serve(
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
                 }
+            }
+        };
+        // The fold runs on a thread (and runtime) of its own: decoding and folding a batch
+        // would otherwise hold one of the request path's workers for milliseconds at a time.
+        tasks.spawn_blocking(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(projecting),
+                Err(error) => tracing::error!(%error, "could not start the projector's runtime"),
             }
         });
     }
