@@ -366,19 +366,12 @@ impl Target {
     }
 }
 
-/// A free port on loopback.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// nginx as users run it in front of an upstream: `proxy_pass` with HTTP/1.1 keep-alive to the
 /// upstream, a worker per core, access log off (Loom keeps no per-request text log either).
 fn start_nginx(binary: &Path, work: &Path, upstream: &str) -> anyhow::Result<Target> {
     let dir = work.join("nginx");
     std::fs::create_dir_all(dir.join("temp"))?;
-    let port = free_port()?;
+    let port = loom_schemas::testing::try_free_port()?;
     let config = dir.join("nginx.conf");
     std::fs::write(
         &config,

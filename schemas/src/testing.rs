@@ -50,12 +50,16 @@ pub fn nisshi() -> String {
 }
 
 /// A port nothing listens on right now.
+pub fn try_free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// [`try_free_port`], for tests.
 #[allow(clippy::expect_used)]
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding a free port")
-        .port()
+    try_free_port().expect("binding a free port")
 }
 
 /// A Kafka-protocol broker of a test's own (nisshi), killed when dropped. With Postgres storage

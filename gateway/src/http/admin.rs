@@ -76,9 +76,7 @@ async fn read_json<S: Send + Sync, T: DeserializeOwned>(
     request: Request,
     state: &S,
 ) -> Result<Option<T>, GatewayError> {
-    let bytes = Bytes::from_request(request, state)
-        .await
-        .map_err(|rejection| GatewayError::InvalidRequest(rejection.body_text()))?;
+    let bytes = Bytes::from_request(request, state).await.map_err(invalid)?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
@@ -111,12 +109,9 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OrEmpty<T
     }
 }
 
-fn bad_path(rejection: PathRejection) -> GatewayError {
-    GatewayError::InvalidRequest(rejection.body_text())
-}
-
-fn bad_query(rejection: QueryRejection) -> GatewayError {
-    GatewayError::InvalidRequest(rejection.body_text())
+/// A path, query or body axum could not take apart, as a 400 in OpenAI's shape.
+fn invalid(rejection: impl std::fmt::Display) -> GatewayError {
+    GatewayError::InvalidRequest(rejection.to_string())
 }
 
 #[derive(Deserialize)]
@@ -154,7 +149,7 @@ async fn list_keys(
     State(state): State<AppState>,
     filter: Result<Query<KeyFilter>, QueryRejection>,
 ) -> Result<Json<Vec<KeyView>>, GatewayError> {
-    let Query(filter) = filter.map_err(bad_query)?;
+    let Query(filter) = filter.map_err(invalid)?;
     Ok(Json(state.services.list_keys(filter.tenant_id)))
 }
 
@@ -170,7 +165,7 @@ async fn revoke_key(
     key_id: Result<Path<Uuid>, PathRejection>,
     OrEmpty(request): OrEmpty<RevokeRequest>,
 ) -> Result<StatusCode, GatewayError> {
-    let Path(key_id) = key_id.map_err(bad_path)?;
+    let Path(key_id) = key_id.map_err(invalid)?;
     state.services.revoke_key(key_id, request.reason).await?;
     Ok(StatusCode::NO_CONTENT)
 }
