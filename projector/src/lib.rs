@@ -16,6 +16,7 @@ pub mod write;
 pub use catalog::Catalog;
 pub use replay::{ReplayReport, replay};
 pub use run::{
-    Projector, ProjectorConfig, ProjectorError, fold_batch, project_active, stored_positions,
+    Projector, ProjectorConfig, ProjectorError, fold_batch, project_active, store_batch,
+    stored_positions,
 };
 pub use store::{Backend, ReadStore, StoreError, StoreLocation};

@@ -3,7 +3,7 @@
 //! that retention never becomes a DELETE storm. SQLite has no partitions: there retention
 //! deletes rows.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveDate};
@@ -104,6 +104,32 @@ pub async fn ensure(store: &ReadStore, changes: &Changes) -> Result<(), sqlx::Er
                 store.pool().execute(AssertSqlSafe(sql)).await?;
             }
             store.remember_partition(name);
+        }
+    }
+    Ok(())
+}
+
+/// Analyzes the trace partitions `changes` wrote into once they have doubled in size (Postgres;
+/// nothing on SQLite). The projector's lookups join batches with `traces` by key; a replay fills
+/// its tables (and each month's partition) from empty, and a plan cached while a partition was
+/// still small keeps scanning it whole, or through the wrong index, until an analyze replaces
+/// it: at 1M events, 12 ms instead of 1.5 per join. Autovacuum's first analyze of a fresh table
+/// comes minutes later, and it never analyzes the partitioned parent.
+pub async fn analyze_growing(store: &ReadStore, changes: &Changes) -> Result<(), sqlx::Error> {
+    if store.backend() != Backend::Postgres {
+        return Ok(());
+    }
+    let mut rows: BTreeMap<Month, u64> = BTreeMap::new();
+    for started_at in changes.traces.iter().filter_map(|t| t.started_at) {
+        *rows.entry(Month::of(started_at)).or_default() += 1;
+    }
+    for (month, rows) in rows {
+        let name = month.partition_of("traces");
+        if store.grew(&name, rows) {
+            store
+                .pool()
+                .execute(AssertSqlSafe(format!("ANALYZE {name}")))
+                .await?;
         }
     }
     Ok(())

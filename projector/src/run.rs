@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use loom_schemas::codec::Registry;
-use loom_schemas::log::{Entry, GroupEvent, Log, LogError, Position, Topic};
+use loom_schemas::log::{Entry, GroupEvent, GroupReader, Log, LogError, Position, Topic};
 use sqlx::{Acquire, Row};
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +27,8 @@ pub enum ProjectorError {
     Store(#[from] StoreError),
     #[error("the projector stopped before the replay was done")]
     Stopped,
+    #[error("storing a batch: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 #[derive(Debug, Clone)]
@@ -188,16 +190,19 @@ async fn follow(
     // A group per topic, so that members joining for one topic do not stop the other's.
     let group = format!("{}-{}", config.group, topic.name());
     let mut reader = log.join_group(&group, topic).await?;
-    // The control topic's state where this projection stands: control events are judged
-    // against it (see `loom_schemas::control`). Data batches do not touch it.
+    // The control topic's state where the folding stands: control events are judged against
+    // it (see `loom_schemas::control`). Data batches do not touch it.
     let mut control = ControlState::default();
+    // The batch being stored while the next one is read and folded.
+    let mut storing = InFlight::default();
     loop {
         let event = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => break,
             event = reader.next(config.batch) => event?,
         };
         match event {
             GroupEvent::Assigned { partitions, start } => {
+                // Nothing is in flight: the partitions were revoked (and drained) first.
                 let stored = stored_positions(&store, topic).await?;
                 tracing::info!(topic = topic.name(), ?partitions, ?stored, "projecting");
                 if topic == Topic::Control {
@@ -211,12 +216,113 @@ async fn follow(
                 let _ = start.send(stored);
             }
             GroupEvent::Entries(entries) => {
-                let Some(reached) =
-                    fold_until_stored(&store, registry, topic, &entries, &mut control, &shutdown)
-                        .await
-                else {
-                    return Ok(());
-                };
+                // Folded once: a batch whose storing fails is stored again as it was folded,
+                // never skipped, so `control` may run ahead of the store.
+                let changes = Changes::fold(registry, topic, &entries, &mut control);
+                let records = entries.len();
+                drop(entries);
+                let work =
+                    store_until_stored(store.clone(), changes, topic, records, shutdown.clone());
+                if !commit(&mut reader, storing.replace(work).await?).await {
+                    break;
+                }
+                // A small batch: the log is quiet or trickling (a gateway appends per answered
+                // request). Nothing to fold meanwhile: see this one stored, then let the next
+                // batch grow a little: one transaction per append would cost the read models
+                // far more than these milliseconds of freshness.
+                if records < config.batch {
+                    if !commit(&mut reader, storing.finish().await?).await {
+                        break;
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(TRICKLE_WAIT) => {}
+                    }
+                }
+            }
+            GroupEvent::Revoked { done, .. } => {
+                // What was read from the partitions is stored before they go.
+                if !commit(&mut reader, storing.finish().await?).await {
+                    break;
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+    // Stopping: the batch in flight finishes its transaction (or gives up retrying).
+    storing.finish().await?;
+    Ok(())
+}
+
+/// What storing a batch came to.
+enum Stored {
+    /// Stored: the next offset of each partition the batch touched.
+    Reached(Vec<Position>),
+    /// Shut down before the store took it.
+    Stopped,
+}
+
+/// At most one batch being stored, on a task of its own: the member reads and folds the next
+/// batch meanwhile (the database works on one core, the fold on the other). Batches are stored
+/// in log order.
+#[derive(Default)]
+struct InFlight(Option<tokio::task::JoinHandle<Stored>>);
+
+impl InFlight {
+    /// Waits for the batch in flight, then starts storing `work`; what the earlier one came to.
+    async fn replace(
+        &mut self,
+        work: impl Future<Output = Stored> + Send + 'static,
+    ) -> Result<Option<Stored>, ProjectorError> {
+        let previous = self.finish().await?;
+        if !matches!(previous, Some(Stored::Stopped)) {
+            self.0 = Some(tokio::spawn(work));
+        }
+        Ok(previous)
+    }
+
+    /// Waits for the batch in flight, if any.
+    async fn finish(&mut self) -> Result<Option<Stored>, ProjectorError> {
+        match self.0.take() {
+            Some(task) => Ok(Some(task.await?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Tells the group how far a stored batch reached (advisory: the store holds the positions
+/// that count); false if the store was shut down instead.
+async fn commit(reader: &mut Box<dyn GroupReader>, stored: Option<Stored>) -> bool {
+    match stored {
+        Some(Stored::Reached(reached)) => {
+            if let Err(error) = reader.commit(&reached).await {
+                tracing::debug!(%error, "recording the group's advisory offsets failed");
+            }
+            true
+        }
+        Some(Stored::Stopped) => false,
+        None => true,
+    }
+}
+
+/// Stores a folded batch, retrying (the same batch, never skipping it) while the database
+/// fails, until shut down.
+async fn store_until_stored(
+    store: ReadStore,
+    mut changes: Changes,
+    topic: Topic,
+    records: usize,
+    shutdown: CancellationToken,
+) -> Stored {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        match store_batch(&store, &mut changes).await {
+            Ok(reached) => {
+                metrics::counter!("loom_projector_records_total", "topic" => topic.name())
+                    .increment(records as u64);
+                metrics::histogram!("loom_projector_batch_seconds", "topic" => topic.name())
+                    .record(started.elapsed().as_secs_f64());
                 for position in &reached {
                     metrics::gauge!(
                         "loom_projector_position",
@@ -225,56 +331,16 @@ async fn follow(
                     )
                     .set(position.offset as f64);
                 }
-                if let Err(error) = reader.commit(&reached).await {
-                    tracing::debug!(%error, "recording the group's advisory offsets failed");
-                }
-                // A small batch: the log is quiet or trickling (a gateway appends per answered
-                // request). Let the next batch grow a little: one transaction per append would
-                // cost the read models far more than these milliseconds of freshness.
-                if entries.len() < config.batch {
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(TRICKLE_WAIT) => {}
-                    }
-                }
-            }
-            // Every batch is stored before the next is read: nothing is pending.
-            GroupEvent::Revoked { done, .. } => {
-                let _ = done.send(());
-            }
-        }
-    }
-}
-
-/// Folds a batch into the store, retrying (the same batch, never skipping it) while the
-/// database fails; the positions it reached, or `None` if shut down first.
-async fn fold_until_stored(
-    store: &ReadStore,
-    registry: &Registry,
-    topic: Topic,
-    entries: &[Entry],
-    control: &mut ControlState,
-    shutdown: &CancellationToken,
-) -> Option<Vec<Position>> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let started = Instant::now();
-        match fold_batch(store, registry, topic, entries, control).await {
-            Ok(reached) => {
-                metrics::counter!("loom_projector_records_total", "topic" => topic.name())
-                    .increment(entries.len() as u64);
-                metrics::histogram!("loom_projector_batch_seconds", "topic" => topic.name())
-                    .record(started.elapsed().as_secs_f64());
-                return Some(reached);
+                return Stored::Reached(reached);
             }
             Err(error) => {
                 metrics::counter!("loom_projector_failures_total", "topic" => topic.name())
                     .increment(1);
-                tracing::error!(%error, topic = topic.name(), records = entries.len(), "folding a batch failed; retrying");
+                tracing::error!(%error, topic = topic.name(), records, "storing a batch failed; retrying");
             }
         }
         tokio::select! {
-            () = shutdown.cancelled() => return None,
+            () = shutdown.cancelled() => return Stored::Stopped,
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -283,8 +349,7 @@ async fn fold_until_stored(
 
 /// Folds `entries` and stores the result with the positions, in one transaction; returns the
 /// positions reached (the next offset of each partition the batch touched). `control` is the
-/// control topic's state before the batch; it moves on only once the batch is stored, so that a
-/// retry folds the same batch the same way.
+/// control topic's state before the batch; it moves on only once the batch is stored.
 pub async fn fold_batch(
     store: &ReadStore,
     registry: &Registry,
@@ -294,19 +359,30 @@ pub async fn fold_batch(
 ) -> Result<Vec<Position>, sqlx::Error> {
     let mut after = control.clone();
     let mut changes = Changes::fold(registry, topic, entries, &mut after);
-    let reached = changes
-        .positions
-        .iter()
-        .map(|(&(_, partition), &offset)| Position { partition, offset })
-        .collect();
+    let reached = store_batch(store, &mut changes).await?;
+    *control = after;
+    Ok(reached)
+}
+
+/// Stores a folded batch with its positions in one transaction; the positions reached. The
+/// changes stay as they were (but for the traces' starts, resolved once): a failed attempt can
+/// be retried with them.
+pub async fn store_batch(
+    store: &ReadStore,
+    changes: &mut Changes,
+) -> Result<Vec<Position>, sqlx::Error> {
     let mut conn = store.pool().acquire().await?;
-    write::resolve_starts(&mut conn, &mut changes).await?;
-    partitions::ensure(store, &changes).await?;
+    write::resolve_starts(&mut conn, changes).await?;
+    partitions::ensure(store, changes).await?;
     let mut tx = conn.begin().await?;
     write::apply(&mut tx, changes).await?;
     tx.commit().await?;
-    *control = after;
-    Ok(reached)
+    partitions::analyze_growing(store, changes).await?;
+    Ok(changes
+        .positions
+        .iter()
+        .map(|(&(_, partition), &offset)| Position { partition, offset })
+        .collect())
 }
 
 /// The control topic's state after its first `until` records, folded by the shared rules.

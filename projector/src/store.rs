@@ -7,7 +7,7 @@
 //! SQLite file `v<N>.sqlite` in the read-models directory.
 
 use loom_schemas::{ExposeSecret, SecretString};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -73,6 +73,8 @@ pub struct ReadStore {
     version: u32,
     /// Partitions known to exist (Postgres), so that each is created once per process.
     partitions: Arc<Mutex<HashSet<String>>>,
+    /// Trace rows this process wrote per partition, now and when it last analyzed it.
+    growth: Arc<Mutex<HashMap<String, (u64, u64)>>>,
 }
 
 impl ReadStore {
@@ -126,6 +128,7 @@ impl ReadStore {
             backend,
             version,
             partitions: Arc::default(),
+            growth: Arc::default(),
         })
     }
 
@@ -145,6 +148,21 @@ impl ReadStore {
         if let Ok(mut known) = self.partitions.lock() {
             known.remove(name);
         }
+    }
+
+    /// Counts `rows` written to `partition`; true when they have doubled since it was last
+    /// analyzed here (from 1,000), which counts as analyzing it now.
+    pub(crate) fn grew(&self, partition: &str, rows: u64) -> bool {
+        let Ok(mut growth) = self.growth.lock() else {
+            return false;
+        };
+        let (written, analyzed) = growth.entry(partition.to_owned()).or_default();
+        *written += rows;
+        if *written >= (2 * *analyzed).max(1000) {
+            *analyzed = *written;
+            return true;
+        }
+        false
     }
 
     pub fn pool(&self) -> &AnyPool {

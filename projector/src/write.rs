@@ -1,83 +1,109 @@
 //! Applying a batch's [`Changes`] in one transaction, positions included: after a crash the
-//! store holds either all of a batch or none of it. Rows go in as multi-row statements; every
+//! store holds either all of a batch or none of it. Each table's rows go in as one statement
+//! whose one parameter is the rows as a JSON array, which the database unpacks itself
+//! (Postgres `json_to_recordset`, SQLite `json_each`): the statement's text is the same for
+//! every batch (prepared once per connection), and nothing is bound value by value. Every
 //! statement is idempotent (keyed inserts, merges, once-only rollup increments), so a record the
 //! log delivers twice changes nothing the second time.
 
-use sqlx::any::AnyArguments;
-use sqlx::query::Query;
-use sqlx::{Any, AnyConnection, AssertSqlSafe, Row};
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
 use crate::fold::{Changes, ControlChange, name_of};
 
-/// A bound value of a row.
-enum Value {
-    Text(Option<String>),
+/// A value of a row, borrowed from the changes where it can be.
+enum Value<'a> {
+    Text(Option<Cow<'a, str>>),
     Int(Option<i64>),
     Bool(Option<bool>),
-    Blob(Option<Vec<u8>>),
+    Blob(Option<&'a [u8]>),
 }
 
-impl From<String> for Value {
+impl<'a> From<&'a String> for Value<'a> {
+    fn from(v: &'a String) -> Self {
+        Value::Text(Some(Cow::Borrowed(v)))
+    }
+}
+impl<'a> From<&'a Option<String>> for Value<'a> {
+    fn from(v: &'a Option<String>) -> Self {
+        Value::Text(v.as_deref().map(Cow::Borrowed))
+    }
+}
+impl<'a> From<&'a str> for Value<'a> {
+    fn from(v: &'a str) -> Self {
+        Value::Text(Some(Cow::Borrowed(v)))
+    }
+}
+impl<'a> From<&&'a str> for Value<'a> {
+    fn from(v: &&'a str) -> Self {
+        Value::Text(Some(Cow::Borrowed(*v)))
+    }
+}
+impl From<String> for Value<'_> {
     fn from(v: String) -> Self {
-        Value::Text(Some(v))
+        Value::Text(Some(Cow::Owned(v)))
     }
 }
-impl From<&str> for Value {
-    fn from(v: &str) -> Self {
-        Value::Text(Some(v.to_owned()))
-    }
-}
-impl From<Option<String>> for Value {
+impl From<Option<String>> for Value<'_> {
     fn from(v: Option<String>) -> Self {
-        Value::Text(v)
+        Value::Text(v.map(Cow::Owned))
     }
 }
-impl From<i64> for Value {
+impl From<i64> for Value<'_> {
     fn from(v: i64) -> Self {
         Value::Int(Some(v))
     }
 }
-impl From<Option<i64>> for Value {
+impl From<&i64> for Value<'_> {
+    fn from(v: &i64) -> Self {
+        Value::Int(Some(*v))
+    }
+}
+impl From<Option<i64>> for Value<'_> {
     fn from(v: Option<i64>) -> Self {
         Value::Int(v)
     }
 }
-impl From<bool> for Value {
-    fn from(v: bool) -> Self {
-        Value::Bool(Some(v))
+impl From<&Option<i64>> for Value<'_> {
+    fn from(v: &Option<i64>) -> Self {
+        Value::Int(*v)
     }
 }
-impl From<Option<bool>> for Value {
-    fn from(v: Option<bool>) -> Self {
-        Value::Bool(v)
+impl From<&bool> for Value<'_> {
+    fn from(v: &bool) -> Self {
+        Value::Bool(Some(*v))
     }
 }
-impl From<Vec<u8>> for Value {
-    fn from(v: Vec<u8>) -> Self {
+impl From<&Option<bool>> for Value<'_> {
+    fn from(v: &Option<bool>) -> Self {
+        Value::Bool(*v)
+    }
+}
+impl<'a> From<&'a Vec<u8>> for Value<'a> {
+    fn from(v: &'a Vec<u8>) -> Self {
+        Value::Blob(Some(v))
+    }
+}
+impl<'a> From<&'a [u8]> for Value<'a> {
+    fn from(v: &'a [u8]) -> Self {
         Value::Blob(Some(v))
     }
 }
 
-fn bind(query: Query<'_, Any, AnyArguments>, value: Value) -> Query<'_, Any, AnyArguments> {
-    match value {
-        Value::Text(v) => query.bind(v),
-        Value::Int(v) => query.bind(v),
-        Value::Bool(v) => query.bind(v),
-        Value::Blob(v) => query.bind(v),
-    }
-}
-
 /// Rows for one table: its columns and, row by row, the values written to them.
-struct Rows {
+struct Rows<'a> {
     columns: &'static [&'static str],
-    values: Vec<Vec<Value>>,
+    values: Vec<Vec<Value<'a>>>,
 }
 
 /// Declares [`Rows`] with each column named next to the value written to it, so that the two
 /// cannot drift apart. `rows!(items, |item| { column: value, other, … })` makes a row per item
-/// (`other` alone stands for `item.other`); `rows!({ column: value, … })` a single row.
+/// (`other` alone stands for `&item.other`); `rows!({ column: value, … })` a single row.
 macro_rules! rows {
-    (@value $field:expr) => { $field };
+    (@value $field:expr) => { &$field };
     (@value $field:expr, $value:expr) => { $value };
     ({ $($column:ident: $value:expr),* $(,)? }) => {
         Rows {
@@ -89,63 +115,154 @@ macro_rules! rows {
         Rows {
             columns: &[$(stringify!($column)),*],
             values: $items
-                .into_iter()
+                .iter()
                 .map(|$item| vec![$(Value::from(rows!(@value $item.$column $(, $value)?))),*])
                 .collect(),
         }
     };
 }
 
-/// Bound parameters per statement. Postgres takes many (fewer round trips); on SQLite, binding
-/// `$n` parameters looks each name up in a list, so the cost per parameter grows with their
-/// number: there smaller statements are faster.
-fn max_params(conn: &AnyConnection) -> usize {
-    if conn.backend_name() == "SQLite" {
-        500
-    } else {
-        4_000
-    }
+/// Whether the connection is SQLite's (else Postgres).
+fn is_sqlite(conn: &AnyConnection) -> bool {
+    conn.backend_name() == "SQLite"
 }
 
-/// `($1, $2), ($3, $4)…` for `rows` rows of `columns` values, numbered from `$first`.
-fn placeholders(rows: usize, columns: usize, first: usize) -> String {
-    let mut text = String::with_capacity(rows * columns * 5);
-    for row in 0..rows {
-        text.push_str(if row == 0 { "(" } else { ", (" });
-        for column in 0..columns {
-            if column > 0 {
-                text.push_str(", ");
-            }
-            text.push_str(&format!("${}", first + row * columns + column));
+/// The SQL type a column's values have.
+#[derive(Clone, Copy)]
+enum Kind {
+    Text,
+    Int,
+    Bool,
+    Blob,
+}
+
+impl Value<'_> {
+    fn kind(&self) -> Kind {
+        match self {
+            Value::Text(_) => Kind::Text,
+            Value::Int(_) => Kind::Int,
+            Value::Bool(_) => Kind::Bool,
+            Value::Blob(_) => Kind::Blob,
         }
-        text.push(')');
     }
-    text
 }
 
-/// `INSERT INTO table (columns) VALUES … tail`, as few statements as the parameter limit allows.
+/// `SELECT column, … FROM <the rows in $1>`: a query of the JSON array of objects bound as `$1`,
+/// one typed column per key.
+fn from_json(sqlite: bool, columns: &[(&str, Kind)]) -> String {
+    let mut sql = String::from("SELECT ");
+    if sqlite {
+        for (i, (column, kind)) in columns.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            let _ = match kind {
+                Kind::Blob => write!(sql, "{sep}unhex(value ->> '$.{column}') AS {column}"),
+                _ => write!(sql, "{sep}value ->> '$.{column}' AS {column}"),
+            };
+        }
+        // `jsonb_each`: each row is handed to `->>` as JSONB, not re-parsed from text per column.
+        sql.push_str(" FROM jsonb_each($1)");
+    } else {
+        let names: Vec<&str> = columns.iter().map(|(column, _)| *column).collect();
+        let _ = write!(
+            sql,
+            "{} FROM json_to_recordset(CAST($1 AS json)) AS r(",
+            names.join(", ")
+        );
+        for (i, (column, kind)) in columns.iter().enumerate() {
+            let sql_type = match kind {
+                Kind::Text => "text",
+                Kind::Int => "bigint",
+                Kind::Bool => "boolean",
+                Kind::Blob => "bytea",
+            };
+            let _ = write!(sql, "{}{column} {sql_type}", if i == 0 { "" } else { ", " });
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// The rows as a JSON array of objects. Blobs are hex (prefixed `\x` for Postgres' bytea input).
+fn to_json(sqlite: bool, rows: &Rows<'_>) -> Result<String, sqlx::Error> {
+    serde_json::to_string(&JsonRows { sqlite, rows })
+        .map_err(|error| sqlx::Error::Encode(Box::new(error)))
+}
+
+struct JsonRows<'r, 'a> {
+    sqlite: bool,
+    rows: &'r Rows<'a>,
+}
+
+impl serde::Serialize for JsonRows<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut array = serializer.serialize_seq(Some(self.rows.values.len()))?;
+        for row in &self.rows.values {
+            array.serialize_element(&JsonRow {
+                sqlite: self.sqlite,
+                columns: self.rows.columns,
+                row,
+            })?;
+        }
+        array.end()
+    }
+}
+
+struct JsonRow<'r, 'a> {
+    sqlite: bool,
+    columns: &'static [&'static str],
+    row: &'r [Value<'a>],
+}
+
+impl serde::Serialize for JsonRow<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.columns.len()))?;
+        for (column, value) in self.columns.iter().zip(self.row) {
+            match value {
+                Value::Text(v) => map.serialize_entry(column, v)?,
+                Value::Int(v) => map.serialize_entry(column, v)?,
+                Value::Bool(v) => map.serialize_entry(column, v)?,
+                Value::Blob(None) => map.serialize_entry(column, &None::<&str>)?,
+                Value::Blob(Some(bytes)) => {
+                    let hex = hex::encode(bytes);
+                    if self.sqlite {
+                        map.serialize_entry(column, &hex)?;
+                    } else {
+                        map.serialize_entry(column, &format!("\\x{hex}"))?;
+                    }
+                }
+            }
+        }
+        map.end()
+    }
+}
+
+/// `INSERT INTO table (columns) SELECT … tail`: every row in one statement.
 async fn insert(
     conn: &mut AnyConnection,
     table: &str,
-    rows: Rows,
+    rows: Rows<'_>,
     tail: &str,
 ) -> Result<(), sqlx::Error> {
-    let columns = rows.columns;
-    let per_statement = (max_params(conn) / columns.len()).max(1);
-    let mut values = rows.values.into_iter().peekable();
-    while values.peek().is_some() {
-        let chunk: Vec<Vec<Value>> = values.by_ref().take(per_statement).collect();
-        let sql = format!(
-            "INSERT INTO {table} ({}) VALUES {} {tail}",
-            columns.join(", "),
-            placeholders(chunk.len(), columns.len(), 1)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for value in chunk.into_iter().flatten() {
-            query = bind(query, value);
-        }
-        query.execute(&mut *conn).await?;
-    }
+    let Some(first) = rows.values.first() else {
+        return Ok(());
+    };
+    let sqlite = is_sqlite(conn);
+    let columns: Vec<(&str, Kind)> = rows
+        .columns
+        .iter()
+        .zip(first)
+        .map(|(column, value)| (*column, value.kind()))
+        .collect();
+    // `WHERE true` keeps SQLite from reading an upsert's ON as a join's.
+    let sql = format!(
+        "INSERT INTO {table} ({}) {} WHERE true {tail}",
+        rows.columns.join(", "),
+        from_json(sqlite, &columns)
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(to_json(sqlite, &rows)?)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -153,15 +270,32 @@ async fn insert(
 async fn execute(
     conn: &mut AnyConnection,
     sql: &'static str,
-    values: Vec<Value>,
+    values: Vec<Value<'_>>,
 ) -> Result<(), sqlx::Error> {
     let mut query = sqlx::query(sql);
     for value in values {
-        query = bind(query, value);
+        query = match value {
+            Value::Text(v) => query.bind(v.map(Cow::into_owned)),
+            Value::Int(v) => query.bind(v),
+            Value::Bool(v) => query.bind(v),
+            Value::Blob(v) => query.bind(v.map(<[u8]>::to_vec)),
+        };
     }
     query.execute(&mut *conn).await?;
     Ok(())
 }
+
+/// The keys of traces, as a JSON array of objects for [`from_json`].
+fn trace_keys<'a>(keys: impl Iterator<Item = (&'a str, &'a str)>) -> Rows<'a> {
+    Rows {
+        columns: &["tenant_id", "trace_id"],
+        values: keys
+            .map(|(tenant, trace)| vec![Value::from(tenant), Value::from(trace)])
+            .collect(),
+    }
+}
+
+const TRACE_KEY_COLUMNS: [(&str, Kind); 2] = [("tenant_id", Kind::Text), ("trace_id", Kind::Text)];
 
 /// The traces' key: a patch merges into the row of its key, column by column.
 const TRACE_KEY: [&str; 3] = ["tenant_id", "trace_id", "started_at"];
@@ -193,38 +327,45 @@ pub async fn resolve_starts(
     let missing: Vec<usize> = (0..changes.traces.len())
         .filter(|&i| changes.traces[i].started_at.is_none())
         .collect();
-    for chunk in missing.chunks(max_params(conn) / 2) {
-        // A join with the keys (not a row-value IN, which SQLite answers with a full scan).
-        let sql = format!(
-            "WITH k (tenant_id, trace_id) AS (VALUES {}) \
-             SELECT t.tenant_id, t.trace_id, t.started_at FROM k \
-             JOIN traces t ON t.tenant_id = k.tenant_id AND t.trace_id = k.trace_id",
-            placeholders(chunk.len(), 2, 1)
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let keys = trace_keys(missing.iter().map(|&i| {
+        let trace = &changes.traces[i];
+        (trace.tenant_id.as_str(), trace.trace_id.as_str())
+    }));
+    let sqlite = is_sqlite(conn);
+    // A join with the keys (not a row-value IN, which SQLite answers with a full scan).
+    let sql = format!(
+        "WITH k AS ({}) SELECT t.tenant_id, t.trace_id, t.started_at FROM k \
+         JOIN traces t ON t.tenant_id = k.tenant_id AND t.trace_id = k.trace_id",
+        from_json(sqlite, &TRACE_KEY_COLUMNS)
+    );
+    let mut known = std::collections::HashMap::new();
+    for row in sqlx::query(AssertSqlSafe(sql))
+        .bind(to_json(sqlite, &keys)?)
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        known.insert(key, row.try_get::<i64, _>(2)?);
+    }
+    drop(keys);
+    for i in missing {
+        let trace = &mut changes.traces[i];
+        let key = (
+            std::mem::take(&mut trace.tenant_id),
+            std::mem::take(&mut trace.trace_id),
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for &i in chunk {
-            let trace = &changes.traces[i];
-            query = query
-                .bind(trace.tenant_id.clone())
-                .bind(trace.trace_id.clone());
-        }
-        let mut known = std::collections::HashMap::new();
-        for row in query.fetch_all(&mut *conn).await? {
-            let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
-            known.insert(key, row.try_get::<i64, _>(2)?);
-        }
-        for &i in chunk {
-            let trace = &mut changes.traces[i];
-            let key = (trace.tenant_id.clone(), trace.trace_id.clone());
-            trace.started_at = Some(known.get(&key).copied().unwrap_or(trace.first_at));
-        }
+        trace.started_at = Some(known.get(&key).copied().unwrap_or(trace.first_at));
+        (trace.tenant_id, trace.trace_id) = key;
     }
     Ok(())
 }
 
 /// Applies `changes` on `conn`, inside the caller's transaction.
-pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sqlx::Error> {
-    for change in changes.control {
+pub async fn apply(conn: &mut AnyConnection, changes: &Changes) -> Result<(), sqlx::Error> {
+    for change in &changes.control {
         apply_control(conn, change).await?;
     }
 
@@ -313,7 +454,7 @@ pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sql
     });
     insert(conn, "trace_bodies", bodies, "ON CONFLICT DO NOTHING").await?;
 
-    count_completions(conn, changes.completions).await?;
+    count_completions(conn, &changes.completions).await?;
 
     for d in &changes.dead_letters {
         metrics::counter!("loom_projector_dead_letters_total", "topic" => d.topic).increment(1);
@@ -326,7 +467,7 @@ pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sql
         );
     }
     let dead_letters = rows!(changes.dead_letters, |d| {
-        topic,
+        topic: d.topic,
         partition: i64::from(d.partition),
         log_offset: i64::try_from(d.offset).unwrap_or(i64::MAX),
         event_id,
@@ -340,7 +481,7 @@ pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sql
     let positions = rows!(changes.positions, |position| {
         topic: position.0.0,
         partition: i64::from(position.0.1),
-        next_offset: i64::try_from(position.1).unwrap_or(i64::MAX),
+        next_offset: i64::try_from(*position.1).unwrap_or(i64::MAX),
     });
     insert(
         conn,
@@ -356,51 +497,47 @@ pub async fn apply(conn: &mut AnyConnection, changes: Changes) -> Result<(), sql
 /// rows.
 async fn count_completions(
     conn: &mut AnyConnection,
-    completions: Vec<crate::fold::Completion>,
+    completions: &[crate::fold::Completion],
 ) -> Result<(), sqlx::Error> {
-    let mut fresh: Vec<(String, String)> = Vec::new();
-    for chunk in completions.chunks(max_params(conn)) {
-        let sql = format!(
-            "INSERT INTO rollup_applied (event_id) VALUES {} ON CONFLICT DO NOTHING RETURNING event_id",
-            placeholders(chunk.len(), 1, 1)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for completion in chunk {
-            query = query.bind(completion.event_id.clone());
-        }
-        let applied: std::collections::HashSet<String> = query
-            .fetch_all(&mut *conn)
-            .await?
-            .iter()
-            .map(|row| row.try_get(0))
-            .collect::<Result<_, _>>()?;
-        fresh.extend(
-            chunk
-                .iter()
-                .filter(|c| applied.contains(&c.event_id))
-                .map(|c| (c.tenant_id.clone(), c.trace_id.clone())),
-        );
-    }
-    if fresh.is_empty() {
+    if completions.is_empty() {
         return Ok(());
     }
+    let sqlite = is_sqlite(conn);
+    let ids = rows!(completions, |c| { event_id });
+    let sql = format!(
+        "INSERT INTO rollup_applied (event_id) {} WHERE true ON CONFLICT DO NOTHING RETURNING event_id",
+        from_json(sqlite, &[("event_id", Kind::Text)])
+    );
+    let applied: std::collections::HashSet<String> = sqlx::query(AssertSqlSafe(sql))
+        .bind(to_json(sqlite, &ids)?)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let fresh = trace_keys(
+        completions
+            .iter()
+            .filter(|c| applied.contains(&c.event_id))
+            .map(|c| (c.tenant_id.as_str(), c.trace_id.as_str())),
+    );
+    if fresh.values.is_empty() {
+        return Ok(());
+    }
+    let keys = to_json(sqlite, &fresh)?;
     for (table, bucket_us) in [
         ("usage_hourly", 3_600_000_000_i64),
         ("usage_daily", 86_400_000_000),
     ] {
-        for chunk in fresh.chunks(max_params(conn) / 2) {
-            let sql = rollup_sql(table, bucket_us, chunk.len());
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for (tenant, trace) in chunk {
-                query = query.bind(tenant.clone()).bind(trace.clone());
-            }
-            query.execute(&mut *conn).await?;
-        }
+        sqlx::query(AssertSqlSafe(rollup_sql(sqlite, table, bucket_us)))
+            .bind(keys.as_str())
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }
 
-fn rollup_sql(table: &str, bucket_us: i64, traces: usize) -> String {
+fn rollup_sql(sqlite: bool, table: &str, bucket_us: i64) -> String {
     let sums = [
         ("requests", "COUNT(*)".to_owned()),
         (
@@ -435,7 +572,7 @@ fn rollup_sql(table: &str, bucket_us: i64, traces: usize) -> String {
     // The keys are joined (an index lookup per trace on both databases); `WHERE true` keeps
     // SQLite from reading the upsert's ON as the join's.
     format!(
-        "WITH k (tenant_id, trace_id) AS (VALUES {keys}) \
+        "WITH k AS ({keys}) \
          INSERT INTO {table} (tenant_id, project_id, user_id, model, bucket_start, {columns}) \
          SELECT t.tenant_id, COALESCE(t.project_id, ''), COALESCE(t.user_id, ''), \
                 COALESCE(t.model_served, t.model_requested, ''), \
@@ -446,14 +583,17 @@ fn rollup_sql(table: &str, bucket_us: i64, traces: usize) -> String {
          ON CONFLICT (tenant_id, project_id, user_id, model, bucket_start) DO UPDATE SET {increments}",
         columns = columns.join(", "),
         expressions = expressions.join(", "),
-        keys = placeholders(traces, 2, 1),
+        keys = from_json(sqlite, &TRACE_KEY_COLUMNS),
         increments = increments.join(", "),
     )
 }
 
-async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Result<(), sqlx::Error> {
-    let id = |id: uuid::Uuid| id.to_string();
-    let optional_id = |id: Option<uuid::Uuid>| id.map(|id| id.to_string());
+async fn apply_control(
+    conn: &mut AnyConnection,
+    change: &ControlChange,
+) -> Result<(), sqlx::Error> {
+    let id = |id: &uuid::Uuid| id.to_string();
+    let optional_id = |id: &Option<uuid::Uuid>| id.map(|id| id.to_string());
     // The rules (`loom_schemas::control`) already refused what may not be done: these statements
     // only write what they accepted (and are idempotent, for records the log delivers twice).
     match change {
@@ -511,12 +651,12 @@ async fn apply_control(conn: &mut AnyConnection, change: ControlChange) -> Resul
         }
         ControlChange::KeyIssued { key, key_hash, at } => {
             let row = rows!({
-                key_id: id(key.key_id),
-                tenant_id: id(key.tenant_id),
-                project_id: optional_id(key.project_id),
-                name: key.name,
-                key_hash: key_hash.to_vec(),
-                prefix: key.prefix,
+                key_id: id(&key.key_id),
+                tenant_id: id(&key.tenant_id),
+                project_id: optional_id(&key.project_id),
+                name: &key.name,
+                key_hash: &key_hash[..],
+                prefix: &key.prefix,
                 roles: key.roles.join(","),
                 expires_at: key.expires_at,
                 issued_at: at,
@@ -602,8 +742,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_number_rows_and_columns() {
-        assert_eq!(placeholders(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
-        assert_eq!(placeholders(1, 1, 1), "($1)");
+    fn rows_go_to_the_database_as_json_with_hex_blobs() {
+        let blob = vec![0xab_u8, 0x01];
+        let rows = Rows {
+            columns: &["name", "n", "b", "bytes"],
+            values: vec![vec![
+                Value::from("a\"b"),
+                Value::from(None::<i64>),
+                Value::from(&Some(true)),
+                Value::from(&blob),
+            ]],
+        };
+        assert_eq!(
+            to_json(false, &rows).unwrap(),
+            r#"[{"name":"a\"b","n":null,"b":true,"bytes":"\\xab01"}]"#
+        );
+        assert_eq!(
+            to_json(true, &rows).unwrap(),
+            r#"[{"name":"a\"b","n":null,"b":true,"bytes":"ab01"}]"#
+        );
     }
 }
