@@ -51,6 +51,8 @@ pub async fn replay(
         }
     };
     let store = ReadStore::open(location, version).await?;
+    // Tables fill faster without their secondary indexes; they are built once, at the end.
+    store.defer_indexes().await?;
 
     // The end of every partition now: the replay is done when the new version reaches it.
     let mut targets = Vec::new();
@@ -116,6 +118,8 @@ pub async fn replay(
         bar.abandon();
         return Err(ProjectorError::Stopped);
     }
+    bar.set_message(format!("{version}: building indexes"));
+    store.restore_indexes().await?;
     store.close().await;
     catalog.switch_to(version).await?;
     bar.finish();

@@ -197,6 +197,71 @@ impl ReadStore {
         Ok(digests)
     }
 
+    /// Drops the secondary indexes (not those that keys and upserts rely on), remembering how
+    /// to create them in `deferred_indexes`: a replay fills tables faster without them. Does
+    /// nothing where they are already deferred.
+    pub async fn defer_indexes(&self) -> Result<(), sqlx::Error> {
+        let listed = match self.backend {
+            // The partitioned tables' own indexes (their partitions' go with them).
+            Backend::Postgres => {
+                "SELECT CAST(i.relname AS TEXT), pg_get_indexdef(i.oid) FROM pg_index x \
+                 JOIN pg_class i ON i.oid = x.indexrelid \
+                 JOIN pg_class t ON t.oid = x.indrelid \
+                 JOIN pg_namespace n ON n.oid = t.relnamespace \
+                 WHERE n.nspname = current_schema() AND NOT x.indisunique \
+                 AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.oid)"
+            }
+            Backend::Sqlite => {
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL \
+                 AND upper(sql) NOT LIKE 'CREATE UNIQUE%'"
+            }
+        };
+        let mut tx = self.pool.begin().await?;
+        let indexes = sqlx::query(listed).fetch_all(&mut *tx).await?;
+        for index in &indexes {
+            let (name, definition): (String, String) = (index.try_get(0)?, index.try_get(1)?);
+            // Postgres spells a partitioned table's index `ON ONLY` (the parent alone); built
+            // again, it is to cover the partitions too.
+            let definition = definition.replacen(" ON ONLY ", " ON ", 1);
+            sqlx::query("INSERT INTO deferred_indexes (name, definition) VALUES ($1, $2)")
+                .bind(&name)
+                .bind(definition)
+                .execute(&mut *tx)
+                .await?;
+            tx.execute(AssertSqlSafe(format!("DROP INDEX {name}")))
+                .await?;
+        }
+        tx.commit().await?;
+        if !indexes.is_empty() {
+            tracing::info!(
+                indexes = indexes.len(),
+                version = self.version,
+                "secondary indexes deferred"
+            );
+        }
+        Ok(())
+    }
+
+    /// Creates the indexes [`ReadStore::defer_indexes`] dropped, one at a time.
+    pub async fn restore_indexes(&self) -> Result<(), sqlx::Error> {
+        let deferred = sqlx::query("SELECT name, definition FROM deferred_indexes ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        for index in deferred {
+            let (name, definition): (String, String) = (index.try_get(0)?, index.try_get(1)?);
+            let started = std::time::Instant::now();
+            let mut tx = self.pool.begin().await?;
+            tx.execute(AssertSqlSafe(definition)).await?;
+            sqlx::query("DELETE FROM deferred_indexes WHERE name = $1")
+                .bind(&name)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(index = %name, seconds = started.elapsed().as_secs_f64(), "index built");
+        }
+        Ok(())
+    }
+
     /// Closes the connections (SQLite checkpoints its write-ahead log).
     pub async fn close(&self) {
         self.pool.close().await;
@@ -234,7 +299,7 @@ pub fn sqlite_file(dir: &Path, version: u32) -> PathBuf {
 
 async fn connect_postgres(url: &str, version: u32) -> Result<AnyPool, StoreError> {
     let schema = postgres_schema(version);
-    let set_path = format!("SET search_path TO {schema}");
+    let set_path = format!("SET search_path TO {schema}; SET synchronous_commit = off");
     let pool = AnyPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(30))

@@ -476,3 +476,62 @@ async fn retention_drops_whole_months_on_postgres_and_old_rows_on_sqlite() {
         backend.cleanup().await;
     }
 }
+
+/// The secondary indexes of the read models, by name and definition.
+async fn indexes(store: &ReadStore) -> Vec<(String, String)> {
+    let sql = match store.backend() {
+        loom_projector::Backend::Sqlite => {
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name"
+        }
+        loom_projector::Backend::Postgres => {
+            "SELECT CAST(indexname AS TEXT), indexdef FROM pg_indexes \
+             WHERE schemaname = current_schema() ORDER BY indexname"
+        }
+    };
+    let version = format!("loom_read_v{}", store.version());
+    sqlx::query(sql)
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let definition: String = row.try_get(1).unwrap();
+            (row.try_get(0).unwrap(), definition.replace(&version, "v"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_builds_without_secondary_indexes_and_ends_with_all_of_them() {
+    let History { log, _dir, .. } = History::new(2, 300, start_us(), 17).await;
+    for backend in Backend::all().await {
+        let live = backend.open(1).await;
+        project(&log, &live, 100).await;
+        let wanted = indexes(&live).await;
+        assert!(wanted.len() >= 11, "{wanted:?}");
+        live.close().await;
+
+        let config = ProjectorConfig {
+            group: "replay-indexes".into(),
+            batch: 100,
+            ..ProjectorConfig::default()
+        };
+        let report = loom_projector::replay(Arc::clone(&log), &backend.location, config, false)
+            .await
+            .unwrap();
+        assert_eq!(report.version, 2);
+        let rebuilt = backend.open(2).await;
+        // Every index again (on Postgres, on every partition too), and none left deferred.
+        assert_eq!(indexes(&rebuilt).await, wanted);
+        let deferred: i64 = sqlx::query("SELECT CAST(count(*) AS BIGINT) FROM deferred_indexes")
+            .fetch_one(rebuilt.pool())
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(deferred, 0);
+        assert_eq!(digest(&rebuilt).await, digest(&backend.open(1).await).await);
+        rebuilt.close().await;
+        backend.cleanup().await;
+    }
+}
