@@ -35,7 +35,7 @@ pub struct ProjectorBenchArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    /// The read-model stores folded into, in order.
+    /// The read-model stores to fold into (SQLite first when both).
     #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
     stores: Vec<StoreKind>,
     /// Where the log and the SQLite files go (a temporary directory inside it is removed).
