@@ -10,6 +10,7 @@ use loom_schemas::SecretString;
 use serde::Deserialize;
 
 use crate::pricing::PriceTable;
+use crate::providers::Target;
 
 /// Which API an upstream speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -239,6 +240,8 @@ pub struct Deployment {
     pub upstream: usize,
     pub model: String,
     pub weight: u32,
+    /// Its URLs and headers, ready to send.
+    pub target: Target,
 }
 
 #[derive(Debug, Clone)]
@@ -362,6 +365,7 @@ impl GatewayConfig {
                         deployments.push(Deployment {
                             name,
                             upstream,
+                            target: Target::new(&upstreams[upstream], &deployment.model)?,
                             model: deployment.model,
                             weight: deployment.weight,
                         });

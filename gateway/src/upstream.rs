@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use loom_schemas::event::now_micros;
 use serde_json::Value;
 
@@ -98,11 +98,15 @@ pub(crate) async fn call_upstream(
     for &deployment_index in order {
         let deployment = &gateway.config.deployments[deployment_index];
         let upstream = &gateway.config.upstreams[deployment.upstream];
-        let adapter = adapter(upstream.kind);
-        if !adapter.supports(operation) {
+        let target = &deployment.target;
+        // The body is the same for every attempt on a deployment (a JSON value always
+        // serializes).
+        let body = adapter(upstream.kind).body(operation, &deployment.model, body);
+        let (Some(url), Ok(request_body)) = (target.url(operation), body) else {
             last = Some((AttemptError::unsupported(), deployment_index));
             continue;
-        }
+        };
+        let request_body = Bytes::from(request_body);
         let mut backoff = routing.backoff;
         for retry in 0..=routing.retries {
             if retry > 0 {
@@ -123,17 +127,15 @@ pub(crate) async fn call_upstream(
             }
             flow.attempts += 1;
             let attempt = flow.attempts;
-            let request =
-                adapter.request(&gateway.http, upstream, operation, &deployment.model, body);
-            let request_body = request
-                .try_clone()
-                .and_then(|r| r.build().ok())
-                .and_then(|r| {
-                    r.body()
-                        .and_then(|b| b.as_bytes())
-                        .map(Bytes::copy_from_slice)
-                })
-                .unwrap_or_default();
+            let request = gateway
+                .http
+                .post(url.clone())
+                .headers(target.headers.clone())
+                .header(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )
+                .body(request_body.clone());
             let started_at = now_micros();
             let sent_at = Instant::now();
             let timeout = routing.attempt_timeout.min(remaining);
@@ -163,7 +165,7 @@ pub(crate) async fn call_upstream(
                         attempt,
                         sent_at,
                         started_at,
-                        request_body,
+                        request_body: request_body.clone(),
                     });
                 }
                 Err(error) => {

@@ -2,6 +2,7 @@
 //! stream events come back as OpenAI chat (the translations are in `crate::anthropic`).
 
 use axum::body::Bytes;
+use axum::http::HeaderName;
 use loom_schemas::ExposeSecret;
 use serde_json::Value;
 
@@ -16,22 +17,29 @@ use crate::config::Upstream;
 pub struct Anthropic;
 
 impl Adapter for Anthropic {
-    fn request(
+    fn url(&self, upstream: &Upstream, _operation: Operation, _model: &str) -> String {
+        format!("{}/messages", upstream.base_url)
+    }
+
+    fn headers(&self, upstream: &Upstream) -> Vec<(HeaderName, String)> {
+        let mut headers = vec![(
+            HeaderName::from_static("anthropic-version"),
+            API_VERSION.to_owned(),
+        )];
+        if let Some(key) = &upstream.api_key {
+            let name = HeaderName::from_static("x-api-key");
+            headers.push((name, key.expose_secret().to_owned()));
+        }
+        headers
+    }
+
+    fn body(
         &self,
-        http: &reqwest::Client,
-        upstream: &Upstream,
         _operation: Operation,
         model: &str,
         body: &Value,
-    ) -> reqwest::RequestBuilder {
-        let mut request = http
-            .post(format!("{}/messages", upstream.base_url))
-            .header("anthropic-version", API_VERSION)
-            .json(&chat_to_messages(body, model));
-        if let Some(key) = &upstream.api_key {
-            request = request.header("x-api-key", key.expose_secret());
-        }
-        request
+    ) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(&chat_to_messages(body, model))
     }
 
     fn supports(&self, operation: Operation) -> bool {

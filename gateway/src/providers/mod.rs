@@ -7,9 +7,11 @@ mod azure;
 mod openai;
 
 use axum::body::Bytes;
-use serde_json::Value;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::{Map, Value};
 
-use crate::config::{ProviderKind, Upstream};
+use crate::config::{ConfigError, ProviderKind, Upstream};
 
 /// What kind of call is being made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,17 +20,20 @@ pub enum Operation {
     Embeddings,
 }
 
+impl Operation {
+    pub const ALL: [Operation; 2] = [Operation::Chat, Operation::Embeddings];
+}
+
 /// Speaks one upstream API.
 pub trait Adapter: Send + Sync {
-    /// The upstream request for an OpenAI-shaped `body`, sent to `model` at `upstream`.
-    fn request(
-        &self,
-        http: &reqwest::Client,
-        upstream: &Upstream,
-        operation: Operation,
-        model: &str,
-        body: &Value,
-    ) -> reqwest::RequestBuilder;
+    /// Where `operation` on `model` is sent.
+    fn url(&self, upstream: &Upstream, operation: Operation, model: &str) -> String;
+
+    /// The headers every request to `upstream` carries (its key).
+    fn headers(&self, upstream: &Upstream) -> Vec<(HeaderName, String)>;
+
+    /// The upstream request's body for an OpenAI-shaped `body`, sent to `model`.
+    fn body(&self, operation: Operation, model: &str, body: &Value) -> serde_json::Result<Vec<u8>>;
 
     fn supports(&self, _operation: Operation) -> bool {
         true
@@ -54,17 +59,99 @@ pub fn adapter(kind: ProviderKind) -> &'static dyn Adapter {
     }
 }
 
-pub(crate) fn with_model(body: &Value, model: &str) -> Value {
-    let mut body = body.clone();
-    if let Some(object) = body.as_object_mut() {
-        object.insert("model".into(), Value::String(model.to_owned()));
+/// Where a deployment's requests go, parsed once at start-up rather than per request.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Per [`Operation`] (in [`Operation::ALL`]'s order): its URL, if the upstream supports it.
+    urls: [Option<reqwest::Url>; 2],
+    /// The upstream's key and fixed headers, marked sensitive.
+    pub headers: HeaderMap,
+}
+
+impl Target {
+    pub fn new(upstream: &Upstream, model: &str) -> Result<Target, ConfigError> {
+        let adapter = adapter(upstream.kind);
+        let invalid =
+            |what: String| ConfigError::Invalid(format!("upstream {}: {what}", upstream.name));
+        let urls = Operation::ALL.map(|operation| {
+            adapter.supports(operation).then(|| {
+                let url = adapter.url(upstream, operation, model);
+                reqwest::Url::parse(&url).map_err(|error| invalid(format!("{url}: {error}")))
+            })
+        });
+        let [chat, embeddings] = urls;
+        let urls = [chat.transpose()?, embeddings.transpose()?];
+        let mut headers = HeaderMap::new();
+        for (name, value) in adapter.headers(upstream) {
+            let mut value = HeaderValue::from_str(&value)
+                .map_err(|_| invalid(format!("the value of header {name} is not valid")))?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        Ok(Target { urls, headers })
     }
-    body
+
+    pub fn url(&self, operation: Operation) -> Option<&reqwest::Url> {
+        self.urls[operation as usize].as_ref()
+    }
+}
+
+/// `body` with its `model` set to `model`, serialized without copying the rest.
+pub(crate) fn with_model(body: &Value, model: &str) -> serde_json::Result<Vec<u8>> {
+    match body.as_object() {
+        Some(object) => serde_json::to_vec(&WithModel { object, model }),
+        None => serde_json::to_vec(body),
+    }
+}
+
+struct WithModel<'a> {
+    object: &'a Map<String, Value>,
+    model: &'a str,
+}
+
+impl Serialize for WithModel<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let has_model = self.object.contains_key("model");
+        let mut map =
+            serializer.serialize_map(Some(self.object.len() + usize::from(!has_model)))?;
+        if !has_model {
+            map.serialize_entry("model", self.model)?;
+        }
+        for (key, value) in self.object {
+            if key == "model" {
+                map.serialize_entry(key, self.model)?;
+            } else {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        map.end()
+    }
 }
 
 pub(crate) fn path(operation: Operation) -> &'static str {
     match operation {
         Operation::Chat => "chat/completions",
         Operation::Embeddings => "embeddings",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn with_model_replaces_or_adds_the_model_and_keeps_everything_else() {
+        let body =
+            json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}], "seed": 7});
+        let sent: Value = serde_json::from_slice(&with_model(&body, "gpt-4o").unwrap()).unwrap();
+        assert_eq!(
+            sent,
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "seed": 7})
+        );
+        let sent: Value =
+            serde_json::from_slice(&with_model(&json!({"input": "x"}), "e5").unwrap()).unwrap();
+        assert_eq!(sent, json!({"model": "e5", "input": "x"}));
     }
 }

@@ -1,5 +1,6 @@
 //! OpenAI, and every server that speaks its API (vLLM, Ollama, LM Studio, …).
 
+use axum::http::{HeaderName, header};
 use loom_schemas::ExposeSecret;
 use serde_json::Value;
 
@@ -10,20 +11,28 @@ use crate::config::Upstream;
 pub struct OpenAi;
 
 impl Adapter for OpenAi {
-    fn request(
+    fn url(&self, upstream: &Upstream, operation: Operation, _model: &str) -> String {
+        format!("{}/{}", upstream.base_url, path(operation))
+    }
+
+    fn headers(&self, upstream: &Upstream) -> Vec<(HeaderName, String)> {
+        let key = upstream.api_key.as_ref();
+        key.map(|key| {
+            (
+                header::AUTHORIZATION,
+                format!("Bearer {}", key.expose_secret()),
+            )
+        })
+        .into_iter()
+        .collect()
+    }
+
+    fn body(
         &self,
-        http: &reqwest::Client,
-        upstream: &Upstream,
-        operation: Operation,
+        _operation: Operation,
         model: &str,
         body: &Value,
-    ) -> reqwest::RequestBuilder {
-        let request = http
-            .post(format!("{}/{}", upstream.base_url, path(operation)))
-            .json(&with_model(body, model));
-        match &upstream.api_key {
-            Some(key) => request.bearer_auth(key.expose_secret()),
-            None => request,
-        }
+    ) -> serde_json::Result<Vec<u8>> {
+        with_model(body, model)
     }
 }
