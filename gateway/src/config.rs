@@ -478,6 +478,10 @@ deployments = [
             ),
             (EXAMPLE.replace("\"50ms\"", "\"soon\""), "soon"),
             (
+                EXAMPLE.replace("127.0.0.1:11434", "127.0.0.1:99999"),
+                "upstream local: http://127.0.0.1:99999/v1/chat/completions: invalid port number",
+            ),
+            (
                 EXAMPLE.replace("weight = 3", "weight = 0"),
                 "weights must be positive",
             ),
