@@ -101,8 +101,11 @@ pub(crate) async fn call_upstream(
         let target = &deployment.target;
         // The body is the same for every attempt on a deployment (a JSON value always
         // serializes).
-        let body = adapter(upstream.kind).body(operation, &deployment.model, body);
-        let (Some(url), Ok(request_body)) = (target.url(operation), body) else {
+        let request_body = target.url(operation).and_then(|url| {
+            let body = adapter(upstream.kind).body(operation, &deployment.model, body);
+            Some((url, body.ok()?))
+        });
+        let Some((url, request_body)) = request_body else {
             last = Some((AttemptError::unsupported(), deployment_index));
             continue;
         };
