@@ -183,6 +183,37 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / 100.0)
 }
 
+/// utime + stime of the read models' threads of a `loom serve` process, in seconds: its fold's
+/// thread and SQLite's connection threads (sqlx runs each on a thread of its own).
+fn fold_cpu_seconds(pid: u32) -> f64 {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let mut ticks = 0;
+    for thread in threads.flatten() {
+        let path = thread.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm != loom::serve::FOLD_THREAD && !comm.starts_with("sqlx-sqlite") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ticks += field(11) + field(12);
+    }
+    ticks as f64 / 100.0
+}
+
 /// Resident memory of a process and its children, current and peak, in MiB.
 fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
     let (mut rss, mut peak) = (0.0, 0.0);
@@ -504,7 +535,7 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
         "Loom records every request's events on its embedded log (fsync 200ms) with sealed bodies; \
          rm=off is the gateway alone, rm=default folds the read models into SQLite in-process. \
          Each server is idle while the others are measured; all share the machine's {} cores with oha and the mock. \
-         CPU: user+system ms per request of the proxy process (nginx: master and workers).",
+         CPU: user+system ms per request of the proxy process (nginx: master and workers; rm=default: with its fold's and SQLite's threads, whose share is printed apart).",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     say!(
@@ -523,14 +554,19 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
     for &case in &args.cases {
         let mut runs = vec![Vec::new(); targets.len()];
         let mut cpu = vec![0.0; targets.len()];
+        let mut fold_cpu = vec![0.0; targets.len()];
         for _ in 0..args.repeat.max(1) {
             for (i, target) in targets.iter().enumerate() {
                 let before = target.pid().map(cpu_seconds).transpose()?;
+                let fold_before = target.pid().map(fold_cpu_seconds);
                 runs[i].push(tokio::task::block_in_place(|| {
                     oha(&args.oha, target, case, args.seconds, &chat)
                 })?);
-                if let (Some(pid), Some(before)) = (target.pid(), before) {
+                if let (Some(pid), Some(before), Some(fold_before)) =
+                    (target.pid(), before, fold_before)
+                {
                     cpu[i] += cpu_seconds(pid)? - before;
+                    fold_cpu[i] += fold_cpu_seconds(pid) - fold_before;
                 }
             }
         }
@@ -568,6 +604,12 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
                     "; vs nginx: {:.2}x req/s, {:.1}x CPU per request",
                     ours.rps / medians[n].rps.max(1e-9),
                     cpu_ms[i].unwrap_or(f64::NAN) / cpu_ms[n].unwrap_or(f64::NAN)
+                ));
+            }
+            if fold_cpu[i] > 0.0 {
+                let fold_ms = fold_cpu[i] / ours.requests.max(1.0) * 1000.0;
+                versus.push_str(&format!(
+                    "; the read models' share {fold_ms:.3} ms per request"
                 ));
             }
             say!("{versus}");
