@@ -163,7 +163,12 @@ fn process_tree(pid: u32) -> Vec<u32> {
 
 /// The fields of `/proc/PID/stat` after the command name (the first is the state).
 fn stat_fields(pid: u32) -> anyhow::Result<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_fields_at(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// The fields of a `stat` file of /proc (a process's or a thread's) after the command name.
+fn stat_fields_at(path: &Path) -> anyhow::Result<Vec<String>> {
+    let stat = std::fs::read_to_string(path)?;
     let after_name = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest)
@@ -197,19 +202,9 @@ fn fold_cpu_seconds(pid: u32) -> f64 {
         if comm != loom::serve::FOLD_THREAD && !comm.starts_with("sqlx-sqlite") {
             continue;
         }
-        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace()
-            .collect();
-        let field = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        ticks += field(11) + field(12);
+        let fields = stat_fields_at(&path.join("stat")).unwrap_or_default();
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        ticks += field(11).unwrap_or(0) + field(12).unwrap_or(0);
     }
     ticks as f64 / 100.0
 }

@@ -73,14 +73,15 @@ impl Target {
         let adapter = adapter(upstream.kind);
         let invalid =
             |what: String| ConfigError::Invalid(format!("upstream {}: {what}", upstream.name));
-        let urls = Operation::ALL.map(|operation| {
-            adapter.supports(operation).then(|| {
-                let url = adapter.url(upstream, operation, model);
-                reqwest::Url::parse(&url).map_err(|error| invalid(format!("{url}: {error}")))
-            })
-        });
-        let [chat, embeddings] = urls;
-        let urls = [chat.transpose()?, embeddings.transpose()?];
+        let mut urls = [None, None];
+        for operation in Operation::ALL
+            .into_iter()
+            .filter(|&op| adapter.supports(op))
+        {
+            let url = adapter.url(upstream, operation, model);
+            let parsed = reqwest::Url::parse(&url).map_err(|e| invalid(format!("{url}: {e}")))?;
+            urls[operation as usize] = Some(parsed);
+        }
         let mut headers = HeaderMap::new();
         for (name, value) in adapter.headers(upstream) {
             let mut value = HeaderValue::from_str(&value)
