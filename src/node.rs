@@ -326,6 +326,7 @@ impl Node {
                 keys: Arc::new(keys),
                 control,
                 producer: producer_id(config.role).into(),
+                response_index: None,
             },
             spool: opened.spool,
             anchors,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::HeaderName;
 use loom_schemas::SecretString;
 use serde::Deserialize;
 
@@ -198,6 +199,40 @@ impl Default for RoutingConfig {
     }
 }
 
+/// What happens to a request field that a translation between APIs cannot carry (say,
+/// Anthropic's `cache_control` on its way to an OpenAI deployment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnsupportedFields {
+    /// Send the request without it, and name it in the call's `llm_call.completed`
+    /// (`dropped_fields`).
+    #[default]
+    Drop,
+    /// Do not send it to that deployment: the client gets a 400 naming the field (unless a
+    /// later deployment speaks the client's API).
+    Reject,
+}
+
+/// Calls between APIs, and headers from clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TranslationConfig {
+    pub unsupported_fields: UnsupportedFields,
+    /// Client headers forwarded to upstreams that speak the client's API (lower case).
+    pub forward_headers: Vec<String>,
+}
+
+impl Default for TranslationConfig {
+    fn default() -> Self {
+        TranslationConfig {
+            unsupported_fields: UnsupportedFields::Drop,
+            forward_headers: ["anthropic-beta", "anthropic-version", "openai-beta"]
+                .map(str::to_owned)
+                .to_vec(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PricingConfig {
@@ -216,6 +251,8 @@ pub struct RawConfig {
     pub pricing: PricingConfig,
     #[serde(default)]
     pub routing: RoutingConfig,
+    #[serde(default)]
+    pub translation: TranslationConfig,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     #[serde(default)]
@@ -252,11 +289,27 @@ pub struct Model {
     pub deployments: Vec<usize>,
 }
 
+/// Headers that carry credentials or that the HTTP client sets: never taken from a client.
+const SENSITIVE: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+];
+
 /// The validated configuration.
 #[derive(Debug, Clone, Default)]
 pub struct GatewayConfig {
     pub limits: LimitsConfig,
     pub routing: RoutingConfig,
+    pub unsupported_fields: UnsupportedFields,
+    /// Client headers forwarded to upstreams that speak the client's API.
+    pub forward_headers: Vec<HeaderName>,
     pub upstreams: Vec<Upstream>,
     pub deployments: Vec<Deployment>,
     pub models: BTreeMap<String, Model>,
@@ -388,9 +441,22 @@ impl GatewayConfig {
             None => PriceTable::builtin(),
         }
         .map_err(|e| ConfigError::Invalid(format!("price table: {e}")))?;
+        let mut forward_headers = Vec::new();
+        for name in &raw.translation.forward_headers {
+            match HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                Ok(name) if !SENSITIVE.contains(&name.as_str()) => forward_headers.push(name),
+                _ => {
+                    return invalid(format!(
+                        "translation.forward_headers: {name:?} is not a header Loom forwards"
+                    ));
+                }
+            }
+        }
         Ok(GatewayConfig {
             limits: raw.limits,
             routing: raw.routing,
+            unsupported_fields: raw.translation.unsupported_fields,
+            forward_headers,
             upstreams,
             deployments,
             models,

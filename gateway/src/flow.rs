@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
 use loom_schemas::keystore::KeyStore;
 use uuid::Uuid;
@@ -22,7 +22,7 @@ pub const OVERHEAD: HeaderName = HeaderName::from_static("x-loom-overhead-us");
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     OpenAi,
-    /// Anthropic's Messages API (`/v1/messages`), translated to and from OpenAI chat.
+    /// Anthropic's Messages API (`/v1/messages`).
     Anthropic,
 }
 
@@ -34,6 +34,8 @@ pub(crate) struct Flow {
     pub trace_id: String,
     pub tenant_id: Uuid,
     pub key: Option<ApiKeyInfo>,
+    /// The client's headers that upstreams speaking its API get too (`anthropic-beta`, …).
+    pub forwarded: HeaderMap,
     pub started: Instant,
     /// Time spent waiting on upstreams and between retries.
     pub outside: Duration,

@@ -1,5 +1,5 @@
-//! The data plane's shared state: configuration, the upstream HTTP client, the event queue and
-//! the deployments' cool-downs.
+//! The data plane's shared state: configuration, the upstream HTTP client, the event queue, the
+//! deployments' cool-downs and the stored responses it made.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::GatewayConfig;
 use crate::events::Emitter;
+use crate::stored::{ResponseIndex, StoredResponses};
 
 pub struct Gateway {
     pub config: Arc<GatewayConfig>,
@@ -19,6 +20,10 @@ pub struct Gateway {
     pub tasks: TaskTracker,
     /// Per deployment: skipped until this time (µs since the epoch); see `routing`.
     pub(crate) cooldown_until: Vec<AtomicI64>,
+    /// The responses made through this gateway that their upstream stores.
+    pub(crate) stored: StoredResponses,
+    /// Where the others are found (the read models), if the node has them.
+    pub(crate) response_index: Option<Arc<dyn ResponseIndex>>,
 }
 
 impl Gateway {
@@ -26,6 +31,7 @@ impl Gateway {
         config: GatewayConfig,
         emitter: Emitter,
         tasks: TaskTracker,
+        response_index: Option<Arc<dyn ResponseIndex>>,
     ) -> Result<Gateway, reqwest::Error> {
         let http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(90))
@@ -44,6 +50,8 @@ impl Gateway {
             emitter,
             tasks,
             cooldown_until,
+            stored: StoredResponses::default(),
+            response_index,
         })
     }
 }

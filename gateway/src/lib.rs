@@ -5,6 +5,7 @@
 mod admin;
 mod anthropic;
 mod auth;
+mod body;
 pub mod config;
 mod content;
 mod control;
@@ -16,10 +17,13 @@ mod http;
 pub mod pricing;
 mod providers;
 mod record;
+mod responses;
 mod routing;
 mod services;
+mod stored;
 mod stream;
 mod tokens;
+mod translate;
 mod upstream;
 
 pub use admin::{AdminError, CreatedKey, CreatedTenant, KeyRequest, KeyView, TenantView};
@@ -28,6 +32,7 @@ pub use error::GatewayError;
 pub use flow::Dialect;
 pub use http::{AppState, install_metrics, metrics_router, router};
 pub use services::Services;
+pub use stored::ResponseIndex;
 
 use std::sync::Arc;
 
@@ -64,7 +69,12 @@ pub fn app(
     writer.spawn(tasks);
     // The tokenizer for usage estimates takes a moment to build: build it now, off the request path.
     tasks.spawn_blocking(tokens::warm_up);
-    let gateway = Gateway::new(config, emitter, tasks.clone())?;
+    let gateway = Gateway::new(
+        config,
+        emitter,
+        tasks.clone(),
+        services.response_index.clone(),
+    )?;
     Ok(router(AppState::new(
         services,
         Arc::new(gateway),

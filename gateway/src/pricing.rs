@@ -92,6 +92,34 @@ impl PriceTable {
         Some((usd * 1_000_000.0).round() as i64)
     }
 
+    /// What the provider's prompt cache saved on `usage` at `price`, in micro-USD: the prompt's
+    /// cache reads and writes at the plain input price, less what they cost. Negative when
+    /// writing the cache cost more than its reads saved; `None` when nothing touched the cache.
+    pub fn cache_saving(price: &Price, usage: &Usage) -> Option<i64> {
+        let cached = usage.tokens_cached_read.unwrap_or(0) as f64;
+        let creation = usage.tokens_cache_creation.unwrap_or(0) as f64;
+        if cached == 0.0 && creation == 0.0 {
+            return None;
+        }
+        let input = price.input_cost_per_token;
+        let usd = cached * (input - price.cache_read_input_token_cost.unwrap_or(input))
+            + creation * (input - price.cache_creation_input_token_cost.unwrap_or(input));
+        Some((usd * 1_000_000.0).round() as i64)
+    }
+
+    /// The price of a call to `model` (or the more specific `served` model id the upstream
+    /// named).
+    pub fn price_of(
+        &self,
+        provider: ProviderKind,
+        model: &str,
+        served: Option<&str>,
+    ) -> Option<&Price> {
+        served
+            .and_then(|served| self.lookup(provider, served))
+            .or_else(|| self.lookup(provider, model))
+    }
+
     /// The cost of a call to `model` (or the more specific `served` model id the upstream named).
     pub fn cost_of(
         &self,
@@ -100,10 +128,7 @@ impl PriceTable {
         served: Option<&str>,
         usage: &Usage,
     ) -> Option<i64> {
-        let price = served
-            .and_then(|served| self.lookup(provider, served))
-            .or_else(|| self.lookup(provider, model))?;
-        Self::cost(price, usage)
+        Self::cost(self.price_of(provider, model, served)?, usage)
     }
 }
 
@@ -143,6 +168,35 @@ mod tests {
             table.cost_of(ProviderKind::Openai, "gpt-4o-mini", None, &unknown_usage),
             None
         );
+    }
+
+    #[test]
+    fn cache_reads_save_and_cache_writes_cost_extra() {
+        let table = PriceTable::builtin().unwrap();
+        let price = table
+            .lookup(ProviderKind::Anthropic, "claude-sonnet-4-5")
+            .copied()
+            .unwrap();
+        // $3 / 1M in, $0.30 / 1M cache reads, $3.75 / 1M cache writes.
+        let read = Usage {
+            tokens_in: Some(1_100_000),
+            tokens_out: Some(0),
+            tokens_cached_read: Some(1_000_000),
+            ..Usage::default()
+        };
+        assert_eq!(PriceTable::cache_saving(&price, &read), Some(2_700_000));
+        assert_eq!(PriceTable::cost(&price, &read), Some(300_000 + 300_000));
+        let write = Usage {
+            tokens_cached_read: None,
+            tokens_cache_creation: Some(1_000_000),
+            ..read
+        };
+        assert_eq!(PriceTable::cache_saving(&price, &write), Some(-750_000));
+        let none = Usage {
+            tokens_cache_creation: None,
+            ..write
+        };
+        assert_eq!(PriceTable::cache_saving(&price, &none), None);
     }
 
     #[test]

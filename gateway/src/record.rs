@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::error::{GatewayError, UpstreamFault};
 use crate::flow::{Flow, micros};
+use crate::pricing::PriceTable;
 use crate::tokens;
 use crate::upstream::{Answer, AttemptError};
 
@@ -72,6 +73,22 @@ impl Flow {
         config
             .prices
             .cost_of(provider, &deployment.model, served_model, usage)
+    }
+
+    /// What the provider's prompt cache saved on a call (see [`PriceTable::cache_saving`]).
+    pub fn cache_saving(
+        &self,
+        deployment: usize,
+        served_model: Option<&str>,
+        usage: &Usage,
+    ) -> Option<i64> {
+        let config = &self.gateway.config;
+        let deployment = config.deployments.get(deployment)?;
+        let provider = config.upstreams.get(deployment.upstream)?.kind;
+        let price = config
+            .prices
+            .price_of(provider, &deployment.model, served_model)?;
+        PriceTable::cache_saving(price, usage)
     }
 
     /// `request.received` for a body: sealed and digested when the caller is authenticated.
@@ -288,6 +305,18 @@ impl Default for Outcome {
     }
 }
 
+/// Which attempt at which deployment, and what it sent.
+#[derive(Clone, Copy)]
+pub(crate) struct Attempt<'a> {
+    pub deployment: usize,
+    /// 1 for the request's first attempt, counting retries and fallbacks.
+    pub number: i32,
+    pub started_at: i64,
+    pub request_body: &'a [u8],
+    /// What the request's translation to this upstream's API could not carry.
+    pub dropped: &'a [String],
+}
+
 /// One upstream attempt, as `llm_call.completed` records it.
 pub(crate) struct CallRecord<'a> {
     pub deployment: usize,
@@ -304,23 +333,24 @@ pub(crate) struct CallRecord<'a> {
     pub stream: bool,
     pub request_body: &'a [u8],
     pub response_body: Option<&'a [u8]>,
+    /// What the request's translation to this upstream's API could not carry.
+    pub dropped: &'a [String],
+    /// The upstream's id of its answer.
+    pub response_id: Option<&'a str>,
 }
 
 impl<'a> CallRecord<'a> {
     /// A failed attempt.
     pub(crate) fn failed(
-        deployment: usize,
-        attempt: i32,
-        started_at: i64,
+        attempt: Attempt<'a>,
         latency: Duration,
         error: &'a AttemptError,
         stream: bool,
-        request_body: &'a [u8],
     ) -> Self {
         CallRecord {
-            deployment,
-            attempt,
-            started_at,
+            deployment: attempt.deployment,
+            attempt: attempt.number,
+            started_at: attempt.started_at,
             latency,
             ttft: None,
             status: if error.fault == UpstreamFault::Timeout {
@@ -333,8 +363,10 @@ impl<'a> CallRecord<'a> {
             usage: Usage::default(),
             served_model: None,
             stream,
-            request_body,
+            request_body: attempt.request_body,
             response_body: error.body.as_deref(),
+            dropped: attempt.dropped,
+            response_id: None,
         }
     }
 
@@ -361,6 +393,8 @@ impl<'a> CallRecord<'a> {
             stream,
             request_body: &answer.request_body,
             response_body: Some(response_body),
+            dropped: &answer.dropped,
+            response_id: None,
         }
     }
 }
@@ -388,6 +422,9 @@ pub(crate) fn call_event(flow: &Flow, call: CallRecord<'_>) -> Event {
         tokens_cache_creation: call.usage.tokens_cache_creation,
         usage_estimated: call.usage.estimated,
         cost_micro_usd: flow.cost(call.deployment, call.served_model, &call.usage),
+        cache_saved_micro_usd: flow.cache_saving(call.deployment, call.served_model, &call.usage),
+        response_id: call.response_id.map(str::to_owned),
+        dropped_fields: call.dropped.to_vec(),
         request_body: seal("request_body", call.request_body),
         response_body: call.response_body.and_then(|b| seal("response_body", b)),
     })

@@ -27,8 +27,14 @@ impl Gateway {
     }
 }
 
-/// The deployments to try for `alias`, in order, and the `routing.decided` event.
-pub(crate) fn route(flow: &Flow, alias: &str) -> Option<(Vec<usize>, Event)> {
+/// The deployments to try for `alias`, in order, and the `routing.decided` event. With `pinned`
+/// (the upstream that holds a request's `previous_response_id`), only the alias's deployments on
+/// that upstream are tried, if it has any.
+pub(crate) fn route(
+    flow: &Flow,
+    alias: &str,
+    pinned: Option<usize>,
+) -> Option<(Vec<usize>, Event)> {
     let gateway = &flow.gateway;
     let model = gateway.config.models.get(alias)?;
     let now = now_micros();
@@ -81,11 +87,27 @@ pub(crate) fn route(flow: &Flow, alias: &str) -> Option<(Vec<usize>, Event)> {
         .filter(|d| !gateway.cooling_down(*d, now))
         .collect();
     // When every deployment is cooling down, try them all anyway rather than fail outright.
-    let (order, reason) = match (eligible.is_empty(), model.strategy) {
+    let (mut order, mut reason) = match (eligible.is_empty(), model.strategy) {
         (true, _) => (order, "all_cooling_down"),
         (false, Strategy::Weighted) => (eligible, "weighted"),
         (false, Strategy::Ordered) => (eligible, "ordered"),
     };
+    if let Some(upstream) = pinned {
+        let on_upstream = |d: &usize| gateway.config.deployments[*d].upstream == upstream;
+        let holders: Vec<usize> = model
+            .deployments
+            .iter()
+            .copied()
+            .filter(on_upstream)
+            .collect();
+        if !holders.is_empty() {
+            order.retain(on_upstream);
+            if order.is_empty() {
+                order = holders;
+            }
+            reason = "previous_response";
+        }
+    }
     let chosen = order
         .first()
         .map(|d| gateway.config.deployments[*d].name.clone());

@@ -7,6 +7,7 @@ use loom_schemas::keystore::KeyStore;
 use loom_schemas::log::{EmbeddedLog, Log, LogError, Topic};
 
 use crate::control::Control;
+use crate::stored::ResponseIndex;
 
 #[derive(Clone)]
 pub struct Services {
@@ -17,6 +18,9 @@ pub struct Services {
     pub control: Control,
     /// `role/host/pid`, the producer of the events this node writes.
     pub producer: Arc<str>,
+    /// Where responses stored at upstreams are found when this gateway did not make them (the
+    /// node's read models), if anywhere.
+    pub response_index: Option<Arc<dyn ResponseIndex>>,
 }
 
 impl Services {

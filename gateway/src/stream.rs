@@ -1,7 +1,8 @@
-//! Streaming chat completions: upstream SSE events are forwarded to the client one by one as they
-//! arrive, while usage, tool calls and timing are collected for the events. A client that goes
-//! away cancels the upstream call (its connection is dropped) and is recorded as
-//! `client_cancelled`.
+//! Streaming chat completions and messages: upstream SSE events are forwarded to the client one by
+//! one as they arrive (as received when the upstream speaks the client's API, translated when
+//! not), while usage, tool calls and timing are collected for the events. The last frame goes out
+//! once the request is recorded. A client that goes away cancels the upstream call (its
+//! connection is dropped) and is recorded as `client_cancelled`.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -15,11 +16,10 @@ use futures_util::{Stream, StreamExt};
 use loom_schemas::event::{CallStatus, Event, RequestStatus};
 use serde_json::{Value, json};
 
-use crate::anthropic::stream::{MessagesEncoder, StreamTranslator};
 use crate::error::{GatewayError, UpstreamFault};
-use crate::flow::{Dialect, Flow};
-use crate::providers::adapter;
+use crate::flow::Flow;
 use crate::record::{CallRecord, Outcome, Usage, call_event};
+use crate::translate::{Output, ToChunks};
 use crate::upstream::Answer;
 
 /// How long the upstream body may go on after `[DONE]` before the stream is finished anyway.
@@ -48,12 +48,16 @@ pub(crate) struct ChatStream {
     saw_done: bool,
     /// Set once the final events are queued; nothing more is sent after.
     finished: bool,
-    /// Turns a non-OpenAI upstream's events into OpenAI chunks.
-    translator: Option<StreamTranslator>,
-    /// Chunk data translated but not yet sent.
+    /// The upstream's id for the answer (`chatcmpl-…`, `msg_…`, `resp_…`).
+    response_id: Option<String>,
+    /// Turns an upstream's events into chat chunks, which Loom reads, unless they are chunks.
+    translator: Option<ToChunks>,
+    /// Chunk data translated but not yet processed.
     pending: VecDeque<String>,
-    /// For an Anthropic client: turns OpenAI chunks into its stream events.
-    encoder: Option<MessagesEncoder>,
+    /// What the client is sent.
+    output: Output,
+    /// The upstream's last event, sent to the client once the request is recorded.
+    last: Option<Bytes>,
 }
 
 impl ChatStream {
@@ -67,9 +71,8 @@ impl ChatStream {
         let Some(response) = answer.response.take() else {
             return GatewayError::Internal("the answer has no body").into_response();
         };
-        let config = &flow.gateway.config;
-        let flow_kind = config.upstreams[config.deployments[answer.deployment].upstream].kind;
-        let dialect = flow.dialect;
+        let leg = answer.leg;
+        let output = leg.output(&request);
         let events: UpstreamEvents = Box::pin(
             response
                 .bytes_stream()
@@ -99,9 +102,11 @@ impl ChatStream {
             captured: Vec::new(),
             saw_done: false,
             finished: false,
-            translator: adapter(flow_kind).stream_translator(),
+            response_id: None,
+            translator: leg.chunks(),
             pending: VecDeque::new(),
-            encoder: (dialect == Dialect::Anthropic).then(MessagesEncoder::default),
+            output,
+            last: None,
         };
         let body = futures_util::stream::unfold(stream, |mut stream| async move {
             let frame = stream.next_frame().await?;
@@ -166,12 +171,26 @@ impl ChatStream {
                 self.ttft = Some(self.answer.sent_at.elapsed());
             }
             self.capture(&event.data);
+            let as_received =
+                matches!(self.output, Output::AsReceived).then(|| as_received(&event));
             match &mut self.translator {
                 Some(translator) => self
                     .pending
                     .extend(translator.translate(&event.event, &event.data)),
                 None => self.pending.push_back(event.data),
             }
+            let Some(frame) = as_received else {
+                continue;
+            };
+            // Read what the event says before the client gets it as it came.
+            while let Some(data) = self.pending.pop_front() {
+                self.process(data);
+            }
+            if self.saw_done {
+                self.last = Some(frame);
+                return self.done().await;
+            }
+            return Some(frame);
         }
     }
 
@@ -190,8 +209,8 @@ impl ChatStream {
             return Some(Bytes::from(format!("data: {data}\n\n")));
         };
         self.observe(&chunk);
-        if let Some(encoder) = &mut self.encoder {
-            return joined(encoder.encode(&chunk));
+        if let Some(frames) = self.output.encode(&chunk) {
+            return joined(frames);
         }
         if self.client_wants_usage {
             return Some(Bytes::from(format!("data: {data}\n\n")));
@@ -222,6 +241,16 @@ impl ChatStream {
 
     /// Collects usage, the served model and tool-call deltas from one chunk.
     fn observe(&mut self, chunk: &Value) {
+        if self.response_id.is_none() {
+            self.response_id = chunk.get("id").and_then(Value::as_str).map(str::to_owned);
+        }
+        if self.model.is_none() {
+            self.model = chunk
+                .get("model")
+                .and_then(Value::as_str)
+                .filter(|m| !m.is_empty())
+                .map(str::to_owned);
+        }
         if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
             self.usage = Usage::from_openai(usage);
             self.reported_usage = true;
@@ -275,9 +304,10 @@ impl ChatStream {
         if let Err(unrecorded) = self.finish(CallStatus::Ok, None).await {
             return Some(unrecorded.sse_frame(self.flow.dialect));
         }
-        match &mut self.encoder {
-            Some(encoder) => joined(encoder.finish(None)),
-            None => Some(Bytes::from_static(b"data: [DONE]\n\n")),
+        match &mut self.output {
+            Output::AsReceived => self.last.take(),
+            Output::Chunks => Some(Bytes::from_static(b"data: [DONE]\n\n")),
+            encoder => joined(encoder.finish()),
         }
     }
 
@@ -301,8 +331,13 @@ impl ChatStream {
             ttft: self.ttft,
             usage: self.usage,
             served_model: self.model.as_deref(),
+            response_id: self.response_id.as_deref(),
             ..CallRecord::answered(&self.answer, latency, status, class, &self.captured, true)
         };
+        if status == CallStatus::Ok {
+            self.flow
+                .remember_response(&self.answer, self.response_id.as_deref(), &self.request);
+        }
         let mut events = vec![call_event(&self.flow, call)];
         events.extend(self.flow.tool_calls(&self.tool_calls));
         let gateway = &self.flow.gateway;
@@ -354,6 +389,23 @@ impl ChatStream {
             None => Ok(()),
         }
     }
+}
+
+/// An upstream event as the client gets it when the upstream speaks its API.
+fn as_received(event: &eventsource_stream::Event) -> Bytes {
+    let mut frame = String::with_capacity(event.event.len() + event.data.len() + 16);
+    if !event.event.is_empty() && event.event != "message" {
+        frame.push_str("event: ");
+        frame.push_str(&event.event);
+        frame.push('\n');
+    }
+    for line in event.data.split('\n') {
+        frame.push_str("data: ");
+        frame.push_str(line);
+        frame.push('\n');
+    }
+    frame.push('\n');
+    Bytes::from(frame)
 }
 
 /// Several frames as one write; `None` when there are none.

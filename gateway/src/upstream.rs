@@ -1,19 +1,23 @@
-//! The upstream attempt loop: each deployment in the routed order gets `1 + retries` attempts
-//! (429, 5xx, timeouts, connection errors), with backoff that `retry-after` overrides, under a
-//! per-attempt and a total timeout. Every failed attempt is recorded as it happens.
+//! The upstream attempt loop: each deployment in the routed order gets its request built once (as
+//! the client sent it, or translated to its API) and `1 + retries` attempts (429, 5xx, timeouts,
+//! connection errors), with backoff that `retry-after` overrides, under a per-attempt and a total
+//! timeout. Every failed attempt is recorded as it happens.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use loom_schemas::event::now_micros;
 use serde_json::Value;
 
+use crate::body::ClientBody;
+use crate::config::{Deployment, UnsupportedFields};
 use crate::error::{GatewayError, UpstreamFault};
 use crate::flow::Flow;
-use crate::providers::{Operation, adapter};
-use crate::record::{CallRecord, call_event};
+use crate::providers::{Operation, adapter, with_model};
+use crate::record::{Attempt, CallRecord, call_event};
+use crate::translate::{Dropped, Leg};
 
 /// An upstream attempt's failure, classified.
 #[derive(Debug)]
@@ -66,6 +70,15 @@ impl AttemptError {
         }
     }
 
+    /// A request the deployment cannot be sent, with what the client is told.
+    fn refused(message: String) -> AttemptError {
+        let body = serde_json::json!({"error": {"message": message}}).to_string();
+        AttemptError {
+            body: Some(Bytes::from(body)),
+            ..AttemptError::unsupported()
+        }
+    }
+
     pub(crate) fn timeout() -> AttemptError {
         AttemptError::new(UpstreamFault::Timeout)
     }
@@ -77,18 +90,154 @@ pub(crate) struct Answer {
     pub response: Option<reqwest::Response>,
     pub status: StatusCode,
     pub deployment: usize,
+    /// In which API the upstream answers.
+    pub leg: Leg,
+    /// What the request's translation could not carry.
+    pub dropped: Vec<String>,
     pub attempt: i32,
     pub sent_at: Instant,
     pub started_at: i64,
     pub request_body: Bytes,
 }
 
+impl Answer {
+    pub fn attempt(&self) -> Attempt<'_> {
+        Attempt {
+            deployment: self.deployment,
+            number: self.attempt,
+            started_at: self.started_at,
+            request_body: &self.request_body,
+            dropped: &self.dropped,
+        }
+    }
+}
+
+/// What is sent to each deployment tried.
+#[derive(Clone, Copy)]
+pub(crate) enum Outgoing<'a> {
+    /// A client's `operation` request: as sent (model rewritten) to deployments that speak its
+    /// API, translated to those that do not.
+    Request {
+        operation: Operation,
+        body: &'a ClientBody,
+    },
+    /// A `GET` or `DELETE` of a response stored at the deployment: `segments` follow
+    /// `/responses/` (the id, then `input_items`), `query` is the client's query string.
+    Stored {
+        method: &'a Method,
+        segments: &'a [&'a str],
+        query: Option<&'a str>,
+    },
+}
+
+/// One deployment's request, built once for all its attempts.
+struct Prepared {
+    leg: Leg,
+    method: Method,
+    url: reqwest::Url,
+    headers: HeaderMap,
+    body: Bytes,
+    dropped: Vec<String>,
+}
+
+/// Why a deployment is not even tried.
+enum Skip {
+    /// It does not offer the operation.
+    Unsupported,
+    /// A field of the request cannot be sent to it.
+    Refused(String),
+}
+
+fn prepare(flow: &Flow, deployment: &Deployment, outgoing: Outgoing<'_>) -> Result<Prepared, Skip> {
+    let config = &flow.gateway.config;
+    let upstream = &config.upstreams[deployment.upstream];
+    let target = &deployment.target;
+    let (operation, body) = match outgoing {
+        Outgoing::Request { operation, body } => (operation, body),
+        Outgoing::Stored {
+            method,
+            segments,
+            query,
+        } => {
+            let mut url = target
+                .url(Operation::Responses)
+                .ok_or(Skip::Unsupported)?
+                .clone();
+            url.path_segments_mut()
+                .map_err(|()| Skip::Unsupported)?
+                .extend(segments);
+            url.set_query(query);
+            let leg = Leg {
+                client: Operation::Responses,
+                upstream: Operation::Responses,
+            };
+            let mut headers = target.headers.clone();
+            for (name, value) in &flow.forwarded {
+                headers.insert(name, value.clone());
+            }
+            return Ok(Prepared {
+                leg,
+                method: method.clone(),
+                url,
+                headers,
+                body: Bytes::new(),
+                dropped: Vec::new(),
+            });
+        }
+    };
+    let leg = Leg::to(adapter(upstream.kind), operation).ok_or(Skip::Unsupported)?;
+    let url = target.url(leg.upstream).ok_or(Skip::Unsupported)?.clone();
+    let mut headers = target.headers.clone();
+    let translated = leg.request(&body.json).map_err(|unservable| {
+        Skip::Refused(format!(
+            "`{}` cannot be sent to {}: it {}",
+            unservable.field, deployment.name, unservable.reason
+        ))
+    })?;
+    let (request_body, dropped) = match translated {
+        None => {
+            for (name, value) in &flow.forwarded {
+                headers.insert(name, value.clone());
+            }
+            (body.native(&deployment.model), Dropped::default())
+        }
+        Some((translated, mut dropped)) => {
+            for name in flow.forwarded.keys() {
+                if !name.as_str().ends_with("-version") {
+                    dropped.note(|| format!("header {name}"));
+                }
+            }
+            if let Some(field) = dropped
+                .first()
+                .filter(|_| config.unsupported_fields == UnsupportedFields::Reject)
+            {
+                return Err(Skip::Refused(format!(
+                    "`{field}` cannot be sent to {}: its API has no equivalent \
+                     (translation.unsupported_fields = \"reject\")",
+                    deployment.name
+                )));
+            }
+            let sent = with_model(&translated, &deployment.model)
+                .ok()
+                .map(Bytes::from);
+            (sent, dropped)
+        }
+    };
+    Ok(Prepared {
+        leg,
+        method: Method::POST,
+        url,
+        headers,
+        body: request_body.ok_or(Skip::Unsupported)?,
+        dropped: dropped.into_paths(),
+    })
+}
+
 /// Tries the deployments in order, with retries and backoff, recording every attempt.
 pub(crate) async fn call_upstream(
     flow: &mut Flow,
     order: &[usize],
-    operation: Operation,
-    body: &Value,
+    outgoing: Outgoing<'_>,
     stream: bool,
 ) -> Result<Answer, (AttemptError, Option<usize>)> {
     let gateway = Arc::clone(&flow.gateway);
@@ -97,19 +246,23 @@ pub(crate) async fn call_upstream(
     let mut last: Option<(AttemptError, usize)> = None;
     for &deployment_index in order {
         let deployment = &gateway.config.deployments[deployment_index];
-        let upstream = &gateway.config.upstreams[deployment.upstream];
-        let target = &deployment.target;
-        // The body is the same for every attempt on a deployment (a JSON value always
-        // serializes).
-        let request_body = target.url(operation).and_then(|url| {
-            let body = adapter(upstream.kind).body(operation, &deployment.model, body);
-            Some((url, body.ok()?))
-        });
-        let Some((url, request_body)) = request_body else {
-            last = Some((AttemptError::unsupported(), deployment_index));
-            continue;
+        let prepared = match prepare(flow, deployment, outgoing) {
+            Ok(prepared) => prepared,
+            Err(skip) => {
+                // A deployment passed over says why only if no attempt failed for real.
+                if last
+                    .as_ref()
+                    .is_none_or(|(e, _)| e.fault == UpstreamFault::Unsupported)
+                {
+                    let error = match skip {
+                        Skip::Unsupported => AttemptError::unsupported(),
+                        Skip::Refused(message) => AttemptError::refused(message),
+                    };
+                    last = Some((error, deployment_index));
+                }
+                continue;
+            }
         };
-        let request_body = Bytes::from(request_body);
         let mut backoff = routing.backoff;
         for retry in 0..=routing.retries {
             if retry > 0 {
@@ -130,15 +283,18 @@ pub(crate) async fn call_upstream(
             }
             flow.attempts += 1;
             let attempt = flow.attempts;
-            let request = gateway
+            let mut request = gateway
                 .http
-                .post(url.clone())
-                .headers(target.headers.clone())
-                .header(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )
-                .body(request_body.clone());
+                .request(prepared.method.clone(), prepared.url.clone())
+                .headers(prepared.headers.clone());
+            if prepared.method == Method::POST {
+                request = request
+                    .header(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )
+                    .body(prepared.body.clone());
+            }
             let started_at = now_micros();
             let sent_at = Instant::now();
             let timeout = routing.attempt_timeout.min(remaining);
@@ -165,24 +321,25 @@ pub(crate) async fn call_upstream(
                             .unwrap_or(StatusCode::OK),
                         response: Some(response),
                         deployment: deployment_index,
+                        leg: prepared.leg,
+                        dropped: prepared.dropped,
                         attempt,
                         sent_at,
                         started_at,
-                        request_body: request_body.clone(),
+                        request_body: prepared.body,
                     });
                 }
                 Err(error) => {
                     let latency = sent_at.elapsed();
                     flow.outside += latency;
-                    let call = CallRecord::failed(
-                        deployment_index,
-                        attempt,
+                    let sent = Attempt {
+                        deployment: deployment_index,
+                        number: attempt,
                         started_at,
-                        latency,
-                        &error,
-                        stream,
-                        &request_body,
-                    );
+                        request_body: &prepared.body,
+                        dropped: &prepared.dropped,
+                    };
+                    let call = CallRecord::failed(sent, latency, &error, stream);
                     gateway.emitter.emit(call_event(flow, call)).await;
                     let retryable = error.fault.retryable();
                     last = Some((error, deployment_index));

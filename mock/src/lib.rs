@@ -1,14 +1,16 @@
-//! A mock LLM upstream speaking the OpenAI, Azure OpenAI and Anthropic APIs, for Loom's tests and
-//! benchmarks: JSON and SSE streaming, tool calls, configurable latency, and faults injected on
-//! demand (error statuses, hangs, truncated streams).
+//! A mock LLM upstream speaking the OpenAI (chat, embeddings, Responses), Azure OpenAI and
+//! Anthropic APIs, for Loom's tests and benchmarks: JSON and SSE streaming, tool calls, prompt
+//! caching (Anthropic's `cache_control`, OpenAI's automatic prefix cache), extended thinking,
+//! stored responses, configurable latency, and faults injected on demand (error statuses, hangs,
+//! truncated streams).
 //!
 //! Control endpoints:
 //! - `POST /mock/faults` with `{"faults": [Fault, …]}` queues faults; each LLM request takes the
 //!   next one. `DELETE /mock/faults` clears them.
-//! - `GET /mock/requests` lists the last requests received (method, path, credentials headers,
-//!   body); `DELETE /mock/requests` clears them.
+//! - `GET /mock/requests` lists the last requests received (method, path, headers, the body as
+//!   sent and parsed); `DELETE /mock/requests` clears them.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,10 +65,16 @@ pub struct RecordedRequest {
     pub authorization: Option<String>,
     pub api_key: Option<String>,
     pub x_api_key: Option<String>,
+    /// Every header, names in lower case (repeated ones joined with `, `).
+    pub headers: BTreeMap<String, String>,
+    /// The body as received.
+    pub raw_body: String,
+    /// The body parsed (null if it is not JSON).
     pub body: Value,
 }
 
-/// How many requests the mock remembers (it forgets the oldest first).
+/// How many requests (and stored responses, and cached prompt prefixes) the mock remembers (it
+/// forgets the oldest first).
 const RECORDED_REQUESTS: usize = 1000;
 
 #[derive(Clone)]
@@ -75,6 +83,38 @@ struct Mock {
     faults: Arc<Mutex<VecDeque<Fault>>>,
     requests: Arc<Mutex<VecDeque<RecordedRequest>>>,
     counter: Arc<AtomicU64>,
+    /// Prompt prefixes seen, for the prompt cache.
+    cached: Arc<Mutex<Bounded<String, ()>>>,
+    /// Stored Responses API responses, with their input items.
+    stored: Arc<Mutex<Bounded<String, (Value, Value)>>>,
+}
+
+/// A map that forgets its oldest entries past [`RECORDED_REQUESTS`].
+struct Bounded<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+}
+
+impl<K, V> Default for Bounded<K, V> {
+    fn default() -> Self {
+        Bounded {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Bounded<K, V> {
+    fn insert(&mut self, key: K, value: V) {
+        if self.map.insert(key.clone(), value).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > RECORDED_REQUESTS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.map.remove(&oldest);
+            }
+        }
+    }
 }
 
 impl Mock {
@@ -82,7 +122,7 @@ impl Mock {
         self.faults.lock().ok()?.pop_front()
     }
 
-    fn record(&self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &Value) {
+    fn record(&self, method: &Method, uri: &Uri, headers: &HeaderMap, raw: &[u8], body: &Value) {
         let header = |name: &str| {
             headers
                 .get(name)
@@ -100,6 +140,16 @@ impl Mock {
                 authorization: header("authorization"),
                 api_key: header("api-key"),
                 x_api_key: header("x-api-key"),
+                headers: headers.keys().fold(BTreeMap::new(), |mut all, name| {
+                    let values: Vec<&str> = headers
+                        .get_all(name)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    all.insert(name.as_str().to_owned(), values.join(", "));
+                    all
+                }),
+                raw_body: String::from_utf8_lossy(raw).into_owned(),
                 body: body.clone(),
             });
         }
@@ -107,6 +157,16 @@ impl Mock {
 
     fn next_id(&self) -> u64 {
         self.counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether `prefix` was seen before (it is remembered now).
+    fn cache_hit(&self, prefix: &str) -> bool {
+        let Ok(mut cached) = self.cached.lock() else {
+            return false;
+        };
+        let hit = cached.map.contains_key(prefix);
+        cached.insert(prefix.to_owned(), ());
+        hit
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
@@ -127,6 +187,8 @@ pub fn router(config: MockConfig) -> Router {
         faults: Arc::default(),
         requests: Arc::default(),
         counter: Arc::new(AtomicU64::new(1)),
+        cached: Arc::default(),
+        stored: Arc::default(),
     };
     Router::new()
         .route("/v1/chat/completions", post(chat))
@@ -141,6 +203,18 @@ pub fn router(config: MockConfig) -> Router {
         )
         .route("/v1/models", get(models))
         .route("/v1/messages", post(anthropic_messages))
+        .route("/v1/responses", post(responses))
+        .route("/openai/v1/responses", post(responses))
+        .route(
+            "/v1/responses/{id}",
+            get(stored_response).delete(delete_response),
+        )
+        .route(
+            "/openai/v1/responses/{id}",
+            get(stored_response).delete(delete_response),
+        )
+        .route("/v1/responses/{id}/input_items", get(input_items))
+        .route("/openai/v1/responses/{id}/input_items", get(input_items))
         .route("/mock/faults", post(push_faults).delete(clear_faults))
         .route("/mock/requests", get(list_requests).delete(clear_requests))
         .with_state(mock)
@@ -268,7 +342,7 @@ async fn prelude(
     let parsed: Value = match serde_json::from_slice(body) {
         Ok(value) => value,
         Err(error) => {
-            mock.record(method, uri, headers, &Value::Null);
+            mock.record(method, uri, headers, body, &Value::Null);
             return Err(error_response(
                 dialect,
                 StatusCode::BAD_REQUEST,
@@ -277,7 +351,7 @@ async fn prelude(
             ));
         }
     };
-    mock.record(method, uri, headers, &parsed);
+    mock.record(method, uri, headers, body, &parsed);
     if !mock.authorized(headers) {
         return Err(error_response(
             dialect,
@@ -464,11 +538,23 @@ async fn chat(
             .map(str::to_owned)
     });
     let id = format!("chatcmpl-mock-{}", mock.next_id());
+    // OpenAI caches prompt prefixes on its own: a conversation's earlier turns, seen before.
+    let cached = match messages.split_last() {
+        Some((_, earlier)) if !earlier.is_empty() => {
+            let prefix = Value::Array(earlier.to_vec()).to_string();
+            if mock.cache_hit(&prefix) {
+                rough_tokens(&prefix).min(reply.prompt_tokens)
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    };
     let usage = json!({
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens(),
         "total_tokens": reply.prompt_tokens + reply.completion_tokens(),
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached},
     });
     let tool_call_id = format!("call_mock_{}", mock.next_id());
     if request.get("stream").and_then(Value::as_bool) != Some(true) {
@@ -654,19 +740,46 @@ async fn anthropic_messages(
     });
     let id = format!("msg_mock_{}", mock.next_id());
     let tool_use_id = format!("toolu_mock_{}", mock.next_id());
-    let (stop_reason, content) = match &reply.tool {
+    let thinking = request.pointer("/thinking/type").and_then(Value::as_str) == Some("enabled");
+    let thought = "Let me think about that.";
+    let signature = format!("mock-signature-{}", mock.next_id());
+    let (stop_reason, mut content) = match &reply.tool {
         Some((name, arguments)) => {
             let input: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
             (
                 "tool_use",
-                json!([{"type": "tool_use", "id": tool_use_id, "name": name, "input": input}]),
+                vec![json!({"type": "tool_use", "id": tool_use_id, "name": name, "input": input})],
             )
         }
-        None => ("end_turn", json!([{"type": "text", "text": reply.text}])),
+        None => (
+            "end_turn",
+            vec![json!({"type": "text", "text": reply.text})],
+        ),
     };
+    if thinking {
+        content.insert(
+            0,
+            json!({"type": "thinking", "thinking": thought, "signature": signature}),
+        );
+    }
+    // The prompt up to its last `cache_control` breakpoint is written to the cache the first
+    // time and read from it after.
+    let (cache_read, cache_creation) = match cached_prefix(&request) {
+        Some(prefix) => {
+            let tokens = rough_tokens(&prefix);
+            if mock.cache_hit(&prefix) {
+                (tokens, 0)
+            } else {
+                (0, tokens)
+            }
+        }
+        None => (0, 0),
+    };
+    let thinking_tokens = if thinking { rough_tokens(thought) } else { 0 };
+    let output_tokens = reply.completion_tokens() + thinking_tokens;
     let usage = json!({
-        "input_tokens": reply.prompt_tokens, "output_tokens": reply.completion_tokens(),
-        "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
+        "input_tokens": reply.prompt_tokens, "output_tokens": output_tokens,
+        "cache_read_input_tokens": cache_read, "cache_creation_input_tokens": cache_creation,
     });
     if request.get("stream").and_then(Value::as_bool) != Some(true) {
         return Json(json!({
@@ -684,23 +797,43 @@ async fn anthropic_messages(
                 "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
                 "stop_reason": null, "stop_sequence": null,
                 "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": 1,
-                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+                          "cache_read_input_tokens": cache_read, "cache_creation_input_tokens": cache_creation},
             }}),
         ),
         event("ping", json!({"type": "ping"})),
     ];
+    let mut index = 0;
+    if thinking {
+        frames.push(event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+        ));
+        frames.push(event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": thought}}),
+        ));
+        frames.push(event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": signature}}),
+        ));
+        frames.push(event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ));
+        index = 1;
+    }
     match &reply.tool {
         Some((name, arguments)) => {
             frames.push(event(
                 "content_block_start",
-                json!({"type": "content_block_start", "index": 0,
+                json!({"type": "content_block_start", "index": index,
                        "content_block": {"type": "tool_use", "id": tool_use_id, "name": name, "input": {}}}),
             ));
             let (first, second) = arguments.split_at(arguments.len() / 2);
             for piece in [first, second] {
                 frames.push(event(
                     "content_block_delta",
-                    json!({"type": "content_block_delta", "index": 0,
+                    json!({"type": "content_block_delta", "index": index,
                            "delta": {"type": "input_json_delta", "partial_json": piece}}),
                 ));
             }
@@ -708,27 +841,343 @@ async fn anthropic_messages(
         None => {
             frames.push(event(
                 "content_block_start",
-                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                json!({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}),
             ));
             for piece in reply.text_pieces() {
                 frames.push(event(
                     "content_block_delta",
-                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}),
+                    json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}}),
                 ));
             }
         }
     }
     frames.push(event(
         "content_block_stop",
-        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "content_block_stop", "index": index}),
     ));
     frames.push(event(
         "message_delta",
         json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null},
-               "usage": {"output_tokens": reply.completion_tokens()}}),
+               "usage": {"output_tokens": output_tokens}}),
     ));
     frames.push(event("message_stop", json!({"type": "message_stop"})));
     sse(frames, truncate_after(&fault), mock.config.chunk_delay)
+}
+
+/// The prompt of a Messages request up to and including its last block marked `cache_control`
+/// (tools, then system, then messages, as Anthropic orders the cache), if any is marked.
+fn cached_prefix(request: &Value) -> Option<String> {
+    let mut prefix = String::new();
+    let mut cut = None;
+    let mut add = |block: &Value| {
+        prefix.push_str(&block.to_string());
+        if block.get("cache_control").is_some() {
+            cut = Some(prefix.len());
+        }
+    };
+    for tool in request
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        add(tool);
+    }
+    match request.get("system") {
+        Some(Value::Array(blocks)) => blocks.iter().for_each(&mut add),
+        Some(system) => add(system),
+        None => {}
+    }
+    for message in request
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        match message.get("content") {
+            Some(Value::Array(blocks)) => blocks.iter().for_each(&mut add),
+            Some(content) => add(content),
+            None => {}
+        }
+    }
+    let cut = cut?;
+    prefix.truncate(cut);
+    Some(prefix)
+}
+
+// ---- OpenAI Responses ----------------------------------------------------------------------------
+
+/// The conversation of a Responses request as chat-shaped messages, for [`reply_to`].
+fn responses_messages(request: &Value, stored: &Bounded<String, (Value, Value)>) -> Vec<Value> {
+    let mut messages = Vec::new();
+    // A follow-up starts from the stored conversation it continues.
+    if let Some((_, input)) = request
+        .get("previous_response_id")
+        .and_then(Value::as_str)
+        .and_then(|id| stored.map.get(id))
+    {
+        messages.extend(input.as_array().into_iter().flatten().cloned());
+    }
+    match request.get("input") {
+        Some(Value::String(text)) => messages.push(json!({"role": "user", "content": text})),
+        Some(Value::Array(items)) => {
+            for item in items {
+                match item.get("type").and_then(Value::as_str).unwrap_or("message") {
+                    "function_call_output" => messages.push(
+                        json!({"role": "tool", "content": item.get("output").cloned().unwrap_or_default()}),
+                    ),
+                    "message" => messages.push(item.clone()),
+                    _ => messages.push(json!({"role": "assistant", "content": ""})),
+                }
+            }
+        }
+        _ => {}
+    }
+    messages
+}
+
+/// `POST /v1/responses` (and Azure's `/openai/v1/responses`).
+async fn responses(
+    State(mock): State<Mock>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (request, fault) =
+        match prelude(&mock, Dialect::OpenAi, &method, &uri, &headers, &body).await {
+            Ok(ok) => ok,
+            Err(response) => return response,
+        };
+    let previous = request.get("previous_response_id").and_then(Value::as_str);
+    let messages = {
+        let Ok(stored) = mock.stored.lock() else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        if let Some(previous) = previous.filter(|id| !stored.map.contains_key(*id)) {
+            let body = json!({"error": {"message": format!("Previous response with id '{previous}' not found."),
+                "type": "invalid_request_error", "param": "previous_response_id", "code": "previous_response_not_found"}});
+            return (StatusCode::NOT_FOUND, Json(body)).into_response();
+        }
+        responses_messages(&request, &stored)
+    };
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-model")
+        .to_owned();
+    let tools = request.get("tools").and_then(Value::as_array);
+    let reply = reply_to(&messages, request.get("instructions"), tools, |tool| {
+        tool.get("name").and_then(Value::as_str).map(str::to_owned)
+    });
+    let id = format!("resp_mock{}", mock.next_id());
+    let item_id = match &reply.tool {
+        Some(_) => format!("fc_mock{}", mock.next_id()),
+        None => format!("msg_mock{}", mock.next_id()),
+    };
+    let call_id = format!("call_mock_{}", mock.next_id());
+    let reasoning = request.pointer("/reasoning/effort").is_some();
+    let reasoning_tokens = if reasoning { 8 } else { 0 };
+    let cached = match messages.split_last() {
+        Some((_, earlier)) if !earlier.is_empty() => {
+            let prefix = Value::Array(earlier.to_vec()).to_string();
+            if mock.cache_hit(&prefix) {
+                rough_tokens(&prefix).min(reply.prompt_tokens)
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    };
+    let output_tokens = reply.completion_tokens() + reasoning_tokens;
+    let usage = json!({
+        "input_tokens": reply.prompt_tokens, "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "total_tokens": reply.prompt_tokens + output_tokens,
+    });
+    let item = |status: &str, text: &str, arguments: &str| match &reply.tool {
+        Some((name, _)) => json!({"id": item_id, "type": "function_call", "status": status,
+            "call_id": call_id, "name": name, "arguments": arguments}),
+        None => {
+            let content = if status == "in_progress" {
+                json!([])
+            } else {
+                json!([{"type": "output_text", "text": text, "annotations": [], "logprobs": []}])
+            };
+            json!({"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content})
+        }
+    };
+    let reasoning_item =
+        json!({"id": format!("rs_mock{}", mock.next_id()), "type": "reasoning", "summary": []});
+    let arguments = reply.tool.as_ref().map(|(_, a)| a.as_str()).unwrap_or("");
+    let mut output = Vec::new();
+    if reasoning {
+        output.push(reasoning_item.clone());
+    }
+    output.push(item("completed", &reply.text, arguments));
+    let response = |status: &str, output: Vec<Value>, usage: Value| {
+        json!({
+            "id": id, "object": "response", "created_at": 1_700_000_000, "status": status,
+            "background": false, "error": null, "incomplete_details": null,
+            "instructions": request.get("instructions").cloned().unwrap_or_default(),
+            "model": model, "output": output, "parallel_tool_calls": true,
+            "previous_response_id": previous, "store": request.get("store") != Some(&Value::Bool(false)),
+            "temperature": 1.0, "text": {"format": {"type": "text"}}, "tool_choice": "auto",
+            "tools": request.get("tools").cloned().unwrap_or_else(|| json!([])), "top_p": 1.0,
+            "truncation": "disabled", "usage": usage, "metadata": {},
+        })
+    };
+    let finished = response("completed", output.clone(), usage);
+    if request.get("store") != Some(&Value::Bool(false)) {
+        let mut conversation = messages;
+        conversation.push(json!({"role": "assistant", "content": reply.text}));
+        if let Ok(mut stored) = mock.stored.lock() {
+            stored.insert(id.clone(), (finished.clone(), Value::Array(conversation)));
+        }
+    }
+    if request.get("stream").and_then(Value::as_bool) != Some(true) {
+        return Json(finished).into_response();
+    }
+
+    let mut sequence = 0;
+    let mut frames = Vec::new();
+    let mut event = |kind: &str, mut data: Value| {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(sequence);
+        sequence += 1;
+        frames.push(format!("event: {kind}\ndata: {data}\n\n"));
+    };
+    let started = response("in_progress", Vec::new(), Value::Null);
+    event("response.created", json!({"response": started}));
+    event("response.in_progress", json!({"response": started}));
+    let mut index = 0;
+    if reasoning {
+        event(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": reasoning_item}),
+        );
+        event(
+            "response.output_item.done",
+            json!({"output_index": 0, "item": reasoning_item}),
+        );
+        index = 1;
+    }
+    event(
+        "response.output_item.added",
+        json!({"output_index": index, "item": item("in_progress", "", "")}),
+    );
+    match &reply.tool {
+        Some(_) => {
+            let (first, second) = arguments.split_at(arguments.len() / 2);
+            for piece in [first, second] {
+                event(
+                    "response.function_call_arguments.delta",
+                    json!({"item_id": item_id, "output_index": index, "delta": piece}),
+                );
+            }
+            event(
+                "response.function_call_arguments.done",
+                json!({"item_id": item_id, "output_index": index, "arguments": arguments}),
+            );
+        }
+        None => {
+            let part = |text: &str| json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+            event(
+                "response.content_part.added",
+                json!({"item_id": item_id, "output_index": index, "content_index": 0, "part": part("")}),
+            );
+            for piece in reply.text_pieces() {
+                event(
+                    "response.output_text.delta",
+                    json!({"item_id": item_id, "output_index": index,
+                    "content_index": 0, "delta": piece, "logprobs": []}),
+                );
+            }
+            event(
+                "response.output_text.done",
+                json!({"item_id": item_id, "output_index": index,
+                "content_index": 0, "text": reply.text, "logprobs": []}),
+            );
+            event(
+                "response.content_part.done",
+                json!({"item_id": item_id, "output_index": index, "content_index": 0, "part": part(&reply.text)}),
+            );
+        }
+    }
+    event(
+        "response.output_item.done",
+        json!({"output_index": index, "item": item("completed", &reply.text, arguments)}),
+    );
+    event("response.completed", json!({"response": finished}));
+    sse(frames, truncate_after(&fault), mock.config.chunk_delay)
+}
+
+/// The stored response `id` and its conversation.
+fn find_stored(mock: &Mock, id: &str) -> Option<(Value, Value)> {
+    mock.stored.lock().ok().and_then(|s| s.map.get(id).cloned())
+}
+
+/// OpenAI's 404 for a response it does not have.
+fn no_response(id: &str) -> Response {
+    let body = json!({"error": {"message": format!("Response with id '{id}' not found."),
+        "type": "invalid_request_error", "param": null, "code": null}});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+/// `GET /v1/responses/{id}`
+async fn stored_response(
+    State(mock): State<Mock>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    mock.record(&method, &uri, &headers, b"", &Value::Null);
+    match find_stored(&mock, &id) {
+        Some((response, _)) => Json(response).into_response(),
+        None => no_response(&id),
+    }
+}
+
+/// `GET /v1/responses/{id}/input_items`
+async fn input_items(
+    State(mock): State<Mock>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    mock.record(&method, &uri, &headers, b"", &Value::Null);
+    match find_stored(&mock, &id) {
+        Some((_, input)) => {
+            let data: Vec<Value> = input
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| json!({"type": "message", "role": m.get("role"), "content": m.get("content")}))
+                .collect();
+            Json(json!({"object": "list", "data": data, "has_more": false})).into_response()
+        }
+        None => no_response(&id),
+    }
+}
+
+/// `DELETE /v1/responses/{id}`
+async fn delete_response(
+    State(mock): State<Mock>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    mock.record(&method, &uri, &headers, b"", &Value::Null);
+    if find_stored(&mock, &id).is_none() {
+        return no_response(&id);
+    }
+    if let Ok(mut stored) = mock.stored.lock() {
+        stored.map.remove(&id);
+    }
+    Json(json!({"id": id, "object": "response", "deleted": true})).into_response()
 }
 
 #[cfg(test)]

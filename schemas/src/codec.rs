@@ -93,6 +93,7 @@ builtin_schemas! {
     "policy.evaluated" v 1,
     "routing.decided" v 1,
     "llm_call.completed" v 1,
+    "llm_call.completed" v 2,
     "tool_call.observed" v 1,
     "quota.consumed" v 1,
     "quota.denied" v 1,
@@ -500,7 +501,8 @@ mod tests {
                 event.payload.event_type()
             );
             let (event_type, version, _) = registry.decode_value(&bytes).unwrap();
-            assert_eq!((event_type, version), (event.payload.event_type(), 1));
+            let current = registry.current_version(event_type).unwrap();
+            assert_eq!((event_type, version), (event.payload.event_type(), current));
         }
     }
 
@@ -515,7 +517,7 @@ mod tests {
             record.header(HEADER_EVENT_TYPE),
             Some(&b"llm_call.completed"[..])
         );
-        assert_eq!(record.header(HEADER_SCHEMA_VERSION), Some(&b"1"[..]));
+        assert_eq!(record.header(HEADER_SCHEMA_VERSION), Some(&b"2"[..]));
         assert_eq!(
             record.header(HEADER_TENANT_ID),
             Some(key.tenant_id.to_string().as_bytes())

@@ -232,8 +232,14 @@ pub struct LlmCallCompleted {
     pub tokens_cache_creation: Option<i64>,
     pub usage_estimated: bool,
     pub cost_micro_usd: Option<i64>,
+    /// What the prompt cache saved (v2).
+    pub cache_saved_micro_usd: Option<i64>,
+    /// The upstream's id of its answer (v2).
+    pub response_id: Option<String>,
     pub request_body: Option<Sealed>,
     pub response_body: Option<Sealed>,
+    /// Request fields a translation between APIs could not carry (v2).
+    pub dropped_fields: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -58,8 +58,11 @@ pub fn llm_call_completed(
         tokens_cache_creation: None,
         usage_estimated: false,
         cost_micro_usd: Some(174),
+        cache_saved_micro_usd: Some(10),
+        response_id: Some("chatcmpl-sample".into()),
         request_body: Some(sealed(key, envelope.event_id, "request_body", &body)?),
         response_body: Some(sealed(key, envelope.event_id, "response_body", &body)?),
+        dropped_fields: Vec::new(),
     };
     Ok(Event {
         envelope,
@@ -539,8 +542,11 @@ pub fn history(
                 tokens_cache_creation: None,
                 usage_estimated: false,
                 cost_micro_usd: None,
+                cache_saved_micro_usd: None,
+                response_id: None,
                 request_body: None,
                 response_body: None,
+                dropped_fields: Vec::new(),
             };
             call.cost_micro_usd = call.tokens_out.map(|out| out * 3 + body.len() as i64 / 8);
             let call_envelope = envelope(tenant, trace, started + offset + latency);

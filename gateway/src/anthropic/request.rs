@@ -1,13 +1,54 @@
-//! Requests: OpenAI chat → Anthropic Messages (for Anthropic upstreams), and Anthropic Messages
-//! → OpenAI chat (for Anthropic clients).
+//! Requests: OpenAI chat → Anthropic Messages (OpenAI clients on Anthropic upstreams), and
+//! Anthropic Messages → OpenAI chat (Anthropic clients on OpenAI-API upstreams). Every field is
+//! carried where the other API has an equivalent; the rest is noted in [`Dropped`] by its path
+//! (docs/api.md has the table).
 
 use serde_json::{Map, Value, json};
 
-use super::{DEFAULT_MAX_TOKENS, blocks_of, tool_use_block};
+use super::{DEFAULT_MAX_TOKENS, block_of, blocks_of, tool_use_block};
 use crate::content::text_of;
+use crate::translate::Dropped;
 
-/// An OpenAI chat request as an Anthropic Messages request for `model`.
-pub fn chat_to_messages(chat: &Value, model: &str) -> Value {
+/// The top-level chat fields [`chat_to_messages`] carries (`stream_options` is Loom's own).
+const CHAT_CARRIED: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stream",
+    "stream_options",
+    "stop",
+    "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "reasoning_effort",
+];
+
+/// The top-level Messages fields [`messages_to_chat`] carries.
+const MESSAGES_CARRIED: &[&str] = &[
+    "model",
+    "messages",
+    "system",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stream",
+    "stop_sequences",
+    "metadata",
+    "tools",
+    "tool_choice",
+    "thinking",
+];
+
+/// Anthropic's smallest thinking budget.
+const MIN_THINKING_BUDGET: u64 = 1024;
+
+/// An OpenAI chat request as an Anthropic Messages request.
+pub fn chat_to_messages(chat: &Value, dropped: &mut Dropped) -> Value {
+    dropped.keys_besides(chat, "", CHAT_CARRIED);
     let mut system = Vec::new();
     let mut messages: Vec<(String, Vec<Value>)> = Vec::new();
     let mut push = |role: &str, blocks: Vec<Value>| {
@@ -20,13 +61,20 @@ pub fn chat_to_messages(chat: &Value, model: &str) -> Value {
             _ => messages.push((role.to_owned(), blocks)),
         }
     };
-    for message in chat
+    for (i, message) in chat
         .get("messages")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
+        .enumerate()
     {
         let content = message.get("content").unwrap_or(&Value::Null);
+        for (j, part) in content.as_array().into_iter().flatten().enumerate() {
+            if block_of(part).is_none() {
+                let kind = part.get("type").and_then(Value::as_str).unwrap_or("?");
+                dropped.note(|| format!("messages[{i}].content[{j}] ({kind})"));
+            }
+        }
         match message
             .get("role")
             .and_then(Value::as_str)
@@ -57,7 +105,10 @@ pub fn chat_to_messages(chat: &Value, model: &str) -> Value {
         }
     }
     let mut request = Map::new();
-    request.insert("model".into(), json!(model));
+    request.insert(
+        "model".into(),
+        chat.get("model").cloned().unwrap_or_default(),
+    );
     request.insert(
         "messages".into(),
         Value::Array(
@@ -73,6 +124,27 @@ pub fn chat_to_messages(chat: &Value, model: &str) -> Value {
         .and_then(Value::as_u64)
         .unwrap_or(DEFAULT_MAX_TOKENS);
     request.insert("max_tokens".into(), json!(max_tokens));
+    // OpenAI's effort as a thinking budget, which must stay under `max_tokens` (that counts
+    // thinking too, as OpenAI's limit counts reasoning).
+    if let Some(effort) = chat.get("reasoning_effort").and_then(Value::as_str) {
+        let budget = match effort {
+            "low" => Some(MIN_THINKING_BUDGET),
+            "medium" => Some(4 * MIN_THINKING_BUDGET),
+            "high" | "xhigh" => Some(16 * MIN_THINKING_BUDGET),
+            _ => None,
+        }
+        .map(|budget| budget.min(max_tokens.saturating_sub(1)));
+        match budget {
+            Some(budget) if budget >= MIN_THINKING_BUDGET => {
+                request.insert(
+                    "thinking".into(),
+                    json!({"type": "enabled", "budget_tokens": budget}),
+                );
+            }
+            Some(_) => dropped.note(|| "reasoning_effort".to_owned()),
+            None => {}
+        }
+    }
     if !system.is_empty() {
         request.insert("system".into(), json!(system.join("\n\n")));
     }
@@ -121,24 +193,42 @@ pub fn chat_to_messages(chat: &Value, model: &str) -> Value {
                 .map(|name| json!({"type": "tool", "name": name})),
             _ => None,
         };
-        if let Some(choice) = choice {
-            request.insert("tool_choice".into(), choice);
+        let serial = chat.get("parallel_tool_calls") == Some(&Value::Bool(false));
+        match (choice, serial) {
+            (Some(mut choice), true) => {
+                choice["disable_parallel_tool_use"] = json!(true);
+                request.insert("tool_choice".into(), choice);
+            }
+            (Some(choice), false) => {
+                request.insert("tool_choice".into(), choice);
+            }
+            (None, true) => {
+                let choice = json!({"type": "auto", "disable_parallel_tool_use": true});
+                request.insert("tool_choice".into(), choice);
+            }
+            (None, false) => {}
         }
     }
     Value::Object(request)
 }
 
-/// An Anthropic Messages request as an OpenAI chat request.
-pub fn messages_to_chat(request: &Value) -> Value {
+/// An Anthropic Messages request as an OpenAI chat request. A streamed one asks for usage, so
+/// that the call is priced.
+pub fn messages_to_chat(request: &Value, dropped: &mut Dropped) -> Value {
+    dropped.keys_besides(request, "", MESSAGES_CARRIED);
     let mut messages = Vec::new();
     if let Some(system) = request.get("system") {
+        for (i, block) in system.as_array().into_iter().flatten().enumerate() {
+            dropped.keys_besides(block, &format!("system[{i}]"), &["type", "text"]);
+        }
         messages.push(json!({"role": "system", "content": text_of(system)}));
     }
-    for message in request
+    for (i, message) in request
         .get("messages")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
+        .enumerate()
     {
         let role = message
             .get("role")
@@ -152,32 +242,49 @@ pub fn messages_to_chat(request: &Value) -> Value {
         };
         let mut parts = Vec::new();
         let mut tool_calls = Vec::new();
-        for block in &blocks {
-            match block.get("type").and_then(Value::as_str) {
-                Some("text") => parts.push(json!({"type": "text", "text": block.get("text")})),
-                Some("image") => {
-                    let source = block.get("source").cloned().unwrap_or_default();
-                    let url = match source.get("type").and_then(Value::as_str) {
-                        Some("base64") => format!(
-                            "data:{};base64,{}",
-                            source.get("media_type").and_then(Value::as_str).unwrap_or("image/png"),
-                            source.get("data").and_then(Value::as_str).unwrap_or_default()
-                        ),
-                        _ => source.get("url").and_then(Value::as_str).unwrap_or_default().to_owned(),
-                    };
-                    parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
-                }
-                Some("tool_use") => tool_calls.push(json!({
+        for (j, block) in blocks.iter().enumerate() {
+            let at = || format!("messages[{i}].content[{j}]");
+            let kind = block.get("type").and_then(Value::as_str).unwrap_or("?");
+            let carried: &[&str] = match kind {
+                "text" => &["type", "text"],
+                "image" | "document" => &["type", "source"],
+                "tool_use" => &["type", "id", "name", "input"],
+                "tool_result" => &["type", "tool_use_id", "content"],
+                _ => &[],
+            };
+            if carried.is_empty() {
+                dropped.note(|| format!("{} ({kind})", at()));
+                continue;
+            }
+            dropped.keys_besides(block, &at(), carried);
+            match kind {
+                "text" => parts.push(json!({"type": "text", "text": block.get("text")})),
+                "image" => match image_url(block.get("source").unwrap_or(&Value::Null)) {
+                    Some(url) => parts.push(json!({"type": "image_url", "image_url": {"url": url}})),
+                    None => dropped.note(|| format!("{}.source", at())),
+                },
+                "document" => match document_part(block.get("source").unwrap_or(&Value::Null)) {
+                    Some(part) => parts.push(part),
+                    None => dropped.note(|| format!("{}.source", at())),
+                },
+                "tool_use" => tool_calls.push(json!({
                     "id": block.get("id"),
                     "type": "function",
                     "function": {"name": block.get("name"), "arguments": block.get("input").map(Value::to_string).unwrap_or_else(|| "{}".into())},
                 })),
-                Some("tool_result") => messages.push(json!({
-                    "role": "tool",
-                    "tool_call_id": block.get("tool_use_id"),
-                    "content": text_of(block.get("content").unwrap_or(&Value::Null)),
-                })),
-                _ => {}
+                _ => {
+                    let result = block.get("content").unwrap_or(&Value::Null);
+                    for (k, part) in result.as_array().into_iter().flatten().enumerate() {
+                        if part.get("type").and_then(Value::as_str) != Some("text") {
+                            dropped.note(|| format!("{}.content[{k}]", at()));
+                        }
+                    }
+                    messages.push(json!({
+                        "role": "tool",
+                        "tool_call_id": block.get("tool_use_id"),
+                        "content": text_of(result),
+                    }));
+                }
             }
         }
         if parts.is_empty() && tool_calls.is_empty() {
@@ -217,32 +324,98 @@ pub fn messages_to_chat(request: &Value) -> Value {
             chat[to] = value.clone();
         }
     }
-    if let Some(user) = request.pointer("/metadata/user_id") {
-        chat["user"] = user.clone();
+    if request.get("stream").and_then(Value::as_bool) == Some(true) {
+        chat["stream_options"] = json!({"include_usage": true});
     }
-    let tools: Vec<Value> = request
+    if let Some(thinking) = request.get("thinking") {
+        dropped.keys_besides(thinking, "thinking", &["type", "budget_tokens"]);
+        if thinking.get("type").and_then(Value::as_str) == Some("enabled") {
+            let budget = thinking
+                .get("budget_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            chat["reasoning_effort"] = json!(match budget {
+                0..=2048 => "low",
+                2049..=8192 => "medium",
+                _ => "high",
+            });
+        }
+    }
+    if let Some(metadata) = request.get("metadata") {
+        dropped.keys_besides(metadata, "metadata", &["user_id"]);
+        if let Some(user) = metadata.get("user_id") {
+            chat["user"] = user.clone();
+        }
+    }
+    let mut tools = Vec::new();
+    for (i, tool) in request
         .get("tools")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .map(|tool| {
-            json!({"type": "function", "function": {
-                "name": tool.get("name"),
-                "description": tool.get("description"),
-                "parameters": tool.get("input_schema").cloned().unwrap_or_else(|| json!({"type": "object"})),
-            }})
-        })
-        .collect();
+        .enumerate()
+    {
+        // Anthropic's server tools (web search, code execution, …) have a `type` of their own.
+        if tool.get("type").is_some_and(|t| t != "custom") {
+            let kind = tool.get("type").and_then(Value::as_str).unwrap_or("?");
+            dropped.note(|| format!("tools[{i}] ({kind})"));
+            continue;
+        }
+        let carried = ["type", "name", "description", "input_schema"];
+        dropped.keys_besides(tool, &format!("tools[{i}]"), &carried);
+        tools.push(json!({"type": "function", "function": {
+            "name": tool.get("name"),
+            "description": tool.get("description"),
+            "parameters": tool.get("input_schema").cloned().unwrap_or_else(|| json!({"type": "object"})),
+        }}));
+    }
     if !tools.is_empty() {
         chat["tools"] = Value::Array(tools);
     }
-    match request.pointer("/tool_choice/type").and_then(Value::as_str) {
-        Some("any") => chat["tool_choice"] = json!("required"),
-        Some("none") => chat["tool_choice"] = json!("none"),
-        Some("tool") => {
-            chat["tool_choice"] = json!({"type": "function", "function": {"name": request.pointer("/tool_choice/name")}})
+    if let Some(choice) = request.get("tool_choice") {
+        let carried = ["type", "name", "disable_parallel_tool_use"];
+        dropped.keys_besides(choice, "tool_choice", &carried);
+        match choice.get("type").and_then(Value::as_str) {
+            Some("any") => chat["tool_choice"] = json!("required"),
+            Some("none") => chat["tool_choice"] = json!("none"),
+            Some("tool") => {
+                chat["tool_choice"] =
+                    json!({"type": "function", "function": {"name": choice.get("name")}})
+            }
+            _ => {}
         }
-        _ => {}
+        if choice.get("disable_parallel_tool_use") == Some(&Value::Bool(true)) {
+            chat["parallel_tool_calls"] = json!(false);
+        }
     }
     chat
+}
+
+/// An image block's source as an OpenAI image URL (a data URL for base64 data).
+fn image_url(source: &Value) -> Option<String> {
+    let field = |name: &str| source.get(name).and_then(Value::as_str);
+    match field("type")? {
+        "base64" => Some(format!(
+            "data:{};base64,{}",
+            field("media_type").unwrap_or("image/png"),
+            field("data")?
+        )),
+        "url" => field("url").map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// A document block's source as an OpenAI content part: a PDF as a `file` part, plain text as
+/// text. Documents by URL or file id have no equivalent.
+fn document_part(source: &Value) -> Option<Value> {
+    let field = |name: &str| source.get(name).and_then(Value::as_str);
+    match field("type")? {
+        "base64" => {
+            let media_type = field("media_type").unwrap_or("application/pdf");
+            let data = format!("data:{media_type};base64,{}", field("data")?);
+            Some(json!({"type": "file", "file": {"filename": "document.pdf", "file_data": data}}))
+        }
+        "text" => Some(json!({"type": "text", "text": field("data")?})),
+        _ => None,
+    }
 }

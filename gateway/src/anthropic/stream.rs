@@ -92,7 +92,13 @@ impl StreamTranslator {
                 }
             }
             "message_delta" => {
+                // Counts here are cumulative; newer API versions repeat the input side too.
                 self.output_tokens = int(&event, "/usage/output_tokens").max(self.output_tokens);
+                self.input_tokens = int(&event, "/usage/input_tokens").max(self.input_tokens);
+                self.cache_read =
+                    int(&event, "/usage/cache_read_input_tokens").max(self.cache_read);
+                self.cache_creation =
+                    int(&event, "/usage/cache_creation_input_tokens").max(self.cache_creation);
                 let reason = event.pointer("/delta/stop_reason").and_then(Value::as_str);
                 vec![self.chunk(json!({}), finish_reason(reason))]
             }
@@ -126,6 +132,8 @@ pub struct MessagesEncoder {
     /// OpenAI tool-call index → Anthropic block index.
     tool_blocks: Vec<(u64, usize)>,
     stop_reason: Value,
+    /// The usage chunk's, for the closing `message_delta`.
+    usage: Option<Value>,
     finished: bool,
 }
 
@@ -213,21 +221,22 @@ impl MessagesEncoder {
             self.stop_reason = stop_reason(Some(reason));
         }
         if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
-            frames.extend(self.finish(Some(usage)));
+            self.usage = Some(anthropic_usage(usage));
         }
         frames
     }
 
     /// The closing frames (once): the stop reason with usage, then `message_stop`.
-    pub fn finish(&mut self, usage: Option<&Value>) -> Vec<String> {
+    pub fn finish(&mut self) -> Vec<String> {
         if self.finished {
             return Vec::new();
         }
         self.finished = true;
         let mut frames = Vec::new();
         self.close_block(&mut frames);
-        let usage = usage
-            .map(anthropic_usage)
+        let usage = self
+            .usage
+            .take()
             .unwrap_or_else(|| json!({"output_tokens": 0}));
         frames.push(frame(
             "message_delta",

@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 use super::request::*;
 use super::response::*;
 use super::stream::*;
+use crate::translate::Dropped;
 
 #[test]
 fn chat_requests_become_messages_requests() {
@@ -20,8 +21,10 @@ fn chat_requests_become_messages_requests() {
         "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object"}}}],
         "tool_choice": "required",
     });
-    let request = chat_to_messages(&chat, "claude-sonnet-4");
-    assert_eq!(request["model"], "claude-sonnet-4");
+    let mut dropped = Dropped::default();
+    let request = chat_to_messages(&chat, &mut dropped);
+    assert!(dropped.into_paths().is_empty());
+    assert_eq!(request["model"], "claude");
     assert_eq!(request["system"], "Be brief.");
     assert_eq!(request["max_tokens"], 100);
     assert_eq!(request["stop_sequences"], json!(["END"]));
@@ -137,7 +140,9 @@ fn messages_requests_become_chat_requests_and_answers_go_back() {
         "tool_choice": {"type": "any"},
         "stop_sequences": ["END"],
     });
-    let chat = messages_to_chat(&request);
+    let mut dropped = Dropped::default();
+    let chat = messages_to_chat(&request, &mut dropped);
+    assert!(dropped.into_paths().is_empty());
     assert_eq!(
         chat["messages"][0],
         json!({"role": "system", "content": "Be brief."})
@@ -183,7 +188,9 @@ fn chunks_become_anthropic_stream_events() {
         json!({"id": "c1", "choices": [{"delta": {}, "finish_reason": "tool_calls"}]}),
         json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}),
     ];
-    let frames: Vec<String> = chunks.iter().flat_map(|c| encoder.encode(c)).collect();
+    let mut frames: Vec<String> = chunks.iter().flat_map(|c| encoder.encode(c)).collect();
+    // The stop reason and usage go out at the end, once the request is recorded.
+    frames.extend(encoder.finish());
     let events: Vec<&str> = frames
         .iter()
         .map(|f| f.lines().next().unwrap().trim_start_matches("event: "))
@@ -206,5 +213,54 @@ fn chunks_become_anthropic_stream_events() {
         frames[7].contains("\"stop_reason\":\"tool_use\"")
             && frames[7].contains("\"output_tokens\":2")
     );
-    assert!(encoder.finish(None).is_empty());
+    assert!(encoder.finish().is_empty());
+}
+
+#[test]
+fn what_chat_has_no_place_for_is_named_and_thinking_maps_to_effort() {
+    let request = json!({
+        "model": "claude", "max_tokens": 4096, "top_k": 5,
+        "thinking": {"type": "enabled", "budget_tokens": 2000},
+        "system": [{"type": "text", "text": "long system", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "summarize", "cache_control": {"type": "ephemeral"}},
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}},
+            {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}},
+        ]}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+        "metadata": {"user_id": "u1"},
+    });
+    let mut dropped = Dropped::default();
+    let chat = messages_to_chat(&request, &mut dropped);
+    assert_eq!(chat["reasoning_effort"], "low");
+    assert_eq!(chat["user"], "u1");
+    assert_eq!(
+        chat["messages"][1]["content"][1],
+        json!({"type": "file", "file": {"filename": "document.pdf", "file_data": "data:application/pdf;base64,JVBE"}})
+    );
+    assert_eq!(
+        dropped.into_paths(),
+        [
+            "top_k",
+            "system[0].cache_control",
+            "messages[0].content[0].cache_control",
+            "messages[0].content[2].source",
+            "tools[0] (web_search_20250305)",
+        ]
+    );
+
+    // Back the other way: effort becomes a thinking budget under max_tokens, a PDF a document.
+    let chat = json!({"model": "gpt", "max_completion_tokens": 3000, "reasoning_effort": "high", "seed": 1,
+        "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBE"}}, {"type": "input_audio", "input_audio": {}}]}]});
+    let mut dropped = Dropped::default();
+    let messages = chat_to_messages(&chat, &mut dropped);
+    assert_eq!(
+        messages["thinking"],
+        json!({"type": "enabled", "budget_tokens": 2999})
+    );
+    assert_eq!(messages["messages"][0]["content"][0]["type"], "document");
+    assert_eq!(
+        dropped.into_paths(),
+        ["seed", "messages[0].content[1] (input_audio)"]
+    );
 }

@@ -53,6 +53,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/embeddings", post(v1::embeddings))
         .route("/v1/models", get(v1::models))
         .route("/v1/messages", post(v1::messages))
+        .route("/v1/responses", post(v1::responses))
+        .route(
+            "/v1/responses/{id}",
+            get(v1::stored_response).delete(v1::stored_response),
+        )
+        .route("/v1/responses/{id}/input_items", get(v1::stored_response))
         .nest("/admin", admin::routes(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -6,24 +6,24 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{HeaderMap, header};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
 use loom_schemas::event::{CallStatus, RequestReceived};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::anthropic;
 use crate::auth::Caller;
+use crate::body::ClientBody;
 use crate::error::GatewayError;
 use crate::flow::{Dialect, Flow, set_headers};
 use crate::http::AppState;
-use crate::providers::{Operation, adapter};
+use crate::providers::Operation;
 use crate::record::{CallRecord, Outcome, Usage, call_event};
 use crate::routing::route;
 use crate::stream::ChatStream;
 use crate::tokens;
-use crate::upstream::{Answer, AttemptError, call_upstream};
+use crate::upstream::{Answer, AttemptError, Outgoing, call_upstream};
 
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
@@ -32,34 +32,37 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let endpoint = "/v1/chat/completions";
     match begin(
         &state,
         caller,
         &headers,
-        body,
-        "/v1/chat/completions",
+        Some(body),
+        endpoint,
         Dialect::OpenAi,
     )
     .await
     {
-        Ok((flow, request)) => run_chat(flow, request).await,
+        Ok((flow, body)) => run_chat(flow, Operation::Chat, body).await,
         Err(response) => response,
     }
 }
 
-/// `POST /v1/messages` (Anthropic's Messages API), served by translating to and from chat.
+/// `POST /v1/messages` (Anthropic's Messages API): as sent to Anthropic deployments, translated to
+/// and from chat for the others.
 pub async fn messages(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let (flow, request) = match begin(
+    let endpoint = "/v1/messages";
+    let (flow, body) = match begin(
         &state,
         caller,
         &headers,
-        body,
-        "/v1/messages",
+        Some(body),
+        endpoint,
         Dialect::Anthropic,
     )
     .await
@@ -67,14 +70,97 @@ pub async fn messages(
         Ok(started) => started,
         Err(response) => return response,
     };
-    if request.get("max_tokens").and_then(Value::as_u64).is_none() {
-        return flow
-            .fail(GatewayError::InvalidRequest(
-                "max_tokens: Field required".into(),
-            ))
-            .await;
+    if body
+        .json
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .is_none()
+    {
+        let error = GatewayError::InvalidRequest("max_tokens: Field required".into());
+        return flow.fail(error).await;
     }
-    run_chat(flow, anthropic::request::messages_to_chat(&request)).await
+    run_chat(flow, Operation::Messages, body).await
+}
+
+/// `POST /v1/responses` (OpenAI's Responses API): as sent to OpenAI and Azure deployments,
+/// translated to and from chat for the others.
+pub async fn responses(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let endpoint = "/v1/responses";
+    let (flow, body) = match begin(
+        &state,
+        caller,
+        &headers,
+        Some(body),
+        endpoint,
+        Dialect::OpenAi,
+    )
+    .await
+    {
+        Ok(started) => started,
+        Err(response) => return response,
+    };
+    if body.json.get("background") == Some(&Value::Bool(true)) {
+        let error = GatewayError::InvalidRequest(
+            "`background` is not supported: Loom answers and records each response while it is \
+             made; send the request without it (or stream it)"
+                .into(),
+        );
+        return flow.fail(error).await;
+    }
+    run_chat(flow, Operation::Responses, body).await
+}
+
+/// `GET /v1/responses/{id}`, `GET /v1/responses/{id}/input_items` and `DELETE
+/// /v1/responses/{id}`: passed to the upstream that made the response, for the tenant that made
+/// it (anyone else gets 404).
+pub async fn stored_response(
+    State(state): State<AppState>,
+    caller: Caller,
+    method: Method,
+    uri: Uri,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let items = uri.path().ends_with("/input_items");
+    let endpoint = match (&method, items) {
+        (&Method::DELETE, _) => "DELETE /v1/responses/{id}",
+        (_, true) => "GET /v1/responses/{id}/input_items",
+        _ => "GET /v1/responses/{id}",
+    };
+    let (mut flow, _) = match begin(&state, caller, &headers, None, endpoint, Dialect::OpenAi).await
+    {
+        Ok(started) => started,
+        Err(response) => return response,
+    };
+    let Some(deployment) = flow.owner_of_response(&id).await else {
+        let error = GatewayError::NotFound(format!(
+            "No response with id '{id}' was stored through this gateway for your key."
+        ));
+        return flow.fail(error).await;
+    };
+    let segments: &[&str] = if items { &[&id, "input_items"] } else { &[&id] };
+    let outgoing = Outgoing::Stored {
+        method: &method,
+        segments,
+        query: uri.query(),
+    };
+    match call_upstream(&mut flow, &[deployment], outgoing, false).await {
+        Ok(answer) => {
+            if method == Method::DELETE {
+                flow.gateway.stored.forget(&id);
+            }
+            finish_json(flow, answer, &Value::Null).await
+        }
+        Err((error, deployment)) => {
+            let outcome = deployment.map_or_else(Outcome::default, |d| Outcome::at(&flow, d));
+            flow.fail_with(outcome, error.to_client()).await
+        }
+    }
 }
 
 /// `POST /v1/embeddings`
@@ -84,12 +170,13 @@ pub async fn embeddings(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let (mut flow, request) = match begin(
+    let endpoint = "/v1/embeddings";
+    let (mut flow, body) = match begin(
         &state,
         caller,
         &headers,
-        body,
-        "/v1/embeddings",
+        Some(body),
+        endpoint,
         Dialect::OpenAi,
     )
     .await
@@ -97,12 +184,17 @@ pub async fn embeddings(
         Ok(started) => started,
         Err(response) => return response,
     };
-    let order = match admit_to_route(&flow, &request, "input").await {
+    let operation = Operation::Embeddings;
+    let order = match admit_to_route(&flow, &body.json, operation, None).await {
         Ok(order) => order,
         Err(response) => return response,
     };
-    match call_upstream(&mut flow, &order, Operation::Embeddings, &request, false).await {
-        Ok(answer) => finish_json(flow, answer, Operation::Embeddings, &request).await,
+    let outgoing = Outgoing::Request {
+        operation,
+        body: &body,
+    };
+    match call_upstream(&mut flow, &order, outgoing, false).await {
+        Ok(answer) => finish_json(flow, answer, &body.json).await,
         Err((error, _)) => flow.fail(error.to_client()).await,
     }
 }
@@ -128,16 +220,16 @@ pub async fn models(State(state): State<AppState>, caller: Caller) -> Response {
     response
 }
 
-/// Starts a request: reads and parses the body and queues `request.received`. `Err` is the
-/// response to send (its events already recorded).
+/// Starts a request: reads and parses its body (a `GET` or `DELETE` has none) and queues
+/// `request.received`. `Err` is the response to send (its events already recorded).
 async fn begin(
     state: &AppState,
     caller: Caller,
     headers: &HeaderMap,
-    body: Body,
+    body: Option<Body>,
     endpoint: &'static str,
     dialect: Dialect,
-) -> Result<(Flow, Value), Response> {
+) -> Result<(Flow, ClientBody), Response> {
     let gateway = Arc::clone(&state.gateway);
     let flow = Flow {
         dialect,
@@ -147,12 +239,22 @@ async fn begin(
         trace_id: caller.trace_id,
         tenant_id: caller.key.as_ref().map_or(Uuid::nil(), |k| k.tenant_id),
         key: caller.key,
+        forwarded: gateway
+            .config
+            .forward_headers
+            .iter()
+            .filter_map(|name| Some((name.clone(), headers.get(name)?.clone())))
+            .collect(),
         started: Instant::now(),
         outside: Duration::ZERO,
         attempts: 0,
     };
     let limit = gateway.config.limits.max_body_bytes;
-    let read = axum::body::to_bytes(body, limit).await;
+    let expects_body = body.is_some();
+    let read = match body {
+        Some(body) => axum::body::to_bytes(body, limit).await.map_err(|_| ()),
+        None => Ok(Bytes::new()),
+    };
     let bytes = read.as_ref().ok().cloned().unwrap_or_default();
     let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
     let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name));
@@ -186,6 +288,9 @@ async fn begin(
     if read.is_err() {
         return Err(flow.fail(GatewayError::BodyTooLarge { limit }).await);
     }
+    if !expects_body {
+        return Ok((flow, ClientBody::new(bytes, Value::Null)));
+    }
     let Some(parsed) = parsed.filter(Value::is_object) else {
         let error = GatewayError::InvalidRequest("the request body is not a JSON object".into());
         return Err(flow.fail(error).await);
@@ -193,25 +298,34 @@ async fn begin(
     for event in flow.tool_results(&parsed) {
         flow.gateway.emitter.emit(event).await;
     }
-    Ok((flow, parsed))
+    Ok((flow, ClientBody::new(bytes, parsed)))
 }
 
-/// Checks that a request names a model and carries `field` (`messages` must be an array), and
-/// routes it: the deployments to try, with `routing.decided` recorded. `Err` is the response.
-async fn admit_to_route(flow: &Flow, request: &Value, field: &str) -> Result<Vec<usize>, Response> {
+/// Checks that a request names a model and carries what `operation` needs (`messages` as an
+/// array, `input`), and routes it: the deployments to try, with `routing.decided` recorded.
+/// `pinned` is the upstream holding the request's `previous_response_id`. `Err` is the response.
+async fn admit_to_route(
+    flow: &Flow,
+    request: &Value,
+    operation: Operation,
+    pinned: Option<usize>,
+) -> Result<Vec<usize>, Response> {
     let Some(alias) = request.get("model").and_then(Value::as_str) else {
         let error = GatewayError::InvalidRequest("`model` is required".into());
         return Err(flow.fail(error).await);
     };
-    let present = match field {
-        "messages" => request.get(field).is_some_and(Value::is_array),
-        _ => request.get(field).is_some(),
+    let missing = match operation {
+        Operation::Chat | Operation::Messages => {
+            (!request.get("messages").is_some_and(Value::is_array)).then_some("messages")
+        }
+        Operation::Embeddings => request.get("input").is_none().then_some("input"),
+        Operation::Responses => None,
     };
-    if !present {
+    if let Some(field) = missing {
         let error = GatewayError::InvalidRequest(format!("`{field}` is required"));
         return Err(flow.fail(error).await);
     }
-    let Some((order, decided)) = route(flow, alias) else {
+    let Some((order, decided)) = route(flow, alias, pinned) else {
         return Err(flow
             .fail(GatewayError::ModelNotFound(alias.to_owned()))
             .await);
@@ -220,25 +334,47 @@ async fn admit_to_route(flow: &Flow, request: &Value, field: &str) -> Result<Vec
     Ok(order)
 }
 
-/// Routes and answers an OpenAI-shaped chat request.
-async fn run_chat(mut flow: Flow, mut request: Value) -> Response {
-    let order = match admit_to_route(&flow, &request, "messages").await {
+/// Routes and answers a chat-like request (OpenAI chat, Anthropic Messages, OpenAI Responses:
+/// `operation`).
+async fn run_chat(mut flow: Flow, operation: Operation, mut body: ClientBody) -> Response {
+    let previous = body
+        .json
+        .get("previous_response_id")
+        .and_then(Value::as_str)
+        .filter(|_| operation == Operation::Responses);
+    let pinned = match previous {
+        Some(id) => flow.owner_of_response(id).await,
+        None => None,
+    }
+    .map(|deployment| flow.gateway.config.deployments[deployment].upstream);
+    let order = match admit_to_route(&flow, &body.json, operation, pinned).await {
         Ok(order) => order,
         Err(response) => return response,
     };
-
-    let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
-    let asked_for_usage = request
+    let stream = body.json.get("stream").and_then(Value::as_bool) == Some(true);
+    let asked_for_usage = body
+        .json
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         == Some(true);
-    if stream && !asked_for_usage {
+    if operation == Operation::Chat && stream && !asked_for_usage {
         // Ask for usage so the call is priced; the extra chunk is stripped before the client.
-        request["stream_options"] = json!({"include_usage": true});
+        let mut options = body
+            .json
+            .get("stream_options")
+            .filter(|o| o.is_object())
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        options["include_usage"] = json!(true);
+        body.set("stream_options", options);
     }
-    // Anthropic clients always get usage (in `message_delta`).
-    let client_wants_usage = asked_for_usage || flow.dialect == Dialect::Anthropic;
-    let answer = match call_upstream(&mut flow, &order, Operation::Chat, &request, stream).await {
+    // Anthropic and Responses clients always get usage (in `message_delta`, `response.completed`).
+    let client_wants_usage = asked_for_usage || operation != Operation::Chat;
+    let outgoing = Outgoing::Request {
+        operation,
+        body: &body,
+    };
+    let answer = match call_upstream(&mut flow, &order, outgoing, stream).await {
         Ok(answer) => answer,
         Err((error, deployment)) => {
             let outcome = deployment.map_or_else(Outcome::default, |d| Outcome::at(&flow, d));
@@ -246,18 +382,14 @@ async fn run_chat(mut flow: Flow, mut request: Value) -> Response {
         }
     };
     if stream {
-        return ChatStream::respond(flow, answer, request, client_wants_usage);
+        return ChatStream::respond(flow, answer, body.json, client_wants_usage);
     }
-    finish_json(flow, answer, Operation::Chat, &request).await
+    finish_json(flow, answer, &body.json).await
 }
 
-/// Reads a JSON answer, records it, and sends it to the client.
-async fn finish_json(
-    mut flow: Flow,
-    mut answer: Answer,
-    operation: Operation,
-    request: &Value,
-) -> Response {
+/// Reads a JSON answer, records it, and sends it to the client. A stored response fetched or
+/// deleted (`request` is null then) is not metered again.
+async fn finish_json(mut flow: Flow, mut answer: Answer, request: &Value) -> Response {
     let status = answer.status;
     let remaining = flow.gateway.config.routing.attempt_timeout;
     let body = match answer.response.take() {
@@ -275,30 +407,29 @@ async fn finish_json(
     let body = match body {
         Ok(body) => body,
         Err(error) => {
-            let call = CallRecord::failed(
-                answer.deployment,
-                answer.attempt,
-                answer.started_at,
-                latency,
-                &error,
-                false,
-                &answer.request_body,
-            );
+            let call = CallRecord::failed(answer.attempt(), latency, &error, false);
             gateway.emitter.emit(call_event(&flow, call)).await;
             let outcome = Outcome::at(&flow, answer.deployment);
             return flow.fail_with(outcome, error.to_client()).await;
         }
     };
-    // What the upstream sent is recorded; the client gets it in OpenAI's shape.
+    // What the upstream sent is recorded, and read as chat; the client gets it in its API.
     let received = body;
-    let body = adapter(gateway.config.upstreams[deployment.upstream].kind).answer(received.clone());
-    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let metered = !request.is_null();
+    let parsed = answer
+        .leg
+        .observed(serde_json::from_slice(&received).unwrap_or(Value::Null));
     let usage = match parsed.get("usage").filter(|u| u.is_object()) {
+        _ if !metered => Usage::default(),
         Some(usage) => Usage::from_openai(usage),
         None => Usage::estimate(request, &tokens::answer_text(&parsed)),
     };
     let served_model = parsed.get("model").and_then(Value::as_str);
+    let response_id = parsed.get("id").and_then(Value::as_str);
     let cost_micro_usd = flow.cost(answer.deployment, served_model, &usage);
+    if metered {
+        flow.remember_response(&answer, response_id, request);
+    }
     gateway
         .emitter
         .emit(call_event(
@@ -306,11 +437,12 @@ async fn finish_json(
             CallRecord {
                 usage,
                 served_model,
+                response_id,
                 ..CallRecord::answered(&answer, latency, CallStatus::Ok, None, &received, false)
             },
         ))
         .await;
-    if operation == Operation::Chat {
+    if metered && answer.leg.client != Operation::Embeddings {
         let tool_calls = parsed
             .pointer("/choices/0/message/tool_calls")
             .and_then(Value::as_array)
@@ -329,12 +461,7 @@ async fn finish_json(
     if let Err(unrecorded) = flow.complete(&outcome).await {
         return flow.error_response(&unrecorded);
     }
-    let body = match (flow.dialect, operation) {
-        (Dialect::Anthropic, Operation::Chat) => {
-            Bytes::from(anthropic::response::chat_to_message(&parsed).to_string())
-        }
-        _ => body,
-    };
+    let body = answer.leg.answer(received, &parsed, request);
     let mut response = Response::builder()
         .status(status.as_u16())
         .header(header::CONTENT_TYPE, "application/json")

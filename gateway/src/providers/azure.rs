@@ -2,16 +2,19 @@
 
 use axum::http::HeaderName;
 use loom_schemas::ExposeSecret;
-use serde_json::Value;
 
-use super::{Adapter, Operation, path, with_model};
+use super::{Adapter, Operation, path};
 use crate::config::Upstream;
 
-/// Azure OpenAI: the deployment is in the URL, the key in `api-key`.
+/// Azure OpenAI: the deployment is in the URL (in the body for the Responses API, served on
+/// Azure's v1 API), the key in `api-key`.
 pub struct Azure;
 
 impl Adapter for Azure {
     fn url(&self, upstream: &Upstream, operation: Operation, model: &str) -> String {
+        if operation == Operation::Responses {
+            return format!("{}/openai/v1/responses", upstream.base_url);
+        }
         let url = format!(
             "{}/openai/deployments/{model}/{}",
             upstream.base_url,
@@ -34,12 +37,7 @@ impl Adapter for Azure {
         .collect()
     }
 
-    fn body(
-        &self,
-        _operation: Operation,
-        model: &str,
-        body: &Value,
-    ) -> serde_json::Result<Vec<u8>> {
-        with_model(body, model)
+    fn supports(&self, operation: Operation) -> bool {
+        operation != Operation::Messages
     }
 }

@@ -1,27 +1,34 @@
-//! Provider adapters: how an OpenAI-shaped request becomes an upstream HTTP request, and how the
-//! upstream's answer becomes OpenAI-shaped again. One file per upstream API; adding a provider is
-//! a file with an [`Adapter`] and a line in [`adapter`].
+//! Provider adapters: where a request in an API the upstream speaks natively goes, and with which
+//! headers. One file per upstream API; adding a provider is a file with an [`Adapter`] and a line
+//! in [`adapter`]. Calls in an API the upstream does not speak are translated first (`translate`).
 
 pub mod anthropic;
 mod azure;
 mod openai;
 
-use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 
 use crate::config::{ConfigError, ProviderKind, Upstream};
 
-/// What kind of call is being made.
+/// What kind of call is being made, in which API: OpenAI's chat completions, embeddings and
+/// Responses, or Anthropic's Messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
     Chat,
     Embeddings,
+    Messages,
+    Responses,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 2] = [Operation::Chat, Operation::Embeddings];
+    pub const ALL: [Operation; 4] = [
+        Operation::Chat,
+        Operation::Embeddings,
+        Operation::Messages,
+        Operation::Responses,
+    ];
 }
 
 /// Speaks one upstream API.
@@ -32,28 +39,15 @@ pub trait Adapter: Send + Sync {
     /// The headers every request to `upstream` carries (its key).
     fn headers(&self, upstream: &Upstream) -> Vec<(HeaderName, String)>;
 
-    /// The upstream request's body for an OpenAI-shaped `body`, sent to `model`.
-    fn body(&self, operation: Operation, model: &str, body: &Value) -> serde_json::Result<Vec<u8>>;
-
-    fn supports(&self, _operation: Operation) -> bool {
-        true
-    }
-
-    /// The upstream's JSON answer in OpenAI's shape.
-    fn answer(&self, body: Bytes) -> Bytes {
-        body
-    }
-
-    /// What turns the upstream's stream events into OpenAI chunks, when they are not already.
-    fn stream_translator(&self) -> Option<crate::anthropic::stream::StreamTranslator> {
-        None
-    }
+    /// Whether the upstream speaks `operation`'s API natively.
+    fn supports(&self, operation: Operation) -> bool;
 }
 
 /// The adapter for a provider kind.
 pub fn adapter(kind: ProviderKind) -> &'static dyn Adapter {
     match kind {
-        ProviderKind::Openai | ProviderKind::OpenaiCompatible => &openai::OpenAi,
+        ProviderKind::Openai => &openai::OpenAi { responses: true },
+        ProviderKind::OpenaiCompatible => &openai::OpenAi { responses: false },
         ProviderKind::Azure => &azure::Azure,
         ProviderKind::Anthropic => &anthropic::Anthropic,
     }
@@ -63,7 +57,7 @@ pub fn adapter(kind: ProviderKind) -> &'static dyn Adapter {
 #[derive(Debug, Clone)]
 pub struct Target {
     /// Per [`Operation`] (in [`Operation::ALL`]'s order): its URL, if the upstream supports it.
-    urls: [Option<reqwest::Url>; 2],
+    urls: [Option<reqwest::Url>; 4],
     /// The upstream's key and fixed headers, marked sensitive.
     pub headers: HeaderMap,
 }
@@ -73,7 +67,7 @@ impl Target {
         let adapter = adapter(upstream.kind);
         let invalid =
             |what: String| ConfigError::Invalid(format!("upstream {}: {what}", upstream.name));
-        let mut urls = [None, None];
+        let mut urls = [None, None, None, None];
         for operation in Operation::ALL
             .into_iter()
             .filter(|&op| adapter.supports(op))
@@ -129,10 +123,13 @@ impl Serialize for WithModel<'_> {
     }
 }
 
+/// The path of an operation under an API's base URL (Messages is Anthropic's `messages`).
 pub(crate) fn path(operation: Operation) -> &'static str {
     match operation {
         Operation::Chat => "chat/completions",
         Operation::Embeddings => "embeddings",
+        Operation::Messages => "messages",
+        Operation::Responses => "responses",
     }
 }
 

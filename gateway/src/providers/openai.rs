@@ -2,13 +2,15 @@
 
 use axum::http::{HeaderName, header};
 use loom_schemas::ExposeSecret;
-use serde_json::Value;
 
-use super::{Adapter, Operation, path, with_model};
+use super::{Adapter, Operation, path};
 use crate::config::Upstream;
 
-/// OpenAI, and every server that speaks its API.
-pub struct OpenAi;
+/// OpenAI, and every server that speaks its API. Only OpenAI itself is taken to serve the
+/// Responses API: other servers get Responses calls translated to chat.
+pub struct OpenAi {
+    pub responses: bool,
+}
 
 impl Adapter for OpenAi {
     fn url(&self, upstream: &Upstream, operation: Operation, _model: &str) -> String {
@@ -27,12 +29,11 @@ impl Adapter for OpenAi {
         .collect()
     }
 
-    fn body(
-        &self,
-        _operation: Operation,
-        model: &str,
-        body: &Value,
-    ) -> serde_json::Result<Vec<u8>> {
-        with_model(body, model)
+    fn supports(&self, operation: Operation) -> bool {
+        match operation {
+            Operation::Chat | Operation::Embeddings => true,
+            Operation::Responses => self.responses,
+            Operation::Messages => false,
+        }
     }
 }
