@@ -9,6 +9,7 @@
 //!   next one. `DELETE /mock/faults` clears them.
 //! - `GET /mock/requests` lists the last requests received (method, path, headers, the body as
 //!   sent and parsed); `DELETE /mock/requests` clears them.
+//! - `DELETE /mock/cache` empties the prompt cache (the next request writes it again).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -217,6 +218,7 @@ pub fn router(config: MockConfig) -> Router {
         .route("/openai/v1/responses/{id}/input_items", get(input_items))
         .route("/mock/faults", post(push_faults).delete(clear_faults))
         .route("/mock/requests", get(list_requests).delete(clear_requests))
+        .route("/mock/cache", axum::routing::delete(clear_cache))
         .with_state(mock)
 }
 
@@ -289,6 +291,13 @@ async fn list_requests(State(mock): State<Mock>) -> Json<Vec<RecordedRequest>> {
             .map(|r| r.iter().cloned().collect())
             .unwrap_or_default(),
     )
+}
+
+async fn clear_cache(State(mock): State<Mock>) -> StatusCode {
+    if let Ok(mut cached) = mock.cached.lock() {
+        *cached = Bounded::default();
+    }
+    StatusCode::NO_CONTENT
 }
 
 async fn clear_requests(State(mock): State<Mock>) -> StatusCode {

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+pub mod gateway;
 pub mod load;
 
 pub const LOOM: &str = env!("CARGO_BIN_EXE_loom");
