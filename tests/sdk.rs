@@ -145,6 +145,14 @@ async fn the_openai_sdk_works_through_loom_and_every_call_is_recorded() {
         "sdk-tool-result",
         "sdk-stream-tools",
         "sdk-embed",
+        "sdk-responses-fast",
+        "sdk-responses-fast-stream",
+        "sdk-responses-fast-tools",
+        "sdk-responses-fast-stream-tools",
+        "sdk-responses-claude",
+        "sdk-responses-claude-stream",
+        "sdk-responses-claude-tools",
+        "sdk-responses-claude-stream-tools",
     ] {
         let types: Vec<_> = of(trace).iter().map(|e| e.payload.event_type()).collect();
         assert_eq!(
@@ -189,6 +197,33 @@ async fn the_openai_sdk_works_through_loom_and_every_call_is_recorded() {
     assert!(tool("sdk-tools", ToolCallDirection::Requested));
     assert!(tool("sdk-stream-tools", ToolCallDirection::Requested));
     assert!(tool("sdk-tool-result", ToolCallDirection::Result));
+    for alias in ["fast", "claude"] {
+        assert!(tool(
+            &format!("sdk-responses-{alias}-tools"),
+            ToolCallDirection::Requested
+        ));
+        assert!(tool(
+            &format!("sdk-responses-{alias}-stream-tools"),
+            ToolCallDirection::Requested
+        ));
+        let call = |trace: &str| {
+            of(trace)
+                .into_iter()
+                .find_map(|e| match &e.payload {
+                    Payload::LlmCallCompleted(c) => Some(c.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let native = call(&format!("sdk-responses-{alias}"));
+        let provider = if alias == "fast" {
+            "openai"
+        } else {
+            "anthropic"
+        };
+        assert_eq!(native.provider, provider);
+        assert!(native.cost_micro_usd.is_some(), "{alias}: priced");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,6 +282,21 @@ async fn the_anthropic_sdk_works_through_loom_against_both_kinds_of_upstream() {
             _ => None,
         })
     };
+    let call = |trace: &str| {
+        of(trace)
+            .into_iter()
+            .find_map(|e| match &e.payload {
+                Payload::LlmCallCompleted(c) => Some(c.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{trace}: no llm_call.completed"))
+    };
+    let read = call("anthropic-cache-read");
+    assert!(read.tokens_cached_read.unwrap() > 0 && read.cache_saved_micro_usd.unwrap() > 0);
+    assert!(call("anthropic-cache-write").tokens_cache_creation.unwrap() > 0);
+    let streamed = call("anthropic-thinking-stream");
+    assert!(streamed.stream && streamed.tokens_cached_read.unwrap() > 0);
+    assert!(call("anthropic-thinking").dropped_fields.is_empty());
     assert_eq!(completed_status("anthropic-404"), Some(404));
     assert_eq!(completed_status("anthropic-401"), Some(401));
 }

@@ -63,6 +63,36 @@ for alias in ["fast", "claude"]:
     streamed_tool = next(block for block in final.content if block.type == "tool_use")
     assert streamed_tool.input == {"location": "Paris"}, final
 
+# Prompt caching and extended thinking reach Anthropic as sent, and come back.
+SYSTEM = [{"type": "text", "text": "A long, stable system prompt. " * 40, "cache_control": {"type": "ephemeral"}}]
+for attempt in ["write", "read"]:
+    cached = client.messages.create(
+        model="claude", max_tokens=2048, system=SYSTEM, messages=[{"role": "user", "content": "cached?"}],
+        extra_headers={**trace(f"anthropic-cache-{attempt}"), "anthropic-beta": "prompt-caching-2024-07-31"},
+    )
+    if attempt == "write":
+        assert cached.usage.cache_creation_input_tokens > 0, cached.usage
+    else:
+        assert cached.usage.cache_read_input_tokens > 0, cached.usage
+
+thought = client.messages.create(
+    model="claude", max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 2048},
+    messages=[{"role": "user", "content": "think about it"}], extra_headers=trace("anthropic-thinking"),
+)
+assert thought.content[0].type == "thinking" and thought.content[0].signature, thought
+assert thought.content[1].text == "Mock reply to: think about it", thought
+
+with client.messages.stream(
+    model="claude", max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 2048}, system=SYSTEM,
+    messages=[{"role": "user", "content": "think while streaming"}], extra_headers=trace("anthropic-thinking-stream"),
+) as stream:
+    kinds = [event.type for event in stream]
+    final = stream.get_final_message()
+assert "thinking" in kinds and "signature" in kinds, kinds
+assert final.content[0].type == "thinking" and final.content[0].thinking and final.content[0].signature, final
+assert final.content[1].text == "Mock reply to: think while streaming", final
+assert final.usage.cache_read_input_tokens > 0, final.usage
+
 try:
     client.messages.create(model="no-such-model", max_tokens=10, messages=[{"role": "user", "content": "x"}],
                            extra_headers=trace("anthropic-404"))

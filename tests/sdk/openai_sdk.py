@@ -98,6 +98,55 @@ assert len(embeddings.data) == 2 and len(embeddings.data[0].embedding) == 8
 
 assert sorted(m.id for m in client.models.list()) == ["claude", "embed", "fast"]
 
+# The Responses API: natively to OpenAI (`fast`), translated to chat for Anthropic (`claude`).
+for alias in ["fast", "claude"]:
+    response = client.responses.create(
+        model=alias, instructions="Be brief.", input="hello responses", extra_headers=trace(f"sdk-responses-{alias}")
+    )
+    assert response.status == "completed" and response.output_text == "Mock reply to: hello responses", response
+    assert response.usage.output_tokens > 0, response
+
+    with client.responses.stream(
+        model=alias, input="stream responses", extra_headers=trace(f"sdk-responses-{alias}-stream")
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == "Mock reply to: stream responses", deltas
+    assert final.output_text == "Mock reply to: stream responses" and final.usage.total_tokens > 0, final
+
+    RESPONSE_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather in a city",
+                       "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}]
+    asked = client.responses.create(
+        model=alias, input="weather in Paris?", tools=RESPONSE_TOOLS, extra_headers=trace(f"sdk-responses-{alias}-tools")
+    )
+    call = next(item for item in asked.output if item.type == "function_call")
+    assert call.name == "get_weather" and call.arguments == '{"location":"Paris"}', asked
+    answered = client.responses.create(
+        model=alias, tools=RESPONSE_TOOLS, extra_headers=trace(f"sdk-responses-{alias}-tool-result"),
+        input=[{"role": "user", "content": "weather in Paris?"}, call.model_dump(exclude_none=True),
+               {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+    )
+    assert answered.output_text == "The tool says it is sunny in Paris.", answered
+
+    with client.responses.stream(
+        model=alias, input="weather?", tools=RESPONSE_TOOLS, extra_headers=trace(f"sdk-responses-{alias}-stream-tools")
+    ) as stream:
+        final = stream.get_final_response()
+    streamed_call = next(item for item in final.output if item.type == "function_call")
+    assert streamed_call.arguments == '{"location":"Paris"}', final
+
+# A stored response is there for its tenant, and goes away.
+first = client.responses.create(model="fast", input="keep me", extra_headers=trace("sdk-responses-store"))
+assert client.responses.retrieve(first.id).output_text == first.output_text
+follow = client.responses.create(model="fast", input="and then?", previous_response_id=first.id)
+assert follow.previous_response_id == first.id, follow
+client.responses.delete(first.id)
+try:
+    client.responses.retrieve(first.id)
+    raise AssertionError("expected a 404")
+except openai.NotFoundError:
+    pass
+
 try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}], extra_headers=trace("sdk-404"))
     raise AssertionError("expected a 404")
