@@ -74,6 +74,19 @@ pub struct GatewayBenchArgs {
     /// Seconds of the streaming case (Loom's memory is printed before and after it).
     #[arg(long, default_value_t = 60)]
     stream_seconds: u64,
+    /// The client APIs compared at `--api-case`: `chat`, `messages` (Anthropic's, passed through
+    /// to an Anthropic upstream), `responses` (OpenAI's, passed through), and `messages-to-chat`,
+    /// `responses-to-chat` (translated for a chat-only upstream; their baselines call the
+    /// upstream's chat API directly).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "chat,messages,responses,messages-to-chat,responses-to-chat"
+    )]
+    apis: Vec<Api>,
+    /// The load of the API comparison, CONNECTIONS@RATE.
+    #[arg(long, default_value = "8@2000")]
+    api_case: Case,
     /// The `loom serve --read-models` variants to measure, each in a server of its own: `off`
     /// (the gateway alone), `default` (serve's: SQLite in the data directory, folded in-process),
     /// or a location.
@@ -260,8 +273,70 @@ impl Run {
     }
 }
 
-/// Runs oha for `seconds` against `target` with `case`'s load.
-fn oha(oha: &Path, target: &Target, case: Case, seconds: u64, body: &Value) -> anyhow::Result<Run> {
+/// A client API, as the API comparison sends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Api {
+    Chat,
+    Messages,
+    Responses,
+    MessagesToChat,
+    ResponsesToChat,
+}
+
+/// A request: where it goes and its body.
+struct Load {
+    path: &'static str,
+    body: Value,
+}
+
+impl Api {
+    /// What a client sends Loom, and what the baselines send the upstream directly (the request
+    /// Loom sends it).
+    fn loads(self) -> (Load, Load) {
+        let text = "Summarise the quarterly report in three bullet points for the leadership team.";
+        let chat = |model: &str| Load {
+            path: "/v1/chat/completions",
+            body: json!({"model": model, "messages": [{"role": "user", "content": text}]}),
+        };
+        let messages = |model: &str| Load {
+            path: "/v1/messages",
+            body: json!({"model": model, "max_tokens": 256, "messages": [{"role": "user", "content": text}]}),
+        };
+        let responses = |model: &str| Load {
+            path: "/v1/responses",
+            body: json!({"model": model, "input": text}),
+        };
+        match self {
+            Api::Chat => (chat("fast"), chat("gpt-4o-mini")),
+            Api::Messages => (messages("claude"), messages("claude-sonnet-4-5")),
+            Api::Responses => (responses("gpt"), responses("gpt-4o-mini")),
+            Api::MessagesToChat => (messages("fast"), chat("gpt-4o-mini")),
+            Api::ResponsesToChat => (responses("fast"), chat("gpt-4o-mini")),
+        }
+    }
+}
+
+impl fmt::Display for Api {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Api::Chat => "chat",
+            Api::Messages => "messages",
+            Api::Responses => "responses",
+            Api::MessagesToChat => "messages-to-chat",
+            Api::ResponsesToChat => "responses-to-chat",
+        })
+    }
+}
+
+/// Runs oha for `seconds` against `target` with `case`'s load, posting `body` to `path`.
+fn oha(
+    oha: &Path,
+    target: &Target,
+    case: Case,
+    seconds: u64,
+    path: &str,
+    body: &Value,
+) -> anyhow::Result<Run> {
     let mut command = Command::new(oha);
     command
         .args([
@@ -291,7 +366,7 @@ fn oha(oha: &Path, target: &Target, case: Case, seconds: u64, body: &Value) -> a
             .arg(format!("Authorization: Bearer {key}"));
     }
     let output = command
-        .arg(format!("http://{}/v1/chat/completions", target.addr))
+        .arg(format!("http://{}{path}", target.addr))
         .output()
         .with_context(|| format!("running {}", oha.display()))?;
     if !output.status.success() {
@@ -363,13 +438,20 @@ async fn setup_key(client: &reqwest::Client, base: &str, token: &str) -> anyhow:
         .context("no key in the answer")
 }
 
+/// The variable the benchmark's upstream key is in (the mock takes any).
+const UPSTREAM_KEY: &str = "LOOM_BENCH_UPSTREAM_KEY";
+
 fn write_config(dir: &Path, mock: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join("loom.toml");
     std::fs::write(
         &path,
         format!(
             "[upstreams.mock]\nprovider = \"openai_compatible\"\nbase_url = \"http://{mock}/v1\"\n\n\
-             [models.fast]\ndeployments = [{{ upstream = \"mock\", model = \"gpt-4o-mini\" }}]\n"
+             [upstreams.openai]\nprovider = \"openai\"\nbase_url = \"http://{mock}/v1\"\napi_key_env = \"{UPSTREAM_KEY}\"\n\n\
+             [upstreams.anthropic]\nprovider = \"anthropic\"\nbase_url = \"http://{mock}/v1\"\napi_key_env = \"{UPSTREAM_KEY}\"\n\n\
+             [models.fast]\ndeployments = [{{ upstream = \"mock\", model = \"gpt-4o-mini\" }}]\n\
+             [models.gpt]\ndeployments = [{{ upstream = \"openai\", model = \"gpt-4o-mini\" }}]\n\
+             [models.claude]\ndeployments = [{{ upstream = \"anthropic\", model = \"claude-sonnet-4-5\" }}]\n"
         ),
     )?;
     Ok(path)
@@ -459,6 +541,7 @@ async fn start_gateway(
     .arg("--config")
     .arg(config)
     .env("LOOM_ADMIN_TOKEN", token)
+    .env(UPSTREAM_KEY, "bench")
     .env_remove("LOOM_MASTER_KEY");
     if read_models != "default" {
         loom.args(["--read-models", read_models]);
@@ -472,6 +555,66 @@ async fn start_gateway(
         key: Some(key),
         process: Some(process),
     })
+}
+
+/// The client APIs side by side at one load: each through Loom, and its baselines (the upstream
+/// directly, nginx in front of it) called with the request Loom sends the upstream.
+fn compare_apis(args: &GatewayBenchArgs, targets: &[Target]) -> anyhow::Result<()> {
+    if args.apis.is_empty() {
+        return Ok(());
+    }
+    let case = args.api_case;
+    say!(
+        "client APIs at {case}, {}s each: overhead over direct and CPU per request \
+         (passthrough: as sent to an upstream of the client's API; -to-chat: translated for a \
+         chat-only upstream, whose direct baseline is its chat API)",
+        args.seconds
+    );
+    say!(
+        "{:<18} {:<26} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9}",
+        "api",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "+p50 ms",
+        "ok",
+        "cpu ms/rq"
+    );
+    for &api in &args.apis {
+        let (client, upstream) = api.loads();
+        let mut direct: Option<Run> = None;
+        for target in targets {
+            let load = if target.key.is_some() {
+                &client
+            } else {
+                &upstream
+            };
+            let before = target.pid().map(cpu_seconds).transpose()?;
+            let run = tokio::task::block_in_place(|| {
+                oha(&args.oha, target, case, args.seconds, load.path, &load.body)
+            })?;
+            let cpu_ms = match (target.pid(), before) {
+                (Some(pid), Some(before)) => {
+                    Some((cpu_seconds(pid)? - before) / run.requests.max(1.0) * 1000.0)
+                }
+                _ => None,
+            };
+            let base = *direct.get_or_insert(run);
+            say!(
+                "{:<18} {:<26} {:>9.0} {:>8.3} {:>8.3} {:>+8.3} {:>6.1}% {:>9}",
+                api.to_string(),
+                target.name,
+                run.rps,
+                run.p50,
+                run.p99,
+                run.p50 - base.p50,
+                run.success * 100.0,
+                cpu_ms.map_or_else(|| "-".to_owned(), |c| format!("{c:.3}")),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// One table row: a target's figures in a case, CPU per request and memory where measured.
@@ -555,7 +698,14 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
                 let before = target.pid().map(cpu_seconds).transpose()?;
                 let fold_before = target.pid().map(fold_cpu_seconds);
                 runs[i].push(tokio::task::block_in_place(|| {
-                    oha(&args.oha, target, case, args.seconds, &chat)
+                    oha(
+                        &args.oha,
+                        target,
+                        case,
+                        args.seconds,
+                        "/v1/chat/completions",
+                        &chat,
+                    )
                 })?);
                 if let (Some(pid), Some(before), Some(fold_before)) =
                     (target.pid(), before, fold_before)
@@ -611,6 +761,8 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
         }
     }
 
+    compare_apis(&args, &targets)?;
+
     let case = args.stream;
     say!(
         "streaming, {case} for {}s: time to first byte and whole stream, ms",
@@ -620,7 +772,14 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
     for target in &targets {
         let before = target.pid().map(memory_mib).transpose()?;
         let run = tokio::task::block_in_place(|| {
-            oha(&args.oha, target, case, args.stream_seconds, &stream)
+            oha(
+                &args.oha,
+                target,
+                case,
+                args.stream_seconds,
+                "/v1/chat/completions",
+                &stream,
+            )
         })?;
         let memory = match (before, target.pid().map(memory_mib).transpose()?) {
             (Some((start, _)), Some((end, peak))) => {

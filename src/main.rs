@@ -249,8 +249,10 @@ struct ServeArgs {
     #[arg(long, env = "LOOM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
 
-    /// Read models the in-process projector folds the log into (`loom serve` only): a Postgres
-    /// URL, a directory for SQLite files, or `off` [default: <data dir>/read-models].
+    /// Read models: `loom serve` folds the log into them in process (a Postgres URL, a directory
+    /// for SQLite files, or `off`) [default: <data dir>/read-models]; `loom gateway` only looks up
+    /// there which deployment made a stored response (`GET /v1/responses/{id}`) when it did not
+    /// make it itself.
     #[arg(
         long,
         env = "LOOM_READ_MODELS",
@@ -465,9 +467,14 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
         Some("off") => None,
         named => all_in_one.then(|| read_models(named, &args.data)),
     };
+    let lookup_read_models = match args.read_models.as_deref() {
+        Some("off") | None => None,
+        Some(named) => (!all_in_one).then(|| StoreLocation::parse(named)),
+    };
     let config = ServeConfig {
         gateway,
         read_models,
+        lookup_read_models,
         projector: args.projection.config(&args.kafka),
         node: NodeConfig {
             data_dir: args.data.dir(),

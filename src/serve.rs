@@ -5,13 +5,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
+use loom_gateway::ResponseIndex;
 use loom_gateway::config::GatewayConfig;
 use loom_gateway::install_metrics;
-use loom_projector::{ProjectorConfig, StoreLocation, project_active};
+use loom_projector::{Lookup, ProjectorConfig, StoreLocation, project_active};
 use loom_schemas::SecretString;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use crate::node::{Node, NodeConfig, NodeError};
 
@@ -25,6 +27,9 @@ pub struct ServeConfig {
     pub admin_token: Option<SecretString>,
     /// Run the read-model projector in this process, into these read models.
     pub read_models: Option<StoreLocation>,
+    /// Read models another process folds (`loom gateway --read-models`), where stored responses
+    /// this gateway did not make are looked up. With `read_models`, those are used.
+    pub lookup_read_models: Option<StoreLocation>,
     /// How the in-process projector runs.
     pub projector: ProjectorConfig,
 }
@@ -94,9 +99,17 @@ pub async fn serve(
             })
             .map_err(NodeError::io("starting the projector's thread"))?;
     }
+    // Stored responses another gateway (or this one before a restart) made are found in the
+    // read models.
+    let mut services = node.services.clone();
+    services.response_index = config
+        .read_models
+        .clone()
+        .or(config.lookup_read_models.clone())
+        .map(|location| Arc::new(ReadModelIndex(Lookup::new(location))) as Arc<dyn ResponseIndex>);
     let app = loom_gateway::app(
         config.gateway,
-        node.services.clone(),
+        services,
         config.admin_token.as_ref(),
         &tasks,
     )?;
@@ -117,4 +130,21 @@ pub async fn serve(
     node.close().await?;
     tracing::info!("stopped");
     served
+}
+
+/// The read models, as the gateway's index of stored responses.
+struct ReadModelIndex(Lookup);
+
+#[async_trait::async_trait]
+impl ResponseIndex for ReadModelIndex {
+    async fn deployment_of(
+        &self,
+        tenant: Uuid,
+        response_id: &str,
+    ) -> Result<Option<String>, String> {
+        self.0
+            .response_deployment(tenant, response_id)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }

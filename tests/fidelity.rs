@@ -686,3 +686,59 @@ async fn stored_responses_are_reached_only_by_the_tenant_that_made_them() {
         });
     assert_eq!(routed.as_deref(), Some("previous_response"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_response_is_found_after_a_restart_in_the_read_models() {
+    let mock = loom_mock::MockServer::start(MockConfig::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("loom.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[upstreams.openai]\nprovider = \"openai\"\nbase_url = \"{}/v1\"\napi_key_env = \"MOCK_KEY\"\n\n\
+             [models.fast]\ndeployments = [{{ upstream = \"openai\", model = \"gpt-4o-mini\" }}]\n",
+            mock.url()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let args = ["--config", config.to_str().unwrap()];
+    let env = [("LOOM_ADMIN_TOKEN", "admin"), ("MOCK_KEY", "k")];
+    let server = common::Server::start(&data, &args, &env).unwrap();
+    let (_, key) = common::tenant_and_key(&server, "admin", "acme").await;
+    let (_, other) = common::tenant_and_key(&server, "admin", "other").await;
+    let client = reqwest::Client::new();
+    let created: Value = client
+        .post(server.url("/v1/responses"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "fast", "input": "remember me"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let path = format!("/v1/responses/{}", created["id"].as_str().unwrap());
+    assert!(server.stop().success());
+
+    // A new process remembers nothing: the read models know who made it, and where.
+    let server = common::Server::start(&data, &args, &env).unwrap();
+    let get = |key: &str| client.get(server.url(&path)).bearer_auth(key).send();
+    let mut status = 0;
+    for _ in 0..100 {
+        status = get(&key).await.unwrap().status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200);
+    assert_eq!(
+        get(&key).await.unwrap().json::<Value>().await.unwrap(),
+        created
+    );
+    assert_eq!(get(&other).await.unwrap().status(), 404);
+    assert!(server.stop().success());
+}

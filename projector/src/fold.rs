@@ -99,6 +99,11 @@ pub struct LlmCallRow {
     pub tokens_cached: Option<i64>,
     pub cost_micro_usd: Option<i64>,
     pub usage_estimated: bool,
+    pub response_id: Option<String>,
+    pub tokens_cache_creation: Option<i64>,
+    pub cache_saved_micro_usd: Option<i64>,
+    /// A JSON array of the dropped fields' paths; `None` when there were none.
+    pub dropped_fields: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -290,6 +295,11 @@ impl Changes {
                     tokens_cached: p.tokens_cached_read,
                     cost_micro_usd: p.cost_micro_usd,
                     usage_estimated: p.usage_estimated,
+                    response_id: p.response_id,
+                    tokens_cache_creation: p.tokens_cache_creation,
+                    cache_saved_micro_usd: p.cache_saved_micro_usd,
+                    dropped_fields: (!p.dropped_fields.is_empty())
+                        .then(|| serde_json::Value::from(p.dropped_fields).to_string()),
                 });
             }
             Payload::ToolCallObserved(p) => {

@@ -7,6 +7,7 @@
 
 pub mod catalog;
 pub mod fold;
+pub mod lookup;
 pub mod partitions;
 pub mod replay;
 pub mod run;
@@ -14,6 +15,7 @@ pub mod store;
 pub mod write;
 
 pub use catalog::Catalog;
+pub use lookup::Lookup;
 pub use replay::{ReplayReport, replay};
 pub use run::{
     Projector, ProjectorConfig, ProjectorError, fold_batch, project_active, store_batch,

@@ -262,6 +262,23 @@ impl ReadStore {
         Ok(())
     }
 
+    /// The name of the deployment whose answer was response `response_id` of `tenant`.
+    pub async fn response_deployment(
+        &self,
+        tenant: uuid::Uuid,
+        response_id: &str,
+    ) -> Result<Option<String>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT deployment FROM llm_calls WHERE tenant_id = $1 AND response_id = $2 \
+             AND status = 'ok' ORDER BY started_at DESC LIMIT 1",
+        )
+        .bind(tenant.to_string())
+        .bind(response_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| row.try_get::<String, _>(0)).transpose()
+    }
+
     /// Closes the connections (SQLite checkpoints its write-ahead log).
     pub async fn close(&self) {
         self.pool.close().await;

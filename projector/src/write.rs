@@ -430,6 +430,10 @@ pub async fn apply(conn: &mut AnyConnection, changes: &Changes) -> Result<(), sq
         tokens_cached,
         cost_micro_usd,
         usage_estimated,
+        response_id,
+        tokens_cache_creation,
+        cache_saved_micro_usd,
+        dropped_fields,
     });
     insert(conn, "llm_calls", llm_calls, "ON CONFLICT DO NOTHING").await?;
 

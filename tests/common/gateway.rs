@@ -86,6 +86,7 @@ deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
         gateway,
         admin_token: Some(ADMIN.into()),
         read_models: None,
+        lookup_read_models: None,
         projector: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
