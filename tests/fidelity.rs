@@ -378,6 +378,9 @@ async fn across_apis_what_cannot_be_carried_is_recorded_and_what_cannot_be_serve
     );
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["object"], "chat.completion");
+    let message = &body["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], "Let me think about that.");
+    assert_eq!(message["content"], "Mock reply to: hi");
 
     // A Responses client on a chat-only server: the stateless subset is served, as a response.
     let response = post(

@@ -186,6 +186,11 @@ impl GatewayError {
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::BodyTooLarge { .. } => "request_too_large",
             GatewayError::ModelNotFound(_) => "model_not_found",
+            // A deployment that cannot take the request: Loom's refusal, not the upstream's.
+            GatewayError::UpstreamRefused {
+                fault: UpstreamFault::Unsupported,
+                ..
+            } => UpstreamFault::Unsupported.name(),
             GatewayError::UpstreamRefused { .. } | GatewayError::UpstreamFailed { .. } => {
                 "upstream_error"
             }

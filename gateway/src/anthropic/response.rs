@@ -53,6 +53,15 @@ pub fn message_to_chat(message: &Value) -> Value {
         })
         .collect();
     let mut reply = json!({"role": "assistant", "content": if text.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(text) }});
+    // Extended thinking, as OpenAI-compatible servers carry reasoning (`reasoning_content`).
+    let thinking: String = blocks
+        .iter()
+        .filter(|b| b.get("type").and_then(Value::as_str) == Some("thinking"))
+        .filter_map(|b| b.get("thinking").and_then(Value::as_str))
+        .collect();
+    if !thinking.is_empty() {
+        reply["reasoning_content"] = json!(thinking);
+    }
     if !tool_calls.is_empty() {
         reply["tool_calls"] = Value::Array(tool_calls);
     }

@@ -81,6 +81,7 @@ impl StreamTranslator {
                 let delta = event.get("delta").cloned().unwrap_or_default();
                 match delta.get("type").and_then(Value::as_str) {
                     Some("text_delta") => vec![self.chunk(json!({"content": delta.get("text")}), Value::Null)],
+                    Some("thinking_delta") => vec![self.chunk(json!({"reasoning_content": delta.get("thinking")}), Value::Null)],
                     Some("input_json_delta") => match self.tool_index.get(index).copied().flatten() {
                         Some(tool) => vec![self.chunk(
                             json!({"tool_calls": [{"index": tool, "function": {"arguments": delta.get("partial_json")}}]}),

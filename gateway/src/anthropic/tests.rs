@@ -264,3 +264,19 @@ fn what_chat_has_no_place_for_is_named_and_thinking_maps_to_effort() {
         ["seed", "messages[0].content[1] (input_audio)"]
     );
 }
+
+#[test]
+fn thinking_reaches_chat_clients_as_reasoning_content() {
+    let mut translator = StreamTranslator::default();
+    let chunks = translator.translate(
+        "content_block_delta",
+        r#"{"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Hmm."}}"#,
+    );
+    let chunk: serde_json::Value = serde_json::from_str(&chunks[0]).unwrap();
+    assert_eq!(chunk["choices"][0]["delta"]["reasoning_content"], "Hmm.");
+    let signature = translator.translate(
+        "content_block_delta",
+        r#"{"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "s"}}"#,
+    );
+    assert!(signature.is_empty());
+}

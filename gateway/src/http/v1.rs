@@ -104,6 +104,13 @@ pub async fn responses(
         Ok(started) => started,
         Err(response) => return response,
     };
+    let input = body.json.get("input");
+    if input.is_some_and(|i| !(i.is_string() || i.is_array() || i.is_null())) {
+        let error = GatewayError::InvalidRequest(
+            "`input` must be a string or an array of input items".into(),
+        );
+        return flow.fail(error).await;
+    }
     if body.json.get("background") == Some(&Value::Bool(true)) {
         let error = GatewayError::InvalidRequest(
             "`background` is not supported: Loom answers and records each response while it is \

@@ -163,10 +163,12 @@ impl ResponsesEncoder {
         }
     }
 
-    /// One event, numbered.
-    fn event(&mut self, kind: &str, mut data: Map<String, Value>) -> String {
+    /// One event, numbered: its type and number first, as OpenAI sends them.
+    fn event(&mut self, kind: &str, fields: Map<String, Value>) -> String {
+        let mut data = Map::with_capacity(fields.len() + 2);
         data.insert("type".into(), json!(kind));
         data.insert("sequence_number".into(), json!(self.sequence));
+        data.extend(fields);
         self.sequence += 1;
         format!("event: {kind}\ndata: {}\n\n", Value::Object(data))
     }
