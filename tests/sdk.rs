@@ -203,6 +203,10 @@ async fn the_openai_sdk_works_through_loom_and_every_call_is_recorded() {
             ToolCallDirection::Requested
         ));
         assert!(tool(
+            &format!("sdk-responses-{alias}-tool-result"),
+            ToolCallDirection::Result
+        ));
+        assert!(tool(
             &format!("sdk-responses-{alias}-stream-tools"),
             ToolCallDirection::Requested
         ));
@@ -275,6 +279,14 @@ async fn the_anthropic_sdk_works_through_loom_against_both_kinds_of_upstream() {
     };
     assert!(
         tool_requested("anthropic-claude-stream-tools") && tool_requested("anthropic-fast-tools")
+    );
+    let tool_result = |trace: &str| {
+        of(trace)
+            .into_iter()
+            .any(|e| matches!(&e.payload, Payload::ToolCallObserved(t) if t.direction == ToolCallDirection::Result))
+    };
+    assert!(
+        tool_result("anthropic-claude-tool-result") && tool_result("anthropic-fast-tool-result")
     );
     let completed_status = |trace: &str| {
         of(trace).into_iter().find_map(|e| match &e.payload {

@@ -108,25 +108,59 @@ impl Flow {
         })
     }
 
-    /// `tool_call.observed` for each tool result in a chat request's messages: they close the
-    /// loop on earlier tool calls.
+    /// `tool_call.observed` for each tool result a request carries back, in any client API:
+    /// chat's `tool` messages, Anthropic's `tool_result` blocks, the Responses API's
+    /// `function_call_output` items. They close the loop on earlier tool calls.
     pub fn tool_results(&self, request: &Value) -> Vec<Event> {
-        let Some(messages) = request.get("messages").and_then(Value::as_array) else {
-            return Vec::new();
+        // A text result as is; structured content (parts) as its JSON.
+        let text = |content: Option<&Value>| match content {
+            Some(Value::String(text)) => text.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
         };
-        messages
-            .iter()
-            .filter(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
-            .filter_map(|message| {
-                let id = message.get("tool_call_id").and_then(Value::as_str)?;
-                let name = message.get("name").and_then(Value::as_str);
-                // A text result as is; structured content (parts) as its JSON.
-                let content = match message.get("content") {
-                    Some(Value::String(text)) => text.clone(),
-                    Some(other) => other.to_string(),
-                    None => String::new(),
-                };
-                Some(self.tool_call(ToolCallDirection::Result, id, name, &content))
+        fn str_of<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
+            value.get(key).and_then(Value::as_str)
+        }
+        let mut results = Vec::new();
+        for message in request
+            .get("messages")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if str_of(message, "role") == Some("tool") {
+                if let Some(id) = str_of(message, "tool_call_id") {
+                    results.push((id, str_of(message, "name"), text(message.get("content"))));
+                }
+                continue;
+            }
+            for block in message
+                .get("content")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|b| str_of(b, "type") == Some("tool_result"))
+            {
+                if let Some(id) = str_of(block, "tool_use_id") {
+                    results.push((id, None, text(block.get("content"))));
+                }
+            }
+        }
+        for item in request
+            .get("input")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|i| str_of(i, "type") == Some("function_call_output"))
+        {
+            if let Some(id) = str_of(item, "call_id") {
+                results.push((id, None, text(item.get("output"))));
+            }
+        }
+        results
+            .into_iter()
+            .map(|(id, name, content)| {
+                self.tool_call(ToolCallDirection::Result, id, name, &content)
             })
             .collect()
     }
