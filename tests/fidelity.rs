@@ -745,3 +745,42 @@ async fn a_stored_response_is_found_after_a_restart_in_the_read_models() {
     assert_eq!(get(&other).await.unwrap().status(), 404);
     assert!(server.stop().success());
 }
+
+#[tokio::test]
+async fn azure_serves_the_responses_api_on_its_v1_path() {
+    let extra =
+        "[models.eu]\ndeployments = [{ upstream = \"azure\", model = \"eu-deployment\" }]\n";
+    let harness = start(MockConfig::default(), extra).await;
+    let created = harness
+        .client
+        .post(format!("{}/v1/responses", harness.base))
+        .bearer_auth(&harness.key)
+        .header("content-type", "application/json")
+        .body(r#"{"model": "eu", "input": "hello azure"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let created: Value = created.json().await.unwrap();
+    let forwarded = last_upstream_request(&harness).await;
+    assert_eq!(forwarded["path"], "/openai/v1/responses");
+    assert_eq!(forwarded["api_key"], UPSTREAM_KEY);
+    assert_eq!(
+        forwarded["raw_body"],
+        r#"{"model": "eu-deployment", "input": "hello azure"}"#
+    );
+    let id = created["id"].as_str().unwrap();
+    let fetched = harness
+        .client
+        .get(format!("{}/v1/responses/{id}", harness.base))
+        .bearer_auth(&harness.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(
+        last_upstream_request(&harness).await["path"],
+        format!("/openai/v1/responses/{id}")
+    );
+    harness.stop().await;
+}
