@@ -10,7 +10,10 @@ use std::process::Command;
 
 use loom_mock::{MockConfig, MockServer};
 use loom_schemas::codec::Registry;
-use loom_schemas::event::{CallStatus, Event, Payload, RequestStatus, ToolCallDirection};
+use loom_schemas::event::{
+    CallStatus, Event, LlmCallCompleted, Payload, RequestCompleted, RequestStatus,
+    ToolCallDirection,
+};
 use loom_schemas::log::{Log, Topic};
 
 use common::{Server, loom, text};
@@ -118,24 +121,48 @@ async fn run_script(script: &str) -> Vec<Event> {
     events(&data_dir).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openai_sdk_works_through_loom_and_every_call_is_recorded() {
-    let events = run_script("openai_sdk.py").await;
-    let of = |trace: &str| -> Vec<&Event> {
-        events
+/// The events the SDK calls produced, by trace id (each call sets its own `x-request-id`).
+struct Trail(Vec<Event>);
+
+impl Trail {
+    fn of(&self, trace: &str) -> Vec<&Event> {
+        self.0
             .iter()
             .filter(|e| e.envelope.trace_id.as_deref() == Some(trace))
             .collect()
-    };
-    let completed = |trace: &str| {
-        of(trace)
+    }
+
+    fn completed(&self, trace: &str) -> RequestCompleted {
+        self.of(trace)
             .into_iter()
             .find_map(|e| match &e.payload {
                 Payload::RequestCompleted(c) => Some(c.clone()),
                 _ => None,
             })
             .unwrap_or_else(|| panic!("{trace}: no request.completed"))
-    };
+    }
+
+    /// The first upstream attempt.
+    fn call(&self, trace: &str) -> LlmCallCompleted {
+        self.of(trace)
+            .into_iter()
+            .find_map(|e| match &e.payload {
+                Payload::LlmCallCompleted(c) => Some(c.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{trace}: no llm_call.completed"))
+    }
+
+    fn tool(&self, trace: &str, direction: ToolCallDirection) -> bool {
+        self.of(trace)
+            .into_iter()
+            .any(|e| matches!(&e.payload, Payload::ToolCallObserved(t) if t.direction == direction))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_works_through_loom_and_every_call_is_recorded() {
+    let trail = Trail(run_script("openai_sdk.py").await);
     for trace in [
         "sdk-chat",
         "sdk-raw",
@@ -154,13 +181,17 @@ async fn the_openai_sdk_works_through_loom_and_every_call_is_recorded() {
         "sdk-responses-claude-tools",
         "sdk-responses-claude-stream-tools",
     ] {
-        let types: Vec<_> = of(trace).iter().map(|e| e.payload.event_type()).collect();
+        let types: Vec<_> = trail
+            .of(trace)
+            .iter()
+            .map(|e| e.payload.event_type())
+            .collect();
         assert_eq!(
             types.first(),
             Some(&"request.received"),
             "{trace}: {types:?}"
         );
-        let done = completed(trace);
+        let done = trail.completed(trace);
         assert_eq!(
             (done.status, done.http_status),
             (RequestStatus::Ok, 200),
@@ -173,15 +204,9 @@ async fn the_openai_sdk_works_through_loom_and_every_call_is_recorded() {
         assert!(!done.usage_estimated, "{trace}: the mock reports usage");
     }
     for (trace, status) in [("sdk-404", 404), ("sdk-401", 401)] {
-        assert_eq!(completed(trace).http_status, status);
+        assert_eq!(trail.completed(trace).http_status, status);
     }
-    let stream_call = of("sdk-stream")
-        .into_iter()
-        .find_map(|e| match &e.payload {
-            Payload::LlmCallCompleted(c) => Some(c.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let stream_call = trail.call("sdk-stream");
     assert!(
         stream_call.stream && stream_call.ttft_us.is_some() && stream_call.status == CallStatus::Ok
     );
@@ -189,72 +214,34 @@ async fn the_openai_sdk_works_through_loom_and_every_call_is_recorded() {
         stream_call.cost_micro_usd.is_some(),
         "gpt-4o-mini has a price"
     );
-    let tool = |trace: &str, direction: ToolCallDirection| {
-        of(trace)
-            .into_iter()
-            .any(|e| matches!(&e.payload, Payload::ToolCallObserved(t) if t.direction == direction))
-    };
-    assert!(tool("sdk-tools", ToolCallDirection::Requested));
-    assert!(tool("sdk-stream-tools", ToolCallDirection::Requested));
-    assert!(tool("sdk-tool-result", ToolCallDirection::Result));
-    for alias in ["fast", "claude"] {
-        assert!(tool(
-            &format!("sdk-responses-{alias}-tools"),
-            ToolCallDirection::Requested
-        ));
-        assert!(tool(
-            &format!("sdk-responses-{alias}-tool-result"),
-            ToolCallDirection::Result
-        ));
-        assert!(tool(
-            &format!("sdk-responses-{alias}-stream-tools"),
-            ToolCallDirection::Requested
-        ));
-        let call = |trace: &str| {
-            of(trace)
-                .into_iter()
-                .find_map(|e| match &e.payload {
-                    Payload::LlmCallCompleted(c) => Some(c.clone()),
-                    _ => None,
-                })
-                .unwrap()
-        };
-        let native = call(&format!("sdk-responses-{alias}"));
-        let provider = if alias == "fast" {
-            "openai"
-        } else {
-            "anthropic"
-        };
-        assert_eq!(native.provider, provider);
-        assert!(native.cost_micro_usd.is_some(), "{alias}: priced");
+    use ToolCallDirection::{Requested, Result};
+    assert!(trail.tool("sdk-tools", Requested));
+    assert!(trail.tool("sdk-stream-tools", Requested));
+    assert!(trail.tool("sdk-tool-result", Result));
+    for (alias, provider) in [("fast", "openai"), ("claude", "anthropic")] {
+        let trace = |suffix: &str| format!("sdk-responses-{alias}{suffix}");
+        assert!(trail.tool(&trace("-tools"), Requested));
+        assert!(trail.tool(&trace("-tool-result"), Result));
+        assert!(trail.tool(&trace("-stream-tools"), Requested));
+        let call = trail.call(&trace(""));
+        assert_eq!(call.provider, provider);
+        assert!(call.cost_micro_usd.is_some(), "{alias}: priced");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_anthropic_sdk_works_through_loom_against_both_kinds_of_upstream() {
-    let events = run_script("anthropic_sdk.py").await;
-    let of = |trace: &str| -> Vec<&Event> {
-        events
-            .iter()
-            .filter(|e| e.envelope.trace_id.as_deref() == Some(trace))
-            .collect()
-    };
-    for alias in ["fast", "claude"] {
+    let trail = Trail(run_script("anthropic_sdk.py").await);
+    for (alias, provider) in [("fast", "openai"), ("claude", "anthropic")] {
         for suffix in ["", "-stream", "-tools", "-tool-result", "-stream-tools"] {
             let trace = format!("anthropic-{alias}{suffix}");
-            let events = of(&trace);
+            let events = trail.of(&trace);
             let Some(Payload::RequestReceived(received)) = events.first().map(|e| &e.payload)
             else {
                 panic!("{trace}: no request.received");
             };
             assert_eq!(received.endpoint, "/v1/messages", "{trace}");
-            let done = events
-                .iter()
-                .find_map(|e| match &e.payload {
-                    Payload::RequestCompleted(c) => Some(c.clone()),
-                    _ => None,
-                })
-                .unwrap_or_else(|| panic!("{trace}: no request.completed"));
+            let done = trail.completed(&trace);
             assert_eq!(
                 (done.status, done.http_status),
                 (RequestStatus::Ok, 200),
@@ -264,51 +251,25 @@ async fn the_anthropic_sdk_works_through_loom_against_both_kinds_of_upstream() {
                 done.tokens_out.is_some() && !done.usage_estimated,
                 "{trace}"
             );
-            let provider = if alias == "claude" {
-                "anthropic"
-            } else {
-                "openai"
-            };
             assert_eq!(done.provider.as_deref(), Some(provider), "{trace}");
         }
+        let trace = |suffix: &str| format!("anthropic-{alias}{suffix}");
+        assert!(trail.tool(&trace("-tools"), ToolCallDirection::Requested));
+        assert!(trail.tool(&trace("-stream-tools"), ToolCallDirection::Requested));
+        assert!(trail.tool(&trace("-tool-result"), ToolCallDirection::Result));
     }
-    let tool_requested = |trace: &str| {
-        of(trace)
-            .into_iter()
-            .any(|e| matches!(&e.payload, Payload::ToolCallObserved(t) if t.direction == ToolCallDirection::Requested))
-    };
-    assert!(
-        tool_requested("anthropic-claude-stream-tools") && tool_requested("anthropic-fast-tools")
-    );
-    let tool_result = |trace: &str| {
-        of(trace)
-            .into_iter()
-            .any(|e| matches!(&e.payload, Payload::ToolCallObserved(t) if t.direction == ToolCallDirection::Result))
-    };
-    assert!(
-        tool_result("anthropic-claude-tool-result") && tool_result("anthropic-fast-tool-result")
-    );
-    let completed_status = |trace: &str| {
-        of(trace).into_iter().find_map(|e| match &e.payload {
-            Payload::RequestCompleted(c) => Some(c.http_status),
-            _ => None,
-        })
-    };
-    let call = |trace: &str| {
-        of(trace)
-            .into_iter()
-            .find_map(|e| match &e.payload {
-                Payload::LlmCallCompleted(c) => Some(c.clone()),
-                _ => None,
-            })
-            .unwrap_or_else(|| panic!("{trace}: no llm_call.completed"))
-    };
-    let read = call("anthropic-cache-read");
+    let read = trail.call("anthropic-cache-read");
     assert!(read.tokens_cached_read.unwrap() > 0 && read.cache_saved_micro_usd.unwrap() > 0);
-    assert!(call("anthropic-cache-write").tokens_cache_creation.unwrap() > 0);
-    let streamed = call("anthropic-thinking-stream");
+    assert!(
+        trail
+            .call("anthropic-cache-write")
+            .tokens_cache_creation
+            .unwrap()
+            > 0
+    );
+    let streamed = trail.call("anthropic-thinking-stream");
     assert!(streamed.stream && streamed.tokens_cached_read.unwrap() > 0);
-    assert!(call("anthropic-thinking").dropped_fields.is_empty());
-    assert_eq!(completed_status("anthropic-404"), Some(404));
-    assert_eq!(completed_status("anthropic-401"), Some(401));
+    assert!(trail.call("anthropic-thinking").dropped_fields.is_empty());
+    assert_eq!(trail.completed("anthropic-404").http_status, 404);
+    assert_eq!(trail.completed("anthropic-401").http_status, 401);
 }

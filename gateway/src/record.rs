@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::error::{GatewayError, UpstreamFault};
 use crate::flow::{Flow, micros};
-use crate::pricing::PriceTable;
+use crate::pricing::{Price, PriceTable};
 use crate::tokens;
 use crate::upstream::{Answer, AttemptError};
 
@@ -60,6 +60,17 @@ impl Flow {
         }
     }
 
+    /// The price of a call to a deployment (or the more specific model the upstream said
+    /// served it), if the table has one.
+    fn price(&self, deployment: usize, served_model: Option<&str>) -> Option<&Price> {
+        let config = &self.gateway.config;
+        let deployment = config.deployments.get(deployment)?;
+        let provider = config.upstreams.get(deployment.upstream)?.kind;
+        config
+            .prices
+            .price_of(provider, &deployment.model, served_model)
+    }
+
     /// The cost of `usage` on a deployment, if its price is known.
     pub fn cost(
         &self,
@@ -67,12 +78,7 @@ impl Flow {
         served_model: Option<&str>,
         usage: &Usage,
     ) -> Option<i64> {
-        let config = &self.gateway.config;
-        let deployment = config.deployments.get(deployment)?;
-        let provider = config.upstreams.get(deployment.upstream)?.kind;
-        config
-            .prices
-            .cost_of(provider, &deployment.model, served_model, usage)
+        PriceTable::cost(self.price(deployment, served_model)?, usage)
     }
 
     /// What the provider's prompt cache saved on a call (see [`PriceTable::cache_saving`]).
@@ -82,13 +88,7 @@ impl Flow {
         served_model: Option<&str>,
         usage: &Usage,
     ) -> Option<i64> {
-        let config = &self.gateway.config;
-        let deployment = config.deployments.get(deployment)?;
-        let provider = config.upstreams.get(deployment.upstream)?.kind;
-        let price = config
-            .prices
-            .price_of(provider, &deployment.model, served_model)?;
-        PriceTable::cache_saving(price, usage)
+        PriceTable::cache_saving(self.price(deployment, served_model)?, usage)
     }
 
     /// `request.received` for a body: sealed and digested when the caller is authenticated.

@@ -208,14 +208,17 @@ pub fn router(config: MockConfig) -> Router {
         .route("/openai/v1/responses", post(responses))
         .route(
             "/v1/responses/{id}",
-            get(stored_response).delete(delete_response),
+            get(stored_response).delete(stored_response),
         )
         .route(
             "/openai/v1/responses/{id}",
-            get(stored_response).delete(delete_response),
+            get(stored_response).delete(stored_response),
         )
-        .route("/v1/responses/{id}/input_items", get(input_items))
-        .route("/openai/v1/responses/{id}/input_items", get(input_items))
+        .route("/v1/responses/{id}/input_items", get(stored_response))
+        .route(
+            "/openai/v1/responses/{id}/input_items",
+            get(stored_response),
+        )
         .route("/mock/faults", post(push_faults).delete(clear_faults))
         .route("/mock/requests", get(list_requests).delete(clear_requests))
         .route("/mock/cache", axum::routing::delete(clear_cache))
@@ -1121,19 +1124,9 @@ async fn responses(
     sse(frames, truncate_after(&fault), mock.config.chunk_delay)
 }
 
-/// The stored response `id` and its conversation.
-fn find_stored(mock: &Mock, id: &str) -> Option<(Value, Value)> {
-    mock.stored.lock().ok().and_then(|s| s.map.get(id).cloned())
-}
-
-/// OpenAI's 404 for a response it does not have.
-fn no_response(id: &str) -> Response {
-    let body = json!({"error": {"message": format!("Response with id '{id}' not found."),
-        "type": "invalid_request_error", "param": null, "code": null}});
-    (StatusCode::NOT_FOUND, Json(body)).into_response()
-}
-
-/// `GET /v1/responses/{id}`
+/// `GET /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`, `DELETE /v1/responses/{id}`
+/// (and Azure's under `/openai`): a stored response, its input, or its deletion; 404 as OpenAI
+/// answers for an id it does not have.
 async fn stored_response(
     State(mock): State<Mock>,
     Path(id): Path<String>,
@@ -1142,51 +1135,32 @@ async fn stored_response(
     headers: HeaderMap,
 ) -> Response {
     mock.record(&method, &uri, &headers, b"", &Value::Null);
-    match find_stored(&mock, &id) {
-        Some((response, _)) => Json(response).into_response(),
-        None => no_response(&id),
-    }
-}
-
-/// `GET /v1/responses/{id}/input_items`
-async fn input_items(
-    State(mock): State<Mock>,
-    Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    mock.record(&method, &uri, &headers, b"", &Value::Null);
-    match find_stored(&mock, &id) {
-        Some((_, input)) => {
-            let data: Vec<Value> = input
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|m| json!({"type": "message", "role": m.get("role"), "content": m.get("content")}))
-                .collect();
-            Json(json!({"object": "list", "data": data, "has_more": false})).into_response()
+    let Some((response, input)) = mock
+        .stored
+        .lock()
+        .ok()
+        .and_then(|s| s.map.get(&id).cloned())
+    else {
+        let body = json!({"error": {"message": format!("Response with id '{id}' not found."),
+            "type": "invalid_request_error", "param": null, "code": null}});
+        return (StatusCode::NOT_FOUND, Json(body)).into_response();
+    };
+    if method == Method::DELETE {
+        if let Ok(mut stored) = mock.stored.lock() {
+            stored.map.remove(&id);
         }
-        None => no_response(&id),
+        return Json(json!({"id": id, "object": "response", "deleted": true})).into_response();
     }
-}
-
-/// `DELETE /v1/responses/{id}`
-async fn delete_response(
-    State(mock): State<Mock>,
-    Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    mock.record(&method, &uri, &headers, b"", &Value::Null);
-    if find_stored(&mock, &id).is_none() {
-        return no_response(&id);
+    if !uri.path().ends_with("/input_items") {
+        return Json(response).into_response();
     }
-    if let Ok(mut stored) = mock.stored.lock() {
-        stored.map.remove(&id);
-    }
-    Json(json!({"id": id, "object": "response", "deleted": true})).into_response()
+    let data: Vec<Value> = input
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| json!({"type": "message", "role": m.get("role"), "content": m.get("content")}))
+        .collect();
+    Json(json!({"object": "list", "data": data, "has_more": false})).into_response()
 }
 
 #[cfg(test)]

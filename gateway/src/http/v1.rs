@@ -32,20 +32,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let endpoint = "/v1/chat/completions";
-    match begin(
-        &state,
-        caller,
-        &headers,
-        Some(body),
-        endpoint,
-        Dialect::OpenAi,
-    )
-    .await
-    {
-        Ok((flow, body)) => run_chat(flow, Operation::Chat, body).await,
-        Err(response) => response,
-    }
+    chat_like(&state, caller, &headers, body, Operation::Chat).await
 }
 
 /// `POST /v1/messages` (Anthropic's Messages API): as sent to Anthropic deployments, translated to
@@ -56,30 +43,7 @@ pub async fn messages(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let endpoint = "/v1/messages";
-    let (flow, body) = match begin(
-        &state,
-        caller,
-        &headers,
-        Some(body),
-        endpoint,
-        Dialect::Anthropic,
-    )
-    .await
-    {
-        Ok(started) => started,
-        Err(response) => return response,
-    };
-    if body
-        .json
-        .get("max_tokens")
-        .and_then(Value::as_u64)
-        .is_none()
-    {
-        let error = GatewayError::InvalidRequest("max_tokens: Field required".into());
-        return flow.fail(error).await;
-    }
-    run_chat(flow, Operation::Messages, body).await
+    chat_like(&state, caller, &headers, body, Operation::Messages).await
 }
 
 /// `POST /v1/responses` (OpenAI's Responses API): as sent to OpenAI and Azure deployments,
@@ -90,36 +54,52 @@ pub async fn responses(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let endpoint = "/v1/responses";
-    let (flow, body) = match begin(
-        &state,
-        caller,
-        &headers,
-        Some(body),
-        endpoint,
-        Dialect::OpenAi,
-    )
-    .await
-    {
+    chat_like(&state, caller, &headers, body, Operation::Responses).await
+}
+
+/// Starts, checks and answers a chat-like request in `operation`'s API.
+async fn chat_like(
+    state: &AppState,
+    caller: Caller,
+    headers: &HeaderMap,
+    body: Body,
+    operation: Operation,
+) -> Response {
+    let (endpoint, dialect) = match operation {
+        Operation::Messages => ("/v1/messages", Dialect::Anthropic),
+        Operation::Responses => ("/v1/responses", Dialect::OpenAi),
+        Operation::Chat | Operation::Embeddings => ("/v1/chat/completions", Dialect::OpenAi),
+    };
+    let (flow, body) = match begin(state, caller, headers, Some(body), endpoint, dialect).await {
         Ok(started) => started,
         Err(response) => return response,
     };
-    let input = body.json.get("input");
-    if input.is_some_and(|i| !(i.is_string() || i.is_array() || i.is_null())) {
-        let error = GatewayError::InvalidRequest(
-            "`input` must be a string or an array of input items".into(),
-        );
-        return flow.fail(error).await;
+    if let Some(problem) = malformed(operation, &body.json) {
+        return flow
+            .fail(GatewayError::InvalidRequest(problem.into()))
+            .await;
     }
-    if body.json.get("background") == Some(&Value::Bool(true)) {
-        let error = GatewayError::InvalidRequest(
-            "`background` is not supported: Loom answers and records each response while it is \
-             made; send the request without it (or stream it)"
-                .into(),
-        );
-        return flow.fail(error).await;
+    run_chat(flow, operation, body).await
+}
+
+/// What a request lacks or has that its API refuses (and Loom cannot serve), if anything.
+fn malformed(operation: Operation, request: &Value) -> Option<&'static str> {
+    match operation {
+        Operation::Messages if request.get("max_tokens").and_then(Value::as_u64).is_none() => {
+            Some("max_tokens: Field required")
+        }
+        Operation::Responses => {
+            let input = request.get("input");
+            if input.is_some_and(|i| !(i.is_string() || i.is_array() || i.is_null())) {
+                return Some("`input` must be a string or an array of input items");
+            }
+            (request.get("background") == Some(&Value::Bool(true))).then_some(
+                "`background` is not supported: Loom answers and records each response while \
+                 it is made; send the request without it (or stream it)",
+            )
+        }
+        _ => None,
     }
-    run_chat(flow, Operation::Responses, body).await
 }
 
 /// `GET /v1/responses/{id}`, `GET /v1/responses/{id}/input_items` and `DELETE
