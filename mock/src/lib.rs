@@ -160,6 +160,22 @@ impl Mock {
         self.counter.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The prompt tokens OpenAI's own prompt cache serves: a conversation's earlier turns, when
+    /// seen before (at most the whole prompt's `prompt_tokens`).
+    fn openai_cached(&self, messages: &[Value], prompt_tokens: u64) -> u64 {
+        match messages.split_last() {
+            Some((_, earlier)) if !earlier.is_empty() => {
+                let prefix = Value::Array(earlier.to_vec()).to_string();
+                if self.cache_hit(&prefix) {
+                    rough_tokens(&prefix).min(prompt_tokens)
+                } else {
+                    0
+                }
+            }
+            _ => 0,
+        }
+    }
+
     /// Whether `prefix` was seen before (it is remembered now).
     fn cache_hit(&self, prefix: &str) -> bool {
         let Ok(mut cached) = self.cached.lock() else {
@@ -550,18 +566,7 @@ async fn chat(
             .map(str::to_owned)
     });
     let id = format!("chatcmpl-mock-{}", mock.next_id());
-    // OpenAI caches prompt prefixes on its own: a conversation's earlier turns, seen before.
-    let cached = match messages.split_last() {
-        Some((_, earlier)) if !earlier.is_empty() => {
-            let prefix = Value::Array(earlier.to_vec()).to_string();
-            if mock.cache_hit(&prefix) {
-                rough_tokens(&prefix).min(reply.prompt_tokens)
-            } else {
-                0
-            }
-        }
-        _ => 0,
-    };
+    let cached = mock.openai_cached(&messages, reply.prompt_tokens);
     let usage = json!({
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens(),
@@ -990,17 +995,7 @@ async fn responses(
     let call_id = format!("call_mock_{}", mock.next_id());
     let reasoning = request.pointer("/reasoning/effort").is_some();
     let reasoning_tokens = if reasoning { 8 } else { 0 };
-    let cached = match messages.split_last() {
-        Some((_, earlier)) if !earlier.is_empty() => {
-            let prefix = Value::Array(earlier.to_vec()).to_string();
-            if mock.cache_hit(&prefix) {
-                rough_tokens(&prefix).min(reply.prompt_tokens)
-            } else {
-                0
-            }
-        }
-        _ => 0,
-    };
+    let cached = mock.openai_cached(&messages, reply.prompt_tokens);
     let output_tokens = reply.completion_tokens() + reasoning_tokens;
     let usage = json!({
         "input_tokens": reply.prompt_tokens, "input_tokens_details": {"cached_tokens": cached},
