@@ -784,3 +784,32 @@ async fn azure_serves_the_responses_api_on_its_v1_path() {
     );
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn a_deployment_passed_over_does_not_hide_why_the_others_failed() {
+    let extra = "[models.mixed]\ndeployments = [{ upstream = \"primary\", model = \"gpt-4o-mini\" }, { upstream = \"local\", model = \"llama\" }]\n";
+    let harness = start(MockConfig::default(), extra).await;
+    harness
+        .faults(json!([{"kind": "status", "status": 429}, {"kind": "status", "status": 429}]))
+        .await;
+    let response = harness
+        .client
+        .post(format!("{}/v1/responses", harness.base))
+        .bearer_auth(&harness.key)
+        .json(&json!({"model": "mixed", "input": "x", "previous_response_id": "resp_1"}))
+        .send()
+        .await
+        .unwrap();
+    // OpenAI was rate limited twice; the chat-only server could not take the follow-up.
+    assert_eq!(response.status(), 502);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rate_limited"),
+        "{error}"
+    );
+    assert_eq!(harness.upstream_requests().await.len(), 2);
+    harness.stop().await;
+}
