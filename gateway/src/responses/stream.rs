@@ -78,7 +78,12 @@ impl EventsToChunks {
                     None => Vec::new(),
                 }
             }
-            "response.completed" | "response.incomplete" | "response.failed" => {
+            // A failed response ends the stream without its end: the call is recorded as failed.
+            "response.failed" => {
+                let error = event.pointer("/response/error").cloned().unwrap_or_default();
+                vec![json!({"error": error}).to_string()]
+            }
+            "response.completed" | "response.incomplete" => {
                 let response = event.get("response").unwrap_or(&Value::Null);
                 let finish = match (event_type, self.calls.is_empty()) {
                     ("response.incomplete", _) => "length",
