@@ -565,10 +565,11 @@ fn compare_apis(args: &GatewayBenchArgs, targets: &[Target]) -> anyhow::Result<(
     }
     let case = args.api_case;
     say!(
-        "client APIs at {case}, {}s each: overhead over direct and CPU per request \
+        "client APIs at {case}, {}s each, medians of {} interleaved runs: overhead over direct and CPU per request \
          (passthrough: as sent to an upstream of the client's API; -to-chat: translated for a \
          chat-only upstream, whose direct baseline is its chat API)",
-        args.seconds
+        args.seconds,
+        args.repeat.max(1)
     );
     say!(
         "{:<18} {:<26} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9}",
@@ -583,24 +584,33 @@ fn compare_apis(args: &GatewayBenchArgs, targets: &[Target]) -> anyhow::Result<(
     );
     for &api in &args.apis {
         let (client, upstream) = api.loads();
-        let mut direct: Option<Run> = None;
-        for target in targets {
-            let load = if target.key.is_some() {
+        let load = |target: &Target| {
+            if target.key.is_some() {
                 &client
             } else {
                 &upstream
-            };
-            let before = target.pid().map(cpu_seconds).transpose()?;
-            let run = tokio::task::block_in_place(|| {
-                oha(&args.oha, target, case, args.seconds, load.path, &load.body)
-            })?;
-            let cpu_ms = match (target.pid(), before) {
-                (Some(pid), Some(before)) => {
-                    Some((cpu_seconds(pid)? - before) / run.requests.max(1.0) * 1000.0)
+            }
+        };
+        let mut runs = vec![Vec::new(); targets.len()];
+        let mut cpu = vec![0.0; targets.len()];
+        for _ in 0..args.repeat.max(1) {
+            for (i, target) in targets.iter().enumerate() {
+                let (path, body) = (load(target).path, &load(target).body);
+                let before = target.pid().map(cpu_seconds).transpose()?;
+                runs[i].push(tokio::task::block_in_place(|| {
+                    oha(&args.oha, target, case, args.seconds, path, body)
+                })?);
+                if let (Some(pid), Some(before)) = (target.pid(), before) {
+                    cpu[i] += cpu_seconds(pid)? - before;
                 }
-                _ => None,
-            };
-            let base = *direct.get_or_insert(run);
+            }
+        }
+        let medians: Vec<Run> = runs.iter().map(|r| Run::median(r)).collect();
+        for (i, target) in targets.iter().enumerate() {
+            let run = medians[i];
+            let cpu_ms = target
+                .pid()
+                .map(|_| cpu[i] / run.requests.max(1.0) * 1000.0);
             say!(
                 "{:<18} {:<26} {:>9.0} {:>8.3} {:>8.3} {:>+8.3} {:>6.1}% {:>9}",
                 api.to_string(),
@@ -608,7 +618,7 @@ fn compare_apis(args: &GatewayBenchArgs, targets: &[Target]) -> anyhow::Result<(
                 run.rps,
                 run.p50,
                 run.p99,
-                run.p50 - base.p50,
+                run.p50 - medians[0].p50,
                 run.success * 100.0,
                 cpu_ms.map_or_else(|| "-".to_owned(), |c| format!("{c:.3}")),
             );

@@ -80,7 +80,10 @@ impl EventsToChunks {
             }
             // A failed response ends the stream without its end: the call is recorded as failed.
             "response.failed" => {
-                let error = event.pointer("/response/error").cloned().unwrap_or_default();
+                let error = event
+                    .pointer("/response/error")
+                    .cloned()
+                    .unwrap_or_default();
                 vec![json!({"error": error}).to_string()]
             }
             "response.completed" | "response.incomplete" => {
