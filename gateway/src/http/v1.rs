@@ -126,7 +126,7 @@ pub async fn stored_response(
     };
     let Some(deployment) = flow.owner_of_response(&id).await else {
         let error = GatewayError::NotFound(format!(
-            "No response with id '{id}' was stored through this gateway for your key."
+            "No response with id '{id}' is stored for your tenant."
         ));
         return flow.fail(error).await;
     };
