@@ -5,6 +5,7 @@
 //! positions they reach in one transaction ([`write`]); a member of a consumer group per topic
 //! feeds it ([`run`]). A crash at any point and a restart leave the state a clean replay gives.
 
+pub mod archive;
 pub mod catalog;
 pub mod fold;
 pub mod lookup;

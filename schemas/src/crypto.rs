@@ -207,6 +207,34 @@ pub fn body_digest(digest_key: &KeyBytes, body: &[u8]) -> Result<Vec<u8>, Crypto
     Ok(mac.finalize().into_bytes().to_vec())
 }
 
+/// A key-encryption key derived from one version of a tenant's data key for `purpose`
+/// (HKDF-SHA256): the archive wraps its files' data keys with it, so that erasing the tenant's
+/// keys leaves every file unreadable.
+pub fn derive_kek(data_key: &DataKey, purpose: &str) -> KeyBytes {
+    let mut okm = [0u8; 32];
+    let hkdf =
+        hkdf::Hkdf::<Sha256>::new(Some(data_key.tenant_id.as_bytes()), data_key.key.expose());
+    let info = format!("loom.kek.v1/{purpose}");
+    // 32 bytes is far below HKDF-SHA256's output limit: expand cannot fail here.
+    let _ = hkdf.expand(info.as_bytes(), &mut okm);
+    KeyBytes::new(okm)
+}
+
+/// `key` wrapped under `kek` (AES-256-GCM, bound to `label`), as base64 of nonce ‖ ciphertext ‖
+/// tag: how a key-management service hands out a wrapped data key.
+pub fn wrap_key(kek: &KeyBytes, key: &[u8], label: &str) -> Result<String, CryptoError> {
+    let wrapped = aead_seal(kek, label.as_bytes(), key)?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(wrapped))
+}
+
+/// The key [`wrap_key`] wrapped; fails on another KEK or label, or an altered text.
+pub fn unwrap_key(kek: &KeyBytes, wrapped: &str, label: &str) -> Result<Vec<u8>, CryptoError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(wrapped)
+        .map_err(|_| CryptoError::Malformed("wrapped key is not base64"))?;
+    aead_open(kek, label.as_bytes(), &bytes)
+}
+
 /// Prefix of every Loom API key.
 pub const API_KEY_PREFIX: &str = "loom-";
 /// How many characters of a key are kept for display.
@@ -255,6 +283,22 @@ mod tests {
             version,
             key: KeyBytes::generate().unwrap(),
         }
+    }
+
+    #[test]
+    fn wrapped_keys_open_only_with_their_kek_and_label() {
+        let data = key(Uuid::now_v7(), 1);
+        let kek = derive_kek(&data, "records");
+        assert_ne!(kek.expose(), derive_kek(&data, "metadata").expose());
+        assert_eq!(kek.expose(), derive_kek(&data, "records").expose());
+        let wrapped = wrap_key(&kek, b"0123456789abcdef", "label-a").unwrap();
+        assert_eq!(
+            unwrap_key(&kek, &wrapped, "label-a").unwrap(),
+            b"0123456789abcdef"
+        );
+        assert!(unwrap_key(&kek, &wrapped, "label-b").is_err());
+        assert!(unwrap_key(&derive_kek(&data, "metadata"), &wrapped, "label-a").is_err());
+        assert!(unwrap_key(&kek, "not base64!", "label-a").is_err());
     }
 
     #[test]

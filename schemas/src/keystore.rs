@@ -565,6 +565,23 @@ impl KeyStore {
             .ok_or(KeyStoreError::UnknownTenant(tenant_id))
     }
 
+    /// Version `version` of the tenant's data key (what older seals and archive files need).
+    pub fn data_key(&self, tenant_id: Uuid, version: u32) -> Result<DataKey, KeyStoreError> {
+        let keys = self.read_keys()?;
+        if keys.erased.contains(&tenant_id) {
+            return Err(KeyStoreError::Erased(tenant_id));
+        }
+        let tenant = keys
+            .tenants
+            .get(&tenant_id)
+            .ok_or(KeyStoreError::UnknownTenant(tenant_id))?;
+        let missing = CryptoError::KeyUnavailable {
+            key_id: Uuid::nil(),
+            version,
+        };
+        tenant.data.get(&version).cloned().ok_or(missing.into())
+    }
+
     /// The tenant's digest key, for [`crypto::body_digest`].
     pub fn digest_key(&self, tenant_id: Uuid) -> Result<KeyBytes, KeyStoreError> {
         let keys = self.read_keys()?;
