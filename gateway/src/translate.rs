@@ -127,6 +127,16 @@ impl Leg {
     }
 }
 
+/// The data of one chat completion chunk, as the translators make them from other APIs' events.
+pub(crate) fn chat_chunk(id: &str, model: &str, delta: Value, finish: Value) -> String {
+    serde_json::json!({
+        "id": id, "object": "chat.completion.chunk",
+        "created": loom_schemas::event::now_micros() / 1_000_000, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+    })
+    .to_string()
+}
+
 /// Turns an upstream's stream events into chat chunks.
 pub(crate) enum ToChunks {
     Messages(StreamTranslator),

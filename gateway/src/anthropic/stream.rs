@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 
 use super::int;
 use super::response::{anthropic_usage, finish_reason, stop_reason, usage_of};
+use crate::translate::chat_chunk;
 
 /// Turns Anthropic stream events into OpenAI chat chunks (the last one being `[DONE]`).
 #[derive(Default)]
@@ -22,12 +23,7 @@ pub struct StreamTranslator {
 
 impl StreamTranslator {
     fn chunk(&self, delta: Value, finish: Value) -> String {
-        json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": loom_schemas::event::now_micros() / 1_000_000,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
-        })
-        .to_string()
+        chat_chunk(&self.id, &self.model, delta, finish)
     }
 
     /// The chunk data strings one Anthropic event becomes (often none).

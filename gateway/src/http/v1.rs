@@ -141,7 +141,7 @@ pub async fn stored_response(
             if method == Method::DELETE {
                 flow.gateway.stored.forget(&id);
             }
-            finish_json(flow, answer, &Value::Null).await
+            finish_json(flow, answer, None).await
         }
         Err((error, deployment)) => {
             let outcome = deployment.map_or_else(Outcome::default, |d| Outcome::at(&flow, d));
@@ -181,7 +181,7 @@ pub async fn embeddings(
         body: &body,
     };
     match call_upstream(&mut flow, &order, outgoing, false).await {
-        Ok(answer) => finish_json(flow, answer, &body.json).await,
+        Ok(answer) => finish_json(flow, answer, Some(&body.json)).await,
         Err((error, _)) => flow.fail(error.to_client()).await,
     }
 }
@@ -371,12 +371,12 @@ async fn run_chat(mut flow: Flow, operation: Operation, mut body: ClientBody) ->
     if stream {
         return ChatStream::respond(flow, answer, body.json, client_wants_usage);
     }
-    finish_json(flow, answer, &body.json).await
+    finish_json(flow, answer, Some(&body.json)).await
 }
 
-/// Reads a JSON answer, records it, and sends it to the client. A stored response fetched or
-/// deleted (`request` is null then) is not metered again.
-async fn finish_json(mut flow: Flow, mut answer: Answer, request: &Value) -> Response {
+/// Reads a JSON answer to the client's `request`, records it, and sends it to the client. A
+/// stored response fetched or deleted (no `request`) is recorded but not metered again.
+async fn finish_json(mut flow: Flow, mut answer: Answer, request: Option<&Value>) -> Response {
     let status = answer.status;
     let remaining = flow.gateway.config.routing.attempt_timeout;
     let body = match answer.response.take() {
@@ -402,19 +402,18 @@ async fn finish_json(mut flow: Flow, mut answer: Answer, request: &Value) -> Res
     };
     // What the upstream sent is recorded, and read as chat; the client gets it in its API.
     let received = body;
-    let metered = !request.is_null();
     let parsed = answer
         .leg
         .observed(serde_json::from_slice(&received).unwrap_or(Value::Null));
-    let usage = match parsed.get("usage").filter(|u| u.is_object()) {
-        _ if !metered => Usage::default(),
-        Some(usage) => Usage::from_openai(usage),
-        None => Usage::estimate(request, &tokens::answer_text(&parsed)),
+    let usage = match (request, parsed.get("usage").filter(|u| u.is_object())) {
+        (None, _) => Usage::default(),
+        (Some(_), Some(usage)) => Usage::from_openai(usage),
+        (Some(request), None) => Usage::estimate(request, &tokens::answer_text(&parsed)),
     };
     let served_model = parsed.get("model").and_then(Value::as_str);
     let response_id = parsed.get("id").and_then(Value::as_str);
     let cost_micro_usd = flow.cost(answer.deployment, served_model, &usage);
-    if metered {
+    if let Some(request) = request {
         flow.remember_response(&answer, response_id, request);
     }
     gateway
@@ -429,13 +428,12 @@ async fn finish_json(mut flow: Flow, mut answer: Answer, request: &Value) -> Res
             },
         ))
         .await;
-    if metered && answer.leg.client != Operation::Embeddings {
+    if request.is_some() && answer.leg.client != Operation::Embeddings {
         let tool_calls = parsed
             .pointer("/choices/0/message/tool_calls")
             .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        for event in flow.tool_calls(&tool_calls) {
+            .map_or(&[][..], Vec::as_slice);
+        for event in flow.tool_calls(tool_calls) {
             gateway.emitter.emit(event).await;
         }
     }
@@ -448,7 +446,9 @@ async fn finish_json(mut flow: Flow, mut answer: Answer, request: &Value) -> Res
     if let Err(unrecorded) = flow.complete(&outcome).await {
         return flow.error_response(&unrecorded);
     }
-    let body = answer.leg.answer(received, &parsed, request);
+    let body = answer
+        .leg
+        .answer(received, &parsed, request.unwrap_or(&Value::Null));
     let mut response = Response::builder()
         .status(status.as_u16())
         .header(header::CONTENT_TYPE, "application/json")

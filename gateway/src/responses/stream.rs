@@ -4,6 +4,8 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::translate::chat_chunk;
+
 use super::response::{
     function_call_item, message_item, new_id, response_object, status_of, usage_from_chat,
     usage_to_chat,
@@ -20,11 +22,7 @@ pub struct EventsToChunks {
 
 impl EventsToChunks {
     fn chunk(&self, delta: Value, finish: Value) -> String {
-        json!({
-            "id": self.id, "object": "chat.completion.chunk", "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        })
-        .to_string()
+        chat_chunk(&self.id, &self.model, delta, finish)
     }
 
     /// The chunk data one event becomes (often none).
