@@ -66,6 +66,17 @@ enum TenantCommand {
     Create { name: String },
     /// List tenants as JSON.
     List,
+    /// Erase a tenant for good: destroys its keys (its sealed bodies and archive files become
+    /// unreadable), records `tenant.erased`, and from then on its API keys are refused and its
+    /// rows leave the read models. Irreversible.
+    Erase {
+        tenant_id: Uuid,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Confirms that the erasure is meant (it cannot be undone).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -137,6 +148,19 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 "{}",
                 serde_json::to_string_pretty(&target.list_tenants().await?)?
             )?;
+        }
+        AdminCommand::Tenant(TenantCommand::Erase {
+            tenant_id,
+            reason,
+            yes,
+        }) => {
+            if !yes {
+                anyhow::bail!(
+                    "erasing tenant {tenant_id} destroys its keys and cannot be undone: add --yes"
+                );
+            }
+            target.erase_tenant(tenant_id, reason).await?;
+            writeln!(std::io::stderr(), "erased {tenant_id}")?;
         }
         AdminCommand::Key(KeyCommand::Create {
             tenant,
@@ -273,6 +297,22 @@ impl Target {
             Target::Local { node, .. } => Ok(node.services.revoke_key(key_id, reason).await?),
             Target::Remote { .. } => {
                 let path = format!("/admin/keys/{key_id}/revoke");
+                self.call(
+                    reqwest::Method::POST,
+                    &path,
+                    Some(json!({ "reason": reason })),
+                )
+                .await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn erase_tenant(&self, tenant_id: Uuid, reason: Option<String>) -> anyhow::Result<()> {
+        match self {
+            Target::Local { node, .. } => Ok(node.services.erase_tenant(tenant_id, reason).await?),
+            Target::Remote { .. } => {
+                let path = format!("/admin/tenants/{tenant_id}/erase");
                 self.call(
                     reqwest::Method::POST,
                     &path,

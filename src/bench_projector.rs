@@ -157,9 +157,14 @@ pub async fn run(args: ProjectorBenchArgs) -> anyhow::Result<()> {
         store.close().await;
 
         // A replay from scratch: a new version, the projector's own loop, then the switch.
-        let report =
-            loom_projector::replay(Arc::clone(&log), location, bench_config(args.batch), false)
-                .await?;
+        let report = loom_projector::replay(
+            Arc::clone(&log),
+            None,
+            location,
+            bench_config(args.batch),
+            false,
+        )
+        .await?;
         let rate = report.records as f64 / report.elapsed.as_secs_f64().max(1e-9);
         say!(
             "{name:<9} replay of {} events into version {}: {:.1}s ({rate:.0} events/s, {:.2}x of the baseline; the next batch is read and folded while one is stored)",

@@ -42,6 +42,10 @@ impl DataDir {
     pub fn read_models(&self) -> PathBuf {
         self.0.join("read-models")
     }
+
+    pub fn archive(&self) -> PathBuf {
+        self.0.join("archive")
+    }
 }
 
 impl Default for DataDir {

@@ -15,6 +15,6 @@ pub mod serve;
 pub use data_dir::DataDir;
 pub use node::{
     Access, KeyStoreLocation, LogLocation, Node, NodeConfig, NodeError, OpenedLog, load_master_key,
-    open_log,
+    open_key_store, open_log,
 };
 pub use serve::{ServeConfig, serve};

@@ -23,6 +23,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use loom::{KeyStoreLocation, LogLocation, NodeConfig, ServeConfig};
 use loom_gateway::config::{EventsAck, GatewayConfig};
 use loom_projector::StoreLocation;
+use loom_projector::archive::{ArchiveConfig, ArchiveLocation, S3Options};
 use loom_schemas::SecretString;
 use loom_schemas::log::{EmbeddedLogConfig, FsyncPolicy, KafkaLogConfig};
 use tokio_util::sync::CancellationToken;
@@ -63,7 +64,8 @@ enum Command {
     /// Run Loom in one process on the embedded defaults (log, key store and data in --data-dir).
     Serve(ServeArgs),
     /// Check every record of the embedded log: checksums, offsets, the hash chain, and that the
-    /// chain leads to heads authenticated with the master key.
+    /// chain leads to heads authenticated with the master key (with --archive: every manifest
+    /// chain and archive file instead).
     Verify(verify::VerifyArgs),
     /// Cut the embedded log where it is damaged, keeping what is cut in log/quarantine/.
     Repair(verify::RepairArgs),
@@ -75,9 +77,13 @@ enum Command {
     Gateway(ServeArgs),
     /// Run the read-model projector alone on a shared log (Kafka), into Postgres.
     Projector(ProjectorArgs),
+    /// Run the archiver alone on a shared log (Kafka): every event into encrypted Parquet files
+    /// on S3 (or a directory).
+    Archiver(ArchiverArgs),
     /// Run the query service alone (not yet available).
     Query(NotYet),
-    /// Rebuild the read models from the log into a new version, then switch readers to it.
+    /// Rebuild the read models from the log (and the archive, with --from-archive) into a new
+    /// version, then switch readers to it.
     Replay(ReplayArgs),
     /// Run SQL over the archive and read models (not yet available).
     Sql(NotYet),
@@ -204,6 +210,125 @@ impl KafkaArgs {
     }
 }
 
+/// Where the tenants' data keys are.
+#[derive(Args)]
+pub struct KeyStoreArgs {
+    /// Keep tenant data keys in this Postgres database instead of <data dir>/keys.json.
+    #[arg(
+        long,
+        env = "LOOM_KEY_STORE_URL",
+        hide_env_values = true,
+        value_name = "POSTGRES_URL"
+    )]
+    key_store_url: Option<String>,
+}
+
+impl KeyStoreArgs {
+    fn location(&self) -> KeyStoreLocation {
+        self.key_store_url
+            .clone()
+            .map_or(KeyStoreLocation::DataDir, |url| {
+                KeyStoreLocation::Postgres(url.into())
+            })
+    }
+}
+
+/// Where the archive is.
+#[derive(Args)]
+pub struct ArchiveArgs {
+    /// The archive: a directory, `s3://BUCKET[/PREFIX]`, or `off` (`loom serve` only: do not
+    /// archive) [default: <data dir>/archive].
+    #[arg(long, env = "LOOM_ARCHIVE", value_name = "DIR_OR_S3_URL")]
+    archive: Option<String>,
+
+    #[command(flatten)]
+    s3: S3Args,
+}
+
+impl ArchiveArgs {
+    /// The archive named, `<data dir>/archive` if none was; `None` for `off`.
+    fn location(&self, data: &DataDirArgs) -> anyhow::Result<Option<ArchiveLocation>> {
+        archive_location(self.archive.as_deref(), data, &self.s3)
+    }
+}
+
+fn archive_location(
+    named: Option<&str>,
+    data: &DataDirArgs,
+    s3: &S3Args,
+) -> anyhow::Result<Option<ArchiveLocation>> {
+    Ok(match named {
+        Some("off") => None,
+        None | Some("") => Some(ArchiveLocation::Directory(data.dir().archive())),
+        Some(named) => Some(ArchiveLocation::parse(named, s3.options())?),
+    })
+}
+
+/// How to reach S3 (credentials also from the usual AWS_* variables).
+#[derive(Args)]
+pub struct S3Args {
+    /// URL of an S3-compatible server (e.g. http://127.0.0.1:9000) [default: AWS].
+    #[arg(long, env = "LOOM_S3_ENDPOINT", value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// The bucket's region.
+    #[arg(long, env = "LOOM_S3_REGION")]
+    s3_region: Option<String>,
+    /// Access key id [default: AWS_ACCESS_KEY_ID, or the instance's credentials].
+    #[arg(long, env = "LOOM_S3_ACCESS_KEY_ID", value_name = "ID")]
+    s3_access_key_id: Option<String>,
+    /// Secret access key [default: AWS_SECRET_ACCESS_KEY].
+    #[arg(
+        long,
+        env = "LOOM_S3_SECRET_ACCESS_KEY",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    s3_secret_access_key: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), which most S3-compatible servers need
+    /// [default: true with --s3-endpoint, false on AWS].
+    #[arg(long, env = "LOOM_S3_PATH_STYLE", value_name = "BOOL", action = clap::ArgAction::Set)]
+    s3_path_style: Option<bool>,
+}
+
+impl S3Args {
+    fn options(&self) -> S3Options {
+        S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            access_key_id: self.s3_access_key_id.clone(),
+            secret_access_key: self.s3_secret_access_key.clone().map(SecretString::from),
+            path_style: self.s3_path_style.unwrap_or(self.s3_endpoint.is_some()),
+        }
+    }
+}
+
+/// How the archiver writes.
+#[derive(Args)]
+pub struct ArchivingArgs {
+    /// A tenant's events are written out as a file once they reach this many MiB (larger files
+    /// make faster queries).
+    #[arg(
+        long,
+        env = "LOOM_ARCHIVE_ROLL_MIB",
+        default_value_t = 128,
+        value_name = "MIB"
+    )]
+    archive_roll_mib: usize,
+    /// … or once the oldest of them has waited this long.
+    #[arg(long, env = "LOOM_ARCHIVE_ROLL_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
+    archive_roll_after: std::time::Duration,
+}
+
+impl ArchivingArgs {
+    fn config(&self) -> ArchiveConfig {
+        ArchiveConfig {
+            roll_bytes: self.archive_roll_mib.max(1) << 20,
+            roll_after: self.archive_roll_after,
+            ..ArchiveConfig::default()
+        }
+    }
+}
+
 #[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
@@ -232,14 +357,8 @@ struct ServeArgs {
     #[arg(long, env = "LOOM_SEGMENT_BYTES", default_value_t = EmbeddedLogConfig::DEFAULT_SEGMENT_BYTES)]
     segment_bytes: u64,
 
-    /// Keep tenant data keys in this Postgres database instead of <data dir>/keys.json.
-    #[arg(
-        long,
-        env = "LOOM_KEY_STORE_URL",
-        hide_env_values = true,
-        value_name = "POSTGRES_URL"
-    )]
-    key_store_url: Option<String>,
+    #[command(flatten)]
+    key_store: KeyStoreArgs,
 
     /// Upstreams, model aliases and routing, as TOML (see docs/configuration.md).
     #[arg(long, env = "LOOM_CONFIG", value_name = "FILE")]
@@ -263,6 +382,13 @@ struct ServeArgs {
 
     #[command(flatten)]
     projection: ProjectionArgs,
+
+    /// `loom serve` archives every event there (`loom gateway` never does: run `loom archiver`).
+    #[command(flatten)]
+    archive: ArchiveArgs,
+
+    #[command(flatten)]
+    archiving: ArchivingArgs,
 }
 
 #[derive(Args)]
@@ -285,6 +411,28 @@ struct ProjectorArgs {
 
     #[command(flatten)]
     projection: ProjectionArgs,
+}
+
+#[derive(Args)]
+struct ArchiverArgs {
+    #[command(flatten)]
+    data: DataDirArgs,
+
+    #[command(flatten)]
+    kafka: KafkaArgs,
+
+    #[command(flatten)]
+    key_store: KeyStoreArgs,
+
+    #[command(flatten)]
+    archive: ArchiveArgs,
+
+    #[command(flatten)]
+    archiving: ArchivingArgs,
+
+    /// Serve /health and /metrics on this address (e.g. 127.0.0.1:9092).
+    #[arg(long, env = "LOOM_LISTEN")]
+    listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -348,6 +496,17 @@ struct ReplayArgs {
     /// The projection to rebuild.
     #[arg(long, default_value = "read_models", value_parser = ["read_models"])]
     projection: String,
+
+    /// Fold the archive's events first, then the log from where the archive ends: rebuilds
+    /// history the log no longer holds (Kafka's retention).
+    #[arg(long)]
+    from_archive: bool,
+
+    #[command(flatten)]
+    archive: ArchiveArgs,
+
+    #[command(flatten)]
+    key_store: KeyStoreArgs,
 
     #[command(flatten)]
     projection_args: ProjectionArgs,
@@ -426,6 +585,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             serve(args, false).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Projector(args) => projector(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Archiver(args) => archiver(args).await.map(|()| ExitCode::SUCCESS),
         Command::Query(_) => not_yet("query", "the query service"),
         Command::Replay(args) => replay(args).await.map(|()| ExitCode::SUCCESS),
         Command::Sql(_) => not_yet("sql", "the query service"),
@@ -471,8 +631,19 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
         Some("off") | None => None,
         Some(named) => (!all_in_one).then(|| StoreLocation::parse(named)),
     };
+    let archive = match all_in_one {
+        true => args
+            .archive
+            .location(&args.data)?
+            .map(|location| (location, args.archiving.config())),
+        false if args.archive.archive.is_some() => anyhow::bail!(
+            "`loom gateway` does not archive: run `loom archiver` beside it (`loom serve` does both)"
+        ),
+        false => None,
+    };
     let config = ServeConfig {
         gateway,
+        archive,
         read_models,
         lookup_read_models,
         projector: args.projection.config(&args.kafka),
@@ -482,9 +653,7 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
                 fsync: args.fsync,
                 segment_bytes: args.segment_bytes,
             }),
-            key_store: args.key_store_url.map_or(KeyStoreLocation::DataDir, |url| {
-                KeyStoreLocation::Postgres(url.into())
-            }),
+            key_store: args.key_store.location(),
             master_key: master_key_from_env(),
             role: "gateway",
         },
@@ -521,12 +690,40 @@ async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
     Ok(projected?)
 }
 
+async fn archiver(args: ArchiverArgs) -> anyhow::Result<()> {
+    let Some(location) = args.archive.location(&args.data)? else {
+        anyhow::bail!("`loom archiver --archive off` would archive nothing");
+    };
+    let (shutdown, signals) = cancel_on_signal();
+    let archived = loom::roles::archiver(
+        &args.kafka.location(LogLocation::default()),
+        &args.data.dir(),
+        master_key_from_env().as_ref(),
+        &args.key_store.location(),
+        &location,
+        args.archiving.config(),
+        args.listen,
+        shutdown,
+    )
+    .await;
+    signals.abort();
+    Ok(archived?)
+}
+
 async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let from_archive = match args.from_archive {
+        true => match args.archive.location(&args.data)? {
+            Some(location) => Some((location, args.key_store.location())),
+            None => anyhow::bail!("--from-archive needs an archive, not `--archive off`"),
+        },
+        false => None,
+    };
     let report = loom::roles::replay(
         &args.kafka.location(LogLocation::default()),
         &args.data.dir(),
         master_key_from_env().as_ref(),
         &read_models(args.read_models.as_deref(), &args.data),
+        from_archive.as_ref().map(|(archive, keys)| (archive, keys)),
         args.projection_args.config(&args.kafka),
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
     )

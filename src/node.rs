@@ -97,6 +97,8 @@ pub enum NodeError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Gateway(#[from] StartError),
+    #[error("archive: {0}")]
+    Archive(#[from] loom_projector::archive::location::LocationError),
     #[error(
         "the embedded log's checkpoints are authenticated with the master key, and there is none"
     )]
@@ -215,6 +217,25 @@ pub fn load_master_key(
     )
 }
 
+/// The key store at `location`, opened with `master`.
+pub async fn open_key_store(
+    location: &KeyStoreLocation,
+    data_dir: &DataDir,
+    master: MasterKey,
+) -> Result<KeyStore, NodeError> {
+    Ok(match location {
+        KeyStoreLocation::DataDir => KeyStore::open_file(data_dir.keys_file(), master).await?,
+        KeyStoreLocation::Postgres(url) => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url.expose_secret())
+                .await?;
+            KeyStore::open_postgres(pool, master).await?
+        }
+    })
+}
+
 /// What a running node shares between its tasks.
 #[derive(Clone)]
 pub struct Node {
@@ -291,17 +312,7 @@ impl Node {
             );
         }
         let chain_key = master.chain_key();
-        let keys = match &config.key_store {
-            KeyStoreLocation::DataDir => KeyStore::open_file(data_dir.keys_file(), master).await?,
-            KeyStoreLocation::Postgres(url) => {
-                let pool = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(4)
-                    .acquire_timeout(Duration::from_secs(10))
-                    .connect(url.expose_secret())
-                    .await?;
-                KeyStore::open_postgres(pool, master).await?
-            }
-        };
+        let keys = open_key_store(&config.key_store, data_dir, master).await?;
         let opened = open_log(&config.log, data_dir, Some(&chain_key), Access::Write).await?;
         let control = Control::load(&*opened.log).await?;
         tracing::info!(

@@ -1,17 +1,22 @@
 //! The roles of the read side: `loom projector`, `loom replay` and `loom migrate`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
+use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver};
 use loom_projector::{
-    ProjectorConfig, ProjectorError, ReplayReport, StoreLocation, project_active,
+    FromArchive, ProjectorConfig, ProjectorError, ReplayReport, StoreLocation, project_active,
 };
 use loom_schemas::SecretString;
+use loom_schemas::keystore::KeyStore;
 use loom_schemas::log::{KafkaLog, Log, Topic};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::DataDir;
-use crate::node::{Access, LogLocation, NodeError, load_master_key, open_log};
+use crate::node::{
+    Access, KeyStoreLocation, LogLocation, NodeError, load_master_key, open_key_store, open_log,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
@@ -20,6 +25,16 @@ pub enum RoleError {
          (`loom serve` runs the projector in-process on the embedded log)"
     )]
     ProjectorNeedsKafka,
+    #[error(
+        "`loom archiver` reads a log shared with other processes: set --kafka-brokers \
+         (`loom serve` archives the embedded log in-process)"
+    )]
+    ArchiverNeedsKafka,
+    #[error(
+        "no master key: neither LOOM_MASTER_KEY nor {} is there, and the archive's keys are \
+         wrapped with it", .0.display()
+    )]
+    NoMasterKey(std::path::PathBuf),
     #[error("nothing to migrate: give --database-url, --kafka-brokers or both")]
     NothingToMigrate,
     #[error(transparent)]
@@ -61,26 +76,7 @@ pub async fn projector(
     // Reading Kafka touches no data directory.
     let opened = open_log(log, &DataDir::default(), None, Access::Read).await?;
     let tasks = TaskTracker::new();
-    if let Some(addr) = listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| RoleError::Io {
-                context: format!("binding {addr}"),
-                source,
-            })?;
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!("metrics on http://{addr}/metrics");
-        }
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let served = axum::serve(listener, loom_gateway::metrics_router())
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "serving metrics failed");
-            }
-        });
-    }
+    serve_metrics(listen, &tasks, &shutdown).await?;
     let projected = project_active(opened.log, read_models, config, shutdown.clone()).await;
     // However the projector ended, the metrics server stops with it.
     shutdown.cancel();
@@ -89,19 +85,101 @@ pub async fn projector(
     Ok(projected?)
 }
 
-/// `loom replay`: rebuilds the read models from the log into a new version and switches readers
-/// to it. On the embedded log it runs beside a server that holds it.
+/// Serves `/health` and `/metrics` on `listen` (if given) until `shutdown`, in `tasks`.
+async fn serve_metrics(
+    listen: Option<SocketAddr>,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), RoleError> {
+    let Some(addr) = listen else {
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| RoleError::Io {
+            context: format!("binding {addr}"),
+            source,
+        })?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(listener, loom_gateway::metrics_router())
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "serving metrics failed");
+        }
+    });
+    Ok(())
+}
+
+/// `loom archiver`: archives a shared (Kafka) log at `location` until `shutdown`, with the keys
+/// of the key store at `key_store`, serving `/health` and `/metrics` on `listen` if given. One
+/// archiver per archive.
+#[allow(clippy::too_many_arguments)]
+pub async fn archiver(
+    log: &LogLocation,
+    data_dir: &DataDir,
+    master_key: Option<&SecretString>,
+    key_store: &KeyStoreLocation,
+    location: &ArchiveLocation,
+    config: ArchiveConfig,
+    listen: Option<SocketAddr>,
+    shutdown: CancellationToken,
+) -> Result<(), RoleError> {
+    if !matches!(log, LogLocation::Kafka { .. }) {
+        return Err(RoleError::ArchiverNeedsKafka);
+    }
+    let keys = open_keys(data_dir, master_key, key_store).await?;
+    let opened = open_log(log, data_dir, None, Access::Read).await?;
+    let archive = Archive::open(location).map_err(NodeError::from)?;
+    tracing::info!(%location, "archiving the log");
+    let tasks = TaskTracker::new();
+    serve_metrics(listen, &tasks, &shutdown).await?;
+    Archiver::new(archive, opened.log, keys, config)
+        .run_restarting(shutdown.clone())
+        .await;
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+/// The key store at `location`, with the master key (which only the gateway generates).
+async fn open_keys(
+    data_dir: &DataDir,
+    master_key: Option<&SecretString>,
+    location: &KeyStoreLocation,
+) -> Result<Arc<KeyStore>, RoleError> {
+    let Some(master) = load_master_key(data_dir, master_key)? else {
+        return Err(RoleError::NoMasterKey(data_dir.master_key_file()));
+    };
+    Ok(Arc::new(open_key_store(location, data_dir, master).await?))
+}
+
+/// `loom replay`: rebuilds the read models from the log (after the archive, if given) into a new
+/// version and switches readers to it. On the embedded log it runs beside a server that holds it.
 pub async fn replay(
     log: &LogLocation,
     data_dir: &DataDir,
     master_key: Option<&SecretString>,
     read_models: &StoreLocation,
+    from_archive: Option<(&ArchiveLocation, &KeyStoreLocation)>,
     config: ProjectorConfig,
     progress: bool,
 ) -> Result<ReplayReport, RoleError> {
     let chain_key = load_master_key(data_dir, master_key)?.map(|key| key.chain_key());
     let opened = open_log(log, data_dir, chain_key.as_ref(), Access::Read).await?;
-    Ok(loom_projector::replay(opened.log, read_models, config, progress).await?)
+    let from_archive = match from_archive {
+        Some((location, key_store)) => Some(FromArchive {
+            archive: Archive::open(location).map_err(NodeError::from)?,
+            keys: open_keys(data_dir, master_key, key_store).await?,
+        }),
+        None => None,
+    };
+    Ok(loom_projector::replay(opened.log, from_archive, read_models, config, progress).await?)
 }
 
 /// `loom migrate`: creates the Kafka topics (with `log` on Kafka) and applies the Postgres

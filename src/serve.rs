@@ -8,6 +8,7 @@ use axum::serve::ListenerExt;
 use loom_gateway::ResponseIndex;
 use loom_gateway::config::GatewayConfig;
 use loom_gateway::install_metrics;
+use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver};
 use loom_projector::{Lookup, ProjectorConfig, StoreLocation, project_active};
 use loom_schemas::SecretString;
 use tokio::net::TcpListener;
@@ -32,6 +33,8 @@ pub struct ServeConfig {
     pub lookup_read_models: Option<StoreLocation>,
     /// How the in-process projector runs.
     pub projector: ProjectorConfig,
+    /// Archive the log in this process, there (`loom serve`'s default: `<data dir>/archive`).
+    pub archive: Option<(ArchiveLocation, ArchiveConfig)>,
 }
 
 /// A log filter that leaves out all but warnings and the line saying where the server listens
@@ -40,6 +43,9 @@ pub const QUIET_LOG: &str = "warn,loom::serve=info";
 
 /// The name of the thread `loom serve` folds the read models on.
 pub const FOLD_THREAD: &str = "loom-fold";
+
+/// The name of the thread `loom serve` archives on.
+pub const ARCHIVE_THREAD: &str = "loom-archive";
 
 /// Opens the node described by `config` and serves HTTP on `listener` until `shutdown` is
 /// cancelled; then drains in-flight requests, writes every queued event and makes the log
@@ -80,24 +86,21 @@ pub async fn serve(
         };
         // The fold runs on a thread (and runtime) of its own: decoding and folding a batch
         // would otherwise hold one of the request path's workers for milliseconds at a time.
-        // The thread is named so that its CPU can be told apart (`loom bench gateway` does);
-        // the token keeps `tasks` waiting for it.
-        let token = tasks.token();
-        std::thread::Builder::new()
-            .name(FOLD_THREAD.into())
-            .spawn(move || {
-                let _token = token;
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime.block_on(projecting),
-                    Err(error) => {
-                        tracing::error!(%error, "could not start the projector's runtime")
-                    }
-                }
-            })
-            .map_err(NodeError::io("starting the projector's thread"))?;
+        // The thread is named so that its CPU can be told apart (`loom bench gateway` does).
+        spawn_on_thread(FOLD_THREAD, &tasks, projecting)?;
+    }
+    if let Some((location, config)) = config.archive.clone() {
+        let archive = Archive::open(&location)?;
+        tracing::info!(%location, "archiving the log");
+        let archiver = Archiver::new(
+            archive,
+            Arc::clone(&node.services.log),
+            Arc::clone(&node.services.keys),
+            config,
+        );
+        let shutdown = shutdown.clone();
+        let archiving = async move { archiver.run_restarting(shutdown).await };
+        spawn_on_thread(ARCHIVE_THREAD, &tasks, archiving)?;
     }
     // Stored responses another gateway (or this one before a restart) made are found in the
     // read models.
@@ -130,6 +133,30 @@ pub async fn serve(
     node.close().await?;
     tracing::info!("stopped");
     served
+}
+
+/// Runs `work` on a thread of its own (with a runtime of its own), named `name`; `tasks` waits
+/// for it.
+fn spawn_on_thread(
+    name: &str,
+    tasks: &TaskTracker,
+    work: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let token = tasks.token();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _token = token;
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(work),
+                Err(error) => tracing::error!(%error, "could not start a runtime"),
+            }
+        })
+        .map_err(NodeError::io("starting a thread"))?;
+    Ok(())
 }
 
 /// The read models, as the gateway's index of stored responses.

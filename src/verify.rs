@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use loom::DataDir;
+use loom_projector::archive::{Archive, ArchiveLocation};
 use loom_schemas::codec::Registry;
 use loom_schemas::log::checkpoint::anchor_event;
 use loom_schemas::log::recovery::QUARANTINE_DIR;
@@ -26,6 +27,15 @@ pub struct VerifyArgs {
     /// prints; repeatable).
     #[arg(long, value_name = "HEAD", value_parser = ExpectedHead::parse)]
     expect_head: Vec<ExpectedHead>,
+
+    /// Verify the archive instead: every tenant's manifest chain and every file's SHA-256,
+    /// naming what was altered, removed or added (a directory or s3://BUCKET[/PREFIX]
+    /// [default: <data dir>/archive]). Needs no keys.
+    #[arg(long, value_name = "DIR_OR_S3_URL", num_args = 0..=1, default_missing_value = "")]
+    archive: Option<String>,
+
+    #[command(flatten)]
+    s3: crate::S3Args,
 }
 
 #[derive(Args)]
@@ -74,6 +84,9 @@ fn log_dir(data_dir: &DataDir) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if let Some(named) = &args.archive {
+        return verify_archive(named, &args).await;
+    }
     let data_dir = args.data.dir();
     let log_dir = log_dir(&data_dir)?;
     let key = chain_key(&data_dir)?;
@@ -191,4 +204,51 @@ pub async fn repair(args: RepairArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "  anchored the new head in the control topic")?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn verify_archive(named: &str, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let Some(location) = crate::archive_location(Some(named), &args.data, &args.s3)? else {
+        anyhow::bail!("--archive off: nothing to verify");
+    };
+    if let ArchiveLocation::Directory(dir) = &location
+        && !dir.is_dir()
+    {
+        anyhow::bail!("no archive at {}: is --data-dir right?", dir.display());
+    }
+    let archive = Archive::open(&location)?;
+    let report = loom_projector::archive::verify::verify(&archive)
+        .await
+        .with_context(|| format!("reading the archive at {location}"))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{location}: {} tenants, {} manifest entries, {} files ({} bytes, {} rows)",
+        report.tenants, report.entries, report.files, report.bytes, report.rows
+    )?;
+    for tenant in &report.erased {
+        writeln!(
+            out,
+            "  tenant {tenant}: erased (its keys are destroyed; its files remain, unreadable)"
+        )?;
+    }
+    for note in &report.notes {
+        writeln!(out, "  note: {note}")?;
+    }
+    for problem in &report.problems {
+        writeln!(out, "  ALTERED, REMOVED OR ADDED: {problem}")?;
+    }
+    if report.is_intact() {
+        writeln!(
+            out,
+            "ok: every manifest chain links, and every file it names is there with its SHA-256"
+        )?;
+        Ok(ExitCode::SUCCESS)
+    } else {
+        writeln!(
+            std::io::stderr(),
+            "error: the archive was altered: {} problems",
+            report.problems.len()
+        )?;
+        Ok(ExitCode::FAILURE)
+    }
 }

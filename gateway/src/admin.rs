@@ -3,7 +3,9 @@
 
 use loom_schemas::codec::{CodecError, Registry};
 use loom_schemas::crypto::{CryptoError, NewApiKey};
-use loom_schemas::event::{ApiKeyIssued, ApiKeyRevoked, Envelope, Event, Payload, TenantCreated};
+use loom_schemas::event::{
+    ApiKeyIssued, ApiKeyRevoked, Envelope, Event, Payload, TenantCreated, TenantErased,
+};
 use loom_schemas::keystore::KeyStoreError;
 use loom_schemas::log::{LogError, Topic};
 use serde::{Deserialize, Serialize};
@@ -216,5 +218,27 @@ impl Services {
             self.control_event(tenant_id, ApiKeyRevoked { key_id, reason }),
         ])
         .await
+    }
+
+    /// Erases a tenant: destroys its keys (crypto-shredding: its sealed bodies and archive files
+    /// become unreadable for good), then records `tenant.erased`; every node refuses its API keys
+    /// once it has read the event, and the projectors drop its rows. Irreversible. Erasing an
+    /// erased tenant again changes nothing.
+    pub async fn erase_tenant(
+        &self,
+        tenant_id: Uuid,
+        reason: Option<String>,
+    ) -> Result<(), AdminError> {
+        let tenant = self.control.read(|s| s.tenant(tenant_id).cloned());
+        match tenant {
+            None => return Err(AdminError::UnknownTenant(tenant_id)),
+            Some(tenant) if tenant.erased => return Ok(()),
+            Some(_) => {}
+        }
+        // Keys first: if the event cannot be written, the tenant is shredded all the same, and
+        // erasing again writes it.
+        self.keys.erase(tenant_id).await?;
+        self.append_control(vec![self.control_event(tenant_id, TenantErased { reason })])
+            .await
     }
 }

@@ -17,7 +17,7 @@ pub mod write;
 
 pub use catalog::Catalog;
 pub use lookup::Lookup;
-pub use replay::{ReplayReport, replay};
+pub use replay::{FromArchive, ReplayReport, replay};
 pub use run::{
     Projector, ProjectorConfig, ProjectorError, fold_batch, project_active, store_batch,
     stored_positions,

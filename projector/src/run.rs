@@ -29,6 +29,17 @@ pub enum ProjectorError {
     Stopped,
     #[error("storing a batch: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("archive: {0}")]
+    Archive(#[from] crate::archive::read::ReadError),
+    #[error(
+        "the log no longer holds offsets {from}..{to} of {partition}, and the archive had not \
+         written all of their events out yet: they are in neither"
+    )]
+    ArchiveGap {
+        partition: String,
+        from: u64,
+        to: u64,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -516,9 +516,10 @@ async fn a_replay_builds_without_secondary_indexes_and_ends_with_all_of_them() {
             batch: 100,
             ..ProjectorConfig::default()
         };
-        let report = loom_projector::replay(Arc::clone(&log), &backend.location, config, false)
-            .await
-            .unwrap();
+        let report =
+            loom_projector::replay(Arc::clone(&log), None, &backend.location, config, false)
+                .await
+                .unwrap();
         assert_eq!(report.version, 2);
         let rebuilt = backend.open(2).await;
         // Every index again (on Postgres, on every partition too), and none left deferred.

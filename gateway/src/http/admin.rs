@@ -21,6 +21,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/tenants", post(create_tenant).get(list_tenants))
         .route("/keys", post(create_key).get(list_keys))
         .route("/keys/{key_id}/revoke", post(revoke_key))
+        .route("/tenants/{tenant_id}/erase", post(erase_tenant))
         .route_layer(middleware::from_fn_with_state(state, require_admin_token))
 }
 
@@ -167,5 +168,18 @@ async fn revoke_key(
 ) -> Result<StatusCode, GatewayError> {
     let Path(key_id) = key_id.map_err(invalid)?;
     state.services.revoke_key(key_id, request.reason).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn erase_tenant(
+    State(state): State<AppState>,
+    tenant_id: Result<Path<Uuid>, PathRejection>,
+    OrEmpty(request): OrEmpty<RevokeRequest>,
+) -> Result<StatusCode, GatewayError> {
+    let Path(tenant_id) = tenant_id.map_err(invalid)?;
+    state
+        .services
+        .erase_tenant(tenant_id, request.reason)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

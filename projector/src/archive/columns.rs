@@ -17,11 +17,18 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use loom_schemas::event::{Event, Payload};
+use uuid::Uuid;
 
 use crate::fold::name_of;
 
 /// The column holding each event whole; every other column is metadata.
 pub const RECORD: &str = "record";
+
+/// The column trace lookups filter on (a keyed digest of the trace id, with a bloom filter).
+pub const TRACE_DIGEST: &str = "trace_digest";
+
+/// The `event_type` of a record that did not decode.
+pub const UNDECODABLE: &str = "undecodable";
 
 /// Where an event sits in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,10 +47,15 @@ pub struct Row {
     pub occurred_at: i64,
     pub tenant_id: String,
     pub trace_id: Option<String>,
+    /// A keyed digest (HMAC with the tenant's digest key) of the trace id: the column trace
+    /// lookups filter on, with a bloom filter (which Parquet writes unencrypted).
+    pub trace_digest: Option<Vec<u8>>,
     pub producer: String,
     pub log_topic: &'static str,
     pub log_partition: i32,
     pub log_offset: i64,
+    /// The log record's timestamp (µs).
+    pub log_timestamp: i64,
     pub project_id: Option<String>,
     pub api_key_id: Option<String>,
     pub user_id: Option<String>,
@@ -83,7 +95,13 @@ pub struct Row {
 
 impl Row {
     /// `event` (decoded from `record`, written with `schema_version`) at `position`.
-    pub fn new(event: &Event, schema_version: i32, position: LogPosition, record: Vec<u8>) -> Row {
+    pub fn new(
+        event: &Event,
+        schema_version: i32,
+        position: LogPosition,
+        log_timestamp: i64,
+        record: Vec<u8>,
+    ) -> Row {
         let envelope = &event.envelope;
         let mut row = Row {
             event_id: envelope.event_id.to_string(),
@@ -96,10 +114,43 @@ impl Row {
             log_topic: position.topic,
             log_partition: i32::try_from(position.partition).unwrap_or(i32::MAX),
             log_offset: i64::try_from(position.offset).unwrap_or(i64::MAX),
+            log_timestamp,
             record,
             ..Row::default()
         };
-        match &event.payload {
+        row.fill(&event.payload);
+        row
+    }
+
+    /// A record that does not decode (kept whole all the same), placed by its log headers.
+    pub fn undecodable(
+        tenant: Uuid,
+        position: LogPosition,
+        log_timestamp: i64,
+        record: Vec<u8>,
+    ) -> Row {
+        Row {
+            event_id: format!(
+                "undecodable:{}/{}/{}",
+                position.topic, position.partition, position.offset
+            ),
+            event_type: UNDECODABLE,
+            occurred_at: log_timestamp,
+            tenant_id: tenant.to_string(),
+            producer: String::new(),
+            log_topic: position.topic,
+            log_partition: i32::try_from(position.partition).unwrap_or(i32::MAX),
+            log_offset: i64::try_from(position.offset).unwrap_or(i64::MAX),
+            log_timestamp,
+            record,
+            ..Row::default()
+        }
+    }
+
+    /// The typed payload fields of `payload`.
+    fn fill(&mut self, payload: &Payload) {
+        let row = self;
+        match payload {
             Payload::RequestReceived(p) => {
                 row.project_id = p.project_id.map(|id| id.to_string());
                 row.api_key_id = p.api_key_id.map(|id| id.to_string());
@@ -201,7 +252,6 @@ impl Row {
             }
             Payload::TenantCreated(_) | Payload::TenantErased(_) | Payload::LogAnchored(_) => {}
         }
-        row
     }
 }
 
@@ -234,6 +284,7 @@ macro_rules! columns {
     (@type bool_opt) => { DataType::Boolean };
     (@type time) => { DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())) };
     (@type bytes) => { DataType::Binary };
+    (@type bytes_opt) => { DataType::Binary };
     (@get text $value:expr) => { Some(&*$value) };
     (@get text_opt $value:expr) => { $value.as_deref() };
     (@get int $value:expr) => { Some($value) };
@@ -243,6 +294,7 @@ macro_rules! columns {
     (@get bool_opt $value:expr) => { $value };
     (@get time $value:expr) => { Some($value) };
     (@get bytes $value:expr) => { Some(&$value[..]) };
+    (@get bytes_opt $value:expr) => { $value.as_deref() };
     (@array text, $values:expr) => { Arc::new(StringArray::from_iter($values)) };
     (@array text_opt, $values:expr) => { Arc::new(StringArray::from_iter($values)) };
     (@array int, $values:expr) => { Arc::new(Int32Array::from_iter($values)) };
@@ -254,6 +306,7 @@ macro_rules! columns {
         Arc::new(TimestampMicrosecondArray::from_iter($values).with_timezone("UTC"))
     };
     (@array bytes, $values:expr) => { Arc::new(BinaryArray::from_iter($values)) };
+    (@array bytes_opt, $values:expr) => { Arc::new(BinaryArray::from_iter($values)) };
 }
 
 columns! {
@@ -263,10 +316,12 @@ columns! {
     occurred_at: time,
     tenant_id: text,
     trace_id: text_opt nullable(),
+    trace_digest: bytes_opt nullable(),
     producer: text,
     log_topic: text,
     log_partition: int,
     log_offset: long,
+    log_timestamp: time,
     project_id: text_opt nullable(),
     api_key_id: text_opt nullable(),
     user_id: text_opt nullable(),

@@ -12,9 +12,10 @@ use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderB
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use uuid::Uuid;
 
-use super::columns::{RECORD, Row, SCHEMA, batch, metadata_columns};
+use super::columns::{RECORD, Row, SCHEMA, TRACE_DIGEST, batch, metadata_columns};
 use super::keys::{ArchiveKeys, KeyError, encryption_properties};
 
 /// Rows per row group at most: row groups are the unit a reader skips by their statistics.
@@ -31,7 +32,7 @@ pub enum FileError {
 }
 
 /// `rows` of `tenant` as an encrypted Parquet file, sorted by time (then log position).
-pub fn write(keys: &KeyStore, tenant: Uuid, mut rows: Vec<Row>) -> Result<Bytes, FileError> {
+pub fn write(keys: &KeyStore, tenant: Uuid, rows: &mut [Row]) -> Result<Bytes, FileError> {
     rows.sort_by_key(|row| {
         (
             row.occurred_at,
@@ -40,17 +41,51 @@ pub fn write(keys: &KeyStore, tenant: Uuid, mut rows: Vec<Row>) -> Result<Bytes,
             row.log_offset,
         )
     });
-    let encryption = encryption_properties(keys, tenant, &metadata_columns(), RECORD)?;
+    for row in rows.iter_mut() {
+        if let Some(trace_id) = &row.trace_id {
+            row.trace_digest = Some(trace_digest(keys, tenant, trace_id)?);
+        }
+    }
+    let batches = rows
+        .chunks(ROW_GROUP_ROWS)
+        .map(batch)
+        .collect::<Result<Vec<_>, _>>()?;
+    write_batches(keys, tenant, &batches)
+}
+
+/// Batches of the archive's schema, already in order, as an encrypted Parquet file of `tenant`.
+pub fn write_batches(
+    keys: &KeyStore,
+    tenant: Uuid,
+    batches: &[RecordBatch],
+) -> Result<Bytes, FileError> {
+    // Every column is encrypted but the trace digest: parquet cannot write a bloom filter for an
+    // encrypted column, and the digest is a keyed hash that reveals nothing without the tenant's
+    // key. Its pages and bloom filter are found only through the encrypted footer.
+    let mut encrypted = metadata_columns();
+    encrypted.retain(|column| *column != TRACE_DIGEST);
+    let encryption = encryption_properties(keys, tenant, &encrypted, RECORD)?;
     let properties = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_bloom_filter_enabled(false)
+        .set_column_bloom_filter_enabled(ColumnPath::from(TRACE_DIGEST), true)
         .with_file_encryption_properties(encryption)
         .build();
     let mut writer = ArrowWriter::try_new(Vec::new(), Arc::clone(&SCHEMA), Some(properties))?;
-    for chunk in rows.chunks(ROW_GROUP_ROWS) {
-        writer.write(&batch(chunk)?)?;
+    for batch in batches {
+        writer.write(batch)?;
     }
     Ok(Bytes::from(writer.into_inner()?))
+}
+
+/// The keyed digest of a trace id that archive files carry in `trace_digest` (the first 16 bytes
+/// of HMAC-SHA-256 under the tenant's digest key): a reader with the tenant's keys finds a trace's
+/// row groups by it; the bloom filter reveals nothing about trace ids without the key.
+pub fn trace_digest(keys: &KeyStore, tenant: Uuid, trace_id: &str) -> Result<Vec<u8>, KeyError> {
+    let mut digest = keys.body_digest(tenant, trace_id.as_bytes())?;
+    digest.truncate(16);
+    Ok(digest)
 }
 
 /// Every row of an archive file, with the keys `reader` grants; a column it may not decrypt must

@@ -48,7 +48,13 @@ async fn fixture() -> Fixture {
                 partition: 0,
                 offset: offset as u64,
             };
-            Row::new(event, version as i32, position, record)
+            Row::new(
+                event,
+                version as i32,
+                position,
+                event.envelope.occurred_at,
+                record,
+            )
         })
         .collect();
     Fixture {
@@ -62,7 +68,7 @@ async fn fixture() -> Fixture {
 #[tokio::test]
 async fn every_event_comes_back_whole_and_in_time_order() {
     let fixture = fixture().await;
-    let file = write(&fixture.keys, fixture.tenant, fixture.rows.clone()).unwrap();
+    let file = write(&fixture.keys, fixture.tenant, &mut fixture.rows.clone()).unwrap();
     let reader = ArchiveKeys::full(Arc::clone(&fixture.keys), fixture.tenant);
     let batches = read(file, reader, None).unwrap();
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
@@ -107,7 +113,7 @@ async fn every_event_comes_back_whole_and_in_time_order() {
 #[tokio::test]
 async fn the_metadata_key_alone_reads_metadata_but_not_records() {
     let fixture = fixture().await;
-    let file = write(&fixture.keys, fixture.tenant, fixture.rows.clone()).unwrap();
+    let file = write(&fixture.keys, fixture.tenant, &mut fixture.rows.clone()).unwrap();
     let metadata = || ArchiveKeys::metadata_only(Arc::clone(&fixture.keys), fixture.tenant);
     let batches = read(
         file.clone(),
@@ -123,7 +129,7 @@ async fn the_metadata_key_alone_reads_metadata_but_not_records() {
 #[tokio::test]
 async fn without_the_tenants_keys_a_file_reveals_nothing() {
     let fixture = fixture().await;
-    let file = write(&fixture.keys, fixture.tenant, fixture.rows.clone()).unwrap();
+    let file = write(&fixture.keys, fixture.tenant, &mut fixture.rows.clone()).unwrap();
     // No plaintext: not the trace id, the producer, a model name or an endpoint.
     for secret in [
         "trace-0001",

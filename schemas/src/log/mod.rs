@@ -25,7 +25,7 @@ pub use spool::{SpoolConfig, SpooledLog};
 pub use verify::{ExpectedHead, PartitionReport, Problem, VerifyReport, verify};
 
 /// The topics Loom writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Topic {
     /// Data-plane events, keyed by trace id.
     Data,
