@@ -147,8 +147,10 @@ setup_s3() {
   export LOOM_TEST_S3_REGION=us-east-1
   export LOOM_TEST_S3_ACCESS_KEY_ID=loomtest
   export LOOM_TEST_S3_SECRET_ACCESS_KEY=loomtestsecret
+  # The archive's outage test starts an S3 server of its own from this binary (LOOM_TEST_S3S_FS).
+  install_tool s3s-fs "$S3S_FS_VERSION" install s3s-fs --features binary
+  export LOOM_TEST_S3S_FS="$tools/bin/s3s-fs"
   if ! port_open "$S3_PORT"; then
-    install_tool s3s-fs "$S3S_FS_VERSION" install s3s-fs --features binary
     mkdir -p "$run/s3/$LOOM_TEST_S3_BUCKET"
     log "starting the S3-compatible server (s3s-fs) on 127.0.0.1:$S3_PORT"
     start_detached "$run/s3s-fs.log" "$tools/bin/s3s-fs" --host 127.0.0.1 --port "$S3_PORT" \

@@ -1,8 +1,9 @@
 //! Control-plane operations: each appends control events to the log and returns once the node's
 //! control state has applied them. Used by the admin HTTP API and by `loom admin` on a data dir.
 
+use base64::Engine;
 use loom_schemas::codec::{CodecError, Registry};
-use loom_schemas::crypto::{CryptoError, NewApiKey};
+use loom_schemas::crypto::{CryptoError, MasterKeyId, NewApiKey};
 use loom_schemas::event::{
     ApiKeyIssued, ApiKeyRevoked, Envelope, Event, Payload, TenantCreated, TenantErased,
 };
@@ -218,6 +219,31 @@ impl Services {
             self.control_event(tenant_id, ApiKeyRevoked { key_id, reason }),
         ])
         .await
+    }
+
+    /// The key service of the archive: an archive file's data key, `wrapped` under the tenant's
+    /// key named by `master_key_id` (`loom:<tenant>:v<version>:<purpose>`), unwrapped — what a
+    /// Parquet reader's KMS client (pyarrow's `KmsClient.unwrap_key`) asks for. Base64 in and out.
+    pub fn unwrap_archive_key(
+        &self,
+        master_key_id: &str,
+        wrapped: &str,
+    ) -> Result<String, AdminError> {
+        let id = MasterKeyId::parse(master_key_id).ok_or_else(|| {
+            AdminError::Invalid(format!(
+                "master_key_id: {master_key_id:?} is not a Loom archive key \
+                 (loom:<tenant>:v<version>:metadata|records)"
+            ))
+        })?;
+        match self.keys.unwrap_archive_key(&id, wrapped) {
+            Ok(key) => Ok(base64::engine::general_purpose::STANDARD.encode(key)),
+            Err(KeyStoreError::Erased(tenant)) => Err(AdminError::TenantErased(tenant)),
+            Err(KeyStoreError::UnknownTenant(tenant)) => Err(AdminError::UnknownTenant(tenant)),
+            Err(KeyStoreError::Crypto(_)) => Err(AdminError::Invalid(format!(
+                "wrapped_key: not a key wrapped under {id} (or altered)"
+            ))),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Erases a tenant: destroys its keys (crypto-shredding: its sealed bodies and archive files

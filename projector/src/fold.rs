@@ -1,7 +1,7 @@
 //! The fold: log entries in, row changes out. Pure and deterministic — the same entries give the
 //! same changes whatever the batch boundaries — so that a replay rebuilds exactly the same tables.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use loom_schemas::codec::Registry;
 pub use loom_schemas::control::{ControlChange, ControlState};
@@ -158,6 +158,57 @@ pub(crate) fn name_of<T: serde::Serialize>(value: &T) -> String {
 }
 
 impl Changes {
+    /// The tenants whose data rows these changes write.
+    pub fn data_tenants(&self) -> BTreeSet<&str> {
+        let mut tenants = BTreeSet::new();
+        tenants.extend(self.traces.iter().map(|t| t.tenant_id.as_str()));
+        tenants.extend(self.llm_calls.iter().map(|c| c.tenant_id.as_str()));
+        tenants.extend(self.tool_calls.iter().map(|c| c.tenant_id.as_str()));
+        tenants.extend(self.bodies.iter().map(|b| b.tenant_id.as_str()));
+        tenants.extend(self.completions.iter().map(|c| c.tenant_id.as_str()));
+        tenants
+    }
+
+    /// These changes without the data rows of `tenants` (control changes and positions stay).
+    pub fn without_tenants(&self, tenants: &HashSet<String>) -> Changes {
+        let keep = |tenant: &String| !tenants.contains(tenant);
+        Changes {
+            control: self.control.clone(),
+            traces: self
+                .traces
+                .iter()
+                .filter(|t| keep(&t.tenant_id))
+                .cloned()
+                .collect(),
+            llm_calls: self
+                .llm_calls
+                .iter()
+                .filter(|c| keep(&c.tenant_id))
+                .cloned()
+                .collect(),
+            tool_calls: self
+                .tool_calls
+                .iter()
+                .filter(|c| keep(&c.tenant_id))
+                .cloned()
+                .collect(),
+            bodies: self
+                .bodies
+                .iter()
+                .filter(|b| keep(&b.tenant_id))
+                .cloned()
+                .collect(),
+            completions: self
+                .completions
+                .iter()
+                .filter(|c| keep(&c.tenant_id))
+                .cloned()
+                .collect(),
+            dead_letters: self.dead_letters.clone(),
+            positions: self.positions.clone(),
+        }
+    }
+
     /// Folds `entries` of `topic`. Control events are judged by the shared rules against
     /// `control`, the state of the control topic before them, which they advance.
     pub fn fold(

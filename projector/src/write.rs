@@ -7,6 +7,7 @@
 //! log delivers twice changes nothing the second time.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
@@ -368,6 +369,16 @@ pub async fn apply(conn: &mut AnyConnection, changes: &Changes) -> Result<(), sq
     for change in &changes.control {
         apply_control(conn, change).await?;
     }
+    // An erased tenant's events still on the log (or arriving late) leave nothing behind.
+    let erased = erased_tenants(conn, changes).await?;
+    let kept;
+    let changes = match erased.is_empty() {
+        true => changes,
+        false => {
+            kept = changes.without_tenants(&erased);
+            &kept
+        }
+    };
 
     let traces = rows!(changes.traces, |t| {
         tenant_id,
@@ -592,6 +603,50 @@ fn rollup_sql(sqlite: bool, table: &str, bucket_us: i64) -> String {
     )
 }
 
+/// What erasing a tenant deletes: every row of it but its `tenants` row.
+const ERASE: [&str; 10] = [
+    "DELETE FROM trace_bodies WHERE tenant_id = $1",
+    "DELETE FROM tool_calls WHERE tenant_id = $1",
+    "DELETE FROM llm_calls WHERE tenant_id = $1",
+    "DELETE FROM traces WHERE tenant_id = $1",
+    "DELETE FROM usage_hourly WHERE tenant_id = $1",
+    "DELETE FROM usage_daily WHERE tenant_id = $1",
+    "DELETE FROM quota_limits WHERE tenant_id = $1",
+    "DELETE FROM role_bindings WHERE tenant_id = $1",
+    "DELETE FROM api_keys WHERE tenant_id = $1",
+    "DELETE FROM projects WHERE tenant_id = $1",
+];
+
+/// The erased tenants among those `changes` write rows of. On Postgres their `tenants` rows are
+/// locked until the transaction ends, so an erasure committed meanwhile (which deletes the rows
+/// this transaction writes) waits for it, or is seen by it.
+async fn erased_tenants(
+    conn: &mut AnyConnection,
+    changes: &Changes,
+) -> Result<HashSet<String>, sqlx::Error> {
+    let tenants = changes.data_tenants();
+    if tenants.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let sql = if is_sqlite(conn) {
+        "SELECT tenant_id, erased_at FROM tenants \
+         WHERE tenant_id IN (SELECT value FROM json_each($1))"
+    } else {
+        "SELECT tenant_id, erased_at FROM tenants \
+         WHERE tenant_id IN (SELECT json_array_elements_text($1::json)) FOR SHARE"
+    };
+    let list =
+        serde_json::to_string(&tenants).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    let rows = sqlx::query(sql).bind(list).fetch_all(&mut *conn).await?;
+    let mut erased = HashSet::new();
+    for row in rows {
+        if row.try_get::<Option<i64>, _>(1)?.is_some() {
+            erased.insert(row.try_get::<String, _>(0)?);
+        }
+    }
+    Ok(erased)
+}
+
 async fn apply_control(
     conn: &mut AnyConnection,
     change: &ControlChange,
@@ -612,7 +667,12 @@ async fn apply_control(
         ControlChange::TenantErased { tenant_id, at } => {
             let sql =
                 "UPDATE tenants SET erased_at = $2 WHERE tenant_id = $1 AND erased_at IS NULL";
-            execute(conn, sql, vec![id(tenant_id).into(), at.into()]).await
+            execute(conn, sql, vec![id(tenant_id).into(), at.into()]).await?;
+            // The row saying the tenant existed and was erased stays; everything else goes.
+            for sql in ERASE {
+                execute(conn, sql, vec![id(tenant_id).into()]).await?;
+            }
+            Ok(())
         }
         ControlChange::ProjectCreated {
             project_id,

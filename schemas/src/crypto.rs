@@ -227,6 +227,74 @@ pub fn wrap_key(kek: &KeyBytes, key: &[u8], label: &str) -> Result<String, Crypt
     Ok(base64::engine::general_purpose::STANDARD.encode(wrapped))
 }
 
+/// What an archive key protects. The archive's key-encryption keys are derived from a tenant's
+/// data key per purpose; [`MasterKeyId`] names one (`loom:<tenant>:v<version>:<purpose>`, the
+/// master key id of Parquet's key tools).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// The footer and the metadata columns: enough to filter and aggregate.
+    Metadata,
+    /// The record column: every event whole, sealed bodies included.
+    Records,
+}
+
+impl Purpose {
+    pub fn name(self) -> &'static str {
+        match self {
+            Purpose::Metadata => "metadata",
+            Purpose::Records => "records",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Purpose> {
+        match text {
+            "metadata" => Some(Purpose::Metadata),
+            "records" => Some(Purpose::Records),
+            _ => None,
+        }
+    }
+}
+
+/// Which of a tenant's keys wraps a DEK: `loom:<tenant>:v<version>:<purpose>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MasterKeyId {
+    pub tenant: Uuid,
+    pub version: u32,
+    pub purpose: Purpose,
+}
+
+impl MasterKeyId {
+    pub fn parse(text: &str) -> Option<MasterKeyId> {
+        let mut parts = text.split(':');
+        let (Some("loom"), Some(tenant), Some(version), Some(purpose), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return None;
+        };
+        Some(MasterKeyId {
+            tenant: tenant.parse().ok()?,
+            version: version.strip_prefix('v')?.parse().ok()?,
+            purpose: Purpose::parse(purpose)?,
+        })
+    }
+}
+
+impl std::fmt::Display for MasterKeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "loom:{}:v{}:{}",
+            self.tenant,
+            self.version,
+            self.purpose.name()
+        )
+    }
+}
+
 /// The key [`wrap_key`] wrapped; fails on another KEK or label, or an altered text.
 pub fn unwrap_key(kek: &KeyBytes, wrapped: &str, label: &str) -> Result<Vec<u8>, CryptoError> {
     let bytes = base64::engine::general_purpose::STANDARD

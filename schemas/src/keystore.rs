@@ -565,6 +565,17 @@ impl KeyStore {
             .ok_or(KeyStoreError::UnknownTenant(tenant_id))
     }
 
+    /// An archive file's data key, `wrapped` under the tenant's key `id` names (what a KMS client
+    /// of Parquet's key tools asks for: pyarrow's `KmsClient.unwrap_key`).
+    pub fn unwrap_archive_key(
+        &self,
+        id: &crypto::MasterKeyId,
+        wrapped: &str,
+    ) -> Result<Vec<u8>, KeyStoreError> {
+        let kek = crypto::derive_kek(&self.data_key(id.tenant, id.version)?, id.purpose.name());
+        Ok(crypto::unwrap_key(&kek, wrapped, &id.to_string())?)
+    }
+
     /// Version `version` of the tenant's data key (what older seals and archive files need).
     pub fn data_key(&self, tenant_id: Uuid, version: u32) -> Result<DataKey, KeyStoreError> {
         let keys = self.read_keys()?;

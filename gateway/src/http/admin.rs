@@ -22,6 +22,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/keys", post(create_key).get(list_keys))
         .route("/keys/{key_id}/revoke", post(revoke_key))
         .route("/tenants/{tenant_id}/erase", post(erase_tenant))
+        .route("/kms/unwrap", post(unwrap_key))
         .route_layer(middleware::from_fn_with_state(state, require_admin_token))
 }
 
@@ -182,4 +183,27 @@ async fn erase_tenant(
         .erase_tenant(tenant_id, request.reason)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnwrapRequest {
+    master_key_id: String,
+    wrapped_key: String,
+}
+
+#[derive(serde::Serialize)]
+struct UnwrapResponse {
+    key: String,
+}
+
+/// The archive's key service, for Parquet readers' KMS clients (see docs/archive.md).
+async fn unwrap_key(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<UnwrapRequest>,
+) -> Result<Json<UnwrapResponse>, GatewayError> {
+    let key = state
+        .services
+        .unwrap_archive_key(&request.master_key_id, &request.wrapped_key)?;
+    Ok(Json(UnwrapResponse { key }))
 }

@@ -197,6 +197,7 @@ impl Archiver {
             read: BTreeMap::new(),
             window: Window::new(self.config.dedupe_window),
             shutdown: shutdown.clone(),
+            checkpointed: BTreeMap::new(),
         };
         state.load().await?;
         let checkpoint = state.checkpoint_read().await?;
@@ -334,6 +335,8 @@ struct State {
     read: BTreeMap<String, u64>,
     window: Window,
     shutdown: CancellationToken,
+    /// The positions of the last checkpoint written.
+    checkpointed: BTreeMap<String, u64>,
 }
 
 impl State {
@@ -378,7 +381,7 @@ impl State {
     }
 
     /// Records where reading may start again: nothing below it is only in a buffer.
-    async fn checkpoint_write(&self) -> Result<(), ArchiveError> {
+    async fn checkpoint_write(&mut self) -> Result<(), ArchiveError> {
         let mut positions = self.read.clone();
         for buffer in self.buffers.values() {
             for (key, &first) in &buffer.first {
@@ -387,15 +390,20 @@ impl State {
                 }
             }
         }
-        let bytes = serde_json::to_vec(&Checkpoint { positions }).map_err(|e| {
-            object_store::Error::Generic {
-                store: "archive",
-                source: Box::new(e),
-            }
+        if positions == self.checkpointed {
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec(&Checkpoint {
+            positions: positions.clone(),
+        })
+        .map_err(|e| object_store::Error::Generic {
+            store: "archive",
+            source: Box::new(e),
         })?;
         self.archive
             .put(&checkpoint_path(&self.archive), Bytes::from(bytes))
             .await?;
+        self.checkpointed = positions;
         Ok(())
     }
 
@@ -523,6 +531,12 @@ impl State {
             .collect();
         for tenant in aged {
             self.flush(tenant).await?;
+        }
+        // Nothing buffered (events of erased tenants, copies): the checkpoint moves on anyway.
+        if self.buffers.is_empty()
+            && let Err(error) = self.checkpoint_write().await
+        {
+            tracing::warn!(%error, "writing the archiver's checkpoint");
         }
         Ok(())
     }

@@ -17,79 +17,14 @@
 
 use std::sync::Arc;
 
-use loom_schemas::crypto::{self, derive_kek, random_bytes, unwrap_key, wrap_key};
+use loom_schemas::crypto::{self, derive_kek, random_bytes, wrap_key};
+pub use loom_schemas::crypto::{MasterKeyId, Purpose};
 use loom_schemas::keystore::{KeyStore, KeyStoreError};
 use parquet::encryption::decrypt::{FileDecryptionProperties, KeyRetriever};
 use parquet::encryption::encrypt::FileEncryptionProperties;
 use parquet::errors::ParquetError;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-
-/// What a key protects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Purpose {
-    /// The footer and the metadata columns: enough to filter and aggregate.
-    Metadata,
-    /// The record column: every event whole, sealed bodies included.
-    Records,
-}
-
-impl Purpose {
-    pub fn name(self) -> &'static str {
-        match self {
-            Purpose::Metadata => "metadata",
-            Purpose::Records => "records",
-        }
-    }
-
-    fn parse(text: &str) -> Option<Purpose> {
-        match text {
-            "metadata" => Some(Purpose::Metadata),
-            "records" => Some(Purpose::Records),
-            _ => None,
-        }
-    }
-}
-
-/// Which of a tenant's keys wraps a DEK: `loom:<tenant>:v<version>:<purpose>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MasterKeyId {
-    pub tenant: Uuid,
-    pub version: u32,
-    pub purpose: Purpose,
-}
-
-impl MasterKeyId {
-    pub fn parse(text: &str) -> Option<MasterKeyId> {
-        let mut parts = text.split(':');
-        let (Some("loom"), Some(tenant), Some(version), Some(purpose), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
-            return None;
-        };
-        Some(MasterKeyId {
-            tenant: tenant.parse().ok()?,
-            version: version.strip_prefix('v')?.parse().ok()?,
-            purpose: Purpose::parse(purpose)?,
-        })
-    }
-}
-
-impl std::fmt::Display for MasterKeyId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "loom:{}:v{}:{}",
-            self.tenant,
-            self.version,
-            self.purpose.name()
-        )
-    }
-}
 
 /// Parquet key tools' key material (PKMT1), stored in the file.
 #[derive(Debug, Serialize, Deserialize)]
@@ -215,6 +150,11 @@ impl ArchiveKeys {
         }
     }
 
+    /// Whether the tenant's keys are destroyed (nothing of its files can be read).
+    pub fn is_erased(&self) -> bool {
+        self.keys.is_erased(self.tenant)
+    }
+
     /// The DEK named by one piece of key metadata.
     pub fn unwrap(&self, key_metadata: &[u8]) -> Result<Vec<u8>, KeyError> {
         let material: KeyMaterial =
@@ -236,15 +176,7 @@ impl ArchiveKeys {
         if id.purpose == Purpose::Records && !self.records {
             return Err(KeyError::NotGranted("records"));
         }
-        let kek = derive_kek(
-            &self.keys.data_key(id.tenant, id.version)?,
-            id.purpose.name(),
-        );
-        Ok(unwrap_key(
-            &kek,
-            &material.wrapped_dek,
-            &material.master_key_id,
-        )?)
+        Ok(self.keys.unwrap_archive_key(&id, &material.wrapped_dek)?)
     }
 
     /// Decryption properties that resolve every key of a file through this reader.

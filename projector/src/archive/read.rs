@@ -40,6 +40,8 @@ pub enum ReadError {
         #[source]
         source: FileError,
     },
+    #[error("{path}: tenant {tenant} was erased; its keys are destroyed")]
+    Erased { path: String, tenant: Uuid },
     #[error("{path}: column {column} is missing or of another type")]
     Column { path: String, column: &'static str },
     #[error("reading the archive: {0}")]
@@ -51,10 +53,11 @@ impl ReadError {
     pub fn is_erased(&self) -> bool {
         matches!(
             self,
-            ReadError::File {
-                source: FileError::Keys(KeyError::KeyStore(KeyStoreError::Erased(_))),
-                ..
-            }
+            ReadError::Erased { .. }
+                | ReadError::File {
+                    source: FileError::Keys(KeyError::KeyStore(KeyStoreError::Erased(_))),
+                    ..
+                }
         )
     }
 }
@@ -69,6 +72,12 @@ pub async fn read_file(
     columns: Option<&'static [&'static str]>,
 ) -> Result<Vec<RecordBatch>, ReadError> {
     let path = archive.file_path(tenant, &file.path);
+    if reader.is_erased() {
+        return Err(ReadError::Erased {
+            path: path.to_string(),
+            tenant,
+        });
+    }
     let bytes = archive
         .get(&path)
         .await
