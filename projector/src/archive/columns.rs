@@ -45,7 +45,11 @@ pub struct Row {
     pub event_type: &'static str,
     pub schema_version: i32,
     pub occurred_at: i64,
-    pub tenant_id: String,
+    /// The envelope's tenant. Not `tenant_id`: that is the Hive partition column of the path
+    /// (`tenant_id=…/`), which readers add themselves (and refuse a file column of the same name).
+    /// It equals the partition's tenant but for control events, kept in the system tenant's
+    /// partition, where it names the tenant the event is about.
+    pub envelope_tenant_id: String,
     pub trace_id: Option<String>,
     /// A keyed digest (HMAC with the tenant's digest key) of the trace id: the column trace
     /// lookups filter on, with a bloom filter (which Parquet writes unencrypted).
@@ -108,7 +112,7 @@ impl Row {
             event_type: event.payload.event_type(),
             schema_version,
             occurred_at: envelope.occurred_at,
-            tenant_id: envelope.tenant_id.to_string(),
+            envelope_tenant_id: envelope.tenant_id.to_string(),
             trace_id: envelope.trace_id.clone(),
             producer: envelope.producer.clone(),
             log_topic: position.topic,
@@ -136,7 +140,7 @@ impl Row {
             ),
             event_type: UNDECODABLE,
             occurred_at: log_timestamp,
-            tenant_id: tenant.to_string(),
+            envelope_tenant_id: tenant.to_string(),
             producer: String::new(),
             log_topic: position.topic,
             log_partition: i32::try_from(position.partition).unwrap_or(i32::MAX),
@@ -314,7 +318,7 @@ columns! {
     event_type: text,
     schema_version: int,
     occurred_at: time,
-    tenant_id: text,
+    envelope_tenant_id: text,
     trace_id: text_opt nullable(),
     trace_digest: bytes_opt nullable(),
     producer: text,

@@ -1,0 +1,269 @@
+//! The archive end to end, through the real `loom` binary: `loom serve` archives into the data
+//! directory by default; pyarrow reads a file through the key service and fails without it;
+//! `loom verify --archive` passes before and after an erasure; a SIGKILLed server leaves no
+//! duplicate and loses nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, StringArray};
+use loom_projector::archive::keys::ArchiveKeys;
+use loom_projector::archive::read::read_file;
+use loom_projector::archive::{Archive, ArchiveLocation};
+use loom_schemas::codec::Registry;
+use loom_schemas::keystore::{KeyStore, MasterKey};
+use loom_schemas::log::{Log, Topic};
+use serde_json::{Value, json};
+
+use common::{Server, loom, text};
+
+const TOKEN: &str = "archive-admin";
+
+fn python() -> String {
+    std::env::var("LOOM_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Requests for a model nobody serves: refused (404), and recorded all the same.
+async fn requests(server: &Server, key: &str, count: usize) {
+    let client = reqwest::Client::new();
+    for _ in 0..count {
+        let response = client
+            .post(server.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&json!({"model": "nobody-serves-this", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404);
+    }
+}
+
+/// The first archive file of `tenant` under `data_dir`, once there is one.
+async fn first_file(data_dir: &Path, tenant: &str) -> PathBuf {
+    let dir = data_dir.join("archive").join(format!("tenant_id={tenant}"));
+    let started = Instant::now();
+    loop {
+        let found = walk(&dir)
+            .into_iter()
+            .find(|p| p.extension().is_some_and(|e| e == "parquet"));
+        if let Some(file) = found {
+            return file;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no archive file under {}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// pyarrow's reading of `file` in `mode` (tests/interop/read_archive.py).
+fn pyarrow(mode: &str, file: &Path, server: &Server) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/read_archive.py");
+    let output = Command::new(python())
+        .arg(script)
+        .args([mode, &file.display().to_string(), &server.url(""), TOKEN])
+        .output()
+        .unwrap_or_else(|e| panic!("running {} (run ./infra/test.sh): {e}", python()));
+    assert!(
+        output.status.success(),
+        "pyarrow (run ./infra/test.sh, which installs it):\n{}",
+        text(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pyarrow_reads_the_archive_through_the_key_service_until_the_tenant_is_erased() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--archive-roll-after", "1s"],
+        &[("LOOM_ADMIN_TOKEN", TOKEN)],
+    )
+    .unwrap();
+    let (tenant, key) = common::tenant_and_key(&server, TOKEN, "acme").await;
+    requests(&server, &key, 5).await;
+    let file = first_file(dir.path(), &tenant).await;
+
+    let full = pyarrow("full", &file, &server);
+    assert!(full["rows"].as_u64().unwrap() >= 5, "{full}");
+    assert_eq!(full["tenants"], json!([tenant]));
+    assert_eq!(full["records"], full["rows"], "{full}");
+    assert!(
+        full["event_types"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("request.received")),
+        "{full}"
+    );
+    // The metadata key alone: every column but the events whole.
+    let metadata = pyarrow("metadata", &file, &server);
+    assert_eq!(metadata["rows"], full["rows"], "{metadata}");
+    assert!(
+        !metadata["columns"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("record"))
+    );
+    // No key service: nothing.
+    let none = pyarrow("none", &file, &server);
+    assert!(none["error"].is_string(), "{none}");
+
+    let data_dir = dir.path().display().to_string();
+    let verified = loom(&["verify", "--data-dir", &data_dir, "--archive"]);
+    assert!(verified.status.success(), "{}", text(&verified.stderr));
+    assert!(
+        text(&verified.stdout).contains("ok: "),
+        "{}",
+        text(&verified.stdout)
+    );
+
+    // Erased: the key service refuses the tenant's keys, the gateway its API keys, and the
+    // archive still verifies (erasure is not tampering).
+    let erased = reqwest::Client::new()
+        .post(server.url(&format!("/admin/tenants/{tenant}/erase")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(erased.status(), 204);
+    let after = pyarrow("full", &file, &server);
+    assert!(after["error"].is_string(), "{after}");
+    let refused = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "any", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    // The archiver records the erasure in the tenant's manifest.
+    let started = Instant::now();
+    loop {
+        let verified = loom(&["verify", "--data-dir", &data_dir, "--archive"]);
+        assert!(verified.status.success(), "{}", text(&verified.stdout));
+        if text(&verified.stdout).contains(&format!("tenant {tenant}: erased")) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{}",
+            text(&verified.stdout)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(server.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_server_archives_every_event_once_after_its_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--archive-roll-after", "1s", "--archive-roll-mib", "1"];
+    let env = [("LOOM_ADMIN_TOKEN", TOKEN)];
+    let server = Server::start(dir.path(), &args, &env).unwrap();
+    let (tenant, key) = common::tenant_and_key(&server, TOKEN, "acme").await;
+    requests(&server, &key, 40).await;
+    // Killed while it archives: some files written, some named, some events only buffered.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    requests(&server, &key, 20).await;
+    drop(server); // SIGKILL
+    let server = Server::start(dir.path(), &args, &env).unwrap();
+    requests(&server, &key, 10).await;
+    assert!(server.stop().success());
+
+    // Every event on the log is in the archive once.
+    let log = common::open_data_dir_log(dir.path()).await;
+    let registry = Registry::builtin().unwrap();
+    let mut logged = BTreeSet::new();
+    for topic in Topic::ALL {
+        let mut reader = log.read_from(topic, 0, 0).await.unwrap();
+        loop {
+            let entries = reader.poll(1000).await.unwrap();
+            if entries.is_empty() {
+                break;
+            }
+            for entry in entries {
+                logged.insert(
+                    registry
+                        .decode(&entry.record.value)
+                        .unwrap()
+                        .envelope
+                        .event_id
+                        .to_string(),
+                );
+            }
+        }
+    }
+    let data_dir = loom::DataDir::new(dir.path());
+    let master = MasterKey::load(&data_dir.master_key_file(), None)
+        .unwrap()
+        .unwrap();
+    let keys = Arc::new(
+        KeyStore::open_file(data_dir.keys_file(), master)
+            .await
+            .unwrap(),
+    );
+    let archive = Archive::open(&ArchiveLocation::Directory(data_dir.archive())).unwrap();
+    let mut archived = Vec::new();
+    for owner in archive.tenants().await.unwrap() {
+        let manifest = archive.manifest(owner).await.unwrap();
+        for file in manifest.files.values() {
+            let reader = ArchiveKeys::full(Arc::clone(&keys), owner);
+            for batch in read_file(&archive, owner, file, reader, None)
+                .await
+                .unwrap()
+            {
+                let ids = batch
+                    .column_by_name("event_id")
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .unwrap();
+                archived.extend((0..ids.len()).map(|i| ids.value(i).to_owned()));
+            }
+        }
+    }
+    let unique: BTreeSet<String> = archived.iter().cloned().collect();
+    assert_eq!(unique.len(), archived.len(), "an event is archived twice");
+    assert_eq!(unique, logged, "the archive is not the log");
+    assert!(
+        archive
+            .tenants()
+            .await
+            .unwrap()
+            .iter()
+            .any(|t| t.to_string() == tenant)
+    );
+    let verified = loom(&[
+        "verify",
+        "--data-dir",
+        &dir.path().display().to_string(),
+        "--archive",
+    ]);
+    assert!(verified.status.success(), "{}", text(&verified.stdout));
+}
