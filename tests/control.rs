@@ -134,6 +134,16 @@ async fn the_gateway_and_the_read_models_agree_on_every_key_and_tenant() {
             )
         });
         assert!(gateway_keys.values().any(|k| k.2) && gateway_keys.values().any(|k| !k.2));
+        // An erased tenant's keys leave the read models (its `tenants` row stays, marked); the
+        // gateway keeps them in memory only to refuse them.
+        let erased: BTreeSet<&String> = gateway_tenants
+            .iter()
+            .filter_map(|(tenant, erased)| erased.then_some(tenant))
+            .collect();
+        let gateway_keys: Keys = gateway_keys
+            .into_iter()
+            .filter(|(_, (tenant, _, _))| !erased.contains(tenant))
+            .collect();
 
         for location in &locations {
             let (keys, tenants) = projected(&log, location).await;
