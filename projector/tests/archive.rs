@@ -45,6 +45,8 @@ struct Setup {
     dir: tempfile::TempDir,
     keys: Arc<KeyStore>,
     log: Arc<dyn Log>,
+    /// The same log, for what only the embedded log does (removing old segments).
+    embedded: Arc<EmbeddedLog>,
     tenants: Vec<Uuid>,
     /// Every event on the log, by id, as its record's bytes.
     records: BTreeMap<Uuid, Vec<u8>>,
@@ -52,6 +54,10 @@ struct Setup {
 
 impl Setup {
     async fn new(tenants: usize, requests: usize) -> Setup {
+        Setup::with_segments(tenants, requests, EmbeddedLogConfig::DEFAULT_SEGMENT_BYTES).await
+    }
+
+    async fn with_segments(tenants: usize, requests: usize, segment_bytes: u64) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let keys =
             KeyStore::open_file(dir.path().join("keys.json"), MasterKey::generate().unwrap())
@@ -64,18 +70,19 @@ impl Setup {
             data_keys.push(keys.current_key(tenant).unwrap());
         }
         let events = samples::history(&data_keys, requests, late_evening_us(), 7).unwrap();
-        let log: Arc<dyn Log> = Arc::new(
-            EmbeddedLog::open(EmbeddedLogConfig::new(
-                dir.path().join("log"),
-                loom_schemas::testing::chain_key(),
-            ))
+        let embedded = Arc::new(
+            EmbeddedLog::open(EmbeddedLogConfig {
+                segment_bytes,
+                ..EmbeddedLogConfig::new(dir.path().join("log"), loom_schemas::testing::chain_key())
+            })
             .await
             .unwrap(),
         );
         let mut setup = Setup {
             dir,
             keys: Arc::new(keys),
-            log,
+            log: Arc::clone(&embedded) as Arc<dyn Log>,
+            embedded,
             tenants: data_keys.iter().map(|k| k.tenant_id).collect(),
             records: BTreeMap::new(),
         };
@@ -542,6 +549,76 @@ async fn replay_from_the_archive_rebuilds_what_the_log_rebuilds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_the_archive_rebuilds_the_history_the_log_no_longer_holds() {
+    // A log of small segments, wholly archived; then more history, not archived yet.
+    let mut setup = Setup::with_segments(3, 900, 64 << 10).await;
+    let archive = setup.archive();
+    let archiver = setup.archiver(&archive, small_files());
+    archive_until(&archiver, &archive, setup.records.len() as u64).await;
+    let mut archived_to = BTreeMap::new();
+    for topic in Topic::ALL {
+        archived_to.insert(topic, setup.log.end_offset(topic, 0).await.unwrap());
+    }
+    let keys: Vec<_> = setup
+        .tenants
+        .iter()
+        .map(|t| setup.keys.current_key(*t).unwrap())
+        .collect();
+    let later = samples::history(&keys, 200, late_evening_us() + 10 * 3_600_000_000, 9).unwrap();
+    setup.append(&later).await;
+
+    // What a rebuild from the whole log gives …
+    let stores = tempfile::tempdir().unwrap();
+    let from_log = sqlite_store(&stores, "from-log");
+    loom_projector::replay(
+        Arc::clone(&setup.log),
+        None,
+        &from_log,
+        replay_config(),
+        false,
+    )
+    .await
+    .unwrap();
+    // … then retention takes the segments the archive holds.
+    let mut removed = 0;
+    for (topic, offset) in archived_to {
+        removed += setup.embedded.remove_before(topic, offset).await.unwrap();
+    }
+    assert!(removed > 0, "no segment was old enough to remove");
+    let without_archive = loom_projector::replay(
+        Arc::clone(&setup.log),
+        None,
+        &sqlite_store(&stores, "log-only"),
+        replay_config(),
+        false,
+    )
+    .await;
+    assert!(
+        without_archive.is_err(),
+        "the log alone no longer holds the history"
+    );
+
+    let from_archive = sqlite_store(&stores, "from-archive");
+    loom_projector::replay(
+        Arc::clone(&setup.log),
+        Some(FromArchive {
+            archive: archive.clone(),
+            keys: Arc::clone(&setup.keys),
+        }),
+        &from_archive,
+        replay_config(),
+        false,
+    )
+    .await
+    .unwrap();
+    let (expected, found) = (digests(&from_log).await, digests(&from_archive).await);
+    assert!(expected.len() > 5);
+    for (table, digest) in &expected {
+        assert_eq!(Some(digest), found.get(table), "table {table} differs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erased_tenant_is_unreadable_everywhere_and_the_archive_still_verifies() {
     let mut setup = Setup::new(2, 600).await;
     let archive = setup.archive();
@@ -685,6 +762,146 @@ async fn archives_to_s3_exactly_once() {
     running.abort();
     let _ = running.await;
     archive_until(&archiver, &archive, setup.records.len() as u64).await;
+    assert_exactly_once(&setup, &archive).await;
+    let report = verify(&archive).await.unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+}
+
+/// An S3-compatible server of this test's own (`LOOM_TEST_S3S_FS`, which `./infra/test.sh`
+/// exports), on `port`, storing into `dir`: killed and restarted by the test.
+struct OwnS3 {
+    binary: String,
+    port: u16,
+    dir: std::path::PathBuf,
+    process: Option<std::process::Child>,
+}
+
+impl OwnS3 {
+    const BUCKET: &str = "outage";
+    const KEY_ID: &str = "outage-key";
+    const SECRET: &str = "outage-secret";
+
+    fn start(dir: std::path::PathBuf) -> OwnS3 {
+        let binary = std::env::var("LOOM_TEST_S3S_FS")
+            .expect("LOOM_TEST_S3S_FS is not set: run the tests with ./infra/test.sh");
+        std::fs::create_dir_all(dir.join(Self::BUCKET)).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s3 = OwnS3 {
+            binary,
+            port,
+            dir,
+            process: None,
+        };
+        s3.restart();
+        s3
+    }
+
+    fn restart(&mut self) {
+        let child = std::process::Command::new(&self.binary)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", Self::KEY_ID, "--secret-key", Self::SECRET])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.process = Some(child);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "s3s-fs did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn location(&self) -> ArchiveLocation {
+        ArchiveLocation::S3 {
+            bucket: Self::BUCKET.to_owned(),
+            prefix: "archive".to_owned(),
+            options: S3Options {
+                endpoint: Some(format!("http://127.0.0.1:{}", self.port)),
+                region: Some("us-east-1".to_owned()),
+                access_key_id: Some(Self::KEY_ID.to_owned()),
+                secret_access_key: Some(Self::SECRET.to_owned().into()),
+                path_style: true,
+            },
+        }
+    }
+}
+
+impl Drop for OwnS3 {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_mid_run_loses_and_repeats_nothing() {
+    let mut setup = Setup::new(2, 400).await;
+    let mut s3 = OwnS3::start(setup.dir.path().join("s3"));
+    let archive = Archive::open(&s3.location()).unwrap();
+    let archiver = setup.archiver(&archive, small_files());
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let (archiver, shutdown) = (Arc::clone(&archiver), shutdown.clone());
+        async move { archiver.run(shutdown).await }
+    });
+    let started = Instant::now();
+    while manifest_rows(&archive).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing archived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The server goes away mid-run, while more history (and copies of it) arrives …
+    s3.kill();
+    let keys: Vec<_> = setup
+        .tenants
+        .iter()
+        .map(|t| setup.keys.current_key(*t).unwrap())
+        .collect();
+    let later = samples::history(&keys, 200, late_evening_us() + 3_600_000_000, 11).unwrap();
+    setup.append(&later).await;
+    setup.append_copies(7).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !running.is_finished(),
+        "the archiver gave up: {:?}",
+        running.await
+    );
+    // … and comes back: the archiver carries on, without a restart.
+    s3.restart();
+    let started = Instant::now();
+    while manifest_rows(&archive).await < setup.records.len() as u64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "the archive holds {} of {} rows after the outage",
+            manifest_rows(&archive).await,
+            setup.records.len()
+        );
+        assert!(
+            !running.is_finished(),
+            "the archiver stopped: {:?}",
+            running.await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
     assert_exactly_once(&setup, &archive).await;
     let report = verify(&archive).await.unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -143,6 +144,8 @@ pub struct Archiver {
     log: Arc<dyn Log>,
     keys: Arc<KeyStore>,
     config: ArchiveConfig,
+    /// Records read (copies and skipped ones included), over every run.
+    records_read: Arc<AtomicU64>,
 }
 
 /// A batch from one partition's reader.
@@ -165,7 +168,14 @@ impl Archiver {
             log,
             keys,
             config,
+            records_read: Arc::default(),
         }
+    }
+
+    /// Records read from the log so far (copies and already archived ones included), over every
+    /// run: a run has caught up with a log of `n` records once it read `n` (less where it started).
+    pub fn records_read(&self) -> u64 {
+        self.records_read.load(Ordering::Relaxed)
     }
 
     /// Archives until `shutdown`; then writes out what is buffered.
@@ -182,7 +192,9 @@ impl Archiver {
         }
     }
 
-    /// Archives until `shutdown`, then writes out every buffer.
+    /// Archives until `shutdown`, then reads on to where the log ended at that moment (for at
+    /// most [`DRAIN`]: a stopped server leaves its whole log archived) and writes out every
+    /// buffer.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ArchiveError> {
         let registry = Registry::builtin()?;
         ensure_keys(&self.keys, SYSTEM_TENANT).await?;
@@ -198,17 +210,21 @@ impl Archiver {
             window: Window::new(self.config.dedupe_window),
             shutdown: shutdown.clone(),
             checkpointed: BTreeMap::new(),
+            records_read: Arc::clone(&self.records_read),
         };
         state.load().await?;
         let checkpoint = state.checkpoint_read().await?;
 
-        let stop = shutdown.child_token();
+        // The readers outlive `shutdown` by the drain.
+        let stop = CancellationToken::new();
         let (sender, mut batches) = mpsc::channel::<Result<Batch, LogError>>(8);
         let mut readers = tokio::task::JoinSet::new();
         for topic in Topic::ALL {
             for partition in 0..self.log.partitions(topic) {
                 let key = position_key(topic.name(), partition);
-                let start = checkpoint.positions.get(&key).copied().unwrap_or(0);
+                // No position yet: a new archive starts wherever the log begins.
+                let known = checkpoint.positions.get(&key).copied();
+                let start = known.unwrap_or(0);
                 state.read.insert(key, start);
                 // Read back far enough to refill the dedupe window (data topic: the spool's copies).
                 let back = match topic {
@@ -220,7 +236,7 @@ impl Archiver {
                     topic,
                     partition,
                     back,
-                    start,
+                    known,
                     sender.clone(),
                     stop.clone(),
                 ));
@@ -237,9 +253,24 @@ impl Archiver {
         }
 
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // Once stopping: where each partition ended, and until when to read on to it.
+        let mut draining: Option<(BTreeMap<String, u64>, Instant)> = None;
         let result = loop {
+            if let Some((ends, until)) = &draining
+                && (state.has_read(ends) || Instant::now() >= *until)
+            {
+                break Ok(());
+            }
             tokio::select! {
-                () = shutdown.cancelled() => break Ok(()),
+                () = shutdown.cancelled(), if draining.is_none() => {
+                    match self.ends().await {
+                        Ok(ends) => draining = Some((ends, Instant::now() + DRAIN)),
+                        Err(error) => {
+                            tracing::warn!(%error, "reading where the log ends; stopping at once");
+                            break Ok(());
+                        }
+                    }
+                }
                 batch = batches.recv() => match batch {
                     Some(Ok(batch)) => {
                         if let Err(error) = state.ingest(batch).await {
@@ -266,6 +297,23 @@ impl Archiver {
     }
 }
 
+/// How long a stopping archiver reads on to where the log ended.
+pub const DRAIN: Duration = Duration::from_secs(10);
+
+impl Archiver {
+    /// Where each partition of the log ends now.
+    async fn ends(&self) -> Result<BTreeMap<String, u64>, LogError> {
+        let mut ends = BTreeMap::new();
+        for topic in Topic::ALL {
+            for partition in 0..self.log.partitions(topic) {
+                let end = self.log.end_offset(topic, partition).await?;
+                ends.insert(position_key(topic.name(), partition), end);
+            }
+        }
+        Ok(ends)
+    }
+}
+
 /// Creates keys for `tenant` if it has none (the system tenant's, on first start).
 async fn ensure_keys(keys: &KeyStore, tenant: Uuid) -> Result<(), KeyStoreError> {
     match keys.current_key(tenant) {
@@ -282,22 +330,27 @@ async fn ensure_keys(keys: &KeyStore, tenant: Uuid) -> Result<(), KeyStoreError>
 }
 
 /// Reads one partition from `back` on (entries below `start` refill the dedupe window) until
-/// `stop` or the receiver is gone.
+/// `stop` or the receiver is gone. `start` is where archiving stopped (`None`: nowhere yet).
 async fn read_partition(
     log: Arc<dyn Log>,
     topic: Topic,
     partition: u32,
     back: u64,
-    start: u64,
+    start: Option<u64>,
     sender: mpsc::Sender<Result<Batch, LogError>>,
     stop: CancellationToken,
 ) -> Result<(), LogError> {
+    let known = start.is_some();
+    let start = start.unwrap_or(0);
     let reader = match log.read_from(topic, partition, back).await {
         Ok(reader) => Ok(reader),
         // The log no longer holds the window (retention): start where archiving does.
         Err(_) if back < start => log.read_from(topic, partition, start).await,
         Err(error) => Err(error),
     };
+    // A log past its retention may hand out its first record still held (Kafka resets a fetch
+    // out of range): events below that were never archived, and are lost unless it stops here.
+    let mut first = true;
     let mut reader = match reader {
         Ok(reader) => reader,
         Err(error) => {
@@ -310,10 +363,30 @@ async fn read_partition(
             () = stop.cancelled() => return Ok(()),
             entries = reader.next(4096) => entries,
         };
-        let batch = entries.map(|entries| Batch {
-            topic,
-            entries,
-            start,
+        let batch = entries.and_then(|entries| {
+            if let Some(entry) = entries.first().filter(|_| first) {
+                first = false;
+                if entry.position.offset > start && !known {
+                    tracing::warn!(
+                        topic = topic.name(),
+                        partition,
+                        offset = entry.position.offset,
+                        "a new archive starts where the log begins: earlier events are gone"
+                    );
+                } else if entry.position.offset > start {
+                    return Err(LogError::Missing {
+                        topic: topic.name(),
+                        partition,
+                        from: start,
+                        to: entry.position.offset,
+                    });
+                }
+            }
+            Ok(Batch {
+                topic,
+                entries,
+                start,
+            })
         });
         let failed = batch.is_err();
         if sender.send(batch).await.is_err() || failed {
@@ -337,6 +410,7 @@ struct State {
     shutdown: CancellationToken,
     /// The positions of the last checkpoint written.
     checkpointed: BTreeMap<String, u64>,
+    records_read: Arc<AtomicU64>,
 }
 
 impl State {
@@ -380,6 +454,12 @@ impl State {
         })
     }
 
+    /// Whether every partition is read up to `ends`.
+    fn has_read(&self, ends: &BTreeMap<String, u64>) -> bool {
+        ends.iter()
+            .all(|(key, end)| self.read.get(key).is_some_and(|read| read >= end))
+    }
+
     /// Records where reading may start again: nothing below it is only in a buffer.
     async fn checkpoint_write(&mut self) -> Result<(), ArchiveError> {
         let mut positions = self.read.clone();
@@ -411,6 +491,12 @@ impl State {
         let topic = batch.topic.name();
         // Tenants erased in this batch: nothing of theirs is archived from here on.
         let mut erased = Vec::new();
+        let fresh = batch
+            .entries
+            .iter()
+            .filter(|e| e.position.offset >= batch.start)
+            .count();
+        self.records_read.fetch_add(fresh as u64, Ordering::Relaxed);
         for entry in batch.entries {
             let Entry { position, record } = entry;
             let key = position_key(topic, position.partition);

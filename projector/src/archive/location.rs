@@ -87,10 +87,14 @@ impl ArchiveLocation {
                 prefix,
                 options,
             } => {
-                let mut builder = AmazonS3Builder::new()
+                // The usual AWS_* variables first (credentials, session token, web identity);
+                // what was given explicitly wins.
+                let mut builder = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
-                    .with_region(options.region.as_deref().unwrap_or("us-east-1"))
                     .with_virtual_hosted_style_request(!options.path_style);
+                if let Some(region) = &options.region {
+                    builder = builder.with_region(region);
+                }
                 if let Some(endpoint) = &options.endpoint {
                     builder = builder
                         .with_allow_http(endpoint.starts_with("http://"))

@@ -271,6 +271,10 @@ impl KafkaLog {
             .set("group.id", "loom-reader")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
+            // An offset the broker no longer holds (retention) reads from the oldest it does:
+            // a reader sees the first offset it gets is past the one it asked for, and says so
+            // (never the default, which jumps to the end and skips silently).
+            .set("auto.offset.reset", "earliest")
             // Readers follow the log closely (control changes, fresh projections): ask the broker
             // not to sit on an empty fetch for long.
             .set("fetch.wait.max.ms", "50")

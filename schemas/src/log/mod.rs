@@ -130,6 +130,16 @@ pub enum LogError {
     RecordTooLarge { size: usize, max: usize },
     #[error("offset {requested} is beyond the end of the partition ({end})")]
     OffsetOutOfRange { requested: u64, end: u64 },
+    #[error(
+        "offsets {from}..{to} of {topic}/{partition} are no longer in the log (retention?) and \
+         were never read"
+    )]
+    Missing {
+        topic: &'static str,
+        partition: u32,
+        from: u64,
+        to: u64,
+    },
     #[error("topic {topic} has no partition {partition}")]
     UnknownPartition { topic: &'static str, partition: u32 },
     #[error("the log writer failed earlier and refuses further appends: {0}")]
