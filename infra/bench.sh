@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs Loom's benchmarks in release mode: ./infra/bench.sh [codec|log|gateway|kafka|projector] [args…]
-# With no argument: codec, log and gateway (kafka needs a broker, projector a Postgres:
+# Runs Loom's benchmarks in release mode: ./infra/bench.sh [codec|log|gateway|kafka|projector|archive] [args…]
+# With no argument: codec, log, gateway and archive (kafka needs a broker, projector a Postgres:
 # ./infra/test.sh starts both). Installs the load generator (oha) once into $LOOM_CACHE_DIR, and
 # nginx (the reverse-proxy baseline) from Debian's packages when it can.
 set -euo pipefail
@@ -25,7 +25,7 @@ cd "$(dirname "$here")"
 cargo build --release --workspace --quiet
 loom="$CARGO_TARGET_DIR/release/loom"
 if [ $# -eq 0 ]; then
-  for what in codec log gateway; do "$loom" bench "$what"; echo; done
+  for what in codec log gateway archive; do "$loom" bench "$what"; echo; done
 else
   "$loom" bench "$@"
 fi

@@ -43,6 +43,9 @@ enum BenchKind {
     /// Folding the log into the read models (SQLite, Postgres) and replaying it, against reading
     /// and folding with no store.
     Projector(crate::bench_projector::ProjectorBenchArgs),
+    /// The archive projector: events/s, CPU, bytes and compression against plaintext Parquet of
+    /// the same events; reading back and replaying from the archive against the log.
+    Archive(crate::bench_archive::ArchiveBenchArgs),
     /// Embedded log append and read throughput, against plain file writes and reads.
     Log {
         /// Where to write (a temporary directory inside it is removed afterwards).
@@ -75,6 +78,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchKind::Gateway(args) => crate::bench_gateway::run(args).await,
         BenchKind::Kafka(args) => crate::bench_kafka::run(args).await,
         BenchKind::Projector(args) => crate::bench_projector::run(args).await,
+        BenchKind::Archive(args) => crate::bench_archive::run(args).await,
     }
 }
 

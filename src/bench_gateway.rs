@@ -190,7 +190,7 @@ fn stat_fields_at(path: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// utime + stime of a process and its children, in seconds.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let mut ticks = 0;
     for pid in process_tree(pid) {
         let fields = stat_fields(pid)?;

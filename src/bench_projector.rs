@@ -11,6 +11,7 @@ use anyhow::Context;
 use loom_projector::fold::{Changes, ControlState};
 use loom_projector::{ProjectorConfig, ReadStore, StoreLocation, fold_batch};
 use loom_schemas::codec::Registry;
+use loom_schemas::crypto::DataKey;
 use loom_schemas::event::Plane;
 use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Entry, FsyncPolicy, Log, Topic};
 use loom_schemas::samples;
@@ -79,7 +80,7 @@ pub async fn run(args: ProjectorBenchArgs) -> anyhow::Result<()> {
         .await?,
     );
     let started = Instant::now();
-    let events = write_history(log.as_ref(), args.events).await?;
+    let events = write_history(log.as_ref(), args.events, &samples::tenant_keys(8)?).await?;
     say!(
         "history: {events} events ({} requests, 8 tenants) written in {:.1}s",
         args.events * 2 / 11,
@@ -187,8 +188,12 @@ fn bench_config(batch: usize) -> ProjectorConfig {
 }
 
 /// Writes a history of about `events` events; returns how many.
-async fn write_history(log: &dyn Log, events: usize) -> anyhow::Result<usize> {
-    let keys = samples::tenant_keys(8)?;
+/// Appends a generated history of about `events` events of the tenants of `keys`; how many.
+pub(crate) async fn write_history(
+    log: &dyn Log,
+    events: usize,
+    keys: &[DataKey],
+) -> anyhow::Result<usize> {
     let registry = Registry::builtin()?;
     // About 5.5 events per request.
     let requests = (events * 2 / 11).max(1);
@@ -198,7 +203,7 @@ async fn write_history(log: &dyn Log, events: usize) -> anyhow::Result<usize> {
     const SLICE: usize = 20_000;
     for (i, first) in (0..requests).step_by(SLICE).enumerate() {
         let count = SLICE.min(requests - first);
-        let history = samples::history(&keys, count, start + first as i64 * 7_200_000, i as u64)?;
+        let history = samples::history(keys, count, start + first as i64 * 7_200_000, i as u64)?;
         for plane in [Plane::Control, Plane::Data] {
             // Every slice starts with the tenants' set-up: keep the first one's only.
             if plane == Plane::Control && i > 0 {

@@ -8,6 +8,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin;
 mod bench;
+mod bench_archive;
 mod bench_gateway;
 mod bench_kafka;
 mod bench_projector;
@@ -270,7 +271,7 @@ pub struct S3Args {
     /// URL of an S3-compatible server (e.g. http://127.0.0.1:9000) [default: AWS].
     #[arg(long, env = "LOOM_S3_ENDPOINT", value_name = "URL")]
     s3_endpoint: Option<String>,
-    /// The bucket's region.
+    /// The bucket's region [default: AWS_REGION, or us-east-1].
     #[arg(long, env = "LOOM_S3_REGION")]
     s3_region: Option<String>,
     /// Access key id [default: AWS_ACCESS_KEY_ID, or the instance's credentials].
