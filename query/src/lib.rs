@@ -1,1 +1,4 @@
-//! The query service: analytics, trace lookups, ad-hoc SQL and export. Not yet built: see the open issues.
+//! The query service: analytics, trace lookups, ad-hoc SQL and export over the archive and read
+//! models. So far: the archive read with DataFusion (`archive`).
+
+pub mod archive;
