@@ -1,12 +1,14 @@
 //! The archive read with DataFusion: each file's keys resolved through the key store by an
 //! [`EncryptionFactory`] that reads the key metadata in the file (Loom's PKMT1 key material), for
-//! one tenant; and a tenant's events as a table over exactly the files its manifest names.
+//! one tenant or all; and the events as a table over exactly the files the manifests name.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::catalog::TableProvider;
 use datafusion::config::{EncryptionFactoryOptions, TableParquetOptions};
+use datafusion::datasource::empty::EmptyTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -15,7 +17,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::parquet_encryption::EncryptionFactory;
 use datafusion::prelude::SessionContext;
-use loom_projector::archive::columns::SCHEMA;
+use loom_projector::archive::columns::{RECORD, SCHEMA};
 use loom_projector::archive::keys::ArchiveKeys;
 use loom_projector::archive::manifest::tenant_dir;
 use loom_projector::archive::{Archive, Manifest};
@@ -24,6 +26,8 @@ use object_store::path::Path;
 use parquet::encryption::decrypt::FileDecryptionProperties;
 use parquet::encryption::encrypt::FileEncryptionProperties;
 use uuid::Uuid;
+
+use crate::store::BoundedStore;
 
 /// The URL the archive's object store is registered under in a session.
 const ARCHIVE_URL: &str = "loom-archive://archive";
@@ -37,38 +41,51 @@ pub enum Access {
     Metadata,
 }
 
-/// Resolves the keys of one tenant's archive files through the key store; a file outside the
-/// tenant's directory, or of another tenant's keys, is refused.
-pub struct TenantKeys {
-    keys: Arc<KeyStore>,
-    tenant: Uuid,
-    access: Access,
-    /// `tenant_id=<tenant>`: the path segment every file of the tenant is under.
-    segment: String,
+/// Whose files a session may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// One tenant's.
+    Tenant(Uuid),
+    /// Every tenant's (the operator).
+    AllTenants,
 }
 
-impl TenantKeys {
-    pub fn new(keys: Arc<KeyStore>, tenant: Uuid, access: Access) -> TenantKeys {
-        TenantKeys {
+/// Resolves the keys of archive files through the key store: the tenant of a file is the
+/// `tenant_id=<T>` segment of its path, refused if outside the scope, and the key metadata in the
+/// file must name that same tenant's keys (else the key store refuses them).
+pub struct ArchiveKeyFactory {
+    keys: Arc<KeyStore>,
+    scope: Scope,
+    access: Access,
+}
+
+impl ArchiveKeyFactory {
+    pub fn new(keys: Arc<KeyStore>, scope: Scope, access: Access) -> ArchiveKeyFactory {
+        ArchiveKeyFactory {
             keys,
-            tenant,
+            scope,
             access,
-            segment: format!("tenant_id={tenant}"),
         }
     }
 }
 
-impl std::fmt::Debug for TenantKeys {
+impl std::fmt::Debug for ArchiveKeyFactory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TenantKeys")
-            .field("tenant", &self.tenant)
+        f.debug_struct("ArchiveKeyFactory")
+            .field("scope", &self.scope)
             .field("access", &self.access)
             .finish_non_exhaustive()
     }
 }
 
+/// The tenant whose directory (`tenant_id=<T>`) `path` is in.
+fn tenant_of(path: &Path) -> Option<Uuid> {
+    path.parts()
+        .find_map(|part| Uuid::parse_str(part.as_ref().strip_prefix("tenant_id=")?).ok())
+}
+
 #[async_trait]
-impl EncryptionFactory for TenantKeys {
+impl EncryptionFactory for ArchiveKeyFactory {
     async fn get_file_encryption_properties(
         &self,
         _config: &EncryptionFactoryOptions,
@@ -85,15 +102,18 @@ impl EncryptionFactory for TenantKeys {
         _config: &EncryptionFactoryOptions,
         file_path: &Path,
     ) -> Result<Option<Arc<FileDecryptionProperties>>> {
-        if !file_path.parts().any(|part| part.as_ref() == self.segment) {
-            return Err(DataFusionError::Plan(format!(
-                "{file_path} is not a file of tenant {}",
-                self.tenant
-            )));
-        }
+        let tenant = match (tenant_of(file_path), self.scope) {
+            (Some(found), Scope::Tenant(tenant)) if found == tenant => tenant,
+            (Some(found), Scope::AllTenants) => found,
+            _ => {
+                return Err(DataFusionError::Plan(format!(
+                    "{file_path} is not a file this session may read"
+                )));
+            }
+        };
         let keys = match self.access {
-            Access::Full => ArchiveKeys::full(Arc::clone(&self.keys), self.tenant),
-            Access::Metadata => ArchiveKeys::metadata_only(Arc::clone(&self.keys), self.tenant),
+            Access::Full => ArchiveKeys::full(Arc::clone(&self.keys), tenant),
+            Access::Metadata => ArchiveKeys::metadata_only(Arc::clone(&self.keys), tenant),
         };
         let properties = keys
             .decryption_properties()
@@ -102,24 +122,51 @@ impl EncryptionFactory for TenantKeys {
     }
 }
 
-/// Registers `tenant`'s archived events in `ctx` as table `name`: the files `manifest` names
-/// (never an orphan, nor a file compaction replaced), every event type in one table of the
-/// archive's columns, decrypted with `access`.
-pub fn register_tenant_table(
+/// The archive's columns a reader with `access` sees: without the record column for
+/// [`Access::Metadata`].
+pub fn schema(access: Access) -> SchemaRef {
+    match access {
+        Access::Full => Arc::clone(&SCHEMA),
+        Access::Metadata => Arc::new(Schema::new(
+            SCHEMA
+                .fields()
+                .iter()
+                .filter(|field| field.name() != RECORD)
+                .cloned()
+                .collect::<Vec<_>>(),
+        )),
+    }
+}
+
+/// Registers the archived events of `manifests`' tenants in `ctx` as table `name`: the files the
+/// manifests name (never an orphan, nor a file compaction replaced), every event type in one
+/// table of the archive's columns, decrypted with `access`. The session's object store is the
+/// archive's, bounded to those tenants' directories.
+pub fn register_events(
     ctx: &SessionContext,
     archive: &Archive,
-    manifest: &Manifest,
+    manifests: &[Manifest],
     keys: Arc<KeyStore>,
+    scope: Scope,
     access: Access,
     name: &str,
 ) -> Result<()> {
-    let tenant = manifest.tenant;
+    let dirs: Vec<Path> = manifests
+        .iter()
+        .map(|manifest| tenant_dir(&archive.root, manifest.tenant))
+        .collect();
     let base = ObjectStoreUrl::parse(ARCHIVE_URL)?;
-    ctx.register_object_store(base.as_ref(), Arc::clone(&archive.store));
-    let factory_id = format!("loom-{tenant}-{access:?}");
+    ctx.register_object_store(
+        base.as_ref(),
+        Arc::new(BoundedStore::new(Arc::clone(&archive.store), dirs.clone())),
+    );
+    let factory_id = match scope {
+        Scope::Tenant(tenant) => format!("loom-{tenant}-{access:?}"),
+        Scope::AllTenants => format!("loom-all-{access:?}"),
+    };
     ctx.runtime_env().register_parquet_encryption_factory(
         &factory_id,
-        Arc::new(TenantKeys::new(keys, tenant, access)),
+        Arc::new(ArchiveKeyFactory::new(keys, scope, access)),
     );
     let mut parquet = TableParquetOptions::new();
     parquet.crypto.factory_id = Some(factory_id);
@@ -128,20 +175,23 @@ pub fn register_tenant_table(
     parquet.global.enable_page_index = access == Access::Full;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default().with_options(parquet)))
         .with_file_extension(".parquet");
-    let dir = tenant_dir(&archive.root, tenant);
-    let urls = manifest
-        .files
-        .keys()
-        .map(|path| ListingTableUrl::parse(format!("{ARCHIVE_URL}/{dir}/{path}")))
-        .collect::<Result<Vec<_>>>()?;
-    if urls.is_empty() {
-        return Err(DataFusionError::Plan(format!(
-            "tenant {tenant} has no archived events"
-        )));
+    let mut urls = Vec::new();
+    for (manifest, dir) in manifests.iter().zip(&dirs) {
+        for path in manifest.files.keys() {
+            urls.push(ListingTableUrl::parse(format!(
+                "{ARCHIVE_URL}/{dir}/{path}"
+            ))?);
+        }
     }
-    let config = ListingTableConfig::new_with_multi_paths(urls)
-        .with_listing_options(options)
-        .with_schema(Arc::clone(&SCHEMA));
-    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+    let table: Arc<dyn TableProvider> = if urls.is_empty() {
+        // Nothing archived yet: an empty table of the same columns, so queries still plan.
+        Arc::new(EmptyTable::new(schema(access)))
+    } else {
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(schema(access));
+        Arc::new(ListingTable::try_new(config)?)
+    };
+    ctx.register_table(name, table)?;
     Ok(())
 }

@@ -1,4 +1,8 @@
 //! The query service: analytics, trace lookups, ad-hoc SQL and export over the archive and read
-//! models. So far: the archive read with DataFusion (`archive`).
+//! models. So far: the archive read with DataFusion (`archive`), tenant-safe SQL over it (`sql`)
+//! and its results as JSON, CSV, Arrow IPC or a table (`format`).
 
 pub mod archive;
+pub mod format;
+pub mod sql;
+mod store;

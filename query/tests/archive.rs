@@ -1,16 +1,21 @@
 //! DataFusion reads the archive the archiver wrote: SQL over a tenant's encrypted files, keys
 //! resolved from the files' key metadata through the key store; the metadata key alone answers
-//! aggregates but not the events; after erasure nothing is read.
+//! aggregates but not the events; after erasure nothing is read. The SQL service on top fails
+//! closed: no statement, path, function or trick reaches another tenant's rows, and every limit
+//! holds.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, Int64Array};
-use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::prelude::SessionContext;
+use std::time::Duration;
+
+use datafusion::arrow::array::{Array, Int64Array, StringArray};
 use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver};
-use loom_query::archive::{Access, register_tenant_table};
+use loom_query::archive::{Access, Scope};
+use loom_query::format::{self, Format};
+use loom_query::sql::Answer;
+use loom_query::sql::{SqlError, SqlLimits, SqlService};
 use loom_schemas::codec::Registry;
 use loom_schemas::keystore::{KeyStore, MasterKey};
 use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Topic};
@@ -70,12 +75,12 @@ async fn archived() -> (tempfile::TempDir, Archive, Arc<KeyStore>, Vec<Uuid>) {
     (dir, archive, keys, tenants)
 }
 
-async fn query(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<Vec<RecordBatch>> {
-    ctx.sql(sql).await?.collect().await
+fn service(archive: &Archive, keys: &Arc<KeyStore>, limits: SqlLimits) -> SqlService {
+    SqlService::new(archive.clone(), Arc::clone(keys), limits).unwrap()
 }
 
-fn single_i64(batches: &[RecordBatch]) -> i64 {
-    let column = batches[0]
+fn single_i64(answer: &Answer) -> i64 {
+    let column = answer.batches[0]
         .column(0)
         .as_any()
         .downcast_ref::<Int64Array>()
@@ -84,82 +89,345 @@ fn single_i64(batches: &[RecordBatch]) -> i64 {
     column.value(0)
 }
 
+/// Every distinct value of the first (string) column.
+fn strings(answer: &Answer) -> Vec<String> {
+    let mut values: Vec<String> = answer
+        .batches
+        .iter()
+        .flat_map(|batch| {
+            let column = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap();
+            (0..column.len())
+                .map(|i| column.value(i).to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    values.sort();
+    values.dedup();
+    values
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn datafusion_reads_a_tenants_archive_through_the_key_store() {
+async fn sql_reads_a_tenants_archive_through_the_key_store() {
     let (_dir, archive, keys, tenants) = archived().await;
-    let tenant = tenants[0];
-    let manifest = archive.manifest(tenant).await.unwrap();
+    let (a, b) = (tenants[0], tenants[1]);
+    let manifest = archive.manifest(a).await.unwrap();
     let rows: u64 = manifest.files.values().map(|f| f.rows).sum();
     assert!(manifest.files.len() > 1 && rows > 0, "{manifest:?}");
+    let sql = service(&archive, &keys, SqlLimits::default());
+    let full = |q: &'static str| sql.query(Scope::Tenant(a), Access::Full, q);
 
-    // Every column: the events, whole.
-    let ctx = SessionContext::new();
-    register_tenant_table(
-        &ctx,
-        &archive,
-        &manifest,
-        Arc::clone(&keys),
-        Access::Full,
-        "events",
-    )
-    .unwrap();
-    let counted = query(&ctx, "SELECT count(DISTINCT event_id) FROM events")
+    // Every column: the events, whole, each once, all of tenant A.
+    let counted = full("SELECT count(DISTINCT event_id) FROM events")
         .await
         .unwrap();
     assert_eq!(single_i64(&counted) as u64, rows);
-    let records = query(
-        &ctx,
-        &format!(
-            "SELECT count(*) FROM events \
-             WHERE record IS NOT NULL AND envelope_tenant_id = '{tenant}'"
-        ),
-    )
-    .await
-    .unwrap();
+    let records = full("SELECT count(*) FROM events WHERE record IS NOT NULL")
+        .await
+        .unwrap();
     assert_eq!(single_i64(&records) as u64, rows);
-    let tokens = query(
-        &ctx,
-        "SELECT sum(tokens_in) FROM events WHERE event_type = 'request.completed'",
-    )
-    .await
-    .unwrap();
-    assert!(single_i64(&tokens) > 0);
+    let owners = full("SELECT envelope_tenant_id FROM events").await.unwrap();
+    assert_eq!(strings(&owners), vec![a.to_string()]);
 
-    // The metadata key alone: aggregates, but not the events.
-    let ctx = SessionContext::new();
-    register_tenant_table(
-        &ctx,
-        &archive,
-        &manifest,
-        Arc::clone(&keys),
-        Access::Metadata,
-        "events",
-    )
-    .unwrap();
-    let counted = query(
-        &ctx,
-        "SELECT count(*) FROM events WHERE cost_micro_usd >= 0",
+    // The typed views.
+    let calls = full("SELECT count(*) FROM llm_calls WHERE cost_micro_usd >= 0")
+        .await
+        .unwrap();
+    assert!(single_i64(&calls) > 0);
+    let requests = full(
+        "SELECT count(*) FROM requests WHERE started_at <= completed_at AND endpoint IS NOT NULL",
     )
     .await
     .unwrap();
+    let completed = full("SELECT count(*) FROM events WHERE event_type = 'request.completed'")
+        .await
+        .unwrap();
+    assert_eq!(single_i64(&requests), single_i64(&completed));
+    for view in ["tool_calls", "quota_events", "policy_findings"] {
+        let owners = sql
+            .query(
+                Scope::Tenant(a),
+                Access::Full,
+                &format!("SELECT DISTINCT tenant_id FROM {view}"),
+            )
+            .await
+            .unwrap();
+        assert!(
+            strings(&owners).iter().all(|t| *t == a.to_string()),
+            "{view}"
+        );
+    }
+    // Control events are the operator's.
+    assert!(matches!(
+        full("SELECT * FROM control_events").await,
+        Err(SqlError::Invalid(_))
+    ));
+
+    // Each format writes the rows.
+    let answer =
+        full("SELECT event_type, count(*) AS n FROM events GROUP BY event_type ORDER BY 1")
+            .await
+            .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(
+        &format::write(Format::Json, &answer.schema, &answer.batches).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json.as_array().unwrap().len(), answer.rows);
+    let csv =
+        String::from_utf8(format::write(Format::Csv, &answer.schema, &answer.batches).unwrap())
+            .unwrap();
+    assert!(csv.starts_with("event_type,n\n") && csv.lines().count() == answer.rows + 1);
+    let table =
+        String::from_utf8(format::write(Format::Table, &answer.schema, &answer.batches).unwrap())
+            .unwrap();
+    assert!(table.contains("llm_call.completed"), "{table}");
+    let ipc = format::write(Format::Arrow, &answer.schema, &answer.batches).unwrap();
+    let read: usize = datafusion::arrow::ipc::reader::StreamReader::try_new(&ipc[..], None)
+        .unwrap()
+        .map(|batch| batch.unwrap().num_rows())
+        .sum();
+    assert_eq!(read, answer.rows);
+    let empty = full("SELECT event_id FROM events WHERE false")
+        .await
+        .unwrap();
+    let csv = format::write(Format::Csv, &empty.schema, &empty.batches).unwrap();
+    assert_eq!(csv, b"event_id\n");
+
+    // The metadata key alone: aggregates, but not the events (no record column at all).
+    let metadata = |q: &'static str| sql.query(Scope::Tenant(a), Access::Metadata, q);
+    let counted = metadata("SELECT count(*) FROM events WHERE cost_micro_usd >= 0")
+        .await
+        .unwrap();
     assert!(single_i64(&counted) > 0);
-    let refused = query(&ctx, "SELECT record FROM events").await;
-    let error = refused
-        .expect_err("the records key was not granted")
-        .to_string();
-    assert!(error.contains("records"), "{error}");
+    let everything = metadata("SELECT * FROM events LIMIT 5").await.unwrap();
+    assert!(everything.schema.field_with_name("record").is_err());
+    assert!(matches!(
+        metadata("SELECT record FROM events").await,
+        Err(SqlError::Invalid(_))
+    ));
 
-    // Erased: the tenant's files say nothing to anyone.
-    keys.erase(tenant).await.unwrap();
-    let ctx = SessionContext::new();
-    register_tenant_table(
-        &ctx,
-        &archive,
-        &manifest,
-        Arc::clone(&keys),
-        Access::Metadata,
-        "events",
+    // The operator reads every tenant.
+    let owners = sql
+        .query(
+            Scope::AllTenants,
+            Access::Full,
+            "SELECT DISTINCT envelope_tenant_id FROM llm_calls JOIN events USING (event_id)",
+        )
+        .await
+        .unwrap();
+    let mut both = vec![a.to_string(), b.to_string()];
+    both.sort();
+    assert_eq!(strings(&owners), both);
+    sql.query(
+        Scope::AllTenants,
+        Access::Full,
+        "SELECT count(*) FROM control_events",
+    )
+    .await
+    .unwrap();
+
+    // Erased: the tenant's rows are gone for everyone, and the rest still answers.
+    keys.erase(b).await.unwrap();
+    let gone = sql
+        .query(
+            Scope::Tenant(b),
+            Access::Full,
+            "SELECT count(*) FROM events",
+        )
+        .await
+        .unwrap();
+    assert_eq!(single_i64(&gone), 0);
+    let owners = sql
+        .query(
+            Scope::AllTenants,
+            Access::Full,
+            "SELECT DISTINCT tenant_id FROM llm_calls",
+        )
+        .await
+        .unwrap();
+    assert_eq!(strings(&owners), vec![a.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_fails_closed_on_every_trick() {
+    let (_dir, archive, keys, tenants) = archived().await;
+    let (a, b) = (tenants[0], tenants[1]);
+    let manifest_b = archive.manifest(b).await.unwrap();
+    let file_b = archive.file_path(b, manifest_b.files.keys().next().unwrap());
+    let file_b_on_disk = _dir.path().join("archive").join(file_b.to_string());
+    assert!(file_b_on_disk.exists(), "{}", file_b_on_disk.display());
+    let dir_b = file_b_on_disk.parent().unwrap().parent().unwrap();
+    let sql = service(&archive, &keys, SqlLimits::default());
+
+    let not_allowed = [
+        "CREATE TABLE x AS SELECT 1".to_owned(),
+        "CREATE VIEW v AS SELECT * FROM events".to_owned(),
+        format!(
+            "CREATE EXTERNAL TABLE theirs STORED AS PARQUET LOCATION '{}'",
+            dir_b.display()
+        ),
+        "DROP TABLE events".to_owned(),
+        "INSERT INTO events SELECT * FROM events".to_owned(),
+        "DELETE FROM events".to_owned(),
+        "COPY (SELECT * FROM events) TO '/tmp/loom-sql-copy.csv'".to_owned(),
+        "SET datafusion.execution.batch_size = 1".to_owned(),
+    ];
+    for statement in &not_allowed {
+        match sql.query(Scope::Tenant(a), Access::Full, statement).await {
+            Err(SqlError::NotAllowed(_) | SqlError::Invalid(_)) => {}
+            other => panic!("{statement}: {other:?}"),
+        }
+    }
+    assert!(!std::path::Path::new("/tmp/loom-sql-copy.csv").exists());
+
+    let invalid = [
+        format!("SELECT * FROM '{}'", file_b_on_disk.display()),
+        format!("SELECT * FROM 'file://{}'", file_b_on_disk.display()),
+        "SELECT * FROM 'file:///etc/passwd'".to_owned(),
+        "SELECT * FROM information_schema.tables".to_owned(),
+        "SELECT * FROM information_schema.df_settings".to_owned(),
+        "SHOW TABLES".to_owned(),
+        "SELECT * FROM generate_series(1, 1000000000000)".to_owned(),
+        "SELECT * FROM range(1000000000000)".to_owned(),
+        format!("SELECT * FROM \"{b}\".events"),
+        "SELECT * FROM datafusion.other.events".to_owned(),
+        "SELECT * FROM other_catalog.public.events".to_owned(),
+        "SELEC 1".to_owned(),
+        "SELECT * FROM events; SELECT 1".to_owned(),
+        format!("SELECT {}1{}", "(".repeat(500), ")".repeat(500)),
+        "SELECT nothing FROM events".to_owned(),
+        "".to_owned(),
+    ];
+    for statement in &invalid {
+        match sql.query(Scope::Tenant(a), Access::Full, statement).await {
+            Err(SqlError::Invalid(_) | SqlError::NotAllowed(_)) => {}
+            other => panic!("{statement}: {other:?}"),
+        }
+    }
+
+    // Subqueries, CTEs, UNION, self-joins and qualified names see tenant A's rows only.
+    for statement in [
+        "SELECT envelope_tenant_id FROM events UNION SELECT tenant_id FROM requests",
+        "WITH e AS (SELECT * FROM datafusion.public.events) SELECT envelope_tenant_id FROM e",
+        "SELECT x.envelope_tenant_id FROM events x JOIN public.events y ON x.trace_id = y.trace_id",
+        "SELECT envelope_tenant_id FROM events WHERE event_id IN (SELECT event_id FROM events)",
+        "SELECT tenant_id FROM llm_calls UNION ALL SELECT tenant_id FROM tool_calls",
+    ] {
+        let answer = sql
+            .query(Scope::Tenant(a), Access::Full, statement)
+            .await
+            .unwrap();
+        assert_eq!(strings(&answer), vec![a.to_string()], "{statement}");
+    }
+    // EXPLAIN plans; it reads nothing of B either.
+    let explained = sql
+        .query(
+            Scope::Tenant(a),
+            Access::Full,
+            "EXPLAIN SELECT count(*) FROM events",
+        )
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        format::write(Format::Table, &explained.schema, &explained.batches).unwrap(),
     )
     .unwrap();
-    assert!(query(&ctx, "SELECT count(*) FROM events").await.is_err());
+    assert!(!text.contains(&b.to_string()), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sql_limit_holds() {
+    let (_dir, archive, keys, tenants) = archived().await;
+    let a = tenants[0];
+
+    // Rows beyond the cap are cut, and the answer says so.
+    let capped = service(
+        &archive,
+        &keys,
+        SqlLimits {
+            max_rows: 7,
+            ..SqlLimits::default()
+        },
+    );
+    let answer = capped
+        .query(
+            Scope::Tenant(a),
+            Access::Full,
+            "SELECT event_id FROM events",
+        )
+        .await
+        .unwrap();
+    assert_eq!((answer.rows, answer.truncated), (7, true));
+    let answer = capped
+        .query(Scope::Tenant(a), Access::Full, "SELECT 1")
+        .await
+        .unwrap();
+    assert_eq!((answer.rows, answer.truncated), (1, false));
+
+    // A cartesian join runs until the timeout cancels it; the scope's other query is refused
+    // meanwhile.
+    let slow = Arc::new(service(
+        &archive,
+        &keys,
+        SqlLimits {
+            timeout: Duration::from_secs(3),
+            per_scope: 1,
+            ..SqlLimits::default()
+        },
+    ));
+    let cartesian = "SELECT count(*) FROM events a, events b, events c, events d \
+                     WHERE a.log_offset + b.log_offset + c.log_offset + d.log_offset < 0";
+    let running = tokio::spawn({
+        let slow = Arc::clone(&slow);
+        async move { slow.query(Scope::Tenant(a), Access::Full, cartesian).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(matches!(
+        slow.query(Scope::Tenant(a), Access::Full, "SELECT 1").await,
+        Err(SqlError::Busy(1))
+    ));
+    assert!(matches!(running.await.unwrap(), Err(SqlError::Timeout(_))));
+    // The permit comes back once the cancelled plan has stopped (at its next yield point).
+    let after_cancel = || async {
+        for _ in 0..200 {
+            match slow.query(Scope::Tenant(a), Access::Full, "SELECT 1").await {
+                Err(SqlError::Busy(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => return other,
+            }
+        }
+        panic!("the cancelled query never stopped");
+    };
+    after_cancel().await.unwrap();
+    // Endless recursion is cancelled the same way.
+    let endless = slow
+        .query(
+            Scope::Tenant(a),
+            Access::Full,
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r",
+        )
+        .await;
+    assert!(matches!(endless, Err(SqlError::Timeout(_))), "{endless:?}");
+    after_cancel().await.unwrap();
+
+    // A query that needs more memory than its pool, with no disk to spill to.
+    let small = service(
+        &archive,
+        &keys,
+        SqlLimits {
+            memory_bytes: 64 << 10,
+            spill_bytes: 0,
+            ..SqlLimits::default()
+        },
+    );
+    let refused = small
+        .query(
+            Scope::Tenant(a),
+            Access::Full,
+            "SELECT event_id, record FROM events ORDER BY record DESC",
+        )
+        .await;
+    assert!(matches!(refused, Err(SqlError::TooLarge(_))), "{refused:?}");
 }
