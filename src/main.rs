@@ -12,6 +12,7 @@ mod bench_archive;
 mod bench_gateway;
 mod bench_kafka;
 mod bench_projector;
+mod sql;
 mod verify;
 
 use std::io::Write;
@@ -86,8 +87,8 @@ enum Command {
     /// Rebuild the read models from the log (and the archive, with --from-archive) into a new
     /// version, then switch readers to it.
     Replay(ReplayArgs),
-    /// Run SQL over the archive and read models (not yet available).
-    Sql(NotYet),
+    /// Run SQL over the archive as the operator: every tenant's events, or one tenant's.
+    Sql(sql::SqlArgs),
     /// Export traces to a data lake (not yet available).
     Export(NotYet),
     /// Manage tenants and API keys, on a data directory or through a running server.
@@ -589,7 +590,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Archiver(args) => archiver(args).await.map(|()| ExitCode::SUCCESS),
         Command::Query(_) => not_yet("query", "the query service"),
         Command::Replay(args) => replay(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Sql(_) => not_yet("sql", "the query service"),
+        Command::Sql(args) => sql::run(args).await,
         Command::Export(_) => not_yet("export", "the query service"),
         Command::Admin(args) => admin::run(args).await.map(|()| ExitCode::SUCCESS),
     }

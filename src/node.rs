@@ -99,6 +99,8 @@ pub enum NodeError {
     Gateway(#[from] StartError),
     #[error("archive: {0}")]
     Archive(#[from] loom_projector::archive::location::LocationError),
+    #[error("the SQL service: {0}")]
+    Sql(#[from] loom_query::sql::SqlError),
     #[error(
         "the embedded log's checkpoints are authenticated with the master key, and there is none"
     )]

@@ -7,6 +7,7 @@ use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver}
 use loom_projector::{
     FromArchive, ProjectorConfig, ProjectorError, ReplayReport, StoreLocation, project_active,
 };
+use loom_query::sql::{SqlLimits, SqlService};
 use loom_schemas::SecretString;
 use loom_schemas::keystore::KeyStore;
 use loom_schemas::log::{KafkaLog, Log, Topic};
@@ -39,6 +40,8 @@ pub enum RoleError {
     NothingToMigrate,
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error(transparent)]
+    Sql(#[from] loom_query::sql::SqlError),
     #[error(transparent)]
     Projector(#[from] ProjectorError),
     #[error("key store: {0}")]
@@ -157,6 +160,19 @@ async fn open_keys(
         return Err(RoleError::NoMasterKey(data_dir.master_key_file()));
     };
     Ok(Arc::new(open_key_store(location, data_dir, master).await?))
+}
+
+/// The SQL service over the archive at `archive` (`loom sql` on a data directory).
+pub async fn sql_service(
+    data_dir: &DataDir,
+    master_key: Option<&SecretString>,
+    key_store: &KeyStoreLocation,
+    archive: &ArchiveLocation,
+    limits: SqlLimits,
+) -> Result<SqlService, RoleError> {
+    let keys = open_keys(data_dir, master_key, key_store).await?;
+    let archive = Archive::open(archive).map_err(NodeError::from)?;
+    Ok(SqlService::new(archive, keys, limits)?)
 }
 
 /// `loom replay`: rebuilds the read models from the log (after the archive, if given) into a new

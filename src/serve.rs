@@ -5,12 +5,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
-use loom_gateway::ResponseIndex;
 use loom_gateway::config::GatewayConfig;
 use loom_gateway::install_metrics;
+use loom_gateway::{Control, ResponseIndex};
 use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver};
 use loom_projector::{Lookup, ProjectorConfig, StoreLocation, project_active};
-use loom_schemas::SecretString;
+use loom_query::archive::{Access, Scope};
+use loom_query::http::{Authenticate, Principal};
+use loom_query::sql::{SqlLimits, SqlService};
+use loom_schemas::crypto::hash_api_key;
+use loom_schemas::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -89,9 +93,15 @@ pub async fn serve(
         // The thread is named so that its CPU can be told apart (`loom bench gateway` does).
         spawn_on_thread(FOLD_THREAD, &tasks, projecting)?;
     }
+    let mut sql = None;
     if let Some((location, config)) = config.archive.clone() {
         let archive = Archive::open(&location)?;
         tracing::info!(%location, "archiving the log");
+        sql = Some(Arc::new(SqlService::new(
+            archive.clone(),
+            Arc::clone(&node.services.keys),
+            SqlLimits::default(),
+        )?));
         let archiver = Archiver::new(
             archive,
             Arc::clone(&node.services.log),
@@ -110,12 +120,22 @@ pub async fn serve(
         .clone()
         .or(config.lookup_read_models.clone())
         .map(|location| Arc::new(ReadModelIndex(Lookup::new(location))) as Arc<dyn ResponseIndex>);
+    let callers = Arc::new(Callers {
+        control: services.control.clone(),
+        admin_token: config
+            .admin_token
+            .as_ref()
+            .map(|token| token.expose_secret())
+            .filter(|token| !token.is_empty())
+            .map(hash_api_key),
+    });
     let app = loom_gateway::app(
         config.gateway,
         services,
         config.admin_token.as_ref(),
         &tasks,
-    )?;
+    )?
+    .merge(loom_query::http::routes(sql, callers));
     // Streams write small frames one after another: without TCP_NODELAY each one after the
     // first waits for the client's delayed ACK (40 ms on Linux).
     let listener = listener.tap_io(|tcp| {
@@ -133,6 +153,32 @@ pub async fn serve(
     node.close().await?;
     tracing::info!("stopped");
     served
+}
+
+/// Who calls the query service: a tenant's API key reads its tenant's archive (its events whole
+/// only if its roles may read bodies); the admin token reads every tenant's.
+struct Callers {
+    control: Control,
+    /// SHA-256 of the admin token.
+    admin_token: Option<[u8; 32]>,
+}
+
+impl Authenticate for Callers {
+    fn authenticate(&self, headers: &axum::http::HeaderMap) -> Option<Principal> {
+        let secret = loom_gateway::presented_key(headers)?;
+        // Compared as hashes, so the comparison's timing says nothing about the token.
+        if self.admin_token == Some(hash_api_key(secret)) {
+            return Some(Principal {
+                scope: Scope::AllTenants,
+                access: Access::Full,
+            });
+        }
+        let key = self.control.authenticate(secret)?;
+        Some(Principal {
+            scope: Scope::Tenant(key.tenant_id),
+            access: Access::for_roles(&key.roles),
+        })
+    }
 }
 
 /// Runs `work` on a thread of its own (with a runtime of its own), named `name`; `tasks` waits

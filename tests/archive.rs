@@ -267,3 +267,180 @@ async fn a_sigkilled_server_archives_every_event_once_after_its_restart() {
     ]);
     assert!(verified.status.success(), "{}", text(&verified.stdout));
 }
+
+/// `POST /v1/sql` with `credential`; the status and the body (JSON, or the text as a string).
+async fn sql(server: &Server, credential: &str, path: &str, body: Value) -> (u16, String, Value) {
+    let response = reqwest::Client::new()
+        .post(server.url(path))
+        .bearer_auth(credential)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let bytes = response.bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, content_type, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_over_http_and_the_cli_reads_each_tenant_only_its_own_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--archive-roll-after", "1s"],
+        &[("LOOM_ADMIN_TOKEN", TOKEN)],
+    )
+    .unwrap();
+    let (a, key_a) = common::tenant_and_key(&server, TOKEN, "a").await;
+    let (b, key_b) = common::tenant_and_key(&server, TOKEN, "b").await;
+    requests(&server, &key_a, 5).await;
+    requests(&server, &key_b, 3).await;
+    // The operator sees every tenant, once the archiver has written their files.
+    let started = Instant::now();
+    let received = json!({"query": "SELECT envelope_tenant_id AS tenant, count(*) AS n FROM events \
+        WHERE event_type = 'request.received' GROUP BY 1 ORDER BY n DESC"});
+    loop {
+        let (status, _, body) = sql(&server, TOKEN, "/v1/sql", received.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        if body["rows"] == json!([{"tenant": a, "n": 5}, {"tenant": b, "n": 3}]) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A tenant's key: its own rows only, whatever the query says.
+    let (status, content_type, body) = sql(
+        &server,
+        &key_a,
+        "/v1/sql",
+        json!({"query": "SELECT DISTINCT tenant_id AS t FROM requests UNION SELECT envelope_tenant_id FROM datafusion.public.events"}),
+    )
+    .await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "application/json"),
+        "{body}"
+    );
+    assert_eq!(body["rows"], json!([{"t": a}]));
+    assert_eq!(body["columns"], json!([{"name": "t", "type": "Utf8"}]));
+    assert_eq!(
+        (body["row_count"].clone(), body["truncated"].clone()),
+        (json!(1), json!(false))
+    );
+    let (status, content_type, body) = sql(
+        &server,
+        &key_a,
+        "/v1/sql?format=csv",
+        json!({"query": "SELECT count(*) AS n FROM requests"}),
+    )
+    .await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "text/csv; charset=utf-8")
+    );
+    assert_eq!(body, json!("n\n5\n"));
+    let arrow = reqwest::Client::new()
+        .post(server.url("/v1/sql"))
+        .bearer_auth(&key_a)
+        .header("accept", "application/vnd.apache.arrow.stream")
+        .json(&json!({"query": "SELECT event_id FROM events"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(arrow.status(), 200);
+    let rows: usize = arrow::ipc::reader::StreamReader::try_new(
+        std::io::Cursor::new(arrow.bytes().await.unwrap()),
+        None,
+    )
+    .unwrap()
+    .map(|batch| batch.unwrap().num_rows())
+    .sum();
+    assert!(rows >= 5);
+
+    // Refusals, each a clear OpenAI-shaped error.
+    for (credential, body, status, code) in [
+        (
+            "wrong",
+            json!({"query": "SELECT 1"}),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            key_a.as_str(),
+            json!({"query": "DROP TABLE events"}),
+            400,
+            "statement_not_allowed",
+        ),
+        (
+            key_a.as_str(),
+            json!({"query": "SELECT * FROM control_events"}),
+            400,
+            "invalid_sql",
+        ),
+        (
+            key_a.as_str(),
+            json!({"sql": "SELECT 1"}),
+            400,
+            "invalid_request",
+        ),
+        (
+            key_a.as_str(),
+            json!({"query": "SELECT 1", "format": "xml"}),
+            400,
+            "invalid_format",
+        ),
+    ] {
+        let (got, _, answer) = sql(&server, credential, "/v1/sql", body.clone()).await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
+    }
+
+    // The CLI, as the operator on the data directory.
+    let data_dir = dir.path().display().to_string();
+    let counted = loom(&[
+        "sql",
+        "--data-dir",
+        &data_dir,
+        "--tenant",
+        &a,
+        "--format",
+        "json",
+        "SELECT count(*) AS n FROM requests",
+    ]);
+    assert!(counted.status.success(), "{}", text(&counted.stderr));
+    assert_eq!(text(&counted.stdout).trim(), r#"[{"n":5}]"#);
+    let refused = loom(&[
+        "sql",
+        "--data-dir",
+        &data_dir,
+        "COPY (SELECT 1) TO '/tmp/loom-sql-cli.csv'",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("only queries"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    // Erased: B's rows are gone for the operator too; its key reads nothing.
+    let erased = reqwest::Client::new()
+        .post(server.url(&format!("/admin/tenants/{b}/erase")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(erased.status(), 204);
+    let (_, _, body) = sql(&server, TOKEN, "/v1/sql", received).await;
+    assert_eq!(body["rows"], json!([{"tenant": a, "n": 5}]));
+    let (status, _, _) = sql(&server, &key_b, "/v1/sql", json!({"query": "SELECT 1"})).await;
+    assert_eq!(status, 401);
+    assert!(server.stop().success());
+}

@@ -34,7 +34,7 @@ impl FromRequestParts<AppState> for Caller {
 
 /// The API key a client presented: `Authorization: Bearer`, `api-key` (Azure clients) or
 /// `x-api-key` (Anthropic clients).
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     value("authorization")
         .and_then(|v| {

@@ -27,6 +27,7 @@ mod translate;
 mod upstream;
 
 pub use admin::{AdminError, CreatedKey, CreatedTenant, KeyRequest, KeyView, TenantView};
+pub use auth::presented_key;
 pub use control::{ApiKeyInfo, Control, ControlState, TenantInfo};
 pub use error::GatewayError;
 pub use flow::Dialect;

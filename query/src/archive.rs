@@ -41,6 +41,18 @@ pub enum Access {
     Metadata,
 }
 
+impl Access {
+    /// What a key with `roles` reads: everything for the roles that call models (`inference`,
+    /// `developer`, `admin`, `owner`), the metadata columns only for the rest (`viewer`).
+    pub fn for_roles(roles: &[String]) -> Access {
+        let bodies = ["inference", "developer", "admin", "owner"];
+        match roles.iter().any(|role| bodies.contains(&role.as_str())) {
+            true => Access::Full,
+            false => Access::Metadata,
+        }
+    }
+}
+
 /// Whose files a session may read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {

@@ -66,7 +66,8 @@ pub fn write(
                 writer.write(batch)?;
             }
             writer.finish()?;
-            if batches.is_empty() {
+            // The writer writes nothing at all for no rows.
+            if out.is_empty() {
                 out.extend_from_slice(b"[]");
             }
         }

@@ -4,5 +4,6 @@
 
 pub mod archive;
 pub mod format;
+pub mod http;
 pub mod sql;
 mod store;

@@ -195,6 +195,8 @@ async fn sql_reads_a_tenants_archive_through_the_key_store() {
         .unwrap();
     let csv = format::write(Format::Csv, &empty.schema, &empty.batches).unwrap();
     assert_eq!(csv, b"event_id\n");
+    let json = format::write(Format::Json, &empty.schema, &empty.batches).unwrap();
+    assert_eq!(json, b"[]");
 
     // The metadata key alone: aggregates, but not the events (no record column at all).
     let metadata = |q: &'static str| sql.query(Scope::Tenant(a), Access::Metadata, q);
