@@ -82,8 +82,9 @@ enum Command {
     /// Run the archiver alone on a shared log (Kafka): every event into encrypted Parquet files
     /// on S3 (or a directory).
     Archiver(ArchiverArgs),
-    /// Run the query service alone (not yet available).
-    Query(NotYet),
+    /// Run the query service alone: `/v1/sql` over the archive (on S3 or a directory), for the
+    /// keys of the log's control plane and the admin token.
+    Query(QueryArgs),
     /// Rebuild the read models from the log (and the archive, with --from-archive) into a new
     /// version, then switch readers to it.
     Replay(ReplayArgs),
@@ -438,6 +439,29 @@ struct ArchiverArgs {
 }
 
 #[derive(Args)]
+struct QueryArgs {
+    #[command(flatten)]
+    data: DataDirArgs,
+
+    #[command(flatten)]
+    kafka: KafkaArgs,
+
+    #[command(flatten)]
+    key_store: KeyStoreArgs,
+
+    #[command(flatten)]
+    archive: ArchiveArgs,
+
+    /// Address to listen on; port 0 picks a free port (logged as `listening on ADDR`).
+    #[arg(long, env = "LOOM_LISTEN", default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+
+    /// Lets holders of this token query every tenant's archive.
+    #[arg(long, env = "LOOM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+#[derive(Args)]
 struct ProjectionArgs {
     /// Consumer group prefix of the projector's members (`-v<N>-data`, `-v<N>-control` added)
     /// [default: <topic prefix>read-models, so deployments sharing a cluster stay apart].
@@ -588,7 +612,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Projector(args) => projector(args).await.map(|()| ExitCode::SUCCESS),
         Command::Archiver(args) => archiver(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Query(_) => not_yet("query", "the query service"),
+        Command::Query(args) => query(args).await.map(|()| ExitCode::SUCCESS),
         Command::Replay(args) => replay(args).await.map(|()| ExitCode::SUCCESS),
         Command::Sql(args) => sql::run(args).await,
         Command::Export(_) => not_yet("export", "the query service"),
@@ -710,6 +734,29 @@ async fn archiver(args: ArchiverArgs) -> anyhow::Result<()> {
     .await;
     signals.abort();
     Ok(archived?)
+}
+
+async fn query(args: QueryArgs) -> anyhow::Result<()> {
+    let Some(location) = args.archive.location(&args.data)? else {
+        anyhow::bail!("`loom query --archive off` would have nothing to query");
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let (shutdown, signals) = cancel_on_signal();
+    let served = loom::roles::query(
+        &args.kafka.location(LogLocation::default()),
+        &args.data.dir(),
+        master_key_from_env().as_ref(),
+        &args.key_store.location(),
+        &location,
+        args.admin_token.map(SecretString::from).as_ref(),
+        listener,
+        shutdown,
+    )
+    .await;
+    signals.abort();
+    Ok(served?)
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<()> {

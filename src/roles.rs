@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use loom_gateway::Control;
 use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver};
 use loom_projector::{
     FromArchive, ProjectorConfig, ProjectorError, ReplayReport, StoreLocation, project_active,
@@ -31,6 +32,11 @@ pub enum RoleError {
          (`loom serve` archives the embedded log in-process)"
     )]
     ArchiverNeedsKafka,
+    #[error(
+        "`loom query` reads a log shared with other processes: set --kafka-brokers \
+         (`loom serve` answers /v1/sql in-process on the embedded log; `loom sql` queries a data dir)"
+    )]
+    QueryNeedsKafka,
     #[error(
         "no master key: neither LOOM_MASTER_KEY nor {} is there, and the archive's keys are \
          wrapped with it", .0.display()
@@ -160,6 +166,57 @@ async fn open_keys(
         return Err(RoleError::NoMasterKey(data_dir.master_key_file()));
     };
     Ok(Arc::new(open_key_store(location, data_dir, master).await?))
+}
+
+/// `loom query`: the query service alone, on `listener` until `shutdown`: `/v1/sql` over the
+/// archive at `location`, callers authenticated against the control topic of the log (followed
+/// live) and the admin token; `/health`, `/metrics`.
+#[allow(clippy::too_many_arguments)]
+pub async fn query(
+    log: &LogLocation,
+    data_dir: &DataDir,
+    master_key: Option<&SecretString>,
+    key_store: &KeyStoreLocation,
+    location: &ArchiveLocation,
+    admin_token: Option<&SecretString>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RoleError> {
+    // On the embedded log it could only read what the log held when it started: keys issued
+    // later would never be known.
+    if !matches!(log, LogLocation::Kafka { .. }) {
+        return Err(RoleError::QueryNeedsKafka);
+    }
+    let keys = open_keys(data_dir, master_key, key_store).await?;
+    let opened = open_log(log, data_dir, None, Access::Read).await?;
+    let control = Control::load(&*opened.log).await?;
+    let archive = Archive::open(location).map_err(NodeError::from)?;
+    let sql = SqlService::new(archive, Arc::clone(&keys), SqlLimits::default())?;
+    let tasks = TaskTracker::new();
+    tasks.spawn(
+        control
+            .clone()
+            .follow(Arc::clone(&opened.log), keys, shutdown.clone()),
+    );
+    let callers = Arc::new(crate::serve::Callers::new(control, admin_token));
+    let app = loom_query::http::routes(Some(Arc::new(sql)), callers)
+        .merge(loom_gateway::metrics_router());
+    tracing::info!(%location, "querying the archive");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!("listening on {addr}");
+    }
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .map_err(|source| RoleError::Io {
+            context: "serving HTTP".into(),
+            source,
+        });
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    tracing::info!("stopped");
+    served
 }
 
 /// The SQL service over the archive at `archive` (`loom sql` on a data directory).

@@ -120,15 +120,10 @@ pub async fn serve(
         .clone()
         .or(config.lookup_read_models.clone())
         .map(|location| Arc::new(ReadModelIndex(Lookup::new(location))) as Arc<dyn ResponseIndex>);
-    let callers = Arc::new(Callers {
-        control: services.control.clone(),
-        admin_token: config
-            .admin_token
-            .as_ref()
-            .map(|token| token.expose_secret())
-            .filter(|token| !token.is_empty())
-            .map(hash_api_key),
-    });
+    let callers = Arc::new(Callers::new(
+        services.control.clone(),
+        config.admin_token.as_ref(),
+    ));
     let app = loom_gateway::app(
         config.gateway,
         services,
@@ -157,10 +152,22 @@ pub async fn serve(
 
 /// Who calls the query service: a tenant's API key reads its tenant's archive (its events whole
 /// only if its roles may read bodies); the admin token reads every tenant's.
-struct Callers {
+pub(crate) struct Callers {
     control: Control,
     /// SHA-256 of the admin token.
     admin_token: Option<[u8; 32]>,
+}
+
+impl Callers {
+    pub(crate) fn new(control: Control, admin_token: Option<&SecretString>) -> Callers {
+        Callers {
+            control,
+            admin_token: admin_token
+                .map(|token| token.expose_secret())
+                .filter(|token| !token.is_empty())
+                .map(hash_api_key),
+        }
+    }
 }
 
 impl Authenticate for Callers {

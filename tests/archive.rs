@@ -444,3 +444,15 @@ async fn sql_over_http_and_the_cli_reads_each_tenant_only_its_own_archive() {
     assert_eq!(status, 401);
     assert!(server.stop().success());
 }
+
+#[test]
+fn loom_query_needs_a_shared_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = loom(&["query", "--data-dir", &dir.path().display().to_string()]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("--kafka-brokers"),
+        "{}",
+        text(&refused.stderr)
+    );
+}

@@ -212,6 +212,71 @@ async fn two_gateways_share_the_log_and_obey_each_others_control_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loom_query_answers_sql_for_keys_issued_on_the_shared_log() {
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock);
+    let prefix = format!("loom-e2e-{}.", uuid::Uuid::now_v7().simple());
+    let brokers = brokers();
+    let archive = dir.path().join("archive").display().to_string();
+    let shared = [
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-topic-prefix",
+        &prefix,
+        "--key-store-url",
+        &db.url,
+        "--archive",
+        &archive,
+    ];
+    let env = [("LOOM_MASTER_KEY", MASTER), ("LOOM_ADMIN_TOKEN", ADMIN)];
+    let mut serve_args = vec![
+        "--config",
+        config.to_str().unwrap(),
+        "--archive-roll-after",
+        "1s",
+    ];
+    serve_args.extend(shared);
+    let node = Server::start_as("serve", &dir.path().join("node"), &serve_args, &env).unwrap();
+    let query = Server::start_as("query", &dir.path().join("query"), &shared, &env).unwrap();
+
+    // A key issued after the query service started: known to it through the control topic.
+    let client = reqwest::Client::new();
+    let (_, key) = tenant_and_key(&node, ADMIN, "late").await;
+    let mut sent = Vec::new();
+    until(&client, &node, &key, |s| s == 200, &mut sent).await;
+    // (A key the node itself issued works at once: every request sent is a 200 of the tenant.)
+    let answered = sent.iter().filter(|(_, status)| *status == 200).count();
+    let started = Instant::now();
+    loop {
+        let response = client
+            .post(query.url("/v1/sql"))
+            .bearer_auth(&key)
+            .json(&json!({"query": "SELECT count(*) AS n FROM requests"}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        if status == 200 && body["rows"] == json!([{"n": answered}]) {
+            break;
+        }
+        assert!(status == 200 || status == 401, "{status}: {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{status}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let health = reqwest::get(query.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(query.stop().success());
+    assert!(node.stop().success());
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_during_a_broker_outage_drains_its_spool_after_restart() {
     let mock = MockServer::start(MockConfig::default()).await.unwrap();
     let db = TestDatabase::create().await;
