@@ -737,6 +737,9 @@ async fn archiver(args: ArchiverArgs) -> anyhow::Result<()> {
 }
 
 async fn query(args: QueryArgs) -> anyhow::Result<()> {
+    if args.kafka.kafka_brokers.is_none() {
+        return Err(loom::roles::RoleError::QueryNeedsKafka.into());
+    }
     let Some(location) = args.archive.location(&args.data)? else {
         anyhow::bail!("`loom query --archive off` would have nothing to query");
     };

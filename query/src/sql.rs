@@ -264,6 +264,7 @@ impl SqlService {
         let answer = match tokio::time::timeout(self.limits.timeout, run).await {
             Err(_) => {
                 abort.abort();
+                metrics::counter!("loom_sql_rejected_total", "reason" => "timeout").increment(1);
                 return Err(SqlError::Timeout(self.limits.timeout));
             }
             Ok(Err(joined)) => {
