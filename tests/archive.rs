@@ -417,6 +417,43 @@ async fn sql_over_http_and_the_cli_reads_each_tenant_only_its_own_archive() {
     ]);
     assert!(counted.status.success(), "{}", text(&counted.stderr));
     assert_eq!(text(&counted.stdout).trim(), r#"[{"n":5}]"#);
+    // The CLI through the server, with a tenant's key.
+    let remote = loom(&[
+        "sql",
+        "--url",
+        &server.base,
+        "--api-key",
+        &key_a,
+        "--format",
+        "json",
+        "SELECT count(*) AS n FROM requests",
+    ]);
+    assert!(remote.status.success(), "{}", text(&remote.stderr));
+    assert_eq!(text(&remote.stdout).trim(), r#"[{"n":5}]"#);
+    let table = loom(&[
+        "sql",
+        "--url",
+        &server.base,
+        "--api-key",
+        &key_a,
+        "SELECT DISTINCT tenant_id FROM requests",
+    ]);
+    assert!(table.status.success(), "{}", text(&table.stderr));
+    assert!(text(&table.stdout).contains(&a) && !text(&table.stdout).contains(&b));
+    let unauthorized = loom(&[
+        "sql",
+        "--url",
+        &server.base,
+        "--api-key",
+        "nope",
+        "SELECT 1",
+    ]);
+    assert!(!unauthorized.status.success());
+    assert!(
+        text(&unauthorized.stderr).contains("401"),
+        "{}",
+        text(&unauthorized.stderr)
+    );
     let refused = loom(&[
         "sql",
         "--data-dir",
