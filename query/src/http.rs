@@ -105,7 +105,8 @@ async fn run_sql(
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "archive_unavailable",
-            "this server keeps no archive (--archive off)",
+            "this server does not serve the archive (started with --archive off, or a `loom \
+             gateway`): ask `loom serve` or `loom query`",
         );
     };
     let answer = match sql
