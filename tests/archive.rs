@@ -365,6 +365,27 @@ async fn sql_over_http_and_the_cli_reads_each_tenant_only_its_own_archive() {
     .sum();
     assert!(rows >= 5);
 
+    // The API is described at /openapi.json (no key needed), a valid OpenAPI document.
+    let document = reqwest::get(server.url("/openapi.json")).await.unwrap();
+    assert_eq!(document.status(), 200);
+    let document: Value = document.json().await.unwrap();
+    let operation = &document["paths"]["/v1/sql"]["post"];
+    assert_eq!(operation["parameters"][0]["in"], "query", "{document}");
+    assert_eq!(operation["parameters"][0]["required"], false, "{document}");
+    let path = dir.path().join("openapi.json");
+    std::fs::write(&path, document.to_string()).unwrap();
+    let validated = Command::new(python())
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        validated.status.success(),
+        "{}{}",
+        text(&validated.stdout),
+        text(&validated.stderr)
+    );
+
     // Refusals, each a clear OpenAI-shaped error.
     for (credential, body, status, code) in [
         (

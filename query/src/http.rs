@@ -1,4 +1,4 @@
-//! The query service's HTTP routes: `POST /v1/sql`. Who may read what is decided by the caller's
+//! The query service's HTTP routes: `POST /v1/sql`, and `GET /openapi.json` describing them. Who may read what is decided by the caller's
 //! credentials ([`Authenticate`], given by the node that knows the keys): a tenant's key reads
 //! its tenant's archive, the operator's admin token every tenant's.
 
@@ -8,11 +8,13 @@ use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use crate::archive::{Access, Scope};
 use crate::format::{self, Format};
@@ -42,22 +44,120 @@ struct QueryState {
 pub fn routes(sql: Option<Arc<SqlService>>, auth: Arc<dyn Authenticate>) -> Router {
     Router::new()
         .route("/v1/sql", post(run_sql))
+        .route("/openapi.json", get(openapi))
         .with_state(QueryState { sql, auth })
 }
 
-#[derive(Deserialize)]
+/// A query over the caller's archive.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SqlRequest {
+    /// `SELECT …`, `WITH …`, `VALUES …` or `EXPLAIN …` over `events`, `requests`, `llm_calls`,
+    /// `tool_calls`, `quota_events`, `policy_findings` (and `control_events` for the operator).
+    #[schema(example = "SELECT model, count(*) AS calls FROM llm_calls GROUP BY model")]
     query: String,
+    /// `json` (the default), `csv` or `arrow` (Arrow IPC stream); also `?format=` or `Accept`.
     #[serde(default)]
     format: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// The rows of a query, as JSON.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Describes the JSON the handler writes.
+struct SqlAnswer {
+    columns: Vec<SqlColumn>,
+    /// One object per row, keyed by column name.
+    #[schema(value_type = Vec<Object>)]
+    rows: Vec<()>,
+    row_count: usize,
+    /// Whether rows were cut at the row or byte limit.
+    truncated: bool,
+    elapsed_ms: f64,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct SqlColumn {
+    name: String,
+    /// The Arrow type, e.g. `Utf8`, `Int64`, `Timestamp(µs, "UTC")`.
+    r#type: String,
+}
+
+/// OpenAI's error shape.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct ErrorDetail {
+    message: String,
+    /// `invalid_request_error`, `rate_limit_error` or `server_error`.
+    r#type: String,
+    param: Option<String>,
+    /// `invalid_sql`, `statement_not_allowed`, `query_too_large`, `invalid_request`,
+    /// `invalid_format`, `invalid_api_key`, `query_timeout`, `too_many_queries`,
+    /// `archive_unavailable`.
+    code: String,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct FormatParam {
+    /// `json`, `csv` or `arrow`.
     format: Option<String>,
 }
 
+/// The query service's OpenAPI document (`GET /openapi.json`), generated from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Loom query API", description = "SQL over Loom's archive; docs/query.md"),
+    paths(run_sql),
+    components(schemas(SqlRequest, SqlAnswer, SqlColumn, ErrorBody, ErrorDetail)),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+/// API keys and the admin token go in `Authorization: Bearer`.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// Runs a query over the caller's archive: a tenant's key reads its tenant's events, the admin
+/// token every tenant's.
+#[utoipa::path(
+    post,
+    path = "/v1/sql",
+    params(FormatParam),
+    request_body = SqlRequest,
+    responses(
+        (status = 200, description = "The rows (`x-loom-rows`, `x-loom-truncated` headers too)",
+         content((SqlAnswer = "application/json"), (String = "text/csv"),
+                 (Vec<u8> = "application/vnd.apache.arrow.stream"))),
+        (status = 400, description = "Bad SQL, a refused statement, a bad body or format", body = ErrorBody),
+        (status = 401, description = "No key, or a wrong one", body = ErrorBody),
+        (status = 408, description = "Cancelled at the time limit", body = ErrorBody),
+        (status = 429, description = "The tenant runs its limit of queries already", body = ErrorBody),
+        (status = 503, description = "No archive here, or it cannot be read", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn run_sql(
     State(state): State<QueryState>,
     Query(param): Query<FormatParam>,
