@@ -258,12 +258,12 @@ impl SqlService {
             }
             Ok::<_, DataFusionError>((schema, batches, rows, truncated))
         });
-        // Dropping the task's handle on timeout does not stop it: abort it, which drops the
-        // stream and so cancels every operator of the plan.
-        let abort = run.abort_handle();
+        // Dropping the task's handle does not stop it: on a timeout, or when the caller goes
+        // away (a client that disconnects drops this future), the task is aborted, which drops
+        // the stream and so cancels every operator of the plan.
+        let _abort = AbortOnDrop(run.abort_handle());
         let answer = match tokio::time::timeout(self.limits.timeout, run).await {
             Err(_) => {
-                abort.abort();
                 metrics::counter!("loom_sql_rejected_total", "reason" => "timeout").increment(1);
                 return Err(SqlError::Timeout(self.limits.timeout));
             }
@@ -427,6 +427,15 @@ impl PhysicalOptimizerRule for YieldEverywhere {
 
     fn schema_check(&self) -> bool {
         true
+    }
+}
+
+/// Aborts a task when dropped (a no-op once it has finished).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

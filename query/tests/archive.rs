@@ -414,6 +414,48 @@ async fn every_sql_limit_holds() {
     assert!(matches!(endless, Err(SqlError::Timeout(_))), "{endless:?}");
     after_cancel().await.unwrap();
 
+    // A caller that goes away (a client that disconnects) cancels its query too.
+    let patient = Arc::new(service(
+        &archive,
+        &keys,
+        SqlLimits {
+            timeout: Duration::from_secs(600),
+            per_scope: 1,
+            ..SqlLimits::default()
+        },
+    ));
+    let caller = tokio::spawn({
+        let patient = Arc::clone(&patient);
+        async move {
+            patient
+                .query(Scope::Tenant(a), Access::Full, cartesian)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(matches!(
+        patient
+            .query(Scope::Tenant(a), Access::Full, "SELECT 1")
+            .await,
+        Err(SqlError::Busy(1))
+    ));
+    caller.abort();
+    let mut stopped = false;
+    for _ in 0..200 {
+        match patient
+            .query(Scope::Tenant(a), Access::Full, "SELECT 1")
+            .await
+        {
+            Err(SqlError::Busy(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => {
+                other.unwrap();
+                stopped = true;
+                break;
+            }
+        }
+    }
+    assert!(stopped, "the abandoned query never stopped");
+
     // A query that needs more memory than its pool, with no disk to spill to.
     let small = service(
         &archive,
