@@ -216,6 +216,15 @@ async fn run_sql(
         Ok(answer) => answer,
         Err(e) => {
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            if status.is_server_error() {
+                // What failed inside (a path, the store's words) is for the operator's log.
+                tracing::error!(error = %e, "a SQL query failed");
+                return error(
+                    status,
+                    e.code(),
+                    "the archive could not be read; the server's log has the details",
+                );
+            }
             return error(status, e.code(), &e.to_string());
         }
     };

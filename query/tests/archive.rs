@@ -255,11 +255,11 @@ async fn sql_reads_a_tenants_archive_through_the_key_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_fails_closed_on_every_trick() {
-    let (_dir, archive, keys, tenants) = archived().await;
+    let (dir, archive, keys, tenants) = archived().await;
     let (a, b) = (tenants[0], tenants[1]);
     let manifest_b = archive.manifest(b).await.unwrap();
     let file_b = archive.file_path(b, manifest_b.files.keys().next().unwrap());
-    let file_b_on_disk = _dir.path().join("archive").join(file_b.to_string());
+    let file_b_on_disk = dir.path().join("archive").join(file_b.to_string());
     assert!(file_b_on_disk.exists(), "{}", file_b_on_disk.display());
     let dir_b = file_b_on_disk.parent().unwrap().parent().unwrap();
     let sql = service(&archive, &keys, SqlLimits::default());
