@@ -424,6 +424,19 @@ async fn sql_over_http_and_the_cli_reads_each_tenant_only_its_own_archive() {
         assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
     }
 
+    let (status, _, answer) = sql(
+        &server,
+        &key_a,
+        "/v1/sql?format=csv&format=json",
+        json!({"query": "SELECT 1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["error"]["code"]),
+        (400, &json!("invalid_request")),
+        "{answer}"
+    );
+
     // The CLI, as the operator on the data directory.
     let data_dir = dir.path().display().to_string();
     let counted = loom(&[

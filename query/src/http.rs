@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -160,10 +161,20 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 )]
 async fn run_sql(
     State(state): State<QueryState>,
-    Query(param): Query<FormatParam>,
+    param: Result<Query<FormatParam>, QueryRejection>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let Query(param) = match param {
+        Ok(param) => param,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("the query string: {}", e.body_text()),
+            );
+        }
+    };
     let Some(principal) = state.auth.authenticate(&headers) else {
         return error(
             StatusCode::UNAUTHORIZED,
