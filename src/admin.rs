@@ -220,6 +220,14 @@ enum Target {
     },
 }
 
+/// The message of a Loom error body (OpenAI's shape), or the body itself.
+pub(crate) fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
+}
+
 impl Target {
     async fn call(
         &self,
@@ -243,15 +251,7 @@ impl Target {
         let status = response.status();
         let text = response.text().await?;
         if !status.is_success() {
-            let message = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| {
-                    v.pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned)
-                })
-                .unwrap_or(text);
-            anyhow::bail!("{status}: {message}");
+            anyhow::bail!("{status}: {}", error_message(text.as_bytes()));
         }
         Ok(if text.is_empty() {
             Value::Null

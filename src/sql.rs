@@ -182,11 +182,7 @@ async fn remote(url: &str, key: &str, args: &SqlArgs) -> anyhow::Result<ExitCode
     let truncated = header("x-loom-truncated").as_deref() == Some("true");
     let body = response.bytes().await?;
     if !status.is_success() {
-        let message = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        anyhow::bail!("{status}: {message}");
+        anyhow::bail!("{status}: {}", crate::admin::error_message(&body));
     }
     let bytes = match args.format {
         OutputFormat::Table => {

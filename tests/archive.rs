@@ -45,6 +45,17 @@ async fn requests(server: &Server, key: &str, count: usize) {
     }
 }
 
+/// Erases `tenant` through `server`'s admin API.
+async fn erase(server: &Server, tenant: &str) {
+    let erased = reqwest::Client::new()
+        .post(server.url(&format!("/admin/tenants/{tenant}/erase")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(erased.status(), 204);
+}
+
 /// The first archive file of `tenant` under `data_dir`, once there is one.
 async fn first_file(data_dir: &Path, tenant: &str) -> PathBuf {
     let dir = data_dir.join("archive").join(format!("tenant_id={tenant}"));
@@ -145,13 +156,7 @@ async fn pyarrow_reads_the_archive_through_the_key_service_until_the_tenant_is_e
 
     // Erased: the key service refuses the tenant's keys, the gateway its API keys, and the
     // archive still verifies (erasure is not tampering).
-    let erased = reqwest::Client::new()
-        .post(server.url(&format!("/admin/tenants/{tenant}/erase")))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(erased.status(), 204);
+    erase(&server, &tenant).await;
     let after = pyarrow("full", &file, &server);
     assert!(after["error"].is_string(), "{after}");
     let refused = reqwest::Client::new()
@@ -502,13 +507,7 @@ async fn sql_over_http_and_the_cli_reads_each_tenant_only_its_own_archive() {
     );
 
     // Erased: B's rows are gone for the operator too; its key reads nothing.
-    let erased = reqwest::Client::new()
-        .post(server.url(&format!("/admin/tenants/{b}/erase")))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(erased.status(), 204);
+    erase(&server, &b).await;
     let (_, _, body) = sql(&server, TOKEN, "/v1/sql", received).await;
     assert_eq!(body["rows"], json!([{"tenant": a, "n": 5}]));
     let (status, _, _) = sql(&server, &key_b, "/v1/sql", json!({"query": "SELECT 1"})).await;

@@ -75,8 +75,14 @@ async fn archived() -> (tempfile::TempDir, Archive, Arc<KeyStore>, Vec<Uuid>) {
     (dir, archive, keys, tenants)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// `answer` written in `format`.
+fn written(format: Format, answer: &Answer) -> Vec<u8> {
+    format::write(format, &answer.schema, &answer.batches).unwrap()
+}
+
+/// `answer` written in a text `format`.
+fn written_text(format: Format, answer: &Answer) -> String {
+    String::from_utf8(written(format, answer)).unwrap()
 }
 
 fn service(archive: &Archive, keys: &Arc<KeyStore>, limits: SqlLimits) -> SqlService {
@@ -183,7 +189,7 @@ async fn sql_reads_a_tenants_archive_through_the_key_store() {
             Access::Full,
             &format!(
                 "SELECT DISTINCT trace_id FROM events WHERE trace_digest = X'{}'",
-                hex(&digest)
+                hex::encode(&digest)
             ),
         )
         .await
@@ -200,15 +206,12 @@ async fn sql_reads_a_tenants_archive_through_the_key_store() {
                 Access::Full,
                 &format!(
                     "EXPLAIN ANALYZE SELECT count(*) FROM events WHERE trace_digest = X'{}'",
-                    hex(&absent)
+                    hex::encode(&absent)
                 ),
             )
             .await
             .unwrap();
-        let plan = String::from_utf8(
-            format::write(Format::Csv, &explained.schema, &explained.batches).unwrap(),
-        )
-        .unwrap();
+        let plan = written_text(Format::Csv, &explained);
         // `row_groups_pruned_bloom_filter=N total → M matched`: N - M row groups skipped.
         let counts: Vec<u64> = plan
             .split("row_groups_pruned_bloom_filter=")
@@ -230,20 +233,13 @@ async fn sql_reads_a_tenants_archive_through_the_key_store() {
         full("SELECT event_type, count(*) AS n FROM events GROUP BY event_type ORDER BY 1")
             .await
             .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(
-        &format::write(Format::Json, &answer.schema, &answer.batches).unwrap(),
-    )
-    .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&written(Format::Json, &answer)).unwrap();
     assert_eq!(json.as_array().unwrap().len(), answer.rows);
-    let csv =
-        String::from_utf8(format::write(Format::Csv, &answer.schema, &answer.batches).unwrap())
-            .unwrap();
+    let csv = written_text(Format::Csv, &answer);
     assert!(csv.starts_with("event_type,n\n") && csv.lines().count() == answer.rows + 1);
-    let table =
-        String::from_utf8(format::write(Format::Table, &answer.schema, &answer.batches).unwrap())
-            .unwrap();
+    let table = written_text(Format::Table, &answer);
     assert!(table.contains("llm_call.completed"), "{table}");
-    let ipc = format::write(Format::Arrow, &answer.schema, &answer.batches).unwrap();
+    let ipc = written(Format::Arrow, &answer);
     let read: usize = datafusion::arrow::ipc::reader::StreamReader::try_new(&ipc[..], None)
         .unwrap()
         .map(|batch| batch.unwrap().num_rows())
@@ -252,9 +248,9 @@ async fn sql_reads_a_tenants_archive_through_the_key_store() {
     let empty = full("SELECT event_id FROM events WHERE false")
         .await
         .unwrap();
-    let csv = format::write(Format::Csv, &empty.schema, &empty.batches).unwrap();
+    let csv = written(Format::Csv, &empty);
     assert_eq!(csv, b"event_id\n");
-    let json = format::write(Format::Json, &empty.schema, &empty.batches).unwrap();
+    let json = written(Format::Json, &empty);
     assert_eq!(json, b"[]");
 
     // The metadata key alone: aggregates, but not the events (no record column at all).
@@ -392,10 +388,7 @@ async fn sql_fails_closed_on_every_trick() {
         )
         .await
         .unwrap();
-    let text = String::from_utf8(
-        format::write(Format::Table, &explained.schema, &explained.batches).unwrap(),
-    )
-    .unwrap();
+    let text = written_text(Format::Table, &explained);
     assert!(!text.contains(&b.to_string()), "{text}");
 }
 
