@@ -456,7 +456,18 @@ struct QueryArgs {
     #[arg(long, env = "LOOM_LISTEN", default_value = "127.0.0.1:8081")]
     listen: SocketAddr,
 
-    /// Lets holders of this token query every tenant's archive.
+    /// The read models `loom projector` folds (a Postgres URL), which the analytics
+    /// (`/v1/analytics/*`, `/v1/alerts`, `/v1/activity`) answer from; without it, only SQL over
+    /// the archive is served.
+    #[arg(
+        long,
+        env = "LOOM_READ_MODELS",
+        hide_env_values = true,
+        value_name = "URL_OR_DIR"
+    )]
+    read_models: Option<String>,
+
+    /// Lets holders of this token query every tenant's data.
     #[arg(long, env = "LOOM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
 }
@@ -753,6 +764,7 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
         master_key_from_env().as_ref(),
         &args.key_store.location(),
         &location,
+        args.read_models.as_deref().map(StoreLocation::parse),
         args.admin_token.map(SecretString::from).as_ref(),
         listener,
         shutdown,

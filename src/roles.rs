@@ -8,6 +8,7 @@ use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver}
 use loom_projector::{
     FromArchive, ProjectorConfig, ProjectorError, ReplayReport, StoreLocation, project_active,
 };
+use loom_query::analytics::Analytics;
 use loom_query::sql::{SqlLimits, SqlService};
 use loom_schemas::SecretString;
 use loom_schemas::keystore::KeyStore;
@@ -169,8 +170,9 @@ async fn open_keys(
 }
 
 /// `loom query`: the query service alone, on `listener` until `shutdown`: `/v1/sql` over the
-/// archive at `location`, callers authenticated against the control topic of the log (followed
-/// live) and the admin token; `/health`, `/metrics`.
+/// archive at `location`, the analytics over `read_models` (if given), callers authenticated
+/// against the control topic of the log (followed live) and the admin token; `/health`,
+/// `/metrics`.
 #[allow(clippy::too_many_arguments)]
 pub async fn query(
     log: &LogLocation,
@@ -178,6 +180,7 @@ pub async fn query(
     master_key: Option<&SecretString>,
     key_store: &KeyStoreLocation,
     location: &ArchiveLocation,
+    read_models: Option<StoreLocation>,
     admin_token: Option<&SecretString>,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
@@ -199,7 +202,8 @@ pub async fn query(
             .follow(Arc::clone(&opened.log), keys, shutdown.clone()),
     );
     let callers = Arc::new(crate::serve::Callers::new(control, admin_token));
-    let app = loom_query::http::routes(Some(Arc::new(sql)), callers)
+    let analytics = read_models.map(|location| Arc::new(Analytics::new(location)));
+    let app = loom_query::http::routes(Some(Arc::new(sql)), analytics, callers)
         .merge(loom_gateway::metrics_router());
     tracing::info!(%location, "querying the archive");
     if let Ok(addr) = listener.local_addr() {

@@ -10,6 +10,7 @@ use loom_gateway::install_metrics;
 use loom_gateway::{Control, ResponseIndex};
 use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver};
 use loom_projector::{Lookup, ProjectorConfig, StoreLocation, project_active};
+use loom_query::analytics::Analytics;
 use loom_query::archive::{Access, Scope};
 use loom_query::http::{Authenticate, Principal};
 use loom_query::sql::{SqlLimits, SqlService};
@@ -115,11 +116,11 @@ pub async fn serve(
     // Stored responses another gateway (or this one before a restart) made are found in the
     // read models.
     let mut services = node.services.clone();
-    services.response_index = config
-        .read_models
+    let reads = config.read_models.or(config.lookup_read_models);
+    services.response_index = reads
         .clone()
-        .or(config.lookup_read_models.clone())
         .map(|location| Arc::new(ReadModelIndex(Lookup::new(location))) as Arc<dyn ResponseIndex>);
+    let analytics = reads.map(|location| Arc::new(Analytics::new(location)));
     let callers = Arc::new(Callers::new(
         services.control.clone(),
         config.admin_token.as_ref(),
@@ -130,7 +131,7 @@ pub async fn serve(
         config.admin_token.as_ref(),
         &tasks,
     )?
-    .merge(loom_query::http::routes(sql, callers));
+    .merge(loom_query::http::routes(sql, analytics, callers));
     // Streams write small frames one after another: without TCP_NODELAY each one after the
     // first waits for the client's delayed ACK (40 ms on Linux).
     let listener = listener.tap_io(|tcp| {

@@ -1,5 +1,6 @@
-//! What the data plane looks up in the read models, always in the version readers use: which
-//! deployment made a response an upstream stores (`llm_calls.response_id`), for one tenant.
+//! Reading the read models, always in the version readers use: what the query service answers
+//! from, and what the data plane looks up (which deployment made a response an upstream stores,
+//! `llm_calls.response_id`).
 
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -22,6 +23,25 @@ impl Lookup {
         }
     }
 
+    /// The active version of the read models, opened on first use and again after a replay
+    /// switched versions.
+    pub async fn store(&self) -> Result<ReadStore, StoreError> {
+        let mut open = self.open.lock().await;
+        let (catalog, store) = match open.as_mut() {
+            Some(open) => open,
+            None => open.insert((Catalog::open(&self.location).await?, None)),
+        };
+        let active = catalog.active().await?;
+        match store {
+            Some(store) if store.version() == active => Ok(store.clone()),
+            _ => {
+                let opened = ReadStore::open_reader(&self.location, active).await?;
+                *store = Some(opened.clone());
+                Ok(opened)
+            }
+        }
+    }
+
     /// The name of the deployment that made `response_id` for `tenant`, if the read models
     /// have it.
     pub async fn response_deployment(
@@ -29,20 +49,10 @@ impl Lookup {
         tenant: Uuid,
         response_id: &str,
     ) -> Result<Option<String>, StoreError> {
-        let mut open = self.open.lock().await;
-        if open.is_none() {
-            *open = Some((Catalog::open(&self.location).await?, None));
-        }
-        let Some((catalog, store)) = open.as_mut() else {
-            return Ok(None);
-        };
-        let active = catalog.active().await?;
-        if store.as_ref().is_none_or(|s| s.version() != active) {
-            *store = Some(ReadStore::open_migrated(&self.location, active).await?);
-        }
-        let Some(store) = store.as_ref() else {
-            return Ok(None);
-        };
-        Ok(store.response_deployment(tenant, response_id).await?)
+        Ok(self
+            .store()
+            .await?
+            .response_deployment(tenant, response_id)
+            .await?)
     }
 }

@@ -80,7 +80,7 @@ pub struct ReadStore {
 impl ReadStore {
     /// Opens version `version` of the read models, creating and migrating it when needed.
     pub async fn open(location: &StoreLocation, version: u32) -> Result<ReadStore, StoreError> {
-        Self::connect(location, version, true).await
+        Self::connect(location, version, true, 1).await
     }
 
     /// Opens version `version` of the read models, which `loom migrate` must have migrated.
@@ -88,13 +88,23 @@ impl ReadStore {
         location: &StoreLocation,
         version: u32,
     ) -> Result<ReadStore, StoreError> {
-        Self::connect(location, version, false).await
+        Self::connect(location, version, false, 1).await
+    }
+
+    /// Opens version `version` of the read models, already migrated, to read from: on SQLite
+    /// with two connections, so that one slow query does not hold up every other.
+    pub async fn open_reader(
+        location: &StoreLocation,
+        version: u32,
+    ) -> Result<ReadStore, StoreError> {
+        Self::connect(location, version, false, 2).await
     }
 
     async fn connect(
         location: &StoreLocation,
         version: u32,
         migrate: bool,
+        sqlite_connections: u32,
     ) -> Result<ReadStore, StoreError> {
         sqlx::any::install_default_drivers();
         let (pool, backend) = match location {
@@ -102,7 +112,10 @@ impl ReadStore {
                 connect_postgres(url.expose_secret(), version).await?,
                 Backend::Postgres,
             ),
-            StoreLocation::Sqlite(dir) => (connect_sqlite(dir, version).await?, Backend::Sqlite),
+            StoreLocation::Sqlite(dir) => (
+                connect_sqlite(dir, version, sqlite_connections).await?,
+                Backend::Sqlite,
+            ),
         };
         let migrator = match backend {
             Backend::Postgres => &POSTGRES_MIGRATOR,
@@ -337,7 +350,7 @@ async fn connect_postgres(url: &str, version: u32) -> Result<AnyPool, StoreError
     Ok(pool)
 }
 
-async fn connect_sqlite(dir: &Path, version: u32) -> Result<AnyPool, StoreError> {
+async fn connect_sqlite(dir: &Path, version: u32, connections: u32) -> Result<AnyPool, StoreError> {
     std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
         context: format!("creating {}", dir.display()),
         source,
@@ -345,8 +358,8 @@ async fn connect_sqlite(dir: &Path, version: u32) -> Result<AnyPool, StoreError>
     let url = format!("sqlite://{}?mode=rwc", sqlite_file(dir, version).display());
     let options = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
     let pool = AnyPoolOptions::new()
-        // One writer at a time is all SQLite has; one connection keeps it simple.
-        .max_connections(1)
+        // One writer at a time is all SQLite has: a writer keeps to one connection.
+        .max_connections(connections)
         .after_connect(|conn, _| {
             Box::pin(async move {
                 // WAL: readers beside the writer. A 64 MiB page cache keeps the indexes of big

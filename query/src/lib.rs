@@ -2,6 +2,7 @@
 //! models. So far: the archive read with DataFusion (`archive`), tenant-safe SQL over it (`sql`)
 //! and its results as JSON, CSV, Arrow IPC or a table (`format`).
 
+pub mod analytics;
 pub mod archive;
 pub mod format;
 pub mod http;

@@ -481,6 +481,7 @@ pub fn history(
                     None,
                     1,
                     100,
+                    None,
                 ),
             ));
             continue;
@@ -507,6 +508,7 @@ pub fn history(
         let attempts = if gives_up { 3 } else { failures + 1 };
         let mut offset = 100;
         let mut usage = None;
+        let mut first_token = None;
         for attempt in 1..=attempts {
             let ok = !gives_up && attempt == attempts;
             let latency = if ok {
@@ -549,6 +551,10 @@ pub fn history(
                 dropped_fields: Vec::new(),
             };
             call.cost_micro_usd = call.tokens_out.map(|out| out * 3 + body.len() as i64 / 8);
+            call.cache_saved_micro_usd = call.tokens_cached_read.filter(|&c| c > 0).map(|c| c / 2);
+            if ok && stream {
+                first_token = Some(offset + latency / 4);
+            }
             let call_envelope = envelope(tenant, trace, started + offset + latency);
             if ok {
                 let response = br#"{"choices":[]}"#;
@@ -594,6 +600,7 @@ pub fn history(
                 Some((model, provider, usage)),
                 attempts,
                 offset,
+                first_token,
             ),
             None => completed(
                 RequestStatus::Error,
@@ -602,6 +609,7 @@ pub fn history(
                 None,
                 attempts,
                 offset,
+                None,
             ),
         };
         events.push(event(tenant, trace, started + offset + 300, done));
@@ -620,6 +628,7 @@ fn completed(
     served: Option<(&str, &str, Usage)>,
     attempts: u32,
     latency_us: i64,
+    ttft_us: Option<i64>,
 ) -> Payload {
     let (tokens_in, tokens_out, tokens_cached_read, cost_micro_usd) =
         served.map_or((None, None, None, None), |(_, _, usage)| usage);
@@ -638,7 +647,7 @@ fn completed(
         usage_estimated: false,
         cost_micro_usd,
         latency_us,
-        ttft_us: None,
+        ttft_us,
         overhead_us: 300,
     }
     .into()

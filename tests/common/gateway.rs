@@ -6,6 +6,7 @@ use std::time::Duration;
 use loom::{DataDir, NodeConfig, ServeConfig};
 use loom_gateway::config::{GatewayConfig, RawConfig};
 use loom_mock::{MockConfig, MockServer};
+use loom_projector::StoreLocation;
 use loom_schemas::codec::Registry;
 use loom_schemas::crypto::FieldContext;
 use loom_schemas::event::{Event, Payload};
@@ -31,6 +32,12 @@ pub struct Harness {
 
 /// A gateway whose upstreams all point at one mock; `extra` is appended to the config file.
 pub async fn start(mock_config: MockConfig, extra: &str) -> Harness {
+    start_with(mock_config, extra, false).await
+}
+
+/// As [`start`], folding the read models (SQLite, in the data dir) in process when
+/// `read_models` is set, as `loom serve` does.
+pub async fn start_with(mock_config: MockConfig, extra: &str, read_models: bool) -> Harness {
     let mock = MockServer::start(mock_config).await.unwrap();
     let text = format!(
         r#"
@@ -85,7 +92,7 @@ deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
         },
         gateway,
         admin_token: Some(ADMIN.into()),
-        read_models: None,
+        read_models: read_models.then(|| StoreLocation::Sqlite(dir.path().join("read-models"))),
         lookup_read_models: None,
         projector: Default::default(),
         archive: None,

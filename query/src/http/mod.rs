@@ -1,6 +1,9 @@
-//! The query service's HTTP routes: `POST /v1/sql`, and `GET /openapi.json` describing them. Who may read what is decided by the caller's
-//! credentials ([`Authenticate`], given by the node that knows the keys): a tenant's key reads
-//! its tenant's archive, the operator's admin token every tenant's.
+//! The query service's HTTP routes: `POST /v1/sql` over the archive, the analytics over the read
+//! models (`analytics`), and `GET /openapi.json` describing them. Who may read what is decided
+//! by the caller's credentials ([`Authenticate`], given by the node that knows the keys): a
+//! tenant's key reads its tenant's data, the operator's admin token every tenant's.
+
+mod analytics;
 
 use std::sync::Arc;
 
@@ -17,6 +20,7 @@ use serde_json::value::RawValue;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
+use crate::analytics::Analytics;
 use crate::archive::{Access, Scope};
 use crate::format::{self, Format};
 use crate::sql::SqlService;
@@ -38,15 +42,35 @@ pub trait Authenticate: Send + Sync {
 struct QueryState {
     /// `None` when the node keeps no archive.
     sql: Option<Arc<SqlService>>,
+    /// `None` when the node reads no read models.
+    analytics: Option<Arc<Analytics>>,
     auth: Arc<dyn Authenticate>,
 }
 
 /// The query service's routes, to merge into a node's router.
-pub fn routes(sql: Option<Arc<SqlService>>, auth: Arc<dyn Authenticate>) -> Router {
+pub fn routes(
+    sql: Option<Arc<SqlService>>,
+    analytics: Option<Arc<Analytics>>,
+    auth: Arc<dyn Authenticate>,
+) -> Router {
     Router::new()
         .route("/v1/sql", post(run_sql))
+        .route("/v1/analytics", get(analytics::legacy))
+        .route("/v1/analytics/summary", get(analytics::summary))
+        .route("/v1/analytics/timeseries", get(analytics::timeseries))
+        .route("/v1/analytics/breakdown", get(analytics::breakdown))
+        .route("/v1/analytics/top", get(analytics::top))
+        .route("/v1/analytics/top-expensive", get(analytics::top_expensive))
+        .route("/v1/analytics/errors", get(analytics::errors))
+        .route("/v1/analytics/error-rate", get(analytics::error_rate))
+        .route("/v1/alerts", get(analytics::alerts))
+        .route("/v1/activity", get(analytics::activity))
         .route("/openapi.json", get(openapi))
-        .with_state(QueryState { sql, auth })
+        .with_state(QueryState {
+            sql,
+            analytics,
+            auth,
+        })
 }
 
 /// A query over the caller's archive.
@@ -100,7 +124,7 @@ struct ErrorDetail {
     param: Option<String>,
     /// `invalid_sql`, `statement_not_allowed`, `query_too_large`, `invalid_request`,
     /// `invalid_format`, `invalid_api_key`, `query_timeout`, `too_many_queries`,
-    /// `archive_unavailable`.
+    /// `archive_unavailable`, `read_models_unavailable`.
     code: String,
 }
 
@@ -114,9 +138,31 @@ struct FormatParam {
 /// The query service's OpenAPI document (`GET /openapi.json`), generated from the handlers.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Loom query API", description = "SQL over Loom's archive; docs/query.md"),
-    paths(run_sql),
-    components(schemas(SqlRequest, SqlAnswer, SqlColumn, ErrorBody, ErrorDetail)),
+    info(
+        title = "Loom query API",
+        description = "Analytics over Loom's read models and SQL over its archive; docs/query.md"
+    ),
+    paths(
+        run_sql,
+        analytics::summary,
+        analytics::timeseries,
+        analytics::breakdown,
+        analytics::top,
+        analytics::top_expensive,
+        analytics::errors,
+        analytics::error_rate,
+        analytics::legacy,
+        analytics::alerts,
+        analytics::activity,
+    ),
+    components(schemas(
+        SqlRequest,
+        SqlAnswer,
+        SqlColumn,
+        ErrorBody,
+        ErrorDetail,
+        crate::analytics::Metrics
+    )),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
