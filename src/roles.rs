@@ -9,7 +9,9 @@ use loom_projector::{
     FromArchive, ProjectorConfig, ProjectorError, ReplayReport, StoreLocation, project_active,
 };
 use loom_query::analytics::Analytics;
+use loom_query::http::QueryServices;
 use loom_query::sql::{SqlLimits, SqlService};
+use loom_query::traces::Traces;
 use loom_schemas::SecretString;
 use loom_schemas::keystore::KeyStore;
 use loom_schemas::log::{KafkaLog, Log, Topic};
@@ -196,15 +198,27 @@ pub async fn query(
     let archive = Archive::open(location).map_err(NodeError::from)?;
     let sql = SqlService::new(archive, Arc::clone(&keys), SqlLimits::default())?;
     let tasks = TaskTracker::new();
-    tasks.spawn(
-        control
-            .clone()
-            .follow(Arc::clone(&opened.log), keys, shutdown.clone()),
-    );
+    tasks.spawn(control.clone().follow(
+        Arc::clone(&opened.log),
+        Arc::clone(&keys),
+        shutdown.clone(),
+    ));
     let callers = Arc::new(crate::serve::Callers::new(control, admin_token));
-    let analytics = read_models.map(|location| Arc::new(Analytics::new(location)));
-    let app = loom_query::http::routes(Some(Arc::new(sql)), analytics, callers)
-        .merge(loom_gateway::metrics_router());
+    let sql = Arc::new(sql);
+    let query = QueryServices {
+        analytics: read_models
+            .clone()
+            .map(|location| Arc::new(Analytics::new(location))),
+        traces: read_models.map(|location| {
+            Arc::new(Traces::new(
+                location,
+                Arc::clone(&keys),
+                Some(Arc::clone(&sql)),
+            ))
+        }),
+        sql: Some(sql),
+    };
+    let app = loom_query::http::routes(query, callers).merge(loom_gateway::metrics_router());
     tracing::info!(%location, "querying the archive");
     if let Ok(addr) = listener.local_addr() {
         tracing::info!("listening on {addr}");

@@ -12,8 +12,9 @@ use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver}
 use loom_projector::{Lookup, ProjectorConfig, StoreLocation, project_active};
 use loom_query::analytics::Analytics;
 use loom_query::archive::{Access, Scope};
-use loom_query::http::{Authenticate, Principal};
+use loom_query::http::{Authenticate, Principal, QueryServices};
 use loom_query::sql::{SqlLimits, SqlService};
+use loom_query::traces::Traces;
 use loom_schemas::crypto::hash_api_key;
 use loom_schemas::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
@@ -120,7 +121,19 @@ pub async fn serve(
     services.response_index = reads
         .clone()
         .map(|location| Arc::new(ReadModelIndex(Lookup::new(location))) as Arc<dyn ResponseIndex>);
-    let analytics = reads.map(|location| Arc::new(Analytics::new(location)));
+    let query = QueryServices {
+        analytics: reads
+            .clone()
+            .map(|location| Arc::new(Analytics::new(location))),
+        traces: reads.map(|location| {
+            Arc::new(Traces::new(
+                location,
+                Arc::clone(&node.services.keys),
+                sql.clone(),
+            ))
+        }),
+        sql,
+    };
     let callers = Arc::new(Callers::new(
         services.control.clone(),
         config.admin_token.as_ref(),
@@ -131,7 +144,7 @@ pub async fn serve(
         config.admin_token.as_ref(),
         &tasks,
     )?
-    .merge(loom_query::http::routes(sql, analytics, callers));
+    .merge(loom_query::http::routes(query, callers));
     // Streams write small frames one after another: without TCP_NODELAY each one after the
     // first waits for the client's delayed ACK (40 ms on Linux).
     let listener = listener.tap_io(|tcp| {

@@ -258,3 +258,171 @@ async fn analytics_answer_each_tenant_from_the_read_models() {
     );
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_list_in_stable_pages_and_open_as_timelines() {
+    let harness = start_with(MockConfig::default(), "", true).await;
+    let key = harness.key.clone();
+    // A tool call the model asks for, and its result sent back in the next request.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let asked = harness
+        .chat(json!({"model": "fast", "tools": tools,
+            "messages": [{"role": "user", "content": "Weather in Paris?"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(asked.status(), 200);
+    let first_trace = common::gateway::trace_of(&asked);
+    let asked: Value = asked.json().await.unwrap();
+    let call = asked["choices"][0]["message"]["tool_calls"][0].clone();
+    let answered = harness
+        .chat(json!({"model": "fast", "tools": tools, "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "{\"sky\": \"sunny\"}"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    for _ in 0..5 {
+        let response = harness
+            .chat(json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let started = Instant::now();
+    while get(&harness, &key, "/v1/traces?limit=200").await.1["traces"]
+        .as_array()
+        .unwrap()
+        .len()
+        < 7
+    {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Pages of 3, with new traffic between pages: each old trace once, none of the new ones
+    // (they are newer than the first page).
+    let (status, page) = get(&harness, &key, "/v1/traces?limit=3").await;
+    assert_eq!(status, 200, "{page}");
+    let mut seen: Vec<String> = Vec::new();
+    let mut page = page;
+    loop {
+        seen.extend(
+            page["traces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["trace_id"].as_str().unwrap().to_owned()),
+        );
+        let response = harness
+            .chat(json!({"model": "fast", "messages": [{"role": "user", "content": "more"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let Some(cursor) = page["next_cursor"].as_str() else {
+            break;
+        };
+        let (status, next) = get(
+            &harness,
+            &key,
+            &format!("/v1/traces?limit=3&cursor={cursor}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{next}");
+        page = next;
+    }
+    assert_eq!(seen.len(), 7, "{seen:?}");
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 7);
+    assert_eq!(seen.last(), Some(&first_trace));
+
+    // Filters and bad cursors.
+    let (_, tooled) = get(
+        &harness,
+        &key,
+        "/v1/traces?min_latency_ms=0&model=gpt-4o-mini&status=ok",
+    )
+    .await;
+    assert!(tooled["traces"].as_array().unwrap().len() >= 7);
+    let (_, none) = get(&harness, &key, "/v1/traces?min_cost=1000").await;
+    assert_eq!(none["traces"], json!([]));
+    let other: Value = harness
+        .admin("/admin/tenants", json!({"name": "other"}))
+        .await;
+    let other_key: Value = harness
+        .admin("/admin/keys", json!({"tenant_id": other["tenant_id"]}))
+        .await;
+    let other_key = other_key["key"].as_str().unwrap();
+    let (_, page) = get(&harness, &key, "/v1/traces?limit=1").await;
+    let cursor = page["next_cursor"].as_str().unwrap();
+    for (caller, path) in [
+        (other_key, format!("/v1/traces?cursor={cursor}")),
+        (key.as_str(), format!("/v1/traces?cursor={cursor}A")),
+        (key.as_str(), "/v1/traces?cursor=nonsense".to_owned()),
+        (key.as_str(), "/v1/traces?min_cost=-1".to_owned()),
+        (key.as_str(), "/v1/traces?limit=201".to_owned()),
+    ] {
+        let (status, body) = get(&harness, caller, &path).await;
+        assert_eq!(
+            (status, body["error"]["code"].clone()),
+            (400, json!("invalid_request")),
+            "{path}: {body}"
+        );
+    }
+
+    // The first trace as a timeline: the tool call, answered by the next request.
+    let (status, timeline) = get(&harness, &key, &format!("/v1/traces/{first_trace}")).await;
+    assert_eq!(status, 200, "{timeline}");
+    assert_eq!(
+        (timeline["source"].clone(), timeline["bodies"].clone()),
+        (json!("read_models"), json!(true))
+    );
+    let kinds: Vec<&str> = timeline["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap())
+        .collect();
+    // (No policy is configured here: no policy step.)
+    assert_eq!(
+        kinds,
+        ["request", "routing", "attempt", "tool_call", "completed"]
+    );
+    let steps = timeline["steps"].as_array().unwrap();
+    assert_eq!(
+        steps[0]["detail"]["body"]["messages"][0]["content"],
+        "Weather in Paris?"
+    );
+    assert!(
+        steps[2]["detail"]["response_body"].is_object(),
+        "{}",
+        steps[2]
+    );
+    let tool = &steps[3]["detail"];
+    assert_eq!(tool["name"], "get_weather");
+    assert_eq!(
+        tool["answered"]["content"], json!({"sky": "sunny"}),
+        "{tool}"
+    );
+    assert!(tool["answered"]["tool_latency_ms"].as_f64().unwrap() >= 0.0);
+    assert!(steps[2]["duration_ms"].as_f64().is_some());
+    // Another tenant's key: no such trace.
+    let (status, body) = get(&harness, other_key, &format!("/v1/traces/{first_trace}")).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (404, json!("not_found"))
+    );
+    let (status, _) = get(&harness, &key, "/v1/traces/no-such-trace").await;
+    assert_eq!(status, 404);
+    // The operator finds it by id.
+    let (status, _) = get(&harness, ADMIN, &format!("/v1/traces/{first_trace}")).await;
+    assert_eq!(status, 200);
+    harness.stop().await;
+}

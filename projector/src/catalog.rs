@@ -13,7 +13,7 @@ use sqlx::{Acquire, AnyPool, AssertSqlSafe, Executor, Row};
 use crate::store::{StoreError, StoreLocation, postgres_schema};
 
 /// The tables a version holds; `loom_read.<table>` views show the active version's.
-pub const TABLES: [&str; 14] = [
+pub const TABLES: [&str; 15] = [
     "positions",
     "dead_letters",
     "tenants",
@@ -24,6 +24,7 @@ pub const TABLES: [&str; 14] = [
     "traces",
     "llm_calls",
     "tool_calls",
+    "trace_decisions",
     "trace_bodies",
     "rollup_applied",
     "usage_hourly",

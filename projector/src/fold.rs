@@ -17,6 +17,7 @@ pub struct Changes {
     pub traces: Vec<TracePatch>,
     pub llm_calls: Vec<LlmCallRow>,
     pub tool_calls: Vec<ToolCallRow>,
+    pub decisions: Vec<DecisionRow>,
     pub bodies: Vec<BodyRow>,
     /// Completed requests to count in the usage rollups (once each, by event id).
     pub completions: Vec<Completion>,
@@ -117,6 +118,17 @@ pub struct ToolCallRow {
     pub occurred_at: i64,
 }
 
+/// A routing, policy or quota decision of a trace: its payload as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionRow {
+    pub event_id: String,
+    pub tenant_id: String,
+    pub trace_id: String,
+    pub kind: &'static str,
+    pub occurred_at: i64,
+    pub detail: String,
+}
+
 /// A body, still sealed with the tenant's data key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BodyRow {
@@ -164,6 +176,7 @@ impl Changes {
         tenants.extend(self.traces.iter().map(|t| t.tenant_id.as_str()));
         tenants.extend(self.llm_calls.iter().map(|c| c.tenant_id.as_str()));
         tenants.extend(self.tool_calls.iter().map(|c| c.tenant_id.as_str()));
+        tenants.extend(self.decisions.iter().map(|d| d.tenant_id.as_str()));
         tenants.extend(self.bodies.iter().map(|b| b.tenant_id.as_str()));
         tenants.extend(self.completions.iter().map(|c| c.tenant_id.as_str()));
         tenants
@@ -190,6 +203,12 @@ impl Changes {
                 .tool_calls
                 .iter()
                 .filter(|c| keep(&c.tenant_id))
+                .cloned()
+                .collect(),
+            decisions: self
+                .decisions
+                .iter()
+                .filter(|d| keep(&d.tenant_id))
                 .cloned()
                 .collect(),
             bodies: self
@@ -322,6 +341,14 @@ impl Changes {
             Payload::PolicyEvaluated(p) => {
                 patch.policy_action = Some(name_of(&p.action));
                 patch.policy_findings = Some(p.findings.len() as i64);
+                self.decisions.push(DecisionRow {
+                    event_id: event_id.clone(),
+                    tenant_id: tenant_id.clone(),
+                    trace_id: trace_id.clone(),
+                    kind: "policy",
+                    occurred_at: at,
+                    detail: serde_json::to_string(&p).map_err(|e| format!("policy: {e}"))?,
+                });
             }
             Payload::LlmCallCompleted(p) => {
                 body("llm_request", p.request_body);
@@ -388,8 +415,22 @@ impl Changes {
                     trace_id: trace_id.clone(),
                 });
             }
-            // Routing and quota decisions are in the archive; no read model needs them.
+            // Decisions show in the trace's timeline; the trace's row needs nothing of them.
             Payload::RoutingDecided(_) | Payload::QuotaConsumed(_) | Payload::QuotaDenied(_) => {
+                let (kind, detail) = match &event.payload {
+                    Payload::RoutingDecided(p) => ("routing", serde_json::to_string(p)),
+                    Payload::QuotaConsumed(p) => ("quota_consumed", serde_json::to_string(p)),
+                    Payload::QuotaDenied(p) => ("quota_denied", serde_json::to_string(p)),
+                    _ => return Ok(()),
+                };
+                self.decisions.push(DecisionRow {
+                    event_id,
+                    tenant_id,
+                    trace_id,
+                    kind,
+                    occurred_at: at,
+                    detail: detail.map_err(|e| format!("{kind}: {e}"))?,
+                });
                 return Ok(());
             }
             // Control-plane payloads were handled above.

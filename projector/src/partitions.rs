@@ -135,9 +135,9 @@ pub async fn analyze_growing(store: &ReadStore, changes: &Changes) -> Result<(),
     Ok(())
 }
 
-/// Removes what is past retention: sealed bodies older than `bodies`, traces and their calls
-/// older than `traces` (if set). Postgres drops whole months that ended before the cutoff;
-/// SQLite deletes rows. Returns how many partitions or rows went.
+/// Removes what is past retention: sealed bodies older than `bodies`, traces, their calls and
+/// decisions older than `traces` (if set). Postgres drops whole months that ended before the
+/// cutoff (of its partitioned tables); elsewhere rows are deleted. Returns how many partitions or rows went.
 pub async fn expire(
     store: &ReadStore,
     bodies: Duration,
@@ -146,16 +146,21 @@ pub async fn expire(
     let now = loom_schemas::event::now_micros();
     let cutoff =
         |age: Duration| now.saturating_sub(i64::try_from(age.as_micros()).unwrap_or(i64::MAX));
-    let mut rules = vec![("trace_bodies", "occurred_at", cutoff(bodies))];
+    // (table, time column, cutoff, whether Postgres partitions it by month)
+    let mut rules = vec![("trace_bodies", "occurred_at", cutoff(bodies), true)];
     if let Some(age) = traces {
-        rules.push(("traces", "started_at", cutoff(age)));
-        rules.push(("llm_calls", "started_at", cutoff(age)));
+        rules.push(("traces", "started_at", cutoff(age), true));
+        rules.push(("llm_calls", "started_at", cutoff(age), true));
+        rules.push(("tool_calls", "occurred_at", cutoff(age), false));
+        rules.push(("trace_decisions", "occurred_at", cutoff(age), false));
     }
     let mut removed = 0;
-    for (table, column, cutoff) in rules {
+    for (table, column, cutoff, partitioned) in rules {
         removed += match store.backend() {
-            Backend::Postgres => drop_partitions_before(store, table, cutoff).await?,
-            Backend::Sqlite => sqlx::query(AssertSqlSafe(format!(
+            Backend::Postgres if partitioned => {
+                drop_partitions_before(store, table, cutoff).await?
+            }
+            _ => sqlx::query(AssertSqlSafe(format!(
                 "DELETE FROM {table} WHERE {column} < $1"
             )))
             .bind(cutoff)

@@ -459,6 +459,16 @@ pub async fn apply(conn: &mut AnyConnection, changes: &Changes) -> Result<(), sq
     });
     insert(conn, "tool_calls", tool_calls, "ON CONFLICT DO NOTHING").await?;
 
+    let decisions = rows!(changes.decisions, |d| {
+        event_id,
+        tenant_id,
+        trace_id,
+        kind,
+        occurred_at,
+        detail,
+    });
+    insert(conn, "trace_decisions", decisions, "ON CONFLICT DO NOTHING").await?;
+
     let bodies = rows!(changes.bodies, |b| {
         event_id,
         field,
@@ -604,9 +614,10 @@ fn rollup_sql(sqlite: bool, table: &str, bucket_us: i64) -> String {
 }
 
 /// What erasing a tenant deletes: every row of it but its `tenants` row.
-const ERASE: [&str; 10] = [
+const ERASE: [&str; 11] = [
     "DELETE FROM trace_bodies WHERE tenant_id = $1",
     "DELETE FROM tool_calls WHERE tenant_id = $1",
+    "DELETE FROM trace_decisions WHERE tenant_id = $1",
     "DELETE FROM llm_calls WHERE tenant_id = $1",
     "DELETE FROM traces WHERE tenant_id = $1",
     "DELETE FROM usage_hourly WHERE tenant_id = $1",

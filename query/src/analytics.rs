@@ -33,6 +33,14 @@ pub enum AnalyticsError {
     Store(#[from] StoreError),
     #[error("read-model database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("the archive: {0}")]
+    Archive(String),
+    /// Nothing the caller may see goes by that name.
+    #[error("{0}")]
+    NotFound(String),
+    /// This server does not serve what was asked for.
+    #[error("{0}")]
+    Unavailable(&'static str),
 }
 
 impl AnalyticsError {
@@ -739,15 +747,17 @@ pub struct RequestRow {
     pub cost_usd: Option<f64>,
     pub cost_micro_usd: Option<i64>,
     pub policy_action: Option<String>,
+    /// When it completed (RFC 3339); null while in flight.
+    pub completed_at: Option<String>,
 }
 
-const REQUEST_COLUMNS: &str = "t.trace_id, t.tenant_id, t.started_at, t.endpoint, \
+pub(crate) const REQUEST_COLUMNS: &str = "t.trace_id, t.tenant_id, t.started_at, t.endpoint, \
      COALESCE(t.model_served, t.model_requested), t.model_requested, t.provider, t.deployment, \
      t.project_id, t.user_id, t.api_key_id, t.status, t.http_status, t.error_class, \
      CAST(CASE WHEN t.stream THEN 1 WHEN NOT t.stream THEN 0 END AS BIGINT), t.attempts, t.latency_us, t.ttft_us, t.tokens_in, t.tokens_out, \
-     t.tokens_cached, t.cost_micro_usd, t.policy_action";
+     t.tokens_cached, t.cost_micro_usd, t.policy_action, t.completed_at";
 
-fn request_row(row: &AnyRow) -> Result<RequestRow, sqlx::Error> {
+pub(crate) fn request_row(row: &AnyRow) -> Result<RequestRow, sqlx::Error> {
     let cost: Option<i64> = row.try_get(21)?;
     Ok(RequestRow {
         trace_id: row.try_get(0)?,
@@ -774,7 +784,52 @@ fn request_row(row: &AnyRow) -> Result<RequestRow, sqlx::Error> {
         cost_usd: cost.map(usd),
         cost_micro_usd: cost,
         policy_action: row.try_get(22)?,
+        completed_at: row.try_get::<Option<i64>, _>(23)?.map(rfc3339),
     })
+}
+
+impl RequestRow {
+    /// The row of what a fold of a trace's events says about it.
+    pub fn from_patch(patch: &loom_projector::fold::TracePatch) -> RequestRow {
+        let ms = |us: Option<i64>| us.map(|us| us as f64 / 1e3);
+        RequestRow {
+            trace_id: patch.trace_id.clone(),
+            tenant_id: patch.tenant_id.clone(),
+            started_at: rfc3339(patch.started_at.unwrap_or(patch.first_at)),
+            endpoint: patch.endpoint.clone(),
+            model: patch
+                .model_served
+                .clone()
+                .or_else(|| patch.model_requested.clone()),
+            model_requested: patch.model_requested.clone(),
+            provider: patch.provider.clone(),
+            deployment: patch.deployment.clone(),
+            project_id: patch.project_id.clone(),
+            user: patch.user_id.clone(),
+            api_key_id: patch.api_key_id.clone(),
+            status: patch.status.clone(),
+            http_status: patch.http_status,
+            error_class: patch.error_class.clone(),
+            stream: patch.stream,
+            attempts: patch.attempts,
+            latency_ms: ms(patch.latency_us),
+            ttft_ms: ms(patch.ttft_us),
+            tokens_in: patch.tokens_in,
+            tokens_out: patch.tokens_out,
+            tokens_cached: patch.tokens_cached,
+            cost_usd: patch.cost_micro_usd.map(usd),
+            cost_micro_usd: patch.cost_micro_usd,
+            policy_action: patch.policy_action.clone(),
+            completed_at: patch.completed_at.map(rfc3339),
+        }
+    }
+}
+
+/// An RFC 3339 time in µs.
+pub(crate) fn parse_rfc3339(text: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_micros())
 }
 
 /// A time in µs as RFC 3339 (UTC).
@@ -890,26 +945,26 @@ pub mod thresholds {
 // ---- the queries -----------------------------------------------------------------------------
 
 /// SQL text and its bound values (all text; numbers are written into the text).
-struct Sql {
-    text: String,
+pub(crate) struct Sql {
+    pub(crate) text: String,
     binds: Vec<String>,
 }
 
 impl Sql {
-    fn new() -> Sql {
+    pub(crate) fn new() -> Sql {
         Sql {
             text: String::new(),
             binds: Vec::new(),
         }
     }
 
-    fn bind(&mut self, value: &str) -> String {
+    pub(crate) fn bind(&mut self, value: &str) -> String {
         self.binds.push(value.to_owned());
         format!("${}", self.binds.len())
     }
 
     /// `t.` predicates for the scope, the window and the filters.
-    fn filter(&mut self, scope: Scope, window: Window, filters: &Filters) -> String {
+    pub(crate) fn filter(&mut self, scope: Scope, window: Window, filters: &Filters) -> String {
         let mut terms = vec![format!(
             "t.started_at >= {} AND t.started_at < {}",
             window.from_us, window.to_us
@@ -942,7 +997,10 @@ impl Sql {
         terms.join(" AND ")
     }
 
-    async fn fetch(self, store: &loom_projector::ReadStore) -> Result<Vec<AnyRow>, sqlx::Error> {
+    pub(crate) async fn fetch(
+        self,
+        store: &loom_projector::ReadStore,
+    ) -> Result<Vec<AnyRow>, sqlx::Error> {
         let mut query = sqlx::query(AssertSqlSafe(self.text));
         for value in self.binds {
             query = query.bind(value);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
 use datafusion::config::ConfigOptions;
 use datafusion::error::DataFusionError;
@@ -23,7 +24,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coop::CooperativeExec;
-use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext, col, lit};
 use futures_util::StreamExt;
 use loom_projector::archive::{Archive, Manifest, ManifestError};
 use loom_schemas::keystore::KeyStore;
@@ -223,18 +224,76 @@ impl SqlService {
     /// [`Access::Full`] only.
     pub async fn query(&self, scope: Scope, access: Access, sql: &str) -> Result<Answer, SqlError> {
         let permit = self.admit(scope)?;
-        let started = Instant::now();
-        let ctx = self.session(scope, access).await?;
+        let manifests = self.manifests(scope).await?;
+        let ctx = self.session(&manifests, scope, access).await?;
         let sql = sql.to_owned();
-        let limits = self.limits.clone();
-        let run = self.runtime.spawn(async move {
-            // Held until the plan has stopped, not just until the caller gave up on it.
-            let _permit = permit;
+        self.run(permit, ctx, move |ctx| async move {
             let options = SQLOptions::new()
                 .with_allow_ddl(false)
                 .with_allow_dml(false)
                 .with_allow_statements(false);
-            let frame = ctx.sql_with_options(&sql, options).await?;
+            ctx.sql_with_options(&sql, options).await
+        })
+        .await
+    }
+
+    /// The archived events of trace `trace_id` of `tenant`, oldest first, found by the keyed
+    /// digest the files' bloom filters hold; in the files of `days` only (`YYYY-MM-DD`) when
+    /// given. Bound by the same limits as a query.
+    pub async fn trace_events(
+        &self,
+        tenant: Uuid,
+        access: Access,
+        trace_id: &str,
+        days: Option<Vec<String>>,
+    ) -> Result<Vec<RecordBatch>, SqlError> {
+        let scope = Scope::Tenant(tenant);
+        let permit = self.admit(scope)?;
+        let mut manifests = self.manifests(scope).await?;
+        if let Some(days) = days {
+            for manifest in &mut manifests {
+                manifest.files.retain(|path, _| {
+                    days.iter()
+                        .any(|day| path.starts_with(&format!("date={day}/")))
+                });
+            }
+        }
+        let digest = loom_projector::archive::file::trace_digest(&self.keys, tenant, trace_id)
+            .map_err(|e| SqlError::Archive(format!("the trace's digest: {e}")))?;
+        let ctx = self.session(&manifests, scope, access).await?;
+        let trace_id = trace_id.to_owned();
+        let answer = self
+            .run(permit, ctx, move |ctx| async move {
+                ctx.table("events")
+                    .await?
+                    .filter(
+                        col("trace_digest")
+                            .eq(lit(ScalarValue::Binary(Some(digest))))
+                            .and(col("trace_id").eq(lit(trace_id))),
+                    )?
+                    .sort(vec![col("occurred_at").sort(true, false)])
+            })
+            .await?;
+        Ok(answer.batches)
+    }
+
+    /// Runs the plan `plan` makes in `ctx` on the service's runtime, within its limits.
+    async fn run<F, Fut>(
+        &self,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        ctx: SessionContext,
+        plan: F,
+    ) -> Result<Answer, SqlError>
+    where
+        F: FnOnce(SessionContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<DataFrame, DataFusionError>> + Send,
+    {
+        let started = Instant::now();
+        let limits = self.limits.clone();
+        let run = self.runtime.spawn(async move {
+            // Held until the plan has stopped, not just until the caller gave up on it.
+            let _permit = permit;
+            let frame = plan(ctx).await?;
             let schema = Arc::clone(frame.schema().inner());
             let mut stream = frame.execute_stream().await?;
             let (mut batches, mut rows, mut bytes, mut truncated) = (Vec::new(), 0, 0, false);
@@ -301,9 +360,13 @@ impl SqlService {
         })
     }
 
-    /// A fresh session holding `scope`'s tables only.
-    async fn session(&self, scope: Scope, access: Access) -> Result<SessionContext, SqlError> {
-        let manifests = self.manifests(scope).await?;
+    /// A fresh session holding the tables of `manifests` (of `scope`) only.
+    async fn session(
+        &self,
+        manifests: &[Manifest],
+        scope: Scope,
+        access: Access,
+    ) -> Result<SessionContext, SqlError> {
         let mut runtime = RuntimeEnvBuilder::new();
         runtime.disk_manager = Some(Arc::clone(&self.disk));
         runtime.memory_pool = Some(Arc::new(GreedyMemoryPool::new(self.limits.memory_bytes)));
@@ -325,7 +388,7 @@ impl SqlService {
         register_events(
             &ctx,
             &self.archive,
-            &manifests,
+            manifests,
             Arc::clone(&self.keys),
             scope,
             access,

@@ -12,10 +12,13 @@ use std::time::Duration;
 
 use datafusion::arrow::array::{Array, Int64Array, StringArray};
 use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver};
+use loom_projector::{ProjectorConfig, ReadStore, StoreLocation, replay};
+use loom_query::analytics::{AnalyticsError, Window};
 use loom_query::archive::{Access, Scope};
 use loom_query::format::{self, Format};
 use loom_query::sql::Answer;
 use loom_query::sql::{SqlError, SqlLimits, SqlService};
+use loom_query::traces::{Timeline, TraceFilters, Traces};
 use loom_schemas::codec::Registry;
 use loom_schemas::keystore::{KeyStore, MasterKey};
 use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Topic};
@@ -526,4 +529,215 @@ async fn every_sql_limit_holds() {
         )
         .await;
     assert!(matches!(refused, Err(SqlError::TooLarge(_))), "{refused:?}");
+}
+
+/// Traces of the read models a replay of `dir`'s log folds (or of none, when `empty`), with
+/// the archive behind them.
+async fn traces_over(
+    dir: &std::path::Path,
+    archive: &Archive,
+    keys: &Arc<KeyStore>,
+    empty: bool,
+) -> Traces {
+    let location = StoreLocation::Sqlite(dir.join(if empty { "none" } else { "read-models" }));
+    if empty {
+        ReadStore::open(&location, 1).await.unwrap();
+    } else {
+        let log: Arc<dyn Log> = Arc::new(
+            EmbeddedLog::open(EmbeddedLogConfig::new(
+                dir.join("log"),
+                loom_schemas::testing::chain_key(),
+            ))
+            .await
+            .unwrap(),
+        );
+        replay(log, None, &location, ProjectorConfig::default(), false)
+            .await
+            .unwrap();
+    }
+    let sql = Arc::new(service(archive, keys, SqlLimits::default()));
+    Traces::new(location, Arc::clone(keys), Some(sql))
+}
+
+/// Every body a timeline carries, wherever in it.
+fn bodies_in(timeline: &Timeline) -> Vec<String> {
+    let mut found = Vec::new();
+    for step in &timeline.steps {
+        for key in [
+            "body",
+            "request_body",
+            "response_body",
+            "arguments",
+            "content",
+        ] {
+            if let Some(value) = step.detail.get(key).or_else(|| {
+                step.detail
+                    .get("answered")
+                    .and_then(|answered| answered.get(key))
+            }) {
+                found.push(format!("{} {key}: {value}", step.kind));
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_reads_the_same_from_the_read_models_and_from_the_archive() {
+    let (dir, archive, keys, tenants) = archived().await;
+    let fresh = traces_over(dir.path(), &archive, &keys, false).await;
+    let archived = traces_over(dir.path(), &archive, &keys, true).await;
+    let tenant = tenants[0];
+    let scope = Scope::Tenant(tenant);
+
+    // A page at a time, newest first: every trace of the tenant once, none of the other's.
+    let everything = Window {
+        from_us: 0,
+        to_us: i64::MAX / 2,
+    };
+    let (mut seen, mut cursor) = (Vec::new(), None::<String>);
+    loop {
+        let page = fresh
+            .list(
+                scope,
+                everything,
+                &TraceFilters::default(),
+                cursor.as_deref(),
+                7,
+            )
+            .await
+            .unwrap();
+        assert!(page.traces.len() <= 7);
+        seen.extend(
+            page.traces
+                .iter()
+                .map(|t| (t.started_at.clone(), t.trace_id.clone())),
+        );
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted, "newest first");
+    sorted.dedup();
+    assert_eq!(seen.len(), sorted.len(), "no trace twice");
+    assert_eq!(seen.len(), 150, "half of the 300 requests are the tenant's");
+    // A cursor is the tenant's own and unforgeable.
+    let first = fresh
+        .list(scope, everything, &TraceFilters::default(), None, 7)
+        .await
+        .unwrap();
+    let cursor = first.next_cursor.unwrap();
+    let other = Scope::Tenant(tenants[1]);
+    let forged = format!("{}x", cursor);
+    for (scope, cursor) in [
+        (other, cursor.as_str()),
+        (scope, forged.as_str()),
+        (scope, "e30.AAAA"),
+    ] {
+        assert!(matches!(
+            fresh
+                .list(scope, everything, &TraceFilters::default(), Some(cursor), 7)
+                .await,
+            Err(AnalyticsError::Invalid(_))
+        ));
+    }
+    // Filters: slow and failed ones.
+    let slow = TraceFilters {
+        min_latency_us: Some(2_000_000),
+        ..TraceFilters::default()
+    };
+    let page = fresh
+        .list(scope, everything, &slow, None, 200)
+        .await
+        .unwrap();
+    assert!(!page.traces.is_empty());
+    assert!(page.traces.iter().all(|t| t.latency_ms.unwrap() >= 2_000.0));
+    let upstream = TraceFilters {
+        error: Some("UPSTREAM".into()),
+        ..TraceFilters::default()
+    };
+    let page = fresh
+        .list(scope, everything, &upstream, None, 200)
+        .await
+        .unwrap();
+    assert!(!page.traces.is_empty());
+    assert!(
+        page.traces
+            .iter()
+            .all(|t| t.error_class.as_deref() == Some("upstream_error"))
+    );
+
+    // One with a retry and a tool call, from both sources, whole and without bodies.
+    let all = fresh
+        .list(scope, everything, &TraceFilters::default(), None, 200)
+        .await
+        .unwrap();
+    let mut checked = 0;
+    for row in all
+        .traces
+        .iter()
+        .filter(|t| t.attempts.unwrap_or(0) > 1)
+        .take(5)
+    {
+        let id = &row.trace_id;
+        let full = fresh
+            .timeline(scope, Access::Full, id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((full.source, full.bodies), ("read_models", true));
+        let kinds: Vec<&str> = full.steps.iter().map(|s| s.kind).collect();
+        assert_eq!(kinds[..3], ["request", "policy", "routing"], "{kinds:?}");
+        assert_eq!(kinds.last(), Some(&"completed"));
+        let attempts = kinds.iter().filter(|k| **k == "attempt").count();
+        assert_eq!(attempts as i64, row.attempts.unwrap());
+        let request = &full.steps[0].detail["body"];
+        assert_eq!(request["messages"][1]["role"], "user", "{request}");
+        assert!(full.steps[2].detail["candidates"].is_array());
+
+        let from_archive = archived
+            .timeline(scope, Access::Full, id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (from_archive.source, from_archive.bodies),
+            ("archive", true)
+        );
+        assert_eq!(
+            serde_json::to_value(&from_archive.steps).unwrap(),
+            serde_json::to_value(&full.steps).unwrap()
+        );
+        assert_eq!(
+            serde_json::to_value(&from_archive.request).unwrap(),
+            serde_json::to_value(&full.request).unwrap()
+        );
+
+        for traces in [&fresh, &archived] {
+            let bare = traces
+                .timeline(scope, Access::Metadata, id)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(!bare.bodies);
+            assert_eq!(bodies_in(&bare), Vec::<String>::new());
+            let kinds: Vec<&str> = bare.steps.iter().map(|s| s.kind).collect();
+            assert_eq!(kinds.iter().filter(|k| **k == "attempt").count(), attempts);
+        }
+        // Another tenant finds nothing by that id, in either.
+        for traces in [&fresh, &archived] {
+            assert!(
+                traces
+                    .timeline(other, Access::Full, id)
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked > 0);
 }

@@ -207,6 +207,22 @@ pub fn body_digest(digest_key: &KeyBytes, body: &[u8]) -> Result<Vec<u8>, Crypto
     Ok(mac.finalize().into_bytes().to_vec())
 }
 
+/// A tag authenticating `message` under `key`: HMAC-SHA256, its first 16 bytes.
+pub fn tag(key: &KeyBytes, message: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let mut tag = body_digest(key, message)?;
+    tag.truncate(16);
+    Ok(tag)
+}
+
+/// Whether `tag` is [`tag`] of `message` under `key`, compared in constant time.
+pub fn verify_tag(key: &KeyBytes, message: &[u8], tag: &[u8]) -> bool {
+    let Ok(mut mac) = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(key.expose()) else {
+        return false;
+    };
+    mac.update(message);
+    tag.len() == 16 && mac.verify_truncated_left(tag).is_ok()
+}
+
 /// A key-encryption key derived from one version of a tenant's data key for `purpose`
 /// (HKDF-SHA256): the archive wraps its files' data keys with it, so that erasing the tenant's
 /// keys leaves every file unreadable.

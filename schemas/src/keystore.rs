@@ -104,6 +104,15 @@ impl MasterKey {
         crate::log::ChainKey::new(okm)
     }
 
+    /// The key that signs the query service's cursors: HKDF-SHA256 of the master key, the same
+    /// on every instance that shares it.
+    fn cursor_key(&self) -> KeyBytes {
+        let mut okm = [0u8; 32];
+        let hkdf = hkdf::Hkdf::<sha2::Sha256>::new(None, self.0.expose());
+        let _ = hkdf.expand(b"loom.query.cursor-key.v1", &mut okm);
+        KeyBytes::new(okm)
+    }
+
     /// The key from `from_env` if given, else from the file at `path` (`<data dir>/master.key`);
     /// `None` if neither exists (for readers, which never generate one).
     pub fn load(path: &Path, from_env: Option<&str>) -> Result<Option<MasterKey>, KeyStoreError> {
@@ -591,6 +600,12 @@ impl KeyStore {
             version,
         };
         tenant.data.get(&version).cloned().ok_or(missing.into())
+    }
+
+    /// The key pagination cursors are signed with ([`crypto::tag`]), derived from the master
+    /// key: a cursor one instance gave is good on every other.
+    pub fn cursor_key(&self) -> KeyBytes {
+        self.master.cursor_key()
     }
 
     /// The tenant's digest key, for [`crypto::body_digest`].

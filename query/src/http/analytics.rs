@@ -2,7 +2,6 @@
 //! read models for the caller's tenant (every tenant's for the operator).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
@@ -13,7 +12,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{QueryState, error};
+use super::{Principal, QueryState, error};
 use crate::analytics::{
     Alert, Analytics, AnalyticsError, Compared, Dimension, ErrorReport, Filters, Question,
     RequestRow, TopBy, Unit, Window, compare, parse_metrics, rfc3339, rfc3339_in, select,
@@ -115,7 +114,7 @@ pub(super) struct LegacyParams {
 }
 
 /// The query string, checked against the parameters an endpoint documents.
-struct Params(BTreeMap<String, String>);
+pub(super) struct Params(BTreeMap<String, String>);
 
 impl Params {
     /// Refuses names the endpoint does not take (a typo must not widen the question) and
@@ -155,14 +154,14 @@ impl Params {
         Ok(Params(params))
     }
 
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(super) fn get(&self, name: &str) -> Option<&str> {
         self.0
             .get(name)
             .map(String::as_str)
             .filter(|v| !v.is_empty())
     }
 
-    fn tz(&self) -> Result<Tz, AnalyticsError> {
+    pub(super) fn tz(&self) -> Result<Tz, AnalyticsError> {
         match self.get("tz") {
             None => Ok(Tz::UTC),
             Some(name) => name.parse().map_err(|_| {
@@ -173,7 +172,7 @@ impl Params {
         }
     }
 
-    fn limit(&self, default: usize, max: usize) -> Result<usize, AnalyticsError> {
+    pub(super) fn limit(&self, default: usize, max: usize) -> Result<usize, AnalyticsError> {
         match self.get("limit") {
             None => Ok(default),
             Some(text) => match text.parse::<usize>() {
@@ -186,7 +185,7 @@ impl Params {
     }
 
     /// The question these parameters ask, for `scope`.
-    fn question(&self, scope: Scope) -> Result<(Question, Tz), AnalyticsError> {
+    pub(super) fn question(&self, scope: Scope) -> Result<(Question, Tz), AnalyticsError> {
         let tz = self.tz()?;
         let window = Window::parse(
             self.get("from"),
@@ -217,7 +216,7 @@ impl Params {
     }
 }
 
-fn now_us() -> i64 {
+pub(super) fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
@@ -227,9 +226,15 @@ fn invalid(message: &str) -> Response {
     error(StatusCode::BAD_REQUEST, "invalid_request", message)
 }
 
-fn failed(e: AnalyticsError) -> Response {
+pub(super) fn failed(e: AnalyticsError) -> Response {
     match e {
         AnalyticsError::Invalid(message) => invalid(&message),
+        AnalyticsError::NotFound(message) => error(StatusCode::NOT_FOUND, "not_found", &message),
+        AnalyticsError::Unavailable(message) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "read_models_unavailable",
+            message,
+        ),
         e => {
             // What failed inside is for the operator's log.
             tracing::error!(error = %e, "an analytics query failed");
@@ -243,7 +248,7 @@ fn failed(e: AnalyticsError) -> Response {
 }
 
 /// Runs `answer` for an authenticated caller with the parameters `documented` allows.
-async fn answer<F, Fut, T>(
+pub(super) async fn answer<F, Fut, T>(
     state: QueryState,
     headers: HeaderMap,
     uri: Uri,
@@ -251,7 +256,7 @@ async fn answer<F, Fut, T>(
     answer: F,
 ) -> Response
 where
-    F: FnOnce(Arc<Analytics>, Scope, Params) -> Fut,
+    F: FnOnce(QueryState, Principal, Params) -> Fut,
     Fut: Future<Output = Result<T, AnalyticsError>>,
     T: Serialize,
 {
@@ -262,25 +267,17 @@ where
             "missing or invalid API key",
         );
     };
-    let Some(analytics) = state.analytics.clone() else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "read_models_unavailable",
-            "this server reads no read models (start `loom query` with --read-models, or use \
-             `loom serve`)",
-        );
-    };
     let params = match Params::parse(&uri, &documented) {
         Ok(params) => params,
         Err(e) => return failed(e),
     };
-    match answer(analytics, principal.scope, params).await {
+    match answer(state, principal, params).await {
         Ok(body) => Json(body).into_response(),
         Err(e) => failed(e),
     }
 }
 
-fn documented<P: IntoParams>() -> Vec<utoipa::openapi::path::Parameter> {
+pub(super) fn documented<P: IntoParams>() -> Vec<utoipa::openapi::path::Parameter> {
     P::into_params(|| Some(utoipa::openapi::path::ParameterIn::Query))
 }
 
@@ -316,7 +313,8 @@ pub(super) async fn summary(
         headers,
         uri,
         params,
-        |analytics, scope, params| async move {
+        |state, principal, params| async move {
+            let (analytics, scope) = (state.analytics()?, principal.scope);
             let (question, _) = params.question(scope)?;
             let (current, previous) = analytics.summary(&question).await?;
             Ok(Summary {
@@ -375,7 +373,8 @@ pub(super) async fn timeseries(
         headers,
         uri,
         params,
-        |analytics, scope, params| async move {
+        |state, principal, params| async move {
+            let (analytics, scope) = (state.analytics()?, principal.scope);
             let (question, tz) = params.question(scope)?;
             let metrics = parse_metrics(params.get("metric"))?;
             let unit = unit(params.get("bucket").unwrap_or("auto"), question.window)?;
@@ -453,7 +452,8 @@ pub(super) async fn breakdown(
         headers,
         uri,
         params,
-        |analytics, scope, params| async move {
+        |state, principal, params| async move {
+            let (analytics, scope) = (state.analytics()?, principal.scope);
             let (question, tz) = params.question(scope)?;
             let metrics = parse_metrics(params.get("metric"))?;
             let limit = params.limit(50, 1000)?;
@@ -530,7 +530,8 @@ pub(super) async fn top(State(state): State<QueryState>, headers: HeaderMap, uri
         headers,
         uri,
         params,
-        |analytics, scope, params| async move {
+        |state, principal, params| async move {
+            let (analytics, scope) = (state.analytics()?, principal.scope);
             let by = params.get("by").unwrap_or("cost").to_owned();
             ranked(&analytics, scope, &params, &by).await
         },
@@ -565,7 +566,10 @@ pub(super) async fn top_expensive(
         headers,
         uri,
         params,
-        |analytics, scope, params| async move { ranked(&analytics, scope, &params, "cost").await },
+        |state, principal, params| async move {
+            let (analytics, scope) = (state.analytics()?, principal.scope);
+            ranked(&analytics, scope, &params, "cost").await
+        },
     )
     .await
 }
@@ -620,7 +624,8 @@ pub(super) async fn errors(
         headers,
         uri,
         params,
-        |analytics, scope, params| async move {
+        |state, principal, params| async move {
+            let (analytics, scope) = (state.analytics()?, principal.scope);
             let (question, _) = params.question(scope)?;
             Ok(Errors {
                 from: rfc3339(question.window.from_us),
@@ -693,7 +698,8 @@ pub(super) async fn legacy(
         headers,
         uri,
         params,
-        |analytics, scope, params| async move {
+        |state, principal, params| async move {
+            let (analytics, scope) = (state.analytics()?, principal.scope);
             let tz = params.tz()?;
             let now = now_us();
             let to = match params.get("endDate") {
@@ -820,7 +826,8 @@ pub(super) async fn alerts(
         headers,
         uri,
         Vec::new(),
-        |analytics, scope, _| async move {
+        |state, principal, _| async move {
+            let (analytics, scope) = (state.analytics()?, principal.scope);
             let now = now_us();
             Ok(Alerts {
                 at: rfc3339(now),
@@ -863,7 +870,8 @@ pub(super) async fn activity(
         headers,
         uri,
         params,
-        |analytics, scope, params| async move {
+        |state, principal, params| async move {
+            let (analytics, scope) = (state.analytics()?, principal.scope);
             let (question, _) = params.question(scope)?;
             let limit = params.limit(20, 100)?;
             Ok(Activity {

@@ -4,6 +4,7 @@
 //! tenant's key reads its tenant's data, the operator's admin token every tenant's.
 
 mod analytics;
+mod traces;
 
 use std::sync::Arc;
 
@@ -20,10 +21,11 @@ use serde_json::value::RawValue;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
-use crate::analytics::Analytics;
+use crate::analytics::{Analytics, AnalyticsError};
 use crate::archive::{Access, Scope};
 use crate::format::{self, Format};
 use crate::sql::SqlService;
+use crate::traces::Traces;
 
 /// Whose archive a caller reads, and how much of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,21 +40,38 @@ pub trait Authenticate: Send + Sync {
     fn authenticate(&self, headers: &HeaderMap) -> Option<Principal>;
 }
 
+/// What a node serves: SQL when it keeps an archive, analytics and traces when it reads read
+/// models.
+#[derive(Clone, Default)]
+pub struct QueryServices {
+    pub sql: Option<Arc<SqlService>>,
+    pub analytics: Option<Arc<Analytics>>,
+    pub traces: Option<Arc<Traces>>,
+}
+
 #[derive(Clone)]
 struct QueryState {
-    /// `None` when the node keeps no archive.
-    sql: Option<Arc<SqlService>>,
-    /// `None` when the node reads no read models.
-    analytics: Option<Arc<Analytics>>,
+    services: QueryServices,
     auth: Arc<dyn Authenticate>,
 }
 
+impl QueryState {
+    fn analytics(&self) -> Result<Arc<Analytics>, AnalyticsError> {
+        self.services.analytics.clone().ok_or(NO_READ_MODELS)
+    }
+
+    fn traces(&self) -> Result<Arc<Traces>, AnalyticsError> {
+        self.services.traces.clone().ok_or(NO_READ_MODELS)
+    }
+}
+
+const NO_READ_MODELS: AnalyticsError = AnalyticsError::Unavailable(
+    "this server reads no read models (start `loom query` with --read-models, or use `loom \
+     serve`)",
+);
+
 /// The query service's routes, to merge into a node's router.
-pub fn routes(
-    sql: Option<Arc<SqlService>>,
-    analytics: Option<Arc<Analytics>>,
-    auth: Arc<dyn Authenticate>,
-) -> Router {
+pub fn routes(services: QueryServices, auth: Arc<dyn Authenticate>) -> Router {
     Router::new()
         .route("/v1/sql", post(run_sql))
         .route("/v1/analytics", get(analytics::legacy))
@@ -65,12 +84,10 @@ pub fn routes(
         .route("/v1/analytics/error-rate", get(analytics::error_rate))
         .route("/v1/alerts", get(analytics::alerts))
         .route("/v1/activity", get(analytics::activity))
+        .route("/v1/traces", get(traces::list))
+        .route("/v1/traces/{id}", get(traces::timeline))
         .route("/openapi.json", get(openapi))
-        .with_state(QueryState {
-            sql,
-            analytics,
-            auth,
-        })
+        .with_state(QueryState { services, auth })
 }
 
 /// A query over the caller's archive.
@@ -154,6 +171,8 @@ struct FormatParam {
         analytics::legacy,
         analytics::alerts,
         analytics::activity,
+        traces::list,
+        traces::timeline,
     ),
     components(schemas(
         SqlRequest,
@@ -258,7 +277,7 @@ async fn run_sql(
             .and_then(Format::from_accept)
             .unwrap_or(Format::Json),
     };
-    let Some(sql) = state.sql else {
+    let Some(sql) = state.services.sql else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "archive_unavailable",
