@@ -408,7 +408,8 @@ async fn traces_list_in_stable_pages_and_open_as_timelines() {
     let tool = &steps[3]["detail"];
     assert_eq!(tool["name"], "get_weather");
     assert_eq!(
-        tool["answered"]["content"], json!({"sky": "sunny"}),
+        tool["answered"]["content"],
+        json!({"sky": "sunny"}),
         "{tool}"
     );
     assert!(tool["answered"]["tool_latency_ms"].as_f64().unwrap() >= 0.0);

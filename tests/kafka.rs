@@ -238,8 +238,12 @@ async fn loom_query_answers_sql_for_keys_issued_on_the_shared_log() {
         "1s",
     ];
     serve_args.extend(shared);
+    // The node folds the read models into Postgres; the query service reads them.
+    serve_args.extend(["--read-models", &db.url]);
     let node = Server::start_as("serve", &dir.path().join("node"), &serve_args, &env).unwrap();
-    let query = Server::start_as("query", &dir.path().join("query"), &shared, &env).unwrap();
+    let mut query_args = shared.to_vec();
+    query_args.extend(["--read-models", &db.url]);
+    let query = Server::start_as("query", &dir.path().join("query"), &query_args, &env).unwrap();
 
     // A key issued after the query service started: known to it through the control topic.
     let client = reqwest::Client::new();
@@ -269,6 +273,33 @@ async fn loom_query_answers_sql_for_keys_issued_on_the_shared_log() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The analytics and traces, from the read models.
+    let started = Instant::now();
+    loop {
+        let response = client
+            .get(query.url("/v1/analytics/summary?window=1h"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        if body["metrics"]["requests"]["value"] == json!(sent.len()) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let traces: Value = client
+        .get(query.url("/v1/traces?limit=200"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(traces["traces"].as_array().unwrap().len(), sent.len());
     let health = reqwest::get(query.url("/health")).await.unwrap();
     assert_eq!(health.status(), 200);
     assert!(query.stop().success());
