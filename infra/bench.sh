@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs Loom's benchmarks in release mode: ./infra/bench.sh [codec|log|gateway|kafka|projector|archive] [args…]
+# Runs Loom's benchmarks in release mode:
+#   ./infra/bench.sh [codec|log|gateway|kafka|projector|archive|query] [args…]
 # With no argument: codec, log, gateway and archive (kafka needs a broker, projector a Postgres:
-# ./infra/test.sh starts both). Installs the load generator (oha) once into $LOOM_CACHE_DIR, and
-# nginx (the reverse-proxy baseline) from Debian's packages when it can.
+# ./infra/test.sh starts both; query takes a while: 10M events). Installs the load generator
+# (oha) once into $LOOM_CACHE_DIR, nginx (the reverse-proxy baseline) from Debian's packages
+# when it can, and DuckDB (the query baseline, PyPI) into a Python venv of its own.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${LOOM_CACHE_DIR:-$HOME/.cache/loom}"
@@ -20,6 +22,16 @@ if ! command -v nginx >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)
   apt-get install -y --no-install-recommends nginx-light >&2 || apt-get install -y --no-install-recommends nginx >&2
   # The package starts a server on port 80; the benchmark runs its own on loopback.
   nginx -s stop 2>/dev/null || pkill -x nginx || true
+fi
+# DuckDB, the plain alternative `bench query` compares with (PyPI).
+if [ "${1:-}" = query ]; then
+  venv="$cache/bench-venv"
+  if ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
+    echo "==> installing duckdb into $venv (once)" >&2
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check duckdb >&2
+  fi
+  export LOOM_BENCH_PYTHON="$venv/bin/python"
 fi
 cd "$(dirname "$here")"
 cargo build --release --workspace --quiet

@@ -46,6 +46,9 @@ enum BenchKind {
     /// The archive projector: events/s, CPU, bytes and compression against plaintext Parquet of
     /// the same events; reading back and replaying from the archive against the log.
     Archive(crate::bench_archive::ArchiveBenchArgs),
+    /// Analytics over the archive: Loom's SQL service on encrypted Parquet against DuckDB (and
+    /// DataFusion) on plaintext Parquet of the same events, cold and hot.
+    Query(crate::bench_query::QueryBenchArgs),
     /// Embedded log append and read throughput, against plain file writes and reads.
     Log {
         /// Where to write (a temporary directory inside it is removed afterwards).
@@ -79,6 +82,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchKind::Kafka(args) => crate::bench_kafka::run(args).await,
         BenchKind::Projector(args) => crate::bench_projector::run(args).await,
         BenchKind::Archive(args) => crate::bench_archive::run(args).await,
+        BenchKind::Query(args) => crate::bench_query::run(args).await,
     }
 }
 

@@ -12,6 +12,7 @@ mod bench_archive;
 mod bench_gateway;
 mod bench_kafka;
 mod bench_projector;
+mod bench_query;
 mod sql;
 mod verify;
 

@@ -1,0 +1,505 @@
+//! `loom bench query`: analytics over the archive. A generator writes `llm_call.completed` events
+//! (Zipf-distributed tenants, 50 models over 5 providers, a month of traffic) into an embedded
+//! log, the archiver archives them as Loom's encrypted Parquet, and the same rows are written as
+//! plaintext Parquet. Then the analytics queries run through Loom's SQL service (every tenant,
+//! encrypted files), through DataFusion on the plaintext files (the cost of encryption), and
+//! through DuckDB (PyPI `duckdb`) on the plaintext files: the best plain alternative.
+//!
+//! Cold is a query's first run in a fresh service (DuckDB: a fresh connection), with the files
+//! in the OS page cache as the archiver left them; hot is the median of `--runs` runs after it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::prelude::SessionContext;
+use loom_projector::archive::keys::ArchiveKeys;
+use loom_projector::archive::manifest::tenant_dir;
+use loom_projector::archive::{
+    Archive, ArchiveConfig, ArchiveLocation, Archiver, SYSTEM_TENANT, file,
+};
+use loom_query::archive::{Access, Scope};
+use loom_query::sql::{SqlLimits, SqlService};
+use loom_schemas::codec::Registry;
+use loom_schemas::event::{CallStatus, Envelope, Event, LlmCallCompleted};
+use loom_schemas::keystore::{KeyStore, MasterKey};
+use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, Log, Topic};
+use object_store::ObjectStoreExt as _;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::bench::say;
+
+#[derive(clap::Args)]
+pub struct QueryBenchArgs {
+    /// `llm_call.completed` events generated and archived.
+    #[arg(long, default_value_t = 10_000_000)]
+    events: usize,
+    /// Tenants (Zipf-distributed: the first has the most traffic).
+    #[arg(long, default_value_t = 20)]
+    tenants: usize,
+    /// Hot runs of each query (the median counts).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// A Python with the `duckdb` package (`./infra/bench.sh query` makes one).
+    #[arg(long, env = "LOOM_BENCH_PYTHON", default_value = "python3")]
+    python: String,
+    /// Where the log, the archive and the plaintext files go (a temporary directory inside it
+    /// is removed).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    dir: std::path::PathBuf,
+}
+
+/// The days of traffic generated.
+const DAYS: i64 = 30;
+
+/// The analytics queries: a name, Loom's (DataFusion's) SQL, and DuckDB's where it differs.
+fn queries(end_us: i64) -> Vec<(&'static str, String, String)> {
+    let week = 7 * 86_400_000_000_i64;
+    let (split, from) = (end_us - week, end_us - 2 * week);
+    let same = |sql: &str| (sql.to_owned(), sql.to_owned());
+    let calls = "FROM events WHERE event_type = 'llm_call.completed'";
+    let list = [
+        (
+            "count by model",
+            same(&format!(
+                "SELECT model, count(*) AS calls {calls} GROUP BY model ORDER BY calls DESC, model"
+            )),
+        ),
+        (
+            "cost by day",
+            same(&format!(
+                "SELECT date_trunc('day', occurred_at) AS day, sum(cost_micro_usd) AS cost \
+                 {calls} GROUP BY 1 ORDER BY 1"
+            )),
+        ),
+        (
+            "p95 latency by model",
+            (
+                format!(
+                    "SELECT model, approx_percentile_cont(latency_us, 0.95) AS p95 {calls} \
+                     GROUP BY model ORDER BY model"
+                ),
+                format!(
+                    "SELECT model, approx_quantile(latency_us, 0.95) AS p95 {calls} \
+                     GROUP BY model ORDER BY model"
+                ),
+            ),
+        ),
+        (
+            "top 10 by cost",
+            same(&format!(
+                "SELECT trace_id, model, cost_micro_usd {calls} \
+                 ORDER BY cost_micro_usd DESC, trace_id LIMIT 10"
+            )),
+        ),
+        (
+            "error rate by model and provider",
+            same(&format!(
+                "SELECT model, provider, count(*) AS calls, \
+                 avg(CASE WHEN status = 'ok' THEN 0.0 ELSE 1.0 END) AS error_rate \
+                 {calls} GROUP BY model, provider ORDER BY error_rate DESC, model"
+            )),
+        ),
+        (
+            "% change vs previous week",
+            (
+                format!(
+                    "SELECT model, sum(CASE WHEN CAST(occurred_at AS BIGINT) >= {split} \
+                     THEN cost_micro_usd ELSE 0 END) AS this_week, \
+                     sum(CASE WHEN CAST(occurred_at AS BIGINT) < {split} \
+                     THEN cost_micro_usd ELSE 0 END) AS last_week {calls} \
+                     AND CAST(occurred_at AS BIGINT) >= {from} GROUP BY model ORDER BY model"
+                ),
+                format!(
+                    "SELECT model, sum(CASE WHEN epoch_us(occurred_at) >= {split} \
+                     THEN cost_micro_usd ELSE 0 END) AS this_week, \
+                     sum(CASE WHEN epoch_us(occurred_at) < {split} \
+                     THEN cost_micro_usd ELSE 0 END) AS last_week {calls} \
+                     AND epoch_us(occurred_at) >= {from} GROUP BY model ORDER BY model"
+                ),
+            ),
+        ),
+    ];
+    list.into_iter()
+        .map(|(name, (loom, duck))| (name, loom, duck))
+        .collect()
+}
+
+/// utime + stime of this process so far, in seconds.
+fn cpu_seconds() -> f64 {
+    crate::bench_gateway::cpu_seconds(std::process::id()).unwrap_or(f64::NAN)
+}
+
+/// Seconds of a query's cold run, its hot runs' median, and the CPU seconds of a hot run.
+#[derive(Debug, Clone, Copy, Default)]
+struct Timing {
+    cold: f64,
+    hot: f64,
+    cpu: f64,
+    rows: usize,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+pub async fn run(args: QueryBenchArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir_in(&args.dir)?;
+    let keys =
+        Arc::new(KeyStore::open_file(dir.path().join("keys.json"), MasterKey::generate()?).await?);
+    keys.create_tenant_keys(SYSTEM_TENANT).await?;
+    let mut tenants = Vec::new();
+    for _ in 0..args.tenants.max(1) {
+        let tenant = Uuid::now_v7();
+        keys.create_tenant_keys(tenant).await?;
+        tenants.push(tenant);
+    }
+    let log: Arc<dyn Log> = Arc::new(
+        EmbeddedLog::open(EmbeddedLogConfig {
+            fsync: FsyncPolicy::Never,
+            ..EmbeddedLogConfig::new(dir.path().join("log"), crate::bench::chain_key())
+        })
+        .await?,
+    );
+    let end_us = loom_schemas::event::now_micros();
+    let started = Instant::now();
+    generate(log.as_ref(), args.events, &tenants, end_us).await?;
+    say!(
+        "history: {} llm_call.completed events of {} tenants over {DAYS} days, written in {:.1}s",
+        args.events,
+        tenants.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let archive = Archive::open(&ArchiveLocation::Directory(dir.path().join("archive")))?;
+    let archiver = Arc::new(Archiver::new(
+        archive.clone(),
+        Arc::clone(&log),
+        Arc::clone(&keys),
+        ArchiveConfig {
+            compaction: None,
+            ..ArchiveConfig::default()
+        },
+    ));
+    let started = Instant::now();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let (archiver, shutdown) = (Arc::clone(&archiver), shutdown.clone());
+        async move { archiver.run(shutdown).await }
+    });
+    while archiver.records_read() < args.events as u64 && !running.is_finished() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    running.await??;
+    drop(log);
+    let plain = dir.path().join("plain");
+    let (files, bytes, plain_bytes) = plaintext_copy(&archive, &keys, &plain).await?;
+    say!(
+        "archive: {files} encrypted files, {:.0} MB ({:.1}s); plaintext copy {:.0} MB",
+        bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64(),
+        plain_bytes as f64 / 1e6
+    );
+
+    let queries = queries(end_us);
+    let limits = SqlLimits {
+        timeout: Duration::from_secs(600),
+        memory_bytes: 2 << 30,
+        ..SqlLimits::default()
+    };
+    // Loom: the SQL service over the encrypted archive, as the operator.
+    let mut loom = Vec::new();
+    for (_, sql, _) in &queries {
+        let service = SqlService::new(archive.clone(), Arc::clone(&keys), limits.clone())?;
+        let run = async || -> anyhow::Result<(f64, usize)> {
+            let started = Instant::now();
+            let answer = service.query(Scope::AllTenants, Access::Full, sql).await?;
+            Ok((started.elapsed().as_secs_f64(), answer.rows))
+        };
+        let (cold, rows) = run().await?;
+        let (mut hot, cpu) = (Vec::new(), cpu_seconds());
+        for _ in 0..args.runs.max(1) {
+            hot.push(run().await?.0);
+        }
+        loom.push(Timing {
+            cold,
+            hot: median(hot),
+            cpu: (cpu_seconds() - cpu) / args.runs.max(1) as f64,
+            rows,
+        });
+    }
+    // DataFusion on the plaintext files: what the encryption costs.
+    let mut plain_df = Vec::new();
+    for (_, sql, _) in &queries {
+        let ctx = plaintext_session(&plain).await?;
+        let run = async || -> anyhow::Result<(f64, usize)> {
+            let started = Instant::now();
+            let batches = ctx.sql(sql).await?.collect().await?;
+            Ok((
+                started.elapsed().as_secs_f64(),
+                batches.iter().map(|b| b.num_rows()).sum(),
+            ))
+        };
+        let (cold, rows) = run().await?;
+        let (mut hot, cpu) = (Vec::new(), cpu_seconds());
+        for _ in 0..args.runs.max(1) {
+            hot.push(run().await?.0);
+        }
+        plain_df.push(Timing {
+            cold,
+            hot: median(hot),
+            cpu: (cpu_seconds() - cpu) / args.runs.max(1) as f64,
+            rows,
+        });
+    }
+    let duck = duckdb(&args.python, &plain, &queries, args.runs.max(1))
+        .await
+        .context("running DuckDB (./infra/bench.sh query installs it; or --python)")?;
+
+    say!(
+        "\n{:<34} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "query (seconds)",
+        "loom cold",
+        "loom hot",
+        "plain hot",
+        "duck cold",
+        "duck hot",
+        "hot ×",
+        "cold ×",
+        "loom CPU",
+        "duck CPU"
+    );
+    let (mut hot_ratios, mut cold_ratios, mut plain_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for (((name, _, _), l), (p, d)) in queries.iter().zip(&loom).zip(plain_df.iter().zip(&duck)) {
+        let (hot, cold) = (l.hot / d.hot, l.cold / d.cold);
+        hot_ratios.push(hot);
+        cold_ratios.push(cold);
+        plain_ratios.push(l.hot / p.hot);
+        let rows = if l.rows == d.rows && l.rows == p.rows {
+            String::new()
+        } else {
+            format!(
+                "  rows differ: loom {}, plain {}, duckdb {}",
+                l.rows, p.rows, d.rows
+            )
+        };
+        say!(
+            "{name:<34} {:>9.3} {:>9.3} {:>10.3} {:>9.3} {:>9.3} {:>7.2}x {:>7.2}x {:>9.3} {:>9.3}{rows}",
+            l.cold,
+            l.hot,
+            p.hot,
+            d.cold,
+            d.hot,
+            hot,
+            cold,
+            l.cpu,
+            d.cpu
+        );
+    }
+    let geomean = |ratios: &[f64]| {
+        (ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len().max(1) as f64).exp()
+    };
+    say!(
+        "\ngeomean, Loom ÷ DuckDB: hot {:.2}x, cold {:.2}x (target: ≤ 1.5x); encrypted ÷ plaintext \
+         (both DataFusion, hot): {:.2}x",
+        geomean(&hot_ratios),
+        geomean(&cold_ratios),
+        geomean(&plain_ratios)
+    );
+    say!(
+        "(CPU: seconds of CPU per hot run, all threads; the machine has {} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    Ok(())
+}
+
+/// Writes `n` `llm_call.completed` events ending at `end_us` into the log.
+async fn generate(log: &dyn Log, n: usize, tenants: &[Uuid], end_us: i64) -> anyhow::Result<()> {
+    const PROVIDERS: [&str; 5] = ["openai", "anthropic", "azure", "bedrock", "vllm"];
+    let registry = Registry::builtin()?;
+    let mut rng = fastrand::Rng::with_seed(13);
+    // Zipf (s = 1.1) over the tenants.
+    let weights: Vec<f64> = (0..tenants.len())
+        .map(|k| 1.0 / ((k + 1) as f64).powf(1.1))
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let cumulative: Vec<f64> = weights
+        .iter()
+        .scan(0.0, |sum, w| {
+            *sum += w / total;
+            Some(*sum)
+        })
+        .collect();
+    let span = DAYS * 86_400_000_000;
+    let mut batch = Vec::with_capacity(5_000);
+    for i in 0..n {
+        let at = end_us - span + (span as f64 * i as f64 / n as f64) as i64;
+        let tenant = tenants[cumulative
+            .partition_point(|c| *c < rng.f64())
+            .min(tenants.len() - 1)];
+        let model = rng.usize(..50);
+        let provider = PROVIDERS[model % PROVIDERS.len()];
+        // Log-normal latency around 800 ms; models fail at 1–10 %.
+        let normal = (-2.0 * rng.f64().max(1e-12).ln()).sqrt()
+            * (2.0 * std::f64::consts::PI * rng.f64()).cos();
+        let latency_us = (800_000.0 * (0.6 * normal).exp()) as i64;
+        let ok = rng.f64() >= 0.01 + 0.09 * (model % 10) as f64 / 9.0;
+        let (tokens_in, tokens_out) = (rng.i64(50..2_000), rng.i64(10..800));
+        let price = 1 + (model % 7) as i64;
+        let seconds = u64::try_from(at / 1_000_000).unwrap_or(0);
+        let trace = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, seconds, 0));
+        let mut envelope = Envelope::new(tenant, Some(trace.to_string()), "bench/query/1");
+        envelope.occurred_at = at;
+        let event = Event {
+            envelope,
+            payload: LlmCallCompleted {
+                attempt: 1,
+                deployment: format!("{provider}-{}", model % 3),
+                provider: provider.into(),
+                model: format!("model-{model:02}"),
+                status: if ok {
+                    CallStatus::Ok
+                } else {
+                    CallStatus::Error
+                },
+                http_status: Some(if ok { 200 } else { 500 }),
+                error_class: (!ok).then(|| "upstream_error".to_owned()),
+                stream: rng.bool(),
+                started_at: at - latency_us,
+                latency_us,
+                ttft_us: Some(latency_us / 4),
+                tokens_in: ok.then_some(tokens_in),
+                tokens_out: ok.then_some(tokens_out),
+                tokens_cached_read: ok.then_some(0),
+                tokens_cache_creation: None,
+                usage_estimated: false,
+                cost_micro_usd: ok.then_some(price * (tokens_in + 4 * tokens_out) / 10),
+                cache_saved_micro_usd: None,
+                response_id: None,
+                request_body: None,
+                response_body: None,
+                dropped_fields: Vec::new(),
+            }
+            .into(),
+        };
+        batch.push(registry.encode_record(&event)?);
+        if batch.len() == batch.capacity() {
+            log.append(Topic::Data, std::mem::take(&mut batch)).await?;
+            batch.reserve(5_000);
+        }
+    }
+    if !batch.is_empty() {
+        log.append(Topic::Data, batch).await?;
+    }
+    Ok(())
+}
+
+/// The archive's files decrypted and written again as plaintext Parquet under `to` (same
+/// layout, same row groups): files, encrypted bytes, plaintext bytes.
+async fn plaintext_copy(
+    archive: &Archive,
+    keys: &Arc<KeyStore>,
+    to: &Path,
+) -> anyhow::Result<(usize, u64, u64)> {
+    let (mut files, mut bytes, mut plain_bytes) = (0, 0, 0);
+    for tenant in archive.tenants().await? {
+        let manifest = archive.manifest(tenant).await?;
+        for path in manifest.files.keys() {
+            let location = object_store::path::Path::from(format!(
+                "{}/{path}",
+                tenant_dir(&archive.root, tenant)
+            ));
+            let data = archive.store.get(&location).await?.bytes().await?;
+            bytes += data.len() as u64;
+            let reader = ArchiveKeys::full(Arc::clone(keys), tenant);
+            let batches =
+                tokio::task::spawn_blocking(move || file::read(data, reader, None)).await??;
+            let written = file::write_plaintext(&batches)?;
+            plain_bytes += written.len() as u64;
+            let target = to.join(format!("tenant_id={tenant}")).join(path);
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&target, written)?;
+            files += 1;
+        }
+    }
+    Ok((files, bytes, plain_bytes))
+}
+
+/// A DataFusion session with the plaintext files under `dir` as table `events`.
+async fn plaintext_session(dir: &Path) -> anyhow::Result<SessionContext> {
+    let ctx = SessionContext::new();
+    let url = ListingTableUrl::parse(format!("{}/", dir.display()))?;
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let schema = options.infer_schema(&ctx.state(), &url).await?;
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .with_schema(schema);
+    ctx.register_table("events", Arc::new(ListingTable::try_new(config)?))?;
+    Ok(ctx)
+}
+
+/// DuckDB's timings of `queries` on the plaintext files under `dir`, in a Python of its own.
+async fn duckdb(
+    python: &str,
+    dir: &Path,
+    queries: &[(&'static str, String, String)],
+    runs: usize,
+) -> anyhow::Result<Vec<Timing>> {
+    const SCRIPT: &str = r#"
+import duckdb, json, sys, time
+spec = json.loads(sys.stdin.read())
+source = f"read_parquet('{spec['dir']}/**/*.parquet', hive_partitioning = false)"
+out = []
+for sql in spec["queries"]:
+    sql = sql.replace("FROM events", f"FROM {source}")
+    con = duckdb.connect()
+    t = time.perf_counter(); rows = len(con.execute(sql).fetchall()); cold = time.perf_counter() - t
+    hot, cpu = [], time.process_time()
+    for _ in range(spec["runs"]):
+        t = time.perf_counter(); con.execute(sql).fetchall(); hot.append(time.perf_counter() - t)
+    cpu = (time.process_time() - cpu) / spec["runs"]
+    hot.sort()
+    out.append({"cold": cold, "hot": hot[len(hot) // 2], "cpu": cpu, "rows": rows})
+    con.close()
+print(json.dumps(out))
+"#;
+    let spec = json!({
+        "dir": dir.display().to_string(),
+        "runs": runs,
+        "queries": queries.iter().map(|(_, _, duck)| duck).collect::<Vec<_>>(),
+    });
+    let mut child = tokio::process::Command::new(python)
+        .args(["-c", SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {python}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt;
+        stdin.write_all(spec.to_string().as_bytes()).await?;
+    }
+    let output = child.wait_with_output().await?;
+    anyhow::ensure!(output.status.success(), "DuckDB's script failed");
+    let timings: Vec<Value> = serde_json::from_slice(&output.stdout)?;
+    Ok(timings
+        .iter()
+        .map(|t| Timing {
+            cold: t["cold"].as_f64().unwrap_or(f64::NAN),
+            hot: t["hot"].as_f64().unwrap_or(f64::NAN),
+            cpu: t["cpu"].as_f64().unwrap_or(f64::NAN),
+            rows: t["rows"].as_u64().unwrap_or(0) as usize,
+        })
+        .collect())
+}
