@@ -7,6 +7,10 @@
 //!
 //! Cold is a query's first run in a fresh service (DuckDB: a fresh connection), with the files
 //! in the OS page cache as the archiver left them; hot is the median of `--runs` runs after it.
+//!
+//! Then small queries through the SQL service (queries/s), and the read models at the same
+//! scale (as many requests written into SQLite): the analytics' latency, and trace lookups from
+//! the read models and from the archive. These run in process, without HTTP.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,8 +27,11 @@ use loom_projector::archive::manifest::tenant_dir;
 use loom_projector::archive::{
     Archive, ArchiveConfig, ArchiveLocation, Archiver, SYSTEM_TENANT, file,
 };
+use loom_projector::{ReadStore, StoreLocation};
+use loom_query::analytics::{Analytics, Dimension, Filters, Question, Unit, Window};
 use loom_query::archive::{Access, Scope};
 use loom_query::sql::{SqlLimits, SqlService};
+use loom_query::traces::Traces;
 use loom_schemas::codec::Registry;
 use loom_schemas::event::{CallStatus, Envelope, Event, LlmCallCompleted};
 use loom_schemas::keystore::{KeyStore, MasterKey};
@@ -171,7 +178,7 @@ pub async fn run(args: QueryBenchArgs) -> anyhow::Result<()> {
     );
     let end_us = loom_schemas::event::now_micros();
     let started = Instant::now();
-    generate(log.as_ref(), args.events, &tenants, end_us).await?;
+    let sample = generate(log.as_ref(), args.events, &tenants, end_us).await?;
     say!(
         "history: {} llm_call.completed events of {} tenants over {DAYS} days, written in {:.1}s",
         args.events,
@@ -319,11 +326,265 @@ pub async fn run(args: QueryBenchArgs) -> anyhow::Result<()> {
         "(CPU: seconds of CPU per hot run, all threads; the machine has {} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+
+    let sql = Arc::new(SqlService::new(archive.clone(), Arc::clone(&keys), limits)?);
+    sql_rate(&sql, tenants[0]).await?;
+    read_models(&args, dir.path(), &tenants, end_us, &keys, &sql, &sample).await
+}
+
+/// Latency percentiles of `values` (seconds), as `p50 / p99` in ms.
+fn p50_p99(mut values: Vec<f64>) -> String {
+    values.sort_by(f64::total_cmp);
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms",
+        crate::bench::percentile(&values, 0.5) * 1e3,
+        crate::bench::percentile(&values, 0.99) * 1e3
+    )
+}
+
+/// Small queries through the SQL service, two at a time (the per-tenant limit), for 10 s.
+async fn sql_rate(sql: &Arc<SqlService>, tenant: Uuid) -> anyhow::Result<()> {
+    say!("");
+    for (name, query) in [
+        ("SELECT 1", "SELECT 1 AS one"),
+        (
+            "one model's calls in the last hour",
+            "SELECT count(*) AS n FROM llm_calls WHERE model = 'model-07' \
+             AND occurred_at >= now() - INTERVAL '1 hour'",
+        ),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let cpu = cpu_seconds();
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let sql = Arc::clone(sql);
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while Instant::now() < deadline {
+                        let started = Instant::now();
+                        sql.query(Scope::Tenant(tenant), Access::Full, query)
+                            .await?;
+                        latencies.push(started.elapsed().as_secs_f64());
+                    }
+                    anyhow::Ok(latencies)
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for worker in workers {
+            latencies.extend(worker.await??);
+        }
+        let queries = latencies.len();
+        say!(
+            "/v1/sql ({name}), 2 at a time: {:.1} queries/s, {}, {:.1} ms CPU per query",
+            queries as f64 / 10.0,
+            p50_p99(latencies),
+            (cpu_seconds() - cpu) * 1e3 / queries.max(1) as f64
+        );
+    }
     Ok(())
 }
 
-/// Writes `n` `llm_call.completed` events ending at `end_us` into the log.
-async fn generate(log: &dyn Log, n: usize, tenants: &[Uuid], end_us: i64) -> anyhow::Result<()> {
+/// The read models at the bench's scale: `--events` requests written straight into SQLite's
+/// `traces` and `llm_calls` (what a fold of as many requests writes, without folding them),
+/// then the analytics and trace lookups over them, and trace lookups in the archive.
+async fn read_models(
+    args: &QueryBenchArgs,
+    dir: &Path,
+    tenants: &[Uuid],
+    end_us: i64,
+    keys: &Arc<KeyStore>,
+    sql: &Arc<SqlService>,
+    sample: &[(Uuid, String)],
+) -> anyhow::Result<()> {
+    let location = StoreLocation::Sqlite(dir.join("read-models"));
+    let store = ReadStore::open(&location, 1).await?;
+    let started = Instant::now();
+    fill_read_models(&store, args.events, tenants, end_us).await?;
+    say!(
+        "\nread models: {} requests written into SQLite in {:.1}s",
+        args.events,
+        started.elapsed().as_secs_f64()
+    );
+    store.close().await;
+    let analytics = Analytics::new(location.clone());
+    let biggest = Scope::Tenant(tenants[0]);
+    let window = |days: i64| Window {
+        from_us: end_us - days * 86_400_000_000,
+        to_us: end_us,
+    };
+    let question = |days| Question {
+        scope: biggest,
+        window: window(days),
+        filters: Filters::default(),
+    };
+    let all_metrics: Vec<&str> = loom_query::analytics::METRICS.to_vec();
+    for (name, days) in [("24h", 1), ("7d", 7), ("30d", 30)] {
+        let q = question(days);
+        let mut times = Vec::new();
+        let mut requests = 0;
+        for _ in 0..args.runs.max(1) {
+            let started = Instant::now();
+            let (now, _) = analytics.summary(&q).await?;
+            times.push(started.elapsed().as_secs_f64());
+            requests = now.requests;
+        }
+        say!(
+            "summary, biggest tenant, {name} ({requests} requests + the window before): {}",
+            p50_p99(times)
+        );
+    }
+    let mut times = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        let started = Instant::now();
+        analytics
+            .series(&question(7), Unit::Hour, chrono_tz::Tz::UTC, &all_metrics)
+            .await?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    say!("timeseries, biggest tenant, 7d by hour: {}", p50_p99(times));
+    let mut times = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        let started = Instant::now();
+        analytics
+            .breakdown(&question(30), Dimension::Model, &all_metrics, 50)
+            .await?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    say!(
+        "breakdown by model, biggest tenant, 30d: {}",
+        p50_p99(times)
+    );
+
+    // Trace lookups: fresh from the read models, and from the archive.
+    let traces = Traces::new(location, Arc::clone(keys), Some(Arc::clone(sql)));
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut times = Vec::new();
+    for _ in 0..500 {
+        let i = rng.usize(..args.events.max(1));
+        let tenant = tenants[tenant_of(i, tenants.len())];
+        let started = Instant::now();
+        let found = traces
+            .timeline(Scope::Tenant(tenant), Access::Full, &format!("t{i:010}"))
+            .await?;
+        times.push(started.elapsed().as_secs_f64());
+        anyhow::ensure!(found.is_some(), "trace t{i:010} not found");
+    }
+    say!(
+        "trace lookup, read models (500 random traces): {} (target: p99 < 5 ms)",
+        p50_p99(times)
+    );
+    let empty = StoreLocation::Sqlite(dir.join("no-read-models"));
+    ReadStore::open(&empty, 1).await?.close().await;
+    let archived = Traces::new(empty, Arc::clone(keys), Some(Arc::clone(sql)));
+    let mut times = Vec::new();
+    for (tenant, trace) in sample.iter().step_by((sample.len() / 50).max(1)) {
+        let started = Instant::now();
+        let found = archived
+            .timeline(Scope::Tenant(*tenant), Access::Full, trace)
+            .await?;
+        times.push(started.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            found.is_some_and(|t| t.source == "archive"),
+            "trace {trace} not found in the archive"
+        );
+    }
+    say!(
+        "trace lookup, archive ({} traces, by keyed digest in the day's files): {} (target: p99 < 50 ms)",
+        times.len(),
+        p50_p99(times)
+    );
+    Ok(())
+}
+
+/// Which tenant request `i` of the synthetic read models is of: Zipf-like, from a table of
+/// 1000 slots (the first tenant the most).
+fn tenant_of(i: usize, tenants: usize) -> usize {
+    slots(tenants)[(i * 7) % 1000]
+}
+
+fn slots(tenants: usize) -> Vec<usize> {
+    let weights: Vec<f64> = (0..tenants)
+        .map(|k| 1.0 / ((k + 1) as f64).powf(1.1))
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut slots = Vec::with_capacity(1000);
+    let mut sum = 0.0;
+    for (k, w) in weights.iter().enumerate() {
+        sum += w / total;
+        while slots.len() < 1000 && (slots.len() as f64) < sum * 1000.0 {
+            slots.push(k);
+        }
+    }
+    slots.resize(1000, tenants.saturating_sub(1));
+    slots
+}
+
+/// Writes `n` requests (a trace and an upstream call each) over the last 30 days into the
+/// read models, in SQL, the way a fold would leave them.
+async fn fill_read_models(
+    store: &ReadStore,
+    n: usize,
+    tenants: &[Uuid],
+    end_us: i64,
+) -> anyhow::Result<()> {
+    use sqlx::Executor;
+    let pool = store.pool();
+    pool.execute("CREATE TABLE bench_slots (slot INTEGER PRIMARY KEY, tenant TEXT NOT NULL)")
+        .await?;
+    for (slot, k) in slots(tenants.len()).iter().enumerate() {
+        sqlx::query("INSERT INTO bench_slots (slot, tenant) VALUES ($1, $2)")
+            .bind(slot as i64)
+            .bind(tenants[*k].to_string())
+            .execute(pool)
+            .await?;
+    }
+    let span = DAYS * 86_400_000_000;
+    let start = end_us - span;
+    let step = span / n.max(1) as i64;
+    let providers = "CASE (i % 50) % 5 WHEN 0 THEN 'openai' WHEN 1 THEN 'anthropic' \
+                     WHEN 2 THEN 'azure' WHEN 3 THEN 'bedrock' ELSE 'vllm' END";
+    let fill = format!(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {last}), \
+         r AS (SELECT i, abs(random()) AS x, abs(random()) AS y FROM n) \
+         INSERT INTO traces (tenant_id, trace_id, project_id, user_id, api_key_id, endpoint, \
+             stream, model_requested, model_served, provider, deployment, status, http_status, \
+             error_class, latency_us, ttft_us, overhead_us, tokens_in, tokens_out, tokens_cached, \
+             cost_micro_usd, policy_action, policy_findings, attempts, started_at, completed_at) \
+         SELECT s.tenant, printf('t%010d', i), 'project-' || (i % 3), 'user-' || (i % 40), \
+             'key-' || (i % 5), '/v1/chat/completions', i % 2, 'alias-' || (i % 10), \
+             printf('model-%02d', i % 50), {providers}, {providers} || '-' || (i % 3), \
+             CASE WHEN x % 100 < 4 THEN 'error' ELSE 'ok' END, \
+             CASE WHEN x % 100 < 4 THEN 502 ELSE 200 END, \
+             CASE WHEN x % 100 < 4 THEN 'upstream_error' END, \
+             50000 + y % 3000000, CASE WHEN i % 2 = 1 THEN 20000 + y % 500000 END, 300 + x % 700, \
+             50 + x % 2000, 10 + y % 800, (x % 3) * 64, (50 + x % 2000) * 2 + (10 + y % 800) * 8, \
+             'allow', 0, 1, {start} + i * {step}, {start} + i * {step} + 50000 + y % 3000000 \
+         FROM r JOIN bench_slots s ON s.slot = (i * 7) % 1000",
+        last = n.saturating_sub(1)
+    );
+    pool.execute(sqlx::AssertSqlSafe(fill)).await?;
+    pool.execute(
+        "INSERT INTO llm_calls (event_id, tenant_id, trace_id, attempt, deployment, provider, \
+             model, status, http_status, error_class, stream, started_at, latency_us, ttft_us, \
+             tokens_in, tokens_out, tokens_cached, cost_micro_usd, usage_estimated) \
+         SELECT 'e' || trace_id, tenant_id, trace_id, 1, deployment, provider, model_served, \
+             status, http_status, error_class, stream, started_at, latency_us, ttft_us, tokens_in, \
+             tokens_out, tokens_cached, cost_micro_usd, 0 FROM traces",
+    )
+    .await?;
+    pool.execute("DROP TABLE bench_slots; ANALYZE").await?;
+    Ok(())
+}
+
+/// Writes `n` `llm_call.completed` events ending at `end_us` into the log; returns the tenant
+/// and trace id of every 1000th.
+async fn generate(
+    log: &dyn Log,
+    n: usize,
+    tenants: &[Uuid],
+    end_us: i64,
+) -> anyhow::Result<Vec<(Uuid, String)>> {
     const PROVIDERS: [&str; 5] = ["openai", "anthropic", "azure", "bedrock", "vllm"];
     let registry = Registry::builtin()?;
     let mut rng = fastrand::Rng::with_seed(13);
@@ -341,6 +602,7 @@ async fn generate(log: &dyn Log, n: usize, tenants: &[Uuid], end_us: i64) -> any
         .collect();
     let span = DAYS * 86_400_000_000;
     let mut batch = Vec::with_capacity(5_000);
+    let mut sample = Vec::new();
     for i in 0..n {
         let at = end_us - span + (span as f64 * i as f64 / n as f64) as i64;
         let tenant = tenants[cumulative
@@ -357,6 +619,9 @@ async fn generate(log: &dyn Log, n: usize, tenants: &[Uuid], end_us: i64) -> any
         let price = 1 + (model % 7) as i64;
         let seconds = u64::try_from(at / 1_000_000).unwrap_or(0);
         let trace = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, seconds, 0));
+        if i % 1000 == 0 {
+            sample.push((tenant, trace.to_string()));
+        }
         let mut envelope = Envelope::new(tenant, Some(trace.to_string()), "bench/query/1");
         envelope.occurred_at = at;
         let event = Event {
@@ -400,7 +665,7 @@ async fn generate(log: &dyn Log, n: usize, tenants: &[Uuid], end_us: i64) -> any
     if !batch.is_empty() {
         log.append(Topic::Data, batch).await?;
     }
-    Ok(())
+    Ok(sample)
 }
 
 /// The archive's files decrypted and written again as plaintext Parquet under `to` (same
