@@ -17,8 +17,6 @@ use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
 use datafusion::config::ConfigOptions;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SessionStateBuilder;
-use datafusion::execution::cache::cache_manager::{CacheManagerConfig, FileMetadataCache};
-use datafusion::execution::cache::default_cache::DefaultCache;
 use datafusion::execution::disk_manager::{DiskManager, DiskManagerBuilder};
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::object_store::DefaultObjectStoreRegistry;
@@ -28,16 +26,12 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext, col, lit};
 use futures_util::StreamExt;
-use loom_projector::archive::manifest::tenant_dir;
 use loom_projector::archive::{Archive, Manifest, ManifestError};
 use loom_schemas::keystore::KeyStore;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::archive::{Access, Scope, register_events};
-
-/// The memory each cache of decrypted Parquet footers may hold.
-const FOOTER_CACHE_BYTES: usize = 64 << 20;
 
 /// The bounds every query runs within.
 #[derive(Debug, Clone)]
@@ -192,10 +186,6 @@ pub struct SqlService {
     keys: Arc<KeyStore>,
     limits: SqlLimits,
     disk: Arc<DiskManager>,
-    /// Parquet footers read so far, decrypted, kept across queries: one cache per access level
-    /// (a metadata-only session never sees what a full one decrypted). A session looks up only
-    /// the files its own listing names, so tenants share a cache safely.
-    footers: [Arc<FileMetadataCache>; 2],
     runtime: QueryRuntime,
     /// Each tenant's manifest as last read; refreshed (new entries only) by each query.
     manifests: tokio::sync::Mutex<HashMap<Uuid, Manifest>>,
@@ -220,10 +210,6 @@ impl SqlService {
             keys,
             limits,
             disk: Arc::new(disk),
-            footers: [FOOTER_CACHE_BYTES; 2].map(|bytes| {
-                Arc::new(DefaultCache::new(bytes).with_name("loom-archive-footers"))
-                    as Arc<FileMetadataCache>
-            }),
             runtime,
             manifests: tokio::sync::Mutex::default(),
             running: Mutex::default(),
@@ -384,10 +370,6 @@ impl SqlService {
         let mut runtime = RuntimeEnvBuilder::new();
         runtime.disk_manager = Some(Arc::clone(&self.disk));
         runtime.memory_pool = Some(Arc::new(GreedyMemoryPool::new(self.limits.memory_bytes)));
-        let footers = &self.footers[usize::from(access == Access::Metadata)];
-        runtime.cache_manager = CacheManagerConfig::default()
-            .with_file_metadata_cache(Some(Arc::clone(footers)))
-            .with_metadata_cache_limit(FOOTER_CACHE_BYTES);
         // A registry of its own: the session registers its bounded store in it.
         runtime.object_store_registry = Arc::new(DefaultObjectStoreRegistry::new());
         let runtime = runtime.build_arc().map_err(classify)?;
@@ -431,16 +413,7 @@ impl SqlService {
         let mut manifests = Vec::with_capacity(tenants.len());
         for tenant in tenants {
             if self.keys.is_erased(tenant) {
-                // Its files' footers hold the keys that decrypted them: forgotten too.
-                if let Some(manifest) = cached.remove(&tenant) {
-                    let dir = tenant_dir(&self.archive.root, tenant);
-                    for path in manifest.files.keys() {
-                        let path = object_store::path::Path::from(format!("{dir}/{path}"));
-                        for footers in &self.footers {
-                            footers.remove(&path);
-                        }
-                    }
-                }
+                cached.remove(&tenant);
                 continue;
             }
             let manifest = match cached.remove(&tenant) {
