@@ -150,6 +150,9 @@ pub fn schema(access: Access) -> SchemaRef {
     }
 }
 
+/// How much of a file's end is fetched at first for its footer.
+const FOOTER_HINT_BYTES: usize = 64 << 10;
+
 /// Registers the archived events of `manifests`' tenants in `ctx` as table `name`: the files the
 /// manifests name (never an orphan, nor a file compaction replaced), every event type in one
 /// table of the archive's columns, decrypted with `access`. The session's object store is the
@@ -185,6 +188,10 @@ pub fn register_events(
     // The page index is read for every column of a file, the record column's included, whose key
     // a metadata reader does not hold: such a reader prunes by row-group statistics only.
     parquet.global.enable_page_index = access == Access::Full;
+    // DataFusion fetches the last 512 KiB of a file to find its footer, and caches the footer of
+    // plaintext files only: each query would read most of every encrypted file for its footer
+    // (a file's footer, its columns' metadata encrypted, is some tens of KiB).
+    parquet.global.metadata_size_hint = Some(FOOTER_HINT_BYTES);
     let options = ListingOptions::new(Arc::new(ParquetFormat::default().with_options(parquet)))
         .with_file_extension(".parquet");
     let mut urls = Vec::new();

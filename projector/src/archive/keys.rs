@@ -129,6 +129,9 @@ pub struct ArchiveKeys {
     keys: Arc<KeyStore>,
     tenant: Uuid,
     records: bool,
+    /// Keys unwrapped so far, by their key metadata: a reader is asked for the same few keys
+    /// by every column chunk of every row group of a file.
+    unwrapped: std::sync::Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
 impl ArchiveKeys {
@@ -138,6 +141,7 @@ impl ArchiveKeys {
             keys,
             tenant,
             records: true,
+            unwrapped: std::sync::Mutex::default(),
         }
     }
 
@@ -147,6 +151,7 @@ impl ArchiveKeys {
             keys,
             tenant,
             records: false,
+            unwrapped: std::sync::Mutex::default(),
         }
     }
 
@@ -187,7 +192,17 @@ impl ArchiveKeys {
 
 impl KeyRetriever for ArchiveKeys {
     fn retrieve_key(&self, key_metadata: &[u8]) -> parquet::errors::Result<Vec<u8>> {
-        self.unwrap(key_metadata)
-            .map_err(|e| ParquetError::General(e.to_string()))
+        let mut unwrapped = self
+            .unwrapped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, key)) = unwrapped.iter().find(|(m, _)| m == key_metadata) {
+            return Ok(key.clone());
+        }
+        let key = self
+            .unwrap(key_metadata)
+            .map_err(|e| ParquetError::General(e.to_string()))?;
+        unwrapped.push((key_metadata.to_vec(), key.clone()));
+        Ok(key)
     }
 }
