@@ -457,9 +457,9 @@ struct QueryArgs {
     #[arg(long, env = "LOOM_LISTEN", default_value = "127.0.0.1:8081")]
     listen: SocketAddr,
 
-    /// The read models `loom projector` folds (a Postgres URL), which the analytics
-    /// (`/v1/analytics/*`, `/v1/alerts`, `/v1/activity`) answer from; without it, only SQL over
-    /// the archive is served.
+    /// The read models `loom projector` folds (a Postgres URL), which the analytics and traces
+    /// (`/v1/analytics/*`, `/v1/alerts`, `/v1/activity`, `/v1/traces`) answer from; without it,
+    /// only SQL over the archive is served.
     #[arg(
         long,
         env = "LOOM_READ_MODELS",
