@@ -17,6 +17,7 @@ use loom_projector::archive::{
 };
 use loom_projector::{FromArchive, ProjectorConfig, StoreLocation};
 use loom_schemas::codec::Registry;
+use loom_schemas::crypto::DataKey;
 use loom_schemas::keystore::{KeyStore, MasterKey};
 use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, Log, Topic};
 use tokio_util::sync::CancellationToken;
@@ -42,7 +43,7 @@ pub struct ArchiveBenchArgs {
 }
 
 /// utime + stime of this process so far, in seconds.
-fn cpu_seconds() -> f64 {
+pub(crate) fn cpu_seconds() -> f64 {
     crate::bench_gateway::cpu_seconds(std::process::id()).unwrap_or(f64::NAN)
 }
 
@@ -76,14 +77,16 @@ fn line(name: &str, events: usize, bytes: u64, measured: &Measured, note: &str) 
     );
 }
 
-pub async fn run(args: ArchiveBenchArgs) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir_in(&args.dir)?;
-    let keys =
-        Arc::new(KeyStore::open_file(dir.path().join("keys.json"), MasterKey::generate()?).await?);
-    // The system tenant's keys (control events), which the archiver would create on start.
+/// A scratch key store with the system tenant's keys (which the archiver would create on
+/// start) and `tenants` new tenants' keys, and an embedded log without fsync, under `dir`.
+pub(crate) async fn scratch(
+    dir: &std::path::Path,
+    tenants: usize,
+) -> anyhow::Result<(Arc<KeyStore>, Vec<DataKey>, Arc<dyn Log>)> {
+    let keys = Arc::new(KeyStore::open_file(dir.join("keys.json"), MasterKey::generate()?).await?);
     keys.create_tenant_keys(SYSTEM_TENANT).await?;
     let mut data_keys = Vec::new();
-    for _ in 0..args.tenants.max(1) {
+    for _ in 0..tenants.max(1) {
         let tenant = Uuid::now_v7();
         keys.create_tenant_keys(tenant).await?;
         data_keys.push(keys.current_key(tenant)?);
@@ -91,10 +94,16 @@ pub async fn run(args: ArchiveBenchArgs) -> anyhow::Result<()> {
     let log: Arc<dyn Log> = Arc::new(
         EmbeddedLog::open(EmbeddedLogConfig {
             fsync: FsyncPolicy::Never,
-            ..EmbeddedLogConfig::new(dir.path().join("log"), crate::bench::chain_key())
+            ..EmbeddedLogConfig::new(dir.join("log"), crate::bench::chain_key())
         })
         .await?,
     );
+    Ok((keys, data_keys, log))
+}
+
+pub async fn run(args: ArchiveBenchArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir_in(&args.dir)?;
+    let (keys, data_keys, log) = scratch(dir.path(), args.tenants).await?;
     let started = Instant::now();
     let events =
         crate::bench_projector::write_history(log.as_ref(), args.events, &data_keys).await?;

@@ -24,9 +24,7 @@ use datafusion::datasource::listing::{
 use datafusion::prelude::SessionContext;
 use loom_projector::archive::keys::ArchiveKeys;
 use loom_projector::archive::manifest::tenant_dir;
-use loom_projector::archive::{
-    Archive, ArchiveConfig, ArchiveLocation, Archiver, SYSTEM_TENANT, file,
-};
+use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver, file};
 use loom_projector::{ReadStore, StoreLocation};
 use loom_query::analytics::{Analytics, Dimension, Filters, Question, Unit, Window};
 use loom_query::archive::{Access, Scope};
@@ -34,8 +32,8 @@ use loom_query::sql::{SqlLimits, SqlService};
 use loom_query::traces::Traces;
 use loom_schemas::codec::Registry;
 use loom_schemas::event::{CallStatus, Envelope, Event, LlmCallCompleted};
-use loom_schemas::keystore::{KeyStore, MasterKey};
-use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, FsyncPolicy, Log, Topic};
+use loom_schemas::keystore::KeyStore;
+use loom_schemas::log::{Log, Topic};
 use object_store::ObjectStoreExt as _;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -139,10 +137,7 @@ fn queries(end_us: i64) -> Vec<(&'static str, String, String)> {
         .collect()
 }
 
-/// utime + stime of this process so far, in seconds.
-fn cpu_seconds() -> f64 {
-    crate::bench_gateway::cpu_seconds(std::process::id()).unwrap_or(f64::NAN)
-}
+use crate::bench_archive::cpu_seconds;
 
 /// Seconds of a query's cold run, its hot runs' median, and the CPU seconds of a hot run.
 #[derive(Debug, Clone, Copy, Default)]
@@ -160,22 +155,8 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 pub async fn run(args: QueryBenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir_in(&args.dir)?;
-    let keys =
-        Arc::new(KeyStore::open_file(dir.path().join("keys.json"), MasterKey::generate()?).await?);
-    keys.create_tenant_keys(SYSTEM_TENANT).await?;
-    let mut tenants = Vec::new();
-    for _ in 0..args.tenants.max(1) {
-        let tenant = Uuid::now_v7();
-        keys.create_tenant_keys(tenant).await?;
-        tenants.push(tenant);
-    }
-    let log: Arc<dyn Log> = Arc::new(
-        EmbeddedLog::open(EmbeddedLogConfig {
-            fsync: FsyncPolicy::Never,
-            ..EmbeddedLogConfig::new(dir.path().join("log"), crate::bench::chain_key())
-        })
-        .await?,
-    );
+    let (keys, data_keys, log) = crate::bench_archive::scratch(dir.path(), args.tenants).await?;
+    let tenants: Vec<Uuid> = data_keys.iter().map(|k| k.tenant_id).collect();
     let end_us = loom_schemas::event::now_micros();
     let started = Instant::now();
     let sample = generate(log.as_ref(), args.events, &tenants, end_us).await?;
