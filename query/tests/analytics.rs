@@ -5,8 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Timelike};
 use chrono_tz::Tz;
@@ -16,13 +17,11 @@ use loom_query::analytics::{
     percentile_error_bound_us, rfc3339_in,
 };
 use loom_query::archive::Scope;
-use loom_schemas::codec::Registry;
 use loom_schemas::event::{
     Envelope, Event, Payload, PolicyAction, PolicyEvaluated, QuotaLimitSet, QuotaMetric,
     QuotaScope, QuotaWindow, RequestCompleted, RequestReceived, RequestStatus, ToolCallDirection,
     now_micros,
 };
-use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Record, Topic};
 use loom_schemas::samples;
 use loom_schemas::testing::TestDatabase;
 use uuid::Uuid;
@@ -195,25 +194,7 @@ struct Folded {
 
 async fn fold(events: &[Event], postgres: bool) -> Folded {
     let dir = tempfile::tempdir().unwrap();
-    let log: Arc<dyn Log> = Arc::new(
-        EmbeddedLog::open(EmbeddedLogConfig::new(
-            dir.path().join("log"),
-            loom_schemas::testing::chain_key(),
-        ))
-        .await
-        .unwrap(),
-    );
-    let registry = Registry::builtin().unwrap();
-    for topic in Topic::ALL {
-        let records: Vec<Record> = events
-            .iter()
-            .filter(|e| Topic::for_plane(e.payload.plane()) == topic)
-            .map(|e| registry.encode_record(e).unwrap())
-            .collect();
-        for chunk in records.chunks(500) {
-            log.append(topic, chunk.to_vec()).await.unwrap();
-        }
-    }
+    let log = common::log_of(&dir.path().join("log"), events).await;
     let (location, database) = if postgres {
         let database = TestDatabase::create().await;
         (

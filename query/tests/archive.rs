@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::Arc;
 
 use std::time::Duration;
@@ -19,9 +21,8 @@ use loom_query::format::{self, Format};
 use loom_query::sql::Answer;
 use loom_query::sql::{SqlError, SqlLimits, SqlService};
 use loom_query::traces::{Timeline, TraceFilters, Traces};
-use loom_schemas::codec::Registry;
 use loom_schemas::keystore::{KeyStore, MasterKey};
-use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log, Topic};
+use loom_schemas::log::{EmbeddedLog, EmbeddedLogConfig, Log};
 use loom_schemas::samples;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -42,23 +43,7 @@ async fn archived() -> (tempfile::TempDir, Archive, Arc<KeyStore>, Vec<Uuid>) {
     }
     let now = loom_schemas::event::now_micros();
     let events = samples::history(&data_keys, 300, now - 3_600_000_000, 3).unwrap();
-    let log: Arc<dyn Log> = Arc::new(
-        EmbeddedLog::open(EmbeddedLogConfig::new(
-            dir.path().join("log"),
-            loom_schemas::testing::chain_key(),
-        ))
-        .await
-        .unwrap(),
-    );
-    let registry = Registry::builtin().unwrap();
-    for topic in Topic::ALL {
-        let records: Vec<_> = events
-            .iter()
-            .filter(|e| Topic::for_plane(e.payload.plane()) == topic)
-            .map(|e| registry.encode_record(e).unwrap())
-            .collect();
-        log.append(topic, records).await.unwrap();
-    }
+    let log = common::log_of(&dir.path().join("log"), &events).await;
     let archive = Archive::open(&ArchiveLocation::Directory(dir.path().join("archive"))).unwrap();
     let archiver = Archiver::new(
         archive.clone(),
