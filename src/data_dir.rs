@@ -46,6 +46,11 @@ impl DataDir {
     pub fn archive(&self) -> PathBuf {
         self.0.join("archive")
     }
+
+    /// Where `POST /v1/exports` writes its Delta tables by default.
+    pub fn exports(&self) -> PathBuf {
+        self.0.join("exports")
+    }
 }
 
 impl Default for DataDir {

@@ -13,6 +13,7 @@ mod bench_gateway;
 mod bench_kafka;
 mod bench_projector;
 mod bench_query;
+mod export;
 mod sql;
 mod verify;
 
@@ -91,17 +92,10 @@ enum Command {
     Replay(ReplayArgs),
     /// Run SQL over the archive as the operator: every tenant's events, or one tenant's.
     Sql(sql::SqlArgs),
-    /// Export traces to a data lake (not yet available).
-    Export(NotYet),
+    /// Export the archived events to a Delta Lake table (a directory or S3), incrementally.
+    Export(export::ExportArgs),
     /// Manage tenants and API keys, on a data directory or through a running server.
     Admin(admin::AdminArgs),
-}
-
-/// Accepts anything, so that the answer is "not yet available" rather than a usage error.
-#[derive(Args)]
-struct NotYet {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -254,6 +248,11 @@ impl ArchiveArgs {
     fn location(&self, data: &DataDirArgs) -> anyhow::Result<Option<ArchiveLocation>> {
         archive_location(self.archive.as_deref(), data, &self.s3)
     }
+
+    /// The S3 settings given (for the archive, and for other S3 locations alike).
+    fn s3_options(&self) -> S3Options {
+        self.s3.options()
+    }
 }
 
 fn archive_location(
@@ -264,6 +263,20 @@ fn archive_location(
     Ok(match named {
         Some("off") => None,
         None | Some("") => Some(ArchiveLocation::Directory(data.dir().archive())),
+        Some(named) => Some(ArchiveLocation::parse(named, s3.options())?),
+    })
+}
+
+/// Where `POST /v1/exports` writes tables: `named`, `<data dir>/exports` if none was; `None` for
+/// `off`.
+fn exports_location(
+    named: Option<&str>,
+    data: &DataDirArgs,
+    s3: &S3Args,
+) -> anyhow::Result<Option<ArchiveLocation>> {
+    Ok(match named {
+        Some("off") => None,
+        None | Some("") => Some(ArchiveLocation::Directory(data.dir().exports())),
         Some(named) => Some(ArchiveLocation::parse(named, s3.options())?),
     })
 }
@@ -393,6 +406,12 @@ struct ServeArgs {
 
     #[command(flatten)]
     archiving: ArchivingArgs,
+
+    /// Where `POST /v1/exports` writes Delta tables (each tenant's under `tenant_id=<T>/`): a
+    /// directory, `s3://BUCKET[/PREFIX]` (reached with the --s3-* settings) or `off`
+    /// [default: <data dir>/exports].
+    #[arg(long, env = "LOOM_EXPORTS", value_name = "DIR_OR_S3_URL")]
+    exports: Option<String>,
 }
 
 #[derive(Args)]
@@ -471,6 +490,12 @@ struct QueryArgs {
     /// Lets holders of this token query every tenant's data.
     #[arg(long, env = "LOOM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+
+    /// Where `POST /v1/exports` writes Delta tables (each tenant's under `tenant_id=<T>/`): a
+    /// directory, `s3://BUCKET[/PREFIX]` (reached with the --s3-* settings) or `off`
+    /// [default: <data dir>/exports].
+    #[arg(long, env = "LOOM_EXPORTS", value_name = "DIR_OR_S3_URL")]
+    exports: Option<String>,
 }
 
 #[derive(Args)]
@@ -627,15 +652,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Query(args) => query(args).await.map(|()| ExitCode::SUCCESS),
         Command::Replay(args) => replay(args).await.map(|()| ExitCode::SUCCESS),
         Command::Sql(args) => sql::run(args).await,
-        Command::Export(_) => not_yet("export", "the query service"),
+        Command::Export(args) => export::run(args).await,
         Command::Admin(args) => admin::run(args).await.map(|()| ExitCode::SUCCESS),
     }
-}
-
-fn not_yet(command: &str, arrives_with: &str) -> anyhow::Result<ExitCode> {
-    anyhow::bail!(
-        "`loom {command}` is not yet available in this build; it arrives with {arrives_with}"
-    )
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
@@ -679,9 +698,14 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
         ),
         false => None,
     };
+    let exports = match all_in_one && archive.is_some() {
+        true => exports_location(args.exports.as_deref(), &args.data, &args.archive.s3)?,
+        false => None,
+    };
     let config = ServeConfig {
         gateway,
         archive,
+        exports,
         read_models,
         lookup_read_models,
         projector: args.projection.config(&args.kafka),
@@ -766,6 +790,7 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
         &args.key_store.location(),
         &location,
         args.read_models.as_deref().map(StoreLocation::parse),
+        exports_location(args.exports.as_deref(), &args.data, &args.archive.s3)?,
         args.admin_token.map(SecretString::from).as_ref(),
         listener,
         shutdown,

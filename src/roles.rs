@@ -9,6 +9,7 @@ use loom_projector::{
     FromArchive, ProjectorConfig, ProjectorError, ReplayReport, StoreLocation, project_active,
 };
 use loom_query::analytics::Analytics;
+use loom_query::export::{Exporter, Jobs};
 use loom_query::http::QueryServices;
 use loom_query::sql::{SqlLimits, SqlService};
 use loom_query::traces::Traces;
@@ -183,6 +184,7 @@ pub async fn query(
     key_store: &KeyStoreLocation,
     location: &ArchiveLocation,
     read_models: Option<StoreLocation>,
+    exports: Option<ArchiveLocation>,
     admin_token: Option<&SecretString>,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
@@ -206,6 +208,12 @@ pub async fn query(
     let callers = Arc::new(crate::serve::Callers::new(control, admin_token));
     let sql = Arc::new(sql);
     let query = QueryServices {
+        exports: exports.map(|root| {
+            Arc::new(Jobs::new(
+                Arc::new(Exporter::new(Arc::clone(&sql), Arc::clone(&keys))),
+                root,
+            ))
+        }),
         analytics: read_models
             .clone()
             .map(|location| Arc::new(Analytics::new(location))),
@@ -248,6 +256,21 @@ pub async fn sql_service(
     let keys = open_keys(data_dir, master_key, key_store).await?;
     let archive = Archive::open(archive).map_err(NodeError::from)?;
     Ok(SqlService::new(archive, keys, limits)?)
+}
+
+/// The exporter over the archive at `archive` (`loom export` on a data directory), its SQL
+/// service within `limits`.
+pub async fn exporter(
+    data_dir: &DataDir,
+    master_key: Option<&SecretString>,
+    key_store: &KeyStoreLocation,
+    archive: &ArchiveLocation,
+    limits: SqlLimits,
+) -> Result<Exporter, RoleError> {
+    let keys = open_keys(data_dir, master_key, key_store).await?;
+    let archive = Archive::open(archive).map_err(NodeError::from)?;
+    let sql = SqlService::new(archive, Arc::clone(&keys), limits)?;
+    Ok(Exporter::new(Arc::new(sql), keys))
 }
 
 /// `loom replay`: rebuilds the read models from the log (after the archive, if given) into a new

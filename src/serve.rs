@@ -12,6 +12,7 @@ use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver}
 use loom_projector::{Lookup, ProjectorConfig, StoreLocation, project_active};
 use loom_query::analytics::Analytics;
 use loom_query::archive::{Access, Scope};
+use loom_query::export::{Exporter, Jobs};
 use loom_query::http::{Authenticate, Principal, QueryServices};
 use loom_query::sql::{SqlLimits, SqlService};
 use loom_query::traces::Traces;
@@ -41,6 +42,8 @@ pub struct ServeConfig {
     pub projector: ProjectorConfig,
     /// Archive the log in this process, there (`loom serve`'s default: `<data dir>/archive`).
     pub archive: Option<(ArchiveLocation, ArchiveConfig)>,
+    /// Where `POST /v1/exports` writes tables (`None`: exports are off); needs the archive.
+    pub exports: Option<ArchiveLocation>,
 }
 
 /// A log filter that leaves out all but warnings and the line saying where the server listens
@@ -121,7 +124,18 @@ pub async fn serve(
     services.response_index = reads
         .clone()
         .map(|location| Arc::new(ReadModelIndex(Lookup::new(location))) as Arc<dyn ResponseIndex>);
+    let exports = match (&sql, config.exports) {
+        (Some(sql), Some(root)) => Some(Arc::new(Jobs::new(
+            Arc::new(Exporter::new(
+                Arc::clone(sql),
+                Arc::clone(&node.services.keys),
+            )),
+            root,
+        ))),
+        _ => None,
+    };
     let query = QueryServices {
+        exports,
         analytics: reads
             .clone()
             .map(|location| Arc::new(Analytics::new(location))),

@@ -255,9 +255,12 @@ fn bad_command_lines_get_usage_errors_and_unbuilt_roles_say_so() {
     let bad_fsync = loom(&["serve", "--fsync", "sometimes"]);
     assert_eq!(bad_fsync.status.code(), Some(2));
     assert!(text(&bad_fsync.stderr).contains("fsync policy"));
-    let export = loom(&["export", "--anything"]);
-    assert_eq!(export.status.code(), Some(1));
-    assert!(text(&export.stderr).contains("not yet available"));
+    let export = loom(&["export", "--bodies", "all"]);
+    assert_eq!(export.status.code(), Some(2));
+    assert!(text(&export.stderr).contains("possible values: omit, decrypt, sealed"));
+    let no_target = loom(&["export"]);
+    assert_eq!(no_target.status.code(), Some(1));
+    assert!(text(&no_target.stderr).contains("name the table"));
     let no_query = loom(&["sql"]);
     assert_eq!(no_query.status.code(), Some(2));
     assert!(text(&no_query.stderr).contains("Usage: loom sql"));

@@ -5,6 +5,7 @@
 
 pub mod analytics;
 pub mod archive;
+pub mod export;
 pub mod format;
 pub mod http;
 pub mod sql;

@@ -16,11 +16,11 @@ use datafusion::common::ScalarValue;
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
 use datafusion::config::ConfigOptions;
 use datafusion::error::DataFusionError;
-use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::disk_manager::{DiskManager, DiskManagerBuilder};
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::object_store::DefaultObjectStoreRegistry;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::{SendableRecordBatchStream, SessionStateBuilder};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coop::CooperativeExec;
@@ -277,6 +277,48 @@ impl SqlService {
         Ok(answer.batches)
     }
 
+    /// The manifests of the tenants `scope` reads (erased tenants have none), up to date.
+    pub(crate) async fn current_manifests(&self, scope: Scope) -> Result<Vec<Manifest>, SqlError> {
+        self.manifests(scope).await
+    }
+
+    /// The archived events of `tenant` in its files of `day` (`YYYY-MM-DD`) as `plan` shapes
+    /// them, streamed: for exports, which read more than a query may return and run longer than
+    /// it may take. Poll it on the service's runtime ([`SqlService::spawn`]). The memory limit
+    /// applies; the row, byte and time limits do not.
+    pub(crate) async fn scan_day<F>(
+        &self,
+        manifest: &Manifest,
+        access: Access,
+        day: &str,
+        plan: F,
+    ) -> Result<SendableRecordBatchStream, SqlError>
+    where
+        F: FnOnce(DataFrame) -> Result<DataFrame, DataFusionError>,
+    {
+        let mut manifest = manifest.clone();
+        let prefix = format!("date={day}/");
+        manifest.files.retain(|path, _| path.starts_with(&prefix));
+        let ctx = self
+            .session(&[manifest.clone()], Scope::Tenant(manifest.tenant), access)
+            .await?;
+        let frame = ctx.table("events").await.map_err(classify)?;
+        plan(frame)
+            .map_err(classify)?
+            .execute_stream()
+            .await
+            .map_err(classify)
+    }
+
+    /// Runs `task` on the service's runtime, apart from the gateway's.
+    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.spawn(task)
+    }
+
     /// Runs the plan `plan` makes in `ctx` on the service's runtime, within its limits.
     async fn run<F, Fut>(
         &self,
@@ -494,7 +536,7 @@ impl PhysicalOptimizerRule for YieldEverywhere {
 }
 
 /// Aborts a task when dropped (a no-op once it has finished).
-struct AbortOnDrop(tokio::task::AbortHandle);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -96,6 +96,7 @@ deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
         lookup_read_models: None,
         projector: Default::default(),
         archive: None,
+        exports: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

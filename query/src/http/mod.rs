@@ -1,9 +1,11 @@
 //! The query service's HTTP routes: `POST /v1/sql` over the archive, the analytics over the read
-//! models (`analytics`), and `GET /openapi.json` describing them. Who may read what is decided
+//! models (`analytics`), traces (`traces`), exports to a data lake (`exports`), and
+//! `GET /openapi.json` describing them. Who may read what is decided
 //! by the caller's credentials ([`Authenticate`], given by the node that knows the keys): a
 //! tenant's key reads its tenant's data, the operator's admin token every tenant's.
 
 mod analytics;
+mod exports;
 mod traces;
 
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use crate::analytics::{Analytics, AnalyticsError};
 use crate::archive::{Access, Scope};
+use crate::export::Jobs;
 use crate::format::{self, Format};
 use crate::sql::SqlService;
 use crate::traces::Traces;
@@ -47,6 +50,7 @@ pub struct QueryServices {
     pub sql: Option<Arc<SqlService>>,
     pub analytics: Option<Arc<Analytics>>,
     pub traces: Option<Arc<Traces>>,
+    pub exports: Option<Arc<Jobs>>,
 }
 
 #[derive(Clone)]
@@ -86,6 +90,8 @@ pub fn routes(services: QueryServices, auth: Arc<dyn Authenticate>) -> Router {
         .route("/v1/activity", get(analytics::activity))
         .route("/v1/traces", get(traces::list))
         .route("/v1/traces/{id}", get(traces::timeline))
+        .route("/v1/exports", post(exports::start).get(exports::list))
+        .route("/v1/exports/{id}", get(exports::get))
         .route("/openapi.json", get(openapi))
         .with_state(QueryState { services, auth })
 }
@@ -141,7 +147,8 @@ struct ErrorDetail {
     param: Option<String>,
     /// `invalid_sql`, `statement_not_allowed`, `query_too_large`, `invalid_request`,
     /// `invalid_format`, `invalid_api_key`, `query_timeout`, `too_many_queries`,
-    /// `archive_unavailable`, `read_models_unavailable`.
+    /// `archive_unavailable`, `read_models_unavailable`, `invalid_target`, `permission_denied`,
+    /// `not_found`, `too_many_exports`, `exports_unavailable`.
     code: String,
 }
 
@@ -173,6 +180,9 @@ struct FormatParam {
         analytics::activity,
         traces::list,
         traces::timeline,
+        exports::start,
+        exports::list,
+        exports::get,
     ),
     components(schemas(
         SqlRequest,
@@ -180,7 +190,9 @@ struct FormatParam {
         SqlColumn,
         ErrorBody,
         ErrorDetail,
-        crate::analytics::Metrics
+        crate::analytics::Metrics,
+        exports::ExportRequest,
+        crate::export::JobView,
     )),
     modifiers(&BearerAuth),
 )]
