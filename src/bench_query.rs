@@ -28,6 +28,7 @@ use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver,
 use loom_projector::{ReadStore, StoreLocation};
 use loom_query::analytics::{Analytics, Dimension, Filters, Question, Unit, Window};
 use loom_query::archive::{Access, Scope};
+use loom_query::export::{Bodies, Exporter, Request, Target};
 use loom_query::sql::{SqlLimits, SqlService};
 use loom_query::traces::Traces;
 use loom_schemas::codec::Registry;
@@ -310,7 +311,102 @@ pub async fn run(args: QueryBenchArgs) -> anyhow::Result<()> {
 
     let sql = Arc::new(SqlService::new(archive.clone(), Arc::clone(&keys), limits)?);
     sql_rate(&sql, tenants[0]).await?;
+    export(
+        &args.python,
+        dir.path(),
+        &plain,
+        Arc::clone(&sql),
+        Arc::clone(&keys),
+    )
+    .await?;
     read_models(&args, dir.path(), &tenants, end_us, &keys, &sql, &sample).await
+}
+
+/// The archive exported to a Delta table (bodies omitted) by Loom, then again with nothing new;
+/// and DuckDB's `COPY … PARTITION_BY (tenant_id, date)` of the plaintext files to Parquet, the
+/// plain alternative.
+async fn export(
+    python: &str,
+    dir: &Path,
+    plain: &Path,
+    sql: Arc<SqlService>,
+    keys: Arc<KeyStore>,
+) -> anyhow::Result<()> {
+    let lake = dir.join("lake");
+    let target = Target::parse(&lake.display().to_string(), Default::default())?;
+    let exporter = Arc::new(Exporter::new(sql, keys));
+    let request = Request {
+        scope: Scope::AllTenants,
+        bodies: Bodies::Omit,
+        target,
+    };
+    let (started, cpu) = (Instant::now(), cpu_seconds());
+    let report = exporter.run(request.clone(), Arc::default()).await?;
+    let (took, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+    let again = Instant::now();
+    let second = exporter.run(request, Arc::default()).await?;
+    let again = again.elapsed().as_secs_f64();
+    say!(
+        "\nexport to Delta Lake (bodies omitted), {} rows:\n  loom export   {:>6.1}s  {:>9.0} rows/s  \
+         {:>5.2} µs CPU/row  {:>5.0} MB  {} commits; again with nothing new: {:.2}s ({} rows)",
+        report.rows,
+        took,
+        report.rows as f64 / took,
+        cpu / report.rows.max(1) as f64 * 1e6,
+        dir_bytes(&lake) as f64 / 1e6,
+        report.commits.len(),
+        again,
+        second.rows
+    );
+    const SCRIPT: &str = r#"
+import duckdb, json, sys, time
+spec = json.loads(sys.stdin.read())
+con = duckdb.connect()
+t, cpu = time.perf_counter(), time.process_time()
+con.execute(f"""COPY (SELECT * EXCLUDE (record, trace_digest), strftime(occurred_at, '%Y-%m-%d') AS date
+    FROM read_parquet('{spec['plain']}/**/*.parquet', hive_partitioning = true))
+    TO '{spec['out']}' (FORMAT parquet, PARTITION_BY (tenant_id, date), COMPRESSION zstd)""")
+print(json.dumps({"seconds": time.perf_counter() - t, "cpu": time.process_time() - cpu}))
+"#;
+    let out = dir.join("duck-lake");
+    let spec = json!({"plain": plain.display().to_string(), "out": out.display().to_string()});
+    let mut child = tokio::process::Command::new(python)
+        .args(["-c", SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {python}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt;
+        stdin.write_all(spec.to_string().as_bytes()).await?;
+    }
+    let output = child.wait_with_output().await?;
+    anyhow::ensure!(output.status.success(), "DuckDB's COPY failed");
+    let duck: Value = serde_json::from_slice(&output.stdout)?;
+    let seconds = duck["seconds"].as_f64().unwrap_or(f64::NAN);
+    say!(
+        "  duckdb COPY   {:>6.1}s  {:>9.0} rows/s  {:>5.2} µs CPU/row  {:>5.0} MB  (plaintext in, \
+         no transaction log, not incremental)",
+        seconds,
+        report.rows as f64 / seconds,
+        duck["cpu"].as_f64().unwrap_or(f64::NAN) / report.rows.max(1) as f64 * 1e6,
+        dir_bytes(&out) as f64 / 1e6,
+    );
+    Ok(())
+}
+
+/// The bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => dir_bytes(&entry.path()),
+            _ => entry.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
 }
 
 /// Latency percentiles of `values` (seconds), as `p50 / p99` in ms.

@@ -479,7 +479,10 @@ async fn exports_to_s3_as_to_a_directory() {
     let setup = Setup::new(2, 100).await;
     // Short: s3s-fs names a file after the base64 of each object's whole key, and Linux allows
     // 255 bytes in a file name (S3 itself allows 1024-byte keys).
-    let url = format!("s3://{bucket}/x-{}/t", &Uuid::now_v7().simple().to_string()[24..]);
+    let url = format!(
+        "s3://{bucket}/x-{}/t",
+        &Uuid::now_v7().simple().to_string()[24..]
+    );
     let target = Target::parse(&url, options).unwrap();
     let first = setup.export(Scope::AllTenants, Bodies::Omit, &target).await;
     let total = setup.archived(Scope::AllTenants, "event_id").await.len() as u64;
