@@ -63,6 +63,7 @@ fn admit(state: &QueryState, headers: &HeaderMap) -> Result<(Principal, Arc<Jobs
 #[utoipa::path(
     post,
     path = "/v1/exports",
+    operation_id = "start_export",
     request_body = ExportRequest,
     responses(
         (status = 202, description = "Started (or queued behind another export); `Location` names the job", body = crate::export::JobView),
@@ -158,6 +159,7 @@ pub(super) async fn start(
 #[utoipa::path(
     get,
     path = "/v1/exports",
+    operation_id = "list_exports",
     responses(
         (status = 200, description = "`{\"data\": [job, …]}`", body = Vec<crate::export::JobView>),
         (status = 401, body = super::ErrorBody),
@@ -182,6 +184,7 @@ pub(super) async fn list(State(state): State<QueryState>, headers: HeaderMap) ->
 #[utoipa::path(
     get,
     path = "/v1/exports/{id}",
+    operation_id = "get_export",
     params(("id" = String, Path, description = "The job's id")),
     responses(
         (status = 200, body = crate::export::JobView),
