@@ -361,7 +361,7 @@ async fn export(
     const SCRIPT: &str = r#"
 import duckdb, json, sys, time
 spec = json.loads(sys.stdin.read())
-con = duckdb.connect(config={'enable_progress_bar': False})
+con = duckdb.connect(); con.execute('SET enable_progress_bar = false')
 t, cpu = time.perf_counter(), time.process_time()
 con.execute(f"""COPY (SELECT * EXCLUDE (record, trace_digest), strftime(occurred_at, '%Y-%m-%d') AS date
     FROM read_parquet('{spec['plain']}/**/*.parquet', hive_partitioning = true))
@@ -806,7 +806,7 @@ source = f"read_parquet('{spec['dir']}/**/*.parquet', hive_partitioning = false)
 out = []
 for sql in spec["queries"]:
     sql = sql.replace("FROM events", f"FROM {source}")
-    con = duckdb.connect(config={'enable_progress_bar': False})
+    con = duckdb.connect(); con.execute('SET enable_progress_bar = false')
     t = time.perf_counter(); rows = len(con.execute(sql).fetchall()); cold = time.perf_counter() - t
     hot, cpu = [], time.process_time()
     for _ in range(spec["runs"]):

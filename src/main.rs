@@ -49,7 +49,7 @@ struct Cli {
         long = "log",
         global = true,
         env = "LOOM_LOG",
-        default_value = "info,sqlx=warn,buoyant_kernel=warn,deltalake_core=warn"
+        default_value = "info,sqlx=warn,buoyant_kernel=off,deltalake_core=warn"
     )]
     log_filter: String,
 
