@@ -447,14 +447,16 @@ async fn compaction_concurrent_with_archiving_shows_every_event_once() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     // Let compaction finish its rounds over the last files (the bound only keeps a broken
-    // compactor from hanging the test: on a loaded machine a round takes seconds).
+    // compactor from hanging the test: on a loaded machine a round takes seconds). What may stay:
+    // per tenant (two and the system's) the merged file and fewer than `min_files` small ones.
+    const MOST_FILES: u64 = 3 * 3;
     let compacted = Instant::now();
     let mut report = verify(&archive).await.unwrap();
     while compacted.elapsed() < Duration::from_secs(120) {
         let files: u64 = report.files;
         tokio::time::sleep(Duration::from_millis(500)).await;
         report = verify(&archive).await.unwrap();
-        if report.files == files && files <= 8 {
+        if report.files == files && files <= MOST_FILES {
             break;
         }
     }
@@ -465,7 +467,7 @@ async fn compaction_concurrent_with_archiving_shows_every_event_once() {
     assert!(report.is_intact(), "{:?}", report.problems);
     // Many small appends, merged into few files.
     assert!(report.entries > report.files, "{report:?}");
-    assert!(report.files <= 8, "{report:?}");
+    assert!(report.files <= MOST_FILES, "{report:?}");
 }
 
 /// A read-model store in a temporary directory (SQLite).
