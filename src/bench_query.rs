@@ -370,19 +370,9 @@ print(json.dumps({"seconds": time.perf_counter() - t, "cpu": time.process_time()
 "#;
     let out = dir.join("duck-lake");
     let spec = json!({"plain": plain.display().to_string(), "out": out.display().to_string()});
-    let mut child = tokio::process::Command::new(python)
-        .args(["-c", SCRIPT])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {python}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use tokio::io::AsyncWriteExt;
-        stdin.write_all(spec.to_string().as_bytes()).await?;
-    }
-    let output = child.wait_with_output().await?;
-    anyhow::ensure!(output.status.success(), "DuckDB's COPY failed");
-    let duck: Value = serde_json::from_slice(&output.stdout)?;
+    let duck = run_python(python, SCRIPT, &spec)
+        .await
+        .context("DuckDB's COPY")?;
     let seconds = duck["seconds"].as_f64().unwrap_or(f64::NAN);
     say!(
         "  duckdb COPY   {:>6.1}s  {:>9.0} rows/s  {:>5.2} µs CPU/row  {:>5.0} MB  (plaintext in, \
@@ -822,8 +812,24 @@ print(json.dumps(out))
         "runs": runs,
         "queries": queries.iter().map(|(_, _, duck)| duck).collect::<Vec<_>>(),
     });
+    let timings = run_python(python, SCRIPT, &spec).await?;
+    Ok(timings
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .map(|t| Timing {
+            cold: t["cold"].as_f64().unwrap_or(f64::NAN),
+            hot: t["hot"].as_f64().unwrap_or(f64::NAN),
+            cpu: t["cpu"].as_f64().unwrap_or(f64::NAN),
+            rows: t["rows"].as_u64().unwrap_or(0) as usize,
+        })
+        .collect())
+}
+
+/// Runs `script` in `python` with `spec` on its stdin; its stdout, as JSON.
+async fn run_python(python: &str, script: &str, spec: &Value) -> anyhow::Result<Value> {
     let mut child = tokio::process::Command::new(python)
-        .args(["-c", SCRIPT])
+        .args(["-c", script])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -833,15 +839,6 @@ print(json.dumps(out))
         stdin.write_all(spec.to_string().as_bytes()).await?;
     }
     let output = child.wait_with_output().await?;
-    anyhow::ensure!(output.status.success(), "DuckDB's script failed");
-    let timings: Vec<Value> = serde_json::from_slice(&output.stdout)?;
-    Ok(timings
-        .iter()
-        .map(|t| Timing {
-            cold: t["cold"].as_f64().unwrap_or(f64::NAN),
-            hot: t["hot"].as_f64().unwrap_or(f64::NAN),
-            cpu: t["cpu"].as_f64().unwrap_or(f64::NAN),
-            rows: t["rows"].as_u64().unwrap_or(0) as usize,
-        })
-        .collect())
+    anyhow::ensure!(output.status.success(), "the Python script failed");
+    Ok(serde_json::from_slice(&output.stdout)?)
 }

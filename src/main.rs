@@ -246,7 +246,7 @@ pub struct ArchiveArgs {
 impl ArchiveArgs {
     /// The archive named, `<data dir>/archive` if none was; `None` for `off`.
     fn location(&self, data: &DataDirArgs) -> anyhow::Result<Option<ArchiveLocation>> {
-        archive_location(self.archive.as_deref(), data, &self.s3)
+        location_or(self.archive.as_deref(), data.dir().archive(), &self.s3)
     }
 
     /// The S3 settings given (for the archive, and for other S3 locations alike).
@@ -255,14 +255,16 @@ impl ArchiveArgs {
     }
 }
 
-fn archive_location(
+/// A directory or S3 location `named` on the command line: `default` if none was, `None` for
+/// `off`.
+fn location_or(
     named: Option<&str>,
-    data: &DataDirArgs,
+    default: PathBuf,
     s3: &S3Args,
 ) -> anyhow::Result<Option<ArchiveLocation>> {
     Ok(match named {
         Some("off") => None,
-        None | Some("") => Some(ArchiveLocation::Directory(data.dir().archive())),
+        None | Some("") => Some(ArchiveLocation::Directory(default)),
         Some(named) => Some(ArchiveLocation::parse(named, s3.options())?),
     })
 }
@@ -274,11 +276,7 @@ fn exports_location(
     data: &DataDirArgs,
     s3: &S3Args,
 ) -> anyhow::Result<Option<ArchiveLocation>> {
-    Ok(match named {
-        Some("off") => None,
-        None | Some("") => Some(ArchiveLocation::Directory(data.dir().exports())),
-        Some(named) => Some(ArchiveLocation::parse(named, s3.options())?),
-    })
+    location_or(named, data.dir().exports(), s3)
 }
 
 /// How to reach S3 (credentials also from the usual AWS_* variables).

@@ -207,7 +207,8 @@ pub async fn repair(args: RepairArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn verify_archive(named: &str, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    let Some(location) = crate::archive_location(Some(named), &args.data, &args.s3)? else {
+    let Some(location) = crate::location_or(Some(named), args.data.dir().archive(), &args.s3)?
+    else {
         anyhow::bail!("--archive off: nothing to verify");
     };
     if let ArchiveLocation::Directory(dir) = &location

@@ -30,21 +30,6 @@ fn python() -> String {
     std::env::var("LOOM_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// Requests for a model nobody serves: refused (404), and recorded all the same.
-async fn requests(server: &Server, key: &str, count: usize) {
-    let client = reqwest::Client::new();
-    for _ in 0..count {
-        let response = client
-            .post(server.url("/v1/chat/completions"))
-            .bearer_auth(key)
-            .json(&json!({"model": "nobody-serves-this", "messages": [{"role": "user", "content": "hi"}]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 404);
-    }
-}
-
 /// Erases `tenant` through `server`'s admin API.
 async fn erase(server: &Server, tenant: &str) {
     let erased = reqwest::Client::new()
@@ -118,7 +103,7 @@ async fn pyarrow_reads_the_archive_through_the_key_service_until_the_tenant_is_e
     )
     .unwrap();
     let (tenant, key) = common::tenant_and_key(&server, TOKEN, "acme").await;
-    requests(&server, &key, 5).await;
+    common::refused_requests(&server, &key, 5).await;
     let file = first_file(dir.path(), &tenant).await;
 
     let full = pyarrow("full", &file, &server);
@@ -192,13 +177,13 @@ async fn a_sigkilled_server_archives_every_event_once_after_its_restart() {
     let env = [("LOOM_ADMIN_TOKEN", TOKEN)];
     let server = Server::start(dir.path(), &args, &env).unwrap();
     let (tenant, key) = common::tenant_and_key(&server, TOKEN, "acme").await;
-    requests(&server, &key, 40).await;
+    common::refused_requests(&server, &key, 40).await;
     // Killed while it archives: some files written, some named, some events only buffered.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    requests(&server, &key, 20).await;
+    common::refused_requests(&server, &key, 20).await;
     drop(server); // SIGKILL
     let server = Server::start(dir.path(), &args, &env).unwrap();
-    requests(&server, &key, 10).await;
+    common::refused_requests(&server, &key, 10).await;
     assert!(server.stop().success());
 
     // Every event on the log is in the archive once.
@@ -305,8 +290,8 @@ async fn sql_over_http_and_the_cli_reads_each_tenant_only_its_own_archive() {
     .unwrap();
     let (a, key_a) = common::tenant_and_key(&server, TOKEN, "a").await;
     let (b, key_b) = common::tenant_and_key(&server, TOKEN, "b").await;
-    requests(&server, &key_a, 5).await;
-    requests(&server, &key_b, 3).await;
+    common::refused_requests(&server, &key_a, 5).await;
+    common::refused_requests(&server, &key_b, 3).await;
     // The operator sees every tenant, once the archiver has written their files.
     let started = Instant::now();
     let received = json!({"query": "SELECT envelope_tenant_id AS tenant, count(*) AS n FROM events \

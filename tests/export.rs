@@ -49,21 +49,6 @@ fn delta_counts(path: &Path) -> (u64, u64) {
     (row["n"].as_u64().unwrap(), row["ids"].as_u64().unwrap())
 }
 
-/// Requests for a model nobody serves: refused (404), and recorded all the same.
-async fn requests(server: &Server, key: &str, count: usize) {
-    let client = reqwest::Client::new();
-    for _ in 0..count {
-        let response = client
-            .post(server.url("/v1/chat/completions"))
-            .bearer_auth(key)
-            .json(&json!({"model": "nobody-serves-this", "messages": [{"role": "user", "content": "hi"}]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 404);
-    }
-}
-
 /// The number of the tenant's archived events, once it has stopped growing and reached `least`.
 async fn archived_events(server: &Server, key: &str, least: u64) -> u64 {
     let client = reqwest::Client::new();
@@ -139,7 +124,7 @@ async fn exports_run_as_jobs_into_the_callers_directory_and_add_each_event_once(
     .unwrap();
     let (tenant, key) = common::tenant_and_key(&server, TOKEN, "acme").await;
     let (_, other_key) = common::tenant_and_key(&server, TOKEN, "globex").await;
-    requests(&server, &key, 20).await;
+    common::refused_requests(&server, &key, 20).await;
     let events = archived_events(&server, &key, 40).await;
 
     let (status, job) = call(
@@ -230,7 +215,7 @@ async fn exports_run_as_jobs_into_the_callers_directory_and_add_each_event_once(
     assert_eq!(again["result"]["rows"], 0, "{again}");
     assert_eq!(again["result"]["commits"], json!([]), "{again}");
 
-    requests(&server, &key, 10).await;
+    common::refused_requests(&server, &key, 10).await;
     let more = archived_events(&server, &key, events + 20).await;
     let exported = loom(&[
         "export",

@@ -21,11 +21,10 @@ use loom_query::export::{
 };
 use loom_query::format::{self, Format};
 use loom_query::sql::{SqlLimits, SqlService};
-use loom_schemas::codec::Registry;
 use loom_schemas::crypto::{DataKey, FieldContext};
-use loom_schemas::event::{Event, Sealed};
+use loom_schemas::event::Sealed;
 use loom_schemas::keystore::{KeyStore, MasterKey};
-use loom_schemas::log::{Log, Topic};
+use loom_schemas::log::Log;
 use loom_schemas::samples;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -111,7 +110,7 @@ impl Setup {
     async fn more(&self, requests: usize, seed: u64) {
         let now = loom_schemas::event::now_micros();
         let events = samples::history(&self.data_keys, requests, now, seed).unwrap();
-        append(self.log.as_ref(), &events).await;
+        common::append(self.log.as_ref(), &events).await;
         self.archive_the_log().await;
     }
 
@@ -154,20 +153,6 @@ impl Setup {
             .unwrap();
         let json = format::write(Format::Json, &answer.schema, &answer.batches).unwrap();
         serde_json::from_slice(&json).unwrap()
-    }
-}
-
-async fn append(log: &dyn Log, events: &[Event]) {
-    let registry = Registry::builtin().unwrap();
-    for topic in Topic::ALL {
-        let records: Vec<_> = events
-            .iter()
-            .filter(|e| Topic::for_plane(e.payload.plane()) == topic)
-            .map(|e| registry.encode_record(e).unwrap())
-            .collect();
-        for chunk in records.chunks(500) {
-            log.append(topic, chunk.to_vec()).await.unwrap();
-        }
     }
 }
 

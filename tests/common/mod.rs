@@ -137,6 +137,21 @@ pub async fn tenant_and_key(server: &Server, admin_token: &str, name: &str) -> (
     (tenant_id, key["key"].as_str().unwrap().to_owned())
 }
 
+/// Requests for a model nobody serves: refused (404), and recorded all the same.
+pub async fn refused_requests(server: &Server, key: &str, count: usize) {
+    let client = reqwest::Client::new();
+    for _ in 0..count {
+        let response = client
+            .post(server.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&serde_json::json!({"model": "nobody-serves-this", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404);
+    }
+}
+
 /// The embedded log of a data directory a real `loom` wrote (no server may hold it), opened with
 /// the chain key of its `master.key`.
 pub async fn open_data_dir_log(data_dir: &Path) -> loom_schemas::log::EmbeddedLog {

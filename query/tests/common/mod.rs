@@ -18,6 +18,13 @@ pub async fn log_of(dir: &Path, events: &[Event]) -> Arc<dyn Log> {
         .await
         .unwrap(),
     );
+    append(log.as_ref(), events).await;
+    log
+}
+
+/// Appends `events` to `log`, each on its plane's topic.
+#[allow(clippy::unwrap_used)]
+pub async fn append(log: &dyn Log, events: &[Event]) {
     let registry = Registry::builtin().unwrap();
     for topic in Topic::ALL {
         let records: Vec<_> = events
@@ -29,5 +36,4 @@ pub async fn log_of(dir: &Path, events: &[Event]) -> Arc<dyn Log> {
             log.append(topic, chunk.to_vec()).await.unwrap();
         }
     }
-    log
 }
