@@ -207,6 +207,7 @@ pub async fn query(
     ));
     let callers = Arc::new(crate::serve::Callers::new(control, admin_token));
     let sql = Arc::new(sql);
+    tasks.spawn(warm(Arc::clone(&sql)));
     let query = QueryServices {
         exports: exports.map(|root| {
             Arc::new(Jobs::new(
@@ -256,6 +257,19 @@ pub async fn sql_service(
     let keys = open_keys(data_dir, master_key, key_store).await?;
     let archive = Archive::open(archive).map_err(NodeError::from)?;
     Ok(SqlService::new(archive, keys, limits)?)
+}
+
+/// Reads the archive's manifests ahead of the first query, logging how it went.
+pub(crate) async fn warm(sql: Arc<SqlService>) {
+    let started = std::time::Instant::now();
+    match sql.warm().await {
+        Ok(tenants) => tracing::info!(
+            tenants,
+            seconds = started.elapsed().as_secs_f64(),
+            "read the archive's manifests"
+        ),
+        Err(error) => tracing::warn!(%error, "could not read the archive's manifests ahead"),
+    }
 }
 
 /// The exporter over the archive at `archive` (`loom export` on a data directory), its SQL

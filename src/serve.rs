@@ -102,11 +102,13 @@ pub async fn serve(
     if let Some((location, config)) = config.archive.clone() {
         let archive = Archive::open(&location)?;
         tracing::info!(%location, "archiving the log");
-        sql = Some(Arc::new(SqlService::new(
+        let service = Arc::new(SqlService::new(
             archive.clone(),
             Arc::clone(&node.services.keys),
             SqlLimits::default(),
-        )?));
+        )?);
+        tasks.spawn(crate::roles::warm(Arc::clone(&service)));
+        sql = Some(service);
         let archiver = Archiver::new(
             archive,
             Arc::clone(&node.services.log),

@@ -27,6 +27,7 @@ use parquet::encryption::decrypt::FileDecryptionProperties;
 use parquet::encryption::encrypt::FileEncryptionProperties;
 use uuid::Uuid;
 
+use crate::footers::{ArchiveFormat, FooterCache};
 use crate::store::BoundedStore;
 
 /// The URL the archive's object store is registered under in a session.
@@ -155,13 +156,15 @@ const FOOTER_HINT_BYTES: usize = 64 << 10;
 
 /// Registers the archived events of `manifests`' tenants in `ctx` as table `name`: the files the
 /// manifests name (never an orphan, nor a file compaction replaced), every event type in one
-/// table of the archive's columns, decrypted with `access`. The session's object store is the
-/// archive's, bounded to those tenants' directories.
+/// table of the archive's columns, decrypted with `access`, their footers kept in `footers`. The
+/// session's object store is the archive's, bounded to those tenants' directories.
+#[allow(clippy::too_many_arguments)]
 pub fn register_events(
     ctx: &SessionContext,
     archive: &Archive,
     manifests: &[Manifest],
     keys: Arc<KeyStore>,
+    footers: Arc<FooterCache>,
     scope: Scope,
     access: Access,
     name: &str,
@@ -171,29 +174,40 @@ pub fn register_events(
         .map(|manifest| tenant_dir(&archive.root, manifest.tenant))
         .collect();
     let base = ObjectStoreUrl::parse(ARCHIVE_URL)?;
+    let files = manifests.iter().zip(&dirs).flat_map(|(manifest, dir)| {
+        manifest.files.values().filter_map(move |file| {
+            Some((
+                Path::parse(format!("{dir}/{}", file.path)).ok()?,
+                file.bytes,
+            ))
+        })
+    });
     ctx.register_object_store(
         base.as_ref(),
-        Arc::new(BoundedStore::new(Arc::clone(&archive.store), dirs.clone())),
+        Arc::new(BoundedStore::new(Arc::clone(&archive.store), dirs.clone()).with_files(files)),
     );
     let factory_id = match scope {
         Scope::Tenant(tenant) => format!("loom-{tenant}-{access:?}"),
         Scope::AllTenants => format!("loom-all-{access:?}"),
     };
-    ctx.runtime_env().register_parquet_encryption_factory(
-        &factory_id,
-        Arc::new(ArchiveKeyFactory::new(keys, scope, access)),
-    );
+    let key_factory = Arc::new(ArchiveKeyFactory::new(keys, scope, access));
+    ctx.runtime_env()
+        .register_parquet_encryption_factory(&factory_id, Arc::clone(&key_factory) as _);
     let mut parquet = TableParquetOptions::new();
     parquet.crypto.factory_id = Some(factory_id);
     // The page index is read for every column of a file, the record column's included, whose key
     // a metadata reader does not hold: such a reader prunes by row-group statistics only.
     parquet.global.enable_page_index = access == Access::Full;
-    // DataFusion fetches the last 512 KiB of a file to find its footer, and caches the footer of
-    // plaintext files only: each query would read most of every encrypted file for its footer
+    // DataFusion fetches the last 512 KiB of a file to find its footer: most of a small file
     // (a file's footer, its columns' metadata encrypted, is some tens of KiB).
     parquet.global.metadata_size_hint = Some(FOOTER_HINT_BYTES);
-    let options = ListingOptions::new(Arc::new(ParquetFormat::default().with_options(parquet)))
-        .with_file_extension(".parquet");
+    let format = ArchiveFormat::new(
+        ParquetFormat::default().with_options(parquet),
+        footers,
+        key_factory,
+        access,
+    );
+    let options = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
     let mut urls = Vec::new();
     for (manifest, dir) in manifests.iter().zip(&dirs) {
         for path in manifest.files.keys() {

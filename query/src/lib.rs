@@ -6,6 +6,7 @@
 pub mod analytics;
 pub mod archive;
 pub mod export;
+pub mod footers;
 pub mod format;
 pub mod http;
 pub mod sql;

@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::archive::{Access, Scope, register_events};
+use crate::footers::FooterCache;
 
 /// The bounds every query runs within.
 #[derive(Debug, Clone)]
@@ -50,6 +51,8 @@ pub struct SqlLimits {
     pub per_scope: usize,
     /// Threads of the runtime queries run on (apart from the gateway's).
     pub threads: usize,
+    /// Memory the decrypted footers of archive files are kept in between queries.
+    pub footer_cache_bytes: usize,
 }
 
 impl Default for SqlLimits {
@@ -62,6 +65,7 @@ impl Default for SqlLimits {
             max_bytes: 16 << 20,
             per_scope: 2,
             threads: 2,
+            footer_cache_bytes: 256 << 20,
         }
     }
 }
@@ -187,6 +191,8 @@ pub struct SqlService {
     limits: SqlLimits,
     disk: Arc<DiskManager>,
     runtime: QueryRuntime,
+    /// The archive files' footers, decrypted, for every session.
+    footers: Arc<FooterCache>,
     /// Each tenant's manifest as last read; refreshed (new entries only) by each query.
     manifests: tokio::sync::Mutex<HashMap<Uuid, Manifest>>,
     /// Queries running, per scope.
@@ -208,6 +214,7 @@ impl SqlService {
         Ok(SqlService {
             archive,
             keys,
+            footers: Arc::new(FooterCache::new(limits.footer_cache_bytes)),
             limits,
             disk: Arc::new(disk),
             runtime,
@@ -220,12 +227,19 @@ impl SqlService {
         &self.limits
     }
 
+    /// How many archive files' footers are kept, decrypted for readers with `access`.
+    pub fn footers_kept(&self, access: Access) -> usize {
+        self.footers.files(access)
+    }
+
     /// Runs `sql` over the archive of `scope`, its bodies and events whole readable with
     /// [`Access::Full`] only.
     pub async fn query(&self, scope: Scope, access: Access, sql: &str) -> Result<Answer, SqlError> {
         let permit = self.admit(scope)?;
         let manifests = self.manifests(scope).await?;
-        let ctx = self.session(&manifests, scope, access).await?;
+        let ctx = self
+            .session(&manifests, scope, access, Views::Typed)
+            .await?;
         let sql = sql.to_owned();
         self.run(permit, ctx, move |ctx| async move {
             let options = SQLOptions::new()
@@ -260,7 +274,9 @@ impl SqlService {
         }
         let digest = loom_projector::archive::file::trace_digest(&self.keys, tenant, trace_id)
             .map_err(|e| SqlError::Archive(format!("the trace's digest: {e}")))?;
-        let ctx = self.session(&manifests, scope, access).await?;
+        let ctx = self
+            .session(&manifests, scope, access, Views::EventsOnly)
+            .await?;
         let trace_id = trace_id.to_owned();
         let answer = self
             .run(permit, ctx, move |ctx| async move {
@@ -275,6 +291,13 @@ impl SqlService {
             })
             .await?;
         Ok(answer.batches)
+    }
+
+    /// Reads every tenant's manifest ahead of the first query (a server calls it as it starts):
+    /// a tenant's first query, or its first archived trace lookup, would otherwise read the
+    /// whole chain of its manifest first. Returns how many tenants' manifests are held.
+    pub async fn warm(&self) -> Result<usize, SqlError> {
+        Ok(self.manifests(Scope::AllTenants).await?.len())
     }
 
     /// The manifests of the tenants `scope` reads (erased tenants have none), up to date.
@@ -300,7 +323,12 @@ impl SqlService {
         let prefix = format!("date={day}/");
         manifest.files.retain(|path, _| path.starts_with(&prefix));
         let ctx = self
-            .session(&[manifest.clone()], Scope::Tenant(manifest.tenant), access)
+            .session(
+                &[manifest.clone()],
+                Scope::Tenant(manifest.tenant),
+                access,
+                Views::EventsOnly,
+            )
             .await?;
         let frame = ctx.table("events").await.map_err(classify)?;
         plan(frame)
@@ -375,6 +403,7 @@ impl SqlService {
         };
         let (schema, batches, rows, truncated) = answer;
         metrics::histogram!("loom_sql_query_seconds").record(started.elapsed().as_secs_f64());
+        metrics::gauge!("loom_sql_footer_cache_bytes").set(self.footers.bytes() as f64);
         Ok(Answer {
             schema,
             batches,
@@ -408,6 +437,7 @@ impl SqlService {
         manifests: &[Manifest],
         scope: Scope,
         access: Access,
+        views: Views,
     ) -> Result<SessionContext, SqlError> {
         let mut runtime = RuntimeEnvBuilder::new();
         runtime.disk_manager = Some(Arc::clone(&self.disk));
@@ -432,11 +462,15 @@ impl SqlService {
             &self.archive,
             manifests,
             Arc::clone(&self.keys),
+            Arc::clone(&self.footers),
             scope,
             access,
             "events",
         )
         .map_err(classify)?;
+        if views == Views::EventsOnly {
+            return Ok(ctx);
+        }
         let control = (scope == Scope::AllTenants).then_some(&CONTROL_VIEW);
         for (name, select) in VIEWS.iter().chain(control) {
             let view = ctx.sql(select).await.map_err(classify)?.into_view();
@@ -452,10 +486,19 @@ impl SqlService {
             Scope::AllTenants => self.archive.tenants().await?,
         };
         let mut cached = self.manifests.lock().await;
+        let erased: Vec<Uuid> = cached
+            .keys()
+            .copied()
+            .filter(|tenant| self.keys.is_erased(*tenant))
+            .collect();
+        if !erased.is_empty() {
+            cached.retain(|tenant, _| !erased.contains(tenant));
+            // The footers kept hold the keys that read their files.
+            self.footers.clear();
+        }
         let mut manifests = Vec::with_capacity(tenants.len());
         for tenant in tenants {
             if self.keys.is_erased(tenant) {
-                cached.remove(&tenant);
                 continue;
             }
             let manifest = match cached.remove(&tenant) {
@@ -474,6 +517,15 @@ impl SqlService {
         }
         Ok(manifests)
     }
+}
+
+/// Which tables a session holds besides `events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Views {
+    /// The typed views too (`requests`, `llm_calls`, …): what users query.
+    Typed,
+    /// `events` alone: what Loom's own plans read (trace lookups, exports).
+    EventsOnly,
 }
 
 /// The error a user sees for a DataFusion error.

@@ -119,10 +119,18 @@ async fn sql_reads_a_tenants_archive_through_the_key_store() {
     let full = |q: &'static str| sql.query(Scope::Tenant(a), Access::Full, q);
 
     // Every column: the events, whole, each once, all of tenant A.
+    assert_eq!(sql.footers_kept(Access::Full), 0);
     let counted = full("SELECT count(DISTINCT event_id) FROM events")
         .await
         .unwrap();
     assert_eq!(single_i64(&counted) as u64, rows);
+    // The files' footers are kept, for full readers only, and answer the same again.
+    assert_eq!(sql.footers_kept(Access::Full), manifest.files.len());
+    assert_eq!(sql.footers_kept(Access::Metadata), 0);
+    let again = full("SELECT count(DISTINCT event_id) FROM events")
+        .await
+        .unwrap();
+    assert_eq!(single_i64(&again) as u64, rows);
     let records = full("SELECT count(*) FROM events WHERE record IS NOT NULL")
         .await
         .unwrap();
@@ -247,6 +255,12 @@ async fn sql_reads_a_tenants_archive_through_the_key_store() {
         .await
         .unwrap();
     assert!(single_i64(&counted) > 0);
+    // Its footers are its own, decrypted with its keys: never a full reader's.
+    assert_eq!(sql.footers_kept(Access::Metadata), manifest.files.len());
+    let recounted = metadata("SELECT count(*) FROM events WHERE cost_micro_usd >= 0")
+        .await
+        .unwrap();
+    assert_eq!(single_i64(&recounted), single_i64(&counted));
     let everything = metadata("SELECT * FROM events LIMIT 5").await.unwrap();
     assert!(everything.schema.field_with_name("record").is_err());
     assert!(matches!(
@@ -274,7 +288,8 @@ async fn sql_reads_a_tenants_archive_through_the_key_store() {
     .await
     .unwrap();
 
-    // Erased: the tenant's rows are gone for everyone, and the rest still answers.
+    // Erased: the tenant's rows are gone for everyone, and the rest still answers. The footers
+    // kept, which hold keys, are dropped.
     keys.erase(b).await.unwrap();
     let gone = sql
         .query(
@@ -285,6 +300,8 @@ async fn sql_reads_a_tenants_archive_through_the_key_store() {
         .await
         .unwrap();
     assert_eq!(single_i64(&gone), 0);
+    assert_eq!(sql.footers_kept(Access::Full), 0);
+    assert_eq!(sql.footers_kept(Access::Metadata), 0);
     let owners = sql
         .query(
             Scope::AllTenants,
