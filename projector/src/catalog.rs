@@ -13,7 +13,7 @@ use sqlx::{Acquire, AnyPool, AssertSqlSafe, Executor, Row};
 use crate::store::{StoreError, StoreLocation, postgres_schema};
 
 /// The tables a version holds; `loom_read.<table>` views show the active version's.
-pub const TABLES: [&str; 15] = [
+pub const TABLES: [&str; 18] = [
     "positions",
     "dead_letters",
     "tenants",
@@ -29,6 +29,9 @@ pub const TABLES: [&str; 15] = [
     "rollup_applied",
     "usage_hourly",
     "usage_daily",
+    "rollups",
+    "rollup_histograms",
+    "rollups_since",
 ];
 
 pub enum Catalog {

@@ -6,6 +6,7 @@
 //! feeds it ([`run`]). A crash at any point and a restart leave the state a clean replay gives.
 
 pub mod archive;
+pub mod buckets;
 pub mod catalog;
 pub mod fold;
 pub mod lookup;

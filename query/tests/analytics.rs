@@ -13,7 +13,7 @@ use chrono::{DateTime, TimeZone, Timelike};
 use chrono_tz::Tz;
 use loom_projector::{ProjectorConfig, StoreLocation, replay};
 use loom_query::analytics::{
-    Analytics, Dimension, Filters, METRICS, Metrics, Question, TopBy, Unit, Window,
+    Analytics, Dimension, Filters, METRICS, Metrics, Question, Stats, TopBy, Unit, Window,
     percentile_error_bound_us, rfc3339_in,
 };
 use loom_query::archive::Scope;
@@ -24,6 +24,7 @@ use loom_schemas::event::{
 };
 use loom_schemas::samples;
 use loom_schemas::testing::TestDatabase;
+use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
 fn at(text: &str) -> i64 {
@@ -188,6 +189,7 @@ fn check(metrics: &Metrics, requests: &[&Request], context: &str) {
 /// The read models of a history, folded by a replay, on SQLite or Postgres.
 struct Folded {
     analytics: Analytics,
+    location: StoreLocation,
     database: Option<TestDatabase>,
     _dir: tempfile::TempDir,
 }
@@ -208,7 +210,8 @@ async fn fold(events: &[Event], postgres: bool) -> Folded {
         .await
         .unwrap();
     Folded {
-        analytics: Analytics::new(location),
+        analytics: Analytics::new(location.clone()),
+        location,
         database,
         _dir: dir,
     }
@@ -237,6 +240,47 @@ fn question(scope: Scope, from: &str, to: &str, filters: Filters) -> Question {
             to_us: at(to),
         },
         filters,
+    }
+}
+
+/// A request's value of a dimension, as a breakdown groups it.
+fn value_of(r: &Request, by: Dimension) -> Option<String> {
+    match by {
+        Dimension::Model => r.model.clone(),
+        Dimension::Provider => r.provider.clone(),
+        Dimension::Project => r.project.clone(),
+        Dimension::User => r.user.clone(),
+        Dimension::Status => r.status.clone(),
+        Dimension::ErrorClass => r.error_class.clone(),
+        Dimension::Tenant => Some(r.tenant.to_string()),
+        other => panic!("no brute-force value of {other:?}"),
+    }
+}
+
+/// Checks a breakdown against a brute-force count of each of its groups.
+fn check_breakdown(
+    groups: &[(Option<String>, Stats)],
+    requests: &[&Request],
+    by: Dimension,
+    context: &str,
+) {
+    let done = requests.iter().filter(|r| r.status.is_some()).count() as i64;
+    assert_eq!(
+        groups.iter().map(|(_, s)| s.requests).sum::<i64>(),
+        done,
+        "{context}: every request in a group"
+    );
+    for (value, stats) in groups {
+        let members: Vec<&Request> = requests
+            .iter()
+            .copied()
+            .filter(|r| &value_of(r, by) == value)
+            .collect();
+        check(
+            &stats.metrics(),
+            &members,
+            &format!("{context} {by:?}={value:?}"),
+        );
     }
 }
 
@@ -452,6 +496,67 @@ async fn analytics_equal_a_brute_force_count_over_the_same_history() {
             .unwrap();
         assert_eq!(by_model.len(), 1, "limit");
 
+        // Windows whose edges fall inside hours: whole days and hours from the rollups, the
+        // rest from the traces.
+        let odd = question(
+            Scope::Tenant(tenant),
+            "2026-10-31T22:17:05Z",
+            "2026-11-02T04:41:00Z",
+            Filters::default(),
+        );
+        let (now, before) = analytics.summary(&odd).await.unwrap();
+        check(
+            &now.metrics(),
+            &within(&all, &odd),
+            &format!("{backend} odd"),
+        );
+        let previous = Question {
+            window: odd.window.previous(),
+            ..odd.clone()
+        };
+        check(
+            &before.metrics(),
+            &within(&all, &previous),
+            &format!("{backend} odd before"),
+        );
+        for by in [
+            Dimension::Model,
+            Dimension::Provider,
+            Dimension::Status,
+            Dimension::ErrorClass,
+            Dimension::User,
+        ] {
+            let groups = analytics.breakdown(&odd, by, &METRICS, 100).await.unwrap();
+            check_breakdown(&groups, &within(&all, &odd), by, &format!("{backend} odd"));
+        }
+        let everyone_odd = Question {
+            scope: Scope::AllTenants,
+            ..odd.clone()
+        };
+        let groups = analytics
+            .breakdown(&everyone_odd, Dimension::Tenant, &METRICS, 100)
+            .await
+            .unwrap();
+        assert_eq!(groups.len(), 3);
+        check_breakdown(
+            &groups,
+            &within(&all, &everyone_odd),
+            Dimension::Tenant,
+            backend,
+        );
+        let failed = Question {
+            filters: Filters {
+                status: Some("failed".into()),
+                ..Filters::default()
+            },
+            ..odd.clone()
+        };
+        let groups = analytics
+            .breakdown(&failed, Dimension::Status, &METRICS, 100)
+            .await
+            .unwrap();
+        check_breakdown(&groups, &within(&all, &failed), Dimension::Status, backend);
+
         // The most expensive requests, and the latest.
         let top = analytics.top(&q, TopBy::Cost, 5).await.unwrap();
         let mut costs: Vec<i64> = within(&all, &q).iter().filter_map(|r| r.cost).collect();
@@ -495,6 +600,66 @@ async fn analytics_equal_a_brute_force_count_over_the_same_history() {
             calls.iter().filter(|c| c.3.is_some()).count() as i64
         );
         assert!(report.upstreams.iter().all(|g| g.deployment.is_some()));
+
+        // The rollups answer by themselves: with the traces gone, whole hours still add up.
+        // And a database whose rollups began later (folded before they existed) counts the
+        // earlier requests from the traces.
+        let pool = loom_projector::Lookup::new(folded.location.clone())
+            .store()
+            .await
+            .unwrap();
+        let aligned = question(
+            Scope::AllTenants,
+            "2026-10-31T00:00:00Z",
+            "2026-11-03T00:00:00Z",
+            Filters::default(),
+        );
+        let since = at("2026-11-01T05:00:00.000001Z");
+        sqlx::query("UPDATE rollups_since SET since_us = $1")
+            .bind(since)
+            .execute(pool.pool())
+            .await
+            .unwrap();
+        for table in ["rollups", "rollup_histograms"] {
+            sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE bucket_start < $1"
+            )))
+            .bind(since)
+            .execute(pool.pool())
+            .await
+            .unwrap();
+        }
+        let groups = analytics
+            .breakdown(&aligned, Dimension::Model, &METRICS, 100)
+            .await
+            .unwrap();
+        check_breakdown(
+            &groups,
+            &within(&all, &aligned),
+            Dimension::Model,
+            &format!("{backend} since"),
+        );
+        sqlx::query("UPDATE rollups_since SET since_us = 0")
+            .execute(pool.pool())
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM traces")
+            .execute(pool.pool())
+            .await
+            .unwrap();
+        let later = question(
+            Scope::AllTenants,
+            "2026-11-01T06:00:00Z",
+            "2026-11-03T00:00:00Z",
+            Filters::default(),
+        );
+        let (now, _) = analytics.summary(&later).await.unwrap();
+        check(
+            &now.metrics(),
+            &within(&all, &later),
+            &format!("{backend} without traces"),
+        );
+        assert!(now.requests > 0);
 
         if let Some(database) = folded.database {
             database.drop().await;

@@ -1,45 +1,11 @@
-//! Percentiles from histograms the database fills: 201 log-spaced buckets, each 2^(1/8) wider
-//! than the one before, so that an estimate lies within one bucket (9.1 %) of the exact value.
+//! Percentiles from histograms the database fills, by the buckets of [`loom_projector::buckets`]:
+//! log-spaced, each 2^(1/8) wider than the one before, so that an estimate lies within one bucket
+//! (9.1 %) of the exact value.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::LazyLock;
 
-/// Buckets per doubling of the value: each bucket's upper bound is 2^(1/8) ≈ 1.0905 times its
-/// lower one.
-const PER_DOUBLING: f64 = 8.0;
-/// The upper bound of the first bucket, in µs (it holds everything from 0).
-const FIRST_BOUND_US: f64 = 100.0;
-/// How many bounds: the last is 100 µs · 2^25 ≈ 56 minutes; above it is one overflow bucket.
-const BOUNDS: usize = 201;
-
-/// The buckets' upper bounds (inclusive), in µs.
-static BOUND_US: LazyLock<Vec<i64>> = LazyLock::new(|| {
-    (0..BOUNDS)
-        .map(|i| (FIRST_BOUND_US * 2f64.powf(i as f64 / PER_DOUBLING)).round() as i64)
-        .collect()
-});
-
-/// The bucket of `column` as SQL: a binary search over the bounds (8 comparisons a row), the
-/// same on Postgres and SQLite (which has no logarithm); -1 when the column is NULL.
-fn bucket_sql(column: &str) -> String {
-    fn search(sql: &mut String, column: &str, lo: usize, hi: usize) {
-        if lo == hi {
-            let _ = write!(sql, "{lo}");
-            return;
-        }
-        let mid = (lo + hi) / 2;
-        let _ = write!(sql, "CASE WHEN {column} <= {} THEN ", BOUND_US[mid]);
-        search(sql, column, lo, mid);
-        sql.push_str(" ELSE ");
-        search(sql, column, mid + 1, hi);
-        sql.push_str(" END");
-    }
-    let mut sql = format!("CAST(CASE WHEN {column} IS NULL THEN -1 ELSE ");
-    search(&mut sql, column, 0, BOUNDS);
-    sql.push_str(" END AS BIGINT)");
-    sql
-}
+use loom_projector::buckets::{BOUND_US, FIRST_BOUND_US, PER_DOUBLING, bucket_sql};
 
 pub(super) static LATENCY_BUCKET: LazyLock<String> = LazyLock::new(|| bucket_sql("t.latency_us"));
 pub(super) static TTFT_BUCKET: LazyLock<String> = LazyLock::new(|| bucket_sql("t.ttft_us"));
@@ -58,6 +24,12 @@ impl Histogram {
             return;
         };
         *self.counts.entry(bucket).or_default() += count;
+        self.min = min.into_iter().chain(self.min).min();
+        self.max = max.into_iter().chain(self.max).max();
+    }
+
+    /// Takes in the smallest and largest value of some values counted elsewhere.
+    pub(super) fn bound(&mut self, min: Option<i64>, max: Option<i64>) {
         self.min = min.into_iter().chain(self.min).min();
         self.max = max.into_iter().chain(self.max).max();
     }
@@ -132,12 +104,5 @@ mod tests {
             );
         }
         assert_eq!(histogram.quantile(1.0), sorted.last().copied());
-    }
-
-    #[test]
-    fn the_bucket_sql_is_a_binary_search_over_the_bounds() {
-        let sql = bucket_sql("x");
-        assert_eq!(sql.matches("CASE WHEN x <=").count(), BOUNDS);
-        assert!(sql.starts_with("CAST(CASE WHEN x IS NULL THEN -1"));
     }
 }

@@ -2,12 +2,14 @@
 //! breakdowns, the top requests, errors, alerts and recent activity — for one tenant, or for all
 //! of them (the operator).
 //!
-//! Everything is computed from the `traces` table (one row per request; the upstream attempts
-//! and tool calls joined where asked), so every filter works and counts and sums are exact.
-//! Latency and TTFT percentiles come from a histogram the database fills in the same pass, with
-//! log-spaced buckets ([`Histogram`]): an estimate is within one bucket of the exact value, that
-//! is within 9.1 % of it (or 0.1 ms below 0.1 ms). A request counts once it completed
-//! (`request.completed`); its time is when it arrived.
+//! Counts, sums and percentiles come from the rollups the projector keeps per UTC hour and day
+//! (of all requests, and per value of each dimension) when a question involves at most one
+//! dimension besides the tenant; the partial hours at a window's edges, and every other question,
+//! from the `traces` table (one row per request; the upstream attempts and tool calls joined
+//! where asked). Either way every filter works and counts and sums are exact. Latency and TTFT
+//! percentiles come from histograms with log-spaced buckets ([`Histogram`]): an estimate is within
+//! one bucket of the exact value, that is within 9.1 % of it (or 0.1 ms below 0.1 ms). A request
+//! counts once it completed (`request.completed`); its time is when it arrived.
 
 use std::collections::BTreeMap;
 
@@ -20,9 +22,11 @@ use sqlx::{AssertSqlSafe, Row};
 use utoipa::ToSchema;
 
 use crate::archive::Scope;
+use rollups::Piece;
 
 mod alerts;
 mod histogram;
+mod rollups;
 mod time;
 
 pub use alerts::{Alert, thresholds};
@@ -622,6 +626,7 @@ enum Group {
 }
 
 impl Group {
+    /// The key of a trace `t`'s group.
     fn sql(self) -> String {
         match self {
             Group::Split(at) => {
@@ -629,6 +634,18 @@ impl Group {
             }
             Group::Slot(us) => format!("CAST(t.started_at / {us} AS TEXT)"),
             Group::By(dimension) => dimension.column().into(),
+        }
+    }
+
+    /// The key of a rollup row `r`'s group (for rows no group boundary falls inside of).
+    fn rollup_sql(self) -> String {
+        match self {
+            Group::Split(at) => {
+                format!("CASE WHEN r.bucket_start >= {at} THEN 'current' ELSE 'previous' END")
+            }
+            Group::Slot(us) => format!("CAST(r.bucket_start / {us} AS TEXT)"),
+            Group::By(Dimension::Tenant) => "r.tenant_id".into(),
+            Group::By(_) => "NULLIF(r.value, '')".into(),
         }
     }
 }
@@ -645,7 +662,8 @@ impl Analytics {
         }
     }
 
-    /// Stats per group of the requests `question` is about (completed ones).
+    /// Stats per group of the requests `question` is about (completed ones): from the rollups
+    /// where they answer, else from the traces.
     async fn stats(
         &self,
         question: &Question,
@@ -655,94 +673,28 @@ impl Analytics {
     ) -> Result<BTreeMap<Option<String>, Stats>, AnalyticsError> {
         let store = self.reads.store().await?;
         let mut groups: BTreeMap<Option<String>, Stats> = BTreeMap::new();
-        let key = group.sql();
-
-        let mut sql = Sql::new();
-        let filter = sql.filter(question.scope, window, &question.filters);
-        let bucket = if needs.latency {
-            LATENCY_BUCKET.as_str()
-        } else {
-            "-1"
+        let Some((dimension, value)) = rollups::rows_for(&question.filters, group) else {
+            traced_stats(&store, question, window, group, needs, &mut groups).await?;
+            return Ok(groups);
         };
-        sql.text = format!(
-            "SELECT {key}, {bucket}, COUNT(*), \
-                    CAST(SUM(CASE WHEN t.status = 'ok' THEN 0 ELSE 1 END) AS BIGINT), \
-                    CAST(SUM(COALESCE(t.tokens_in, 0)) AS BIGINT), \
-                    CAST(SUM(COALESCE(t.tokens_out, 0)) AS BIGINT), \
-                    CAST(SUM(COALESCE(t.tokens_cached, 0)) AS BIGINT), \
-                    CAST(SUM(COALESCE(t.cost_micro_usd, 0)) AS BIGINT), \
-                    CAST(SUM(COALESCE(t.latency_us, 0)) AS BIGINT), \
-                    MIN(t.latency_us), MAX(t.latency_us) \
-             FROM traces t WHERE {filter} AND t.status IS NOT NULL GROUP BY 1, 2"
-        );
-        for row in sql.fetch(&store).await? {
-            let stats = groups.entry(row.try_get(0)?).or_default();
-            let count: i64 = row.try_get(2)?;
-            stats.requests += count;
-            stats.errors += row.try_get::<i64, _>(3)?;
-            stats.tokens_in += row.try_get::<i64, _>(4)?;
-            stats.tokens_out += row.try_get::<i64, _>(5)?;
-            stats.tokens_cached += row.try_get::<i64, _>(6)?;
-            stats.cost_micro_usd += row.try_get::<i64, _>(7)?;
-            stats.latency_sum_us += row.try_get::<i64, _>(8)?;
-            if needs.latency {
-                stats
-                    .latency
-                    .add(row.try_get(1)?, count, row.try_get(9)?, row.try_get(10)?);
-            }
-        }
-
-        if needs.ttft {
-            let mut sql = Sql::new();
-            let filter = sql.filter(question.scope, window, &question.filters);
-            sql.text = format!(
-                "SELECT {key}, {}, COUNT(*), MIN(t.ttft_us), MAX(t.ttft_us) \
-                 FROM traces t WHERE {filter} AND t.status IS NOT NULL \
-                 AND t.ttft_us IS NOT NULL GROUP BY 1, 2",
-                TTFT_BUCKET.as_str()
-            );
-            for row in sql.fetch(&store).await? {
-                groups.entry(row.try_get(0)?).or_default().ttft.add(
-                    row.try_get(1)?,
-                    row.try_get(2)?,
-                    row.try_get(3)?,
-                    row.try_get(4)?,
-                );
-            }
-        }
-
-        let joined = [
-            (
-                needs.cache,
-                "CAST(SUM(COALESCE(c.cache_saved_micro_usd, 0)) AS BIGINT)",
-                "llm_calls",
-                "",
-            ),
-            (
-                needs.tools,
-                "COUNT(*)",
-                "tool_calls",
-                " AND c.direction = 'requested'",
-            ),
-        ];
-        for (needed, value, table, condition) in joined {
-            if !needed {
-                continue;
-            }
-            let mut sql = Sql::new();
-            let filter = sql.filter(question.scope, window, &question.filters);
-            sql.text = format!(
-                "SELECT {key}, {value} FROM traces t \
-                 JOIN {table} c ON c.tenant_id = t.tenant_id AND c.trace_id = t.trace_id \
-                 WHERE {filter} AND t.status IS NOT NULL{condition} GROUP BY 1"
-            );
-            for row in sql.fetch(&store).await? {
-                let stats = groups.entry(row.try_get(0)?).or_default();
-                let value: i64 = row.try_get(1)?;
-                if table == "llm_calls" {
-                    stats.cache_saved_micro_usd += value;
-                } else {
-                    stats.tool_calls += value;
+        let since: Option<i64> = sqlx::query_scalar("SELECT since_us FROM rollups_since")
+            .fetch_optional(store.pool())
+            .await?;
+        for piece in rollups::plan(window, group, since.unwrap_or(i64::MAX)) {
+            match piece {
+                Piece::Traces(window) => {
+                    traced_stats(&store, question, window, group, needs, &mut groups).await?;
+                }
+                Piece::Rollups(span_us, window) => {
+                    let rows = RollupRows {
+                        scope: question.scope,
+                        tenant: question.filters.tenant.as_deref(),
+                        dimension,
+                        value: value.clone(),
+                        span_us,
+                        window,
+                    };
+                    rolled_up_stats(&store, &rows, group, needs, &mut groups).await?;
                 }
             }
         }
@@ -942,6 +894,212 @@ impl Analytics {
     }
 }
 
+/// Adds the stats per group of the completed requests of `window` that `question` is about,
+/// counted from the traces: a pass for counts, sums and latencies, and one for each of TTFT,
+/// cache savings and tool calls if needed.
+async fn traced_stats(
+    store: &loom_projector::ReadStore,
+    question: &Question,
+    window: Window,
+    group: Group,
+    needs: Needs,
+    groups: &mut BTreeMap<Option<String>, Stats>,
+) -> Result<(), AnalyticsError> {
+    let key = group.sql();
+
+    let mut sql = Sql::new();
+    let filter = sql.filter(question.scope, window, &question.filters);
+    let bucket = if needs.latency {
+        LATENCY_BUCKET.as_str()
+    } else {
+        "-1"
+    };
+    sql.text = format!(
+        "SELECT {key}, {bucket}, COUNT(*), \
+                CAST(SUM(CASE WHEN t.status = 'ok' THEN 0 ELSE 1 END) AS BIGINT), \
+                CAST(SUM(COALESCE(t.tokens_in, 0)) AS BIGINT), \
+                CAST(SUM(COALESCE(t.tokens_out, 0)) AS BIGINT), \
+                CAST(SUM(COALESCE(t.tokens_cached, 0)) AS BIGINT), \
+                CAST(SUM(COALESCE(t.cost_micro_usd, 0)) AS BIGINT), \
+                CAST(SUM(COALESCE(t.latency_us, 0)) AS BIGINT), \
+                MIN(t.latency_us), MAX(t.latency_us) \
+         FROM traces t WHERE {filter} AND t.status IS NOT NULL GROUP BY 1, 2"
+    );
+    for row in sql.fetch(store).await? {
+        let stats = groups.entry(row.try_get(0)?).or_default();
+        let count: i64 = row.try_get(2)?;
+        stats.requests += count;
+        stats.errors += row.try_get::<i64, _>(3)?;
+        stats.tokens_in += row.try_get::<i64, _>(4)?;
+        stats.tokens_out += row.try_get::<i64, _>(5)?;
+        stats.tokens_cached += row.try_get::<i64, _>(6)?;
+        stats.cost_micro_usd += row.try_get::<i64, _>(7)?;
+        stats.latency_sum_us += row.try_get::<i64, _>(8)?;
+        if needs.latency {
+            stats
+                .latency
+                .add(row.try_get(1)?, count, row.try_get(9)?, row.try_get(10)?);
+        }
+    }
+
+    if needs.ttft {
+        let mut sql = Sql::new();
+        let filter = sql.filter(question.scope, window, &question.filters);
+        sql.text = format!(
+            "SELECT {key}, {}, COUNT(*), MIN(t.ttft_us), MAX(t.ttft_us) \
+             FROM traces t WHERE {filter} AND t.status IS NOT NULL \
+             AND t.ttft_us IS NOT NULL GROUP BY 1, 2",
+            TTFT_BUCKET.as_str()
+        );
+        for row in sql.fetch(store).await? {
+            groups.entry(row.try_get(0)?).or_default().ttft.add(
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+                row.try_get(4)?,
+            );
+        }
+    }
+
+    let joined = [
+        (
+            needs.cache,
+            "CAST(SUM(COALESCE(c.cache_saved_micro_usd, 0)) AS BIGINT)",
+            "llm_calls",
+            "",
+        ),
+        (
+            needs.tools,
+            "COUNT(*)",
+            "tool_calls",
+            " AND c.direction = 'requested'",
+        ),
+    ];
+    for (needed, value, table, condition) in joined {
+        if !needed {
+            continue;
+        }
+        let mut sql = Sql::new();
+        let filter = sql.filter(question.scope, window, &question.filters);
+        sql.text = format!(
+            "SELECT {key}, {value} FROM traces t \
+             JOIN {table} c ON c.tenant_id = t.tenant_id AND c.trace_id = t.trace_id \
+             WHERE {filter} AND t.status IS NOT NULL{condition} GROUP BY 1"
+        );
+        for row in sql.fetch(store).await? {
+            let stats = groups.entry(row.try_get(0)?).or_default();
+            let value: i64 = row.try_get(1)?;
+            if table == "llm_calls" {
+                stats.cache_saved_micro_usd += value;
+            } else {
+                stats.tool_calls += value;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The rollup rows of one dimension (and value) of one span in a window.
+struct RollupRows<'a> {
+    scope: Scope,
+    /// The operator's filter on one tenant.
+    tenant: Option<&'a str>,
+    dimension: &'static str,
+    value: Option<rollups::Value<'a>>,
+    span_us: i64,
+    window: Window,
+}
+
+impl RollupRows<'_> {
+    /// `r.` predicates selecting the rows.
+    fn filter(&self, sql: &mut Sql) -> String {
+        let mut terms = vec![format!(
+            "r.dimension = '{}' AND r.span_us = {} AND r.bucket_start >= {} AND r.bucket_start < {}",
+            self.dimension, self.span_us, self.window.from_us, self.window.to_us
+        )];
+        if let Scope::Tenant(tenant) = self.scope {
+            terms.push(format!("r.tenant_id = {}", sql.bind(&tenant.to_string())));
+        }
+        if let Some(tenant) = self.tenant {
+            terms.push(format!("r.tenant_id = {}", sql.bind(tenant)));
+        }
+        match &self.value {
+            None => {}
+            Some(rollups::Value::Is(value)) => {
+                terms.push(format!("r.value = {}", sql.bind(value)));
+            }
+            Some(rollups::Value::Failed) => terms.push("r.value <> 'ok'".into()),
+        }
+        terms.join(" AND ")
+    }
+}
+
+/// Adds the stats per group of the requests the rollup rows `rows` count.
+async fn rolled_up_stats(
+    store: &loom_projector::ReadStore,
+    rows: &RollupRows<'_>,
+    group: Group,
+    needs: Needs,
+    groups: &mut BTreeMap<Option<String>, Stats>,
+) -> Result<(), AnalyticsError> {
+    let key = group.rollup_sql();
+    let mut sql = Sql::new();
+    let filter = rows.filter(&mut sql);
+    sql.text = format!(
+        "SELECT {key}, CAST(SUM(r.requests) AS BIGINT), CAST(SUM(r.errors) AS BIGINT), \
+                CAST(SUM(r.tokens_in) AS BIGINT), CAST(SUM(r.tokens_out) AS BIGINT), \
+                CAST(SUM(r.tokens_cached) AS BIGINT), CAST(SUM(r.cost_micro_usd) AS BIGINT), \
+                CAST(SUM(r.latency_sum_us) AS BIGINT), \
+                CAST(SUM(r.cache_saved_micro_usd) AS BIGINT), CAST(SUM(r.tool_calls) AS BIGINT), \
+                MIN(r.latency_min_us), MAX(r.latency_max_us), MIN(r.ttft_min_us), \
+                MAX(r.ttft_max_us) \
+         FROM rollups r WHERE {filter} GROUP BY 1"
+    );
+    for row in sql.fetch(store).await? {
+        let stats = groups.entry(row.try_get(0)?).or_default();
+        stats.requests += row.try_get::<i64, _>(1)?;
+        stats.errors += row.try_get::<i64, _>(2)?;
+        stats.tokens_in += row.try_get::<i64, _>(3)?;
+        stats.tokens_out += row.try_get::<i64, _>(4)?;
+        stats.tokens_cached += row.try_get::<i64, _>(5)?;
+        stats.cost_micro_usd += row.try_get::<i64, _>(6)?;
+        stats.latency_sum_us += row.try_get::<i64, _>(7)?;
+        if needs.cache {
+            stats.cache_saved_micro_usd += row.try_get::<i64, _>(8)?;
+        }
+        if needs.tools {
+            stats.tool_calls += row.try_get::<i64, _>(9)?;
+        }
+        if needs.latency {
+            stats.latency.bound(row.try_get(10)?, row.try_get(11)?);
+        }
+        if needs.ttft {
+            stats.ttft.bound(row.try_get(12)?, row.try_get(13)?);
+        }
+    }
+
+    let measures = match (needs.latency, needs.ttft) {
+        (false, false) => return Ok(()),
+        (true, false) => " AND r.measure = 'latency'",
+        (false, true) => " AND r.measure = 'ttft'",
+        (true, true) => "",
+    };
+    let mut sql = Sql::new();
+    let filter = rows.filter(&mut sql);
+    sql.text = format!(
+        "SELECT {key}, r.measure, r.bucket, CAST(SUM(r.requests) AS BIGINT) \
+         FROM rollup_histograms r WHERE {filter}{measures} GROUP BY 1, 2, 3"
+    );
+    for row in sql.fetch(store).await? {
+        let stats = groups.entry(row.try_get(0)?).or_default();
+        let histogram = match row.try_get::<String, _>(1)?.as_str() {
+            "latency" => &mut stats.latency,
+            _ => &mut stats.ttft,
+        };
+        histogram.add(row.try_get(2)?, row.try_get(3)?, None, None);
+    }
+    Ok(())
+}
 /// Folds rows of (model, provider, deployment, error class or NULL when ok, count) into groups,
 /// the most errors first.
 fn error_groups(rows: &[AnyRow]) -> Result<Vec<ErrorGroup>, sqlx::Error> {

@@ -1,0 +1,48 @@
+-- Analytics rollups: what analytics need of completed requests, per UTC hour and per UTC day
+-- (span_us), for all of a tenant's requests (dimension '') and per value of each dimension
+-- analytics filter and break down by (project, user, key, model, provider, deployment, status,
+-- error_class; value '' when unset). A request counts once it completed, in the hour and day it
+-- arrived; each completion is counted once (rollup_applied). Rollups outlive trace retention.
+CREATE TABLE rollups (
+    tenant_id             TEXT   NOT NULL,
+    dimension             TEXT   NOT NULL,
+    span_us               BIGINT NOT NULL,
+    bucket_start          BIGINT NOT NULL,
+    value                 TEXT   NOT NULL,
+    requests              BIGINT NOT NULL,
+    errors                BIGINT NOT NULL,
+    tokens_in             BIGINT NOT NULL,
+    tokens_out            BIGINT NOT NULL,
+    tokens_cached         BIGINT NOT NULL,
+    cost_micro_usd        BIGINT NOT NULL,
+    latency_sum_us        BIGINT NOT NULL,
+    cache_saved_micro_usd BIGINT NOT NULL,
+    tool_calls            BIGINT NOT NULL,
+    latency_min_us        BIGINT,
+    latency_max_us        BIGINT,
+    ttft_min_us           BIGINT,
+    ttft_max_us           BIGINT,
+    PRIMARY KEY (tenant_id, dimension, span_us, bucket_start, value)
+);
+CREATE INDEX rollups_all_tenants ON rollups (dimension, span_us, bucket_start);
+
+-- The latency and TTFT histograms of the same rows: requests per bucket (loom_projector::buckets).
+CREATE TABLE rollup_histograms (
+    tenant_id    TEXT   NOT NULL,
+    dimension    TEXT   NOT NULL,
+    span_us      BIGINT NOT NULL,
+    bucket_start BIGINT NOT NULL,
+    value        TEXT   NOT NULL,
+    measure      TEXT   NOT NULL, -- latency, ttft
+    bucket       BIGINT NOT NULL,
+    requests     BIGINT NOT NULL,
+    PRIMARY KEY (tenant_id, dimension, span_us, bucket_start, value, measure, bucket)
+);
+CREATE INDEX rollup_histograms_all_tenants ON rollup_histograms (dimension, span_us, bucket_start);
+
+-- Requests that arrived from since_us on are in the rollups once completed; those before it (folded
+-- before the rollups existed) are counted from their traces.
+CREATE TABLE rollups_since (
+    since_us BIGINT NOT NULL
+);
+INSERT INTO rollups_since (since_us) SELECT COALESCE(MAX(started_at) + 1, 0) FROM traces;
