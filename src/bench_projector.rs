@@ -60,13 +60,15 @@ impl StoreKind {
 }
 
 /// Tables reported, in the order shown.
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 9] = [
     "traces",
     "llm_calls",
     "tool_calls",
     "trace_bodies",
     "usage_hourly",
     "usage_daily",
+    "rollups",
+    "rollup_histograms",
     "api_keys",
 ];
 
