@@ -60,7 +60,7 @@ impl StoreKind {
 }
 
 /// Tables reported, in the order shown.
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 8] = [
     "traces",
     "llm_calls",
     "tool_calls",
@@ -68,7 +68,6 @@ const TABLES: [&str; 9] = [
     "usage_hourly",
     "usage_daily",
     "rollups",
-    "rollup_histograms",
     "api_keys",
 ];
 

@@ -653,7 +653,7 @@ async fn fill_read_models(
     let mut conn = pool.acquire().await?;
     for day in 0..DAYS {
         let from = start + day * 86_400_000_000;
-        loom_projector::write::roll_up_traces(&mut conn, from, from + 86_400_000_000).await?;
+        loom_projector::rollups::roll_up_traces(&mut conn, from, from + 86_400_000_000).await?;
     }
     say!(
         "rollups of {n} requests written in {:.1}s",

@@ -3,6 +3,7 @@
 -- analytics filter and break down by (project, user, key, model, provider, deployment, status,
 -- error_class; value '' when unset). A request counts once it completed, in the hour and day it
 -- arrived; each completion is counted once (rollup_applied). Rollups outlive trace retention.
+-- The projector adds a batch's completions up and writes each row it changed once.
 CREATE TABLE rollups (
     tenant_id             TEXT   NOT NULL,
     dimension             TEXT   NOT NULL,
@@ -22,23 +23,12 @@ CREATE TABLE rollups (
     latency_max_us        BIGINT,
     ttft_min_us           BIGINT,
     ttft_max_us           BIGINT,
+    -- Requests per latency (TTFT) bucket of loom_projector::buckets: a JSON array of [bucket, count].
+    latency_histogram     TEXT   NOT NULL,
+    ttft_histogram        TEXT   NOT NULL,
     PRIMARY KEY (tenant_id, dimension, span_us, bucket_start, value)
 );
 CREATE INDEX rollups_all_tenants ON rollups (dimension, span_us, bucket_start);
-
--- The latency and TTFT histograms of the same rows: requests per bucket (loom_projector::buckets).
-CREATE TABLE rollup_histograms (
-    tenant_id    TEXT   NOT NULL,
-    dimension    TEXT   NOT NULL,
-    span_us      BIGINT NOT NULL,
-    bucket_start BIGINT NOT NULL,
-    value        TEXT   NOT NULL,
-    measure      TEXT   NOT NULL, -- latency, ttft
-    bucket       BIGINT NOT NULL,
-    requests     BIGINT NOT NULL,
-    PRIMARY KEY (tenant_id, dimension, span_us, bucket_start, value, measure, bucket)
-);
-CREATE INDEX rollup_histograms_all_tenants ON rollup_histograms (dimension, span_us, bucket_start);
 
 -- Requests that arrived from since_us on are in the rollups once completed; those before it (folded
 -- before the rollups existed) are counted from their traces.

@@ -13,7 +13,7 @@ use sqlx::{Acquire, AnyPool, AssertSqlSafe, Executor, Row};
 use crate::store::{StoreError, StoreLocation, postgres_schema};
 
 /// The tables a version holds; `loom_read.<table>` views show the active version's.
-pub const TABLES: [&str; 18] = [
+pub const TABLES: [&str; 17] = [
     "positions",
     "dead_letters",
     "tenants",
@@ -30,7 +30,6 @@ pub const TABLES: [&str; 18] = [
     "usage_hourly",
     "usage_daily",
     "rollups",
-    "rollup_histograms",
     "rollups_since",
 ];
 

@@ -12,6 +12,7 @@ pub mod fold;
 pub mod lookup;
 pub mod partitions;
 pub mod replay;
+pub mod rollups;
 pub mod run;
 pub mod store;
 pub mod write;

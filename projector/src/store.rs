@@ -77,6 +77,10 @@ pub struct ReadStore {
     growth: Arc<Mutex<HashMap<String, (u64, u64)>>>,
 }
 
+/// The secondary indexes folding reads by, kept through a replay: the rollups look up each
+/// completed request's upstream calls and tool calls.
+pub const FOLD_READS: [&str; 2] = ["llm_calls_trace", "tool_calls_trace"];
+
 impl ReadStore {
     /// Opens version `version` of the read models, creating and migrating it when needed.
     pub async fn open(location: &StoreLocation, version: u32) -> Result<ReadStore, StoreError> {
@@ -210,10 +214,12 @@ impl ReadStore {
         Ok(digests)
     }
 
-    /// Drops the secondary indexes (not those that keys and upserts rely on), remembering how
-    /// to create them in `deferred_indexes`: a replay fills tables faster without them. Does
-    /// nothing where they are already deferred.
+    /// Drops the secondary indexes (not those that keys and upserts rely on, nor those the fold
+    /// reads by: [`FOLD_READS`]), remembering how to create them in `deferred_indexes`: a
+    /// replay fills tables faster without them. Does nothing where they are already deferred.
     pub async fn defer_indexes(&self) -> Result<(), sqlx::Error> {
+        let kept: Vec<String> = FOLD_READS.iter().map(|name| format!("'{name}'")).collect();
+        let kept = kept.join(", ");
         let listed = match self.backend {
             // The partitioned tables' own indexes (their partitions' go with them).
             Backend::Postgres => {
@@ -222,15 +228,19 @@ impl ReadStore {
                  JOIN pg_class t ON t.oid = x.indrelid \
                  JOIN pg_namespace n ON n.oid = t.relnamespace \
                  WHERE n.nspname = current_schema() AND NOT x.indisunique \
-                 AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.oid)"
+                 AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.oid) \
+                 AND CAST(i.relname AS TEXT) NOT IN ({kept})"
             }
             Backend::Sqlite => {
                 "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL \
-                 AND upper(sql) NOT LIKE 'CREATE UNIQUE%'"
+                 AND upper(sql) NOT LIKE 'CREATE UNIQUE%' AND name NOT IN ({kept})"
             }
         };
+        let listed = listed.replace("{kept}", &kept);
         let mut tx = self.pool.begin().await?;
-        let indexes = sqlx::query(listed).fetch_all(&mut *tx).await?;
+        let indexes = sqlx::query(AssertSqlSafe(listed))
+            .fetch_all(&mut *tx)
+            .await?;
         for index in &indexes {
             let (name, definition): (String, String) = (index.try_get(0)?, index.try_get(1)?);
             // Postgres spells a partitioned table's index `ON ONLY` (the parent alone); built

@@ -16,7 +16,7 @@ use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use crate::fold::{Changes, ControlChange, name_of};
 
 /// A value of a row, borrowed from the changes where it can be.
-enum Value<'a> {
+pub(crate) enum Value<'a> {
     Text(Option<Cow<'a, str>>),
     Int(Option<i64>),
     Bool(Option<bool>),
@@ -95,9 +95,9 @@ impl<'a> From<&'a [u8]> for Value<'a> {
 }
 
 /// Rows for one table: its columns and, row by row, the values written to them.
-struct Rows<'a> {
-    columns: &'static [&'static str],
-    values: Vec<Vec<Value<'a>>>,
+pub(crate) struct Rows<'a> {
+    pub(crate) columns: &'static [&'static str],
+    pub(crate) values: Vec<Vec<Value<'a>>>,
 }
 
 /// Declares [`Rows`] with each column named next to the value written to it, so that the two
@@ -124,13 +124,13 @@ macro_rules! rows {
 }
 
 /// Whether the connection is SQLite's (else Postgres).
-fn is_sqlite(conn: &AnyConnection) -> bool {
+pub(crate) fn is_sqlite(conn: &AnyConnection) -> bool {
     conn.backend_name() == "SQLite"
 }
 
 /// The SQL type a column's values have.
 #[derive(Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Text,
     Int,
     Bool,
@@ -150,7 +150,7 @@ impl Value<'_> {
 
 /// `SELECT column, … FROM <the rows in $1>`: a query of the JSON array of objects bound as `$1`,
 /// one typed column per key.
-fn from_json(sqlite: bool, columns: &[(&str, Kind)]) -> String {
+pub(crate) fn from_json(sqlite: bool, columns: &[(&str, Kind)]) -> String {
     let mut sql = String::from("SELECT ");
     if sqlite {
         for (i, (column, kind)) in columns.iter().enumerate() {
@@ -184,7 +184,7 @@ fn from_json(sqlite: bool, columns: &[(&str, Kind)]) -> String {
 }
 
 /// The rows as a JSON array of objects. Blobs are hex (prefixed `\x` for Postgres' bytea input).
-fn to_json(sqlite: bool, rows: &Rows<'_>) -> Result<String, sqlx::Error> {
+pub(crate) fn to_json(sqlite: bool, rows: &Rows<'_>) -> Result<String, sqlx::Error> {
     serde_json::to_string(&JsonRows { sqlite, rows })
         .map_err(|error| sqlx::Error::Encode(Box::new(error)))
 }
@@ -238,7 +238,7 @@ impl serde::Serialize for JsonRow<'_, '_> {
 }
 
 /// `INSERT INTO table (columns) SELECT … tail`: every row in one statement.
-async fn insert(
+pub(crate) async fn insert(
     conn: &mut AnyConnection,
     table: &str,
     rows: Rows<'_>,
@@ -560,167 +560,7 @@ async fn count_completions(
             .await?;
     }
     let keys_sql = from_json(sqlite, &TRACE_KEY_COLUMNS);
-    for sql in [
-        analytics_rollup_sql(&keys_sql),
-        analytics_histogram_sql(&keys_sql),
-    ] {
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(keys.as_str())
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Adds the completed requests that arrived in `[from_us, to_us)` to the analytics rollups, from
-/// their trace rows: for read models written other than by a fold (the query benchmark's), or
-/// traces folded before the rollups existed (then move `rollups_since` back). Counts requests
-/// the rollups already hold again.
-pub async fn roll_up_traces(
-    conn: &mut AnyConnection,
-    from_us: i64,
-    to_us: i64,
-) -> Result<(), sqlx::Error> {
-    let keys_sql = format!(
-        "SELECT tenant_id, trace_id FROM traces WHERE started_at >= {from_us} AND started_at < {to_us}"
-    );
-    for sql in [
-        analytics_rollup_sql(&keys_sql),
-        analytics_histogram_sql(&keys_sql),
-    ] {
-        sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
-/// The dimensions the analytics rollups are kept by, each with its value in a trace row `t`
-/// ('' when unset); the dimension '' holds all of a tenant's requests.
-pub const ROLLUP_DIMENSIONS: [(&str, &str); 9] = [
-    ("", "''"),
-    ("project", "COALESCE(t.project_id, '')"),
-    ("user", "COALESCE(t.user_id, '')"),
-    ("key", "COALESCE(t.api_key_id, '')"),
-    ("model", "COALESCE(t.model_served, t.model_requested, '')"),
-    ("provider", "COALESCE(t.provider, '')"),
-    ("deployment", "COALESCE(t.deployment, '')"),
-    ("status", "COALESCE(t.status, '')"),
-    ("error_class", "COALESCE(t.error_class, '')"),
-];
-
-/// How long the analytics rollups' buckets are: an hour and a day (µs).
-pub const ROLLUP_SPANS_US: [i64; 2] = [3_600_000_000, 86_400_000_000];
-
-/// `WITH …`: the completed traces whose keys `keys_sql` selects (`t`, with their cache savings,
-/// tool calls asked for and latency buckets), once per dimension (`d`), and the rollup spans (`s`).
-fn rollup_inputs(keys_sql: &str) -> String {
-    let per_dimension: Vec<String> = ROLLUP_DIMENSIONS
-        .iter()
-        .map(|(dimension, value)| {
-            format!("SELECT '{dimension}' AS dimension, {value} AS value, t.* FROM t")
-        })
-        .collect();
-    let spans: Vec<String> = ROLLUP_SPANS_US
-        .iter()
-        .map(|span| format!("SELECT CAST({span} AS BIGINT) AS span_us"))
-        .collect();
-    format!(
-        "WITH k AS ({keys}), \
-         t AS (SELECT t.tenant_id, t.started_at, t.project_id, t.user_id, t.api_key_id, \
-                      t.model_served, t.model_requested, t.provider, t.deployment, t.status, \
-                      t.error_class, t.tokens_in, t.tokens_out, t.tokens_cached, \
-                      t.cost_micro_usd, t.latency_us, t.ttft_us, \
-                      {latency_bucket} AS latency_bucket, {ttft_bucket} AS ttft_bucket, \
-                      (SELECT SUM(c.cache_saved_micro_usd) FROM llm_calls c \
-                       WHERE c.tenant_id = t.tenant_id AND c.trace_id = t.trace_id) AS cache_saved, \
-                      (SELECT COUNT(*) FROM tool_calls c \
-                       WHERE c.tenant_id = t.tenant_id AND c.trace_id = t.trace_id \
-                       AND c.direction = 'requested') AS tools \
-               FROM k JOIN traces t ON t.tenant_id = k.tenant_id AND t.trace_id = k.trace_id \
-               WHERE t.status IS NOT NULL), \
-         d AS ({per_dimension}), \
-         s AS ({spans})",
-        keys = keys_sql,
-        latency_bucket = crate::buckets::bucket_sql("t.latency_us"),
-        ttft_bucket = crate::buckets::bucket_sql("t.ttft_us"),
-        per_dimension = per_dimension.join(" UNION ALL "),
-        spans = spans.join(" UNION ALL "),
-    )
-}
-
-/// The key columns of the analytics rollups, as `rollup_inputs` give them.
-const ROLLUP_KEY: &str =
-    "d.tenant_id, d.dimension, s.span_us, (d.started_at / s.span_us) * s.span_us, d.value";
-
-/// Adds the completed traces whose keys `keys_sql` selects to the analytics rollups.
-fn analytics_rollup_sql(keys_sql: &str) -> String {
-    let sums = [
-        ("requests", "COUNT(*)"),
-        ("errors", "SUM(CASE WHEN d.status = 'ok' THEN 0 ELSE 1 END)"),
-        ("tokens_in", "SUM(COALESCE(d.tokens_in, 0))"),
-        ("tokens_out", "SUM(COALESCE(d.tokens_out, 0))"),
-        ("tokens_cached", "SUM(COALESCE(d.tokens_cached, 0))"),
-        ("cost_micro_usd", "SUM(COALESCE(d.cost_micro_usd, 0))"),
-        ("latency_sum_us", "SUM(COALESCE(d.latency_us, 0))"),
-        ("cache_saved_micro_usd", "SUM(COALESCE(d.cache_saved, 0))"),
-        ("tool_calls", "SUM(d.tools)"),
-    ];
-    let extremes = [
-        ("latency_min_us", "MIN(d.latency_us)", "<"),
-        ("latency_max_us", "MAX(d.latency_us)", ">"),
-        ("ttft_min_us", "MIN(d.ttft_us)", "<"),
-        ("ttft_max_us", "MAX(d.ttft_us)", ">"),
-    ];
-    let columns: Vec<&str> = sums
-        .iter()
-        .map(|(c, _)| *c)
-        .chain(extremes.iter().map(|(c, _, _)| *c))
-        .collect();
-    let values: Vec<&str> = sums
-        .iter()
-        .map(|(_, v)| *v)
-        .chain(extremes.iter().map(|(_, v, _)| *v))
-        .collect();
-    let updates: Vec<String> = sums
-        .iter()
-        .map(|(c, _)| format!("{c} = rollups.{c} + excluded.{c}"))
-        .chain(extremes.iter().map(|(c, _, beats)| {
-            format!(
-                "{c} = CASE WHEN rollups.{c} IS NULL OR excluded.{c} {beats} rollups.{c} \
-                 THEN excluded.{c} ELSE rollups.{c} END"
-            )
-        }))
-        .collect();
-    // `WHERE true` keeps SQLite from reading the upsert's ON as a join's.
-    format!(
-        "{inputs} \
-         INSERT INTO rollups (tenant_id, dimension, span_us, bucket_start, value, {columns}) \
-         SELECT {ROLLUP_KEY}, {values} FROM d CROSS JOIN s WHERE true GROUP BY 1, 2, 3, 4, 5 \
-         ON CONFLICT (tenant_id, dimension, span_us, bucket_start, value) DO UPDATE SET {updates}",
-        inputs = rollup_inputs(keys_sql),
-        columns = columns.join(", "),
-        values = values.join(", "),
-        updates = updates.join(", "),
-    )
-}
-
-/// Adds the latency and TTFT of the completed traces whose keys `keys_sql` selects to the
-/// rollups' histograms.
-fn analytics_histogram_sql(keys_sql: &str) -> String {
-    format!(
-        "{inputs}, \
-         h AS (SELECT d.*, 'latency' AS measure, d.latency_bucket AS bucket FROM d \
-               WHERE d.latency_us IS NOT NULL \
-               UNION ALL SELECT d.*, 'ttft' AS measure, d.ttft_bucket AS bucket FROM d \
-               WHERE d.ttft_us IS NOT NULL) \
-         INSERT INTO rollup_histograms \
-             (tenant_id, dimension, span_us, bucket_start, value, measure, bucket, requests) \
-         SELECT {key}, h.measure, h.bucket, COUNT(*) FROM h CROSS JOIN s WHERE true \
-         GROUP BY 1, 2, 3, 4, 5, 6, 7 \
-         ON CONFLICT (tenant_id, dimension, span_us, bucket_start, value, measure, bucket) \
-         DO UPDATE SET requests = rollup_histograms.requests + excluded.requests",
-        inputs = rollup_inputs(keys_sql),
-        key = ROLLUP_KEY.replace("d.", "h."),
-    )
+    crate::rollups::add(conn, &keys_sql, Some(&keys)).await
 }
 
 fn rollup_sql(sqlite: bool, table: &str, bucket_us: i64) -> String {
@@ -775,7 +615,7 @@ fn rollup_sql(sqlite: bool, table: &str, bucket_us: i64) -> String {
 }
 
 /// What erasing a tenant deletes: every row of it but its `tenants` row.
-const ERASE: [&str; 13] = [
+const ERASE: [&str; 12] = [
     "DELETE FROM trace_bodies WHERE tenant_id = $1",
     "DELETE FROM tool_calls WHERE tenant_id = $1",
     "DELETE FROM trace_decisions WHERE tenant_id = $1",
@@ -784,7 +624,6 @@ const ERASE: [&str; 13] = [
     "DELETE FROM usage_hourly WHERE tenant_id = $1",
     "DELETE FROM usage_daily WHERE tenant_id = $1",
     "DELETE FROM rollups WHERE tenant_id = $1",
-    "DELETE FROM rollup_histograms WHERE tenant_id = $1",
     "DELETE FROM quota_limits WHERE tenant_id = $1",
     "DELETE FROM role_bindings WHERE tenant_id = $1",
     "DELETE FROM api_keys WHERE tenant_id = $1",

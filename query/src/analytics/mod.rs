@@ -22,6 +22,7 @@ use sqlx::{AssertSqlSafe, Row};
 use utoipa::ToSchema;
 
 use crate::archive::Scope;
+use loom_projector::rollups::Totals;
 use rollups::Piece;
 
 mod alerts;
@@ -1045,61 +1046,50 @@ async fn rolled_up_stats(
     let key = group.rollup_sql();
     let mut sql = Sql::new();
     let filter = rows.filter(&mut sql);
+    // The columns `Totals::from_row` reads; histograms only where percentiles are asked for.
+    let histogram = |needed: bool, column: &'static str| if needed { column } else { "'[]'" };
     sql.text = format!(
-        "SELECT {key}, CAST(SUM(r.requests) AS BIGINT), CAST(SUM(r.errors) AS BIGINT), \
-                CAST(SUM(r.tokens_in) AS BIGINT), CAST(SUM(r.tokens_out) AS BIGINT), \
-                CAST(SUM(r.tokens_cached) AS BIGINT), CAST(SUM(r.cost_micro_usd) AS BIGINT), \
-                CAST(SUM(r.latency_sum_us) AS BIGINT), \
-                CAST(SUM(r.cache_saved_micro_usd) AS BIGINT), CAST(SUM(r.tool_calls) AS BIGINT), \
-                MIN(r.latency_min_us), MAX(r.latency_max_us), MIN(r.ttft_min_us), \
-                MAX(r.ttft_max_us) \
-         FROM rollups r WHERE {filter} GROUP BY 1"
+        "SELECT {key}, r.requests, r.errors, r.tokens_in, r.tokens_out, r.tokens_cached, \
+                r.cost_micro_usd, r.latency_sum_us, r.cache_saved_micro_usd, r.tool_calls, \
+                r.latency_min_us, r.latency_max_us, r.ttft_min_us, r.ttft_max_us, {}, {} \
+         FROM rollups r WHERE {filter}",
+        histogram(needs.latency, "r.latency_histogram"),
+        histogram(needs.ttft, "r.ttft_histogram"),
     );
     for row in sql.fetch(store).await? {
+        let totals = Totals::from_row(&row, 1)?;
         let stats = groups.entry(row.try_get(0)?).or_default();
-        stats.requests += row.try_get::<i64, _>(1)?;
-        stats.errors += row.try_get::<i64, _>(2)?;
-        stats.tokens_in += row.try_get::<i64, _>(3)?;
-        stats.tokens_out += row.try_get::<i64, _>(4)?;
-        stats.tokens_cached += row.try_get::<i64, _>(5)?;
-        stats.cost_micro_usd += row.try_get::<i64, _>(6)?;
-        stats.latency_sum_us += row.try_get::<i64, _>(7)?;
+        stats.requests += totals.requests;
+        stats.errors += totals.errors;
+        stats.tokens_in += totals.tokens_in;
+        stats.tokens_out += totals.tokens_out;
+        stats.tokens_cached += totals.tokens_cached;
+        stats.cost_micro_usd += totals.cost_micro_usd;
+        stats.latency_sum_us += totals.latency_sum_us;
         if needs.cache {
-            stats.cache_saved_micro_usd += row.try_get::<i64, _>(8)?;
+            stats.cache_saved_micro_usd += totals.cache_saved_micro_usd;
         }
         if needs.tools {
-            stats.tool_calls += row.try_get::<i64, _>(9)?;
+            stats.tool_calls += totals.tool_calls;
         }
         if needs.latency {
-            stats.latency.bound(row.try_get(10)?, row.try_get(11)?);
+            for (bucket, count) in &totals.latency {
+                stats.latency.add(*bucket, *count, None, None);
+            }
+            stats
+                .latency
+                .bound(totals.latency_min_us, totals.latency_max_us);
         }
         if needs.ttft {
-            stats.ttft.bound(row.try_get(12)?, row.try_get(13)?);
+            for (bucket, count) in &totals.ttft {
+                stats.ttft.add(*bucket, *count, None, None);
+            }
+            stats.ttft.bound(totals.ttft_min_us, totals.ttft_max_us);
         }
-    }
-
-    let measures = match (needs.latency, needs.ttft) {
-        (false, false) => return Ok(()),
-        (true, false) => " AND r.measure = 'latency'",
-        (false, true) => " AND r.measure = 'ttft'",
-        (true, true) => "",
-    };
-    let mut sql = Sql::new();
-    let filter = rows.filter(&mut sql);
-    sql.text = format!(
-        "SELECT {key}, r.measure, r.bucket, CAST(SUM(r.requests) AS BIGINT) \
-         FROM rollup_histograms r WHERE {filter}{measures} GROUP BY 1, 2, 3"
-    );
-    for row in sql.fetch(store).await? {
-        let stats = groups.entry(row.try_get(0)?).or_default();
-        let histogram = match row.try_get::<String, _>(1)?.as_str() {
-            "latency" => &mut stats.latency,
-            _ => &mut stats.ttft,
-        };
-        histogram.add(row.try_get(2)?, row.try_get(3)?, None, None);
     }
     Ok(())
 }
+
 /// Folds rows of (model, provider, deployment, error class or NULL when ok, count) into groups,
 /// the most errors first.
 fn error_groups(rows: &[AnyRow]) -> Result<Vec<ErrorGroup>, sqlx::Error> {

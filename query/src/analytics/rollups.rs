@@ -1,15 +1,15 @@
-//! Answers from the rollups the projector keeps (`rollups`, `rollup_histograms`): per UTC hour and
-//! day, of all of a tenant's requests and per value of one dimension. A question filtered or
+//! Answers from the rollups the projector keeps (`rollups`, [`loom_projector::rollups`]): per UTC
+//! hour and day, of all of a tenant's requests and per value of one dimension. A question filtered or
 //! broken down by at most one dimension reads whole hours and days from them and only the
 //! partial hours at the window's edges (and any time before the rollups began) from the traces;
 //! the answers are the same as a pass over the traces gives.
 
-use loom_projector::write::ROLLUP_SPANS_US;
+use loom_projector::rollups::SPANS_US;
 
 use super::{Dimension, Filters, Group, Window};
 
-const HOUR_US: i64 = ROLLUP_SPANS_US[0];
-const DAY_US: i64 = ROLLUP_SPANS_US[1];
+const HOUR_US: i64 = SPANS_US[0];
+const DAY_US: i64 = SPANS_US[1];
 
 /// A stretch of a window and where its requests are counted from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
