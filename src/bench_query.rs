@@ -648,13 +648,14 @@ async fn fill_read_models(
     )
     .await?;
     pool.execute("DROP TABLE bench_slots").await?;
-    // The analytics rollups a fold keeps as requests complete, a day at a time.
+    // The analytics rollups a fold keeps as requests complete, an hour at a time.
     let started = Instant::now();
     let mut conn = pool.acquire().await?;
-    for day in 0..DAYS {
-        let from = start + day * 86_400_000_000;
-        loom_projector::rollups::roll_up_traces(&mut conn, from, from + 86_400_000_000).await?;
+    for hour in 0..DAYS * 24 {
+        let from = start + hour * 3_600_000_000;
+        loom_projector::rollups::roll_up_traces(&mut conn, from, from + 3_600_000_000).await?;
     }
+    drop(conn);
     say!(
         "rollups of {n} requests written in {:.1}s",
         started.elapsed().as_secs_f64()

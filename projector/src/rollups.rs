@@ -185,20 +185,27 @@ pub(crate) async fn add(
         if let Some(us) = ttft {
             one.ttft.insert(bucket_of(us), 1);
         }
+        let hour = started - started.rem_euclid(SPANS_US[0]);
         for (i, (dimension, _)) in DIMENSIONS.iter().enumerate() {
             let value: String = row.try_get(2 + i)?;
-            for span in SPANS_US {
-                let start = started - started.rem_euclid(span);
-                added
-                    .entry((tenant.clone(), dimension, span, start, value.clone()))
-                    .or_default()
-                    .merge(&one);
-            }
+            added
+                .entry((tenant.clone(), dimension, SPANS_US[0], hour, value))
+                .or_default()
+                .merge(&one);
         }
     }
     if added.is_empty() {
         return Ok(());
     }
+    // The days, from the hours.
+    let mut days: BTreeMap<Key, Totals> = BTreeMap::new();
+    for ((tenant, dimension, _, hour, value), totals) in &added {
+        let day = hour - hour.rem_euclid(SPANS_US[1]);
+        days.entry((tenant.clone(), dimension, SPANS_US[1], day, value.clone()))
+            .or_default()
+            .merge(totals);
+    }
+    added.extend(days);
     let sqlite = is_sqlite(conn);
     if !sqlite {
         let tenants: BTreeSet<&str> = added.keys().map(|k| k.0.as_str()).collect();
