@@ -648,12 +648,16 @@ async fn fill_read_models(
     )
     .await?;
     pool.execute("DROP TABLE bench_slots").await?;
-    // The analytics rollups a fold keeps as requests complete, an hour at a time.
+    // The analytics rollups a fold keeps as requests complete, a tenant's day at a time.
     let started = Instant::now();
     let mut conn = pool.acquire().await?;
-    for hour in 0..DAYS * 24 {
-        let from = start + hour * 3_600_000_000;
-        loom_projector::rollups::roll_up_traces(&mut conn, from, from + 3_600_000_000).await?;
+    for tenant in tenants {
+        for day in 0..DAYS {
+            let from = start + day * 86_400_000_000;
+            let to = from + 86_400_000_000;
+            let tenant = tenant.to_string();
+            loom_projector::rollups::roll_up_traces(&mut conn, &tenant, from, to).await?;
+        }
     }
     drop(conn);
     say!(

@@ -128,12 +128,12 @@ pub const TOTALS_COLUMNS: &str = "requests, errors, tokens_in, tokens_out, token
      cost_micro_usd, latency_sum_us, cache_saved_micro_usd, tool_calls, latency_min_us, \
      latency_max_us, ttft_min_us, ttft_max_us, latency_histogram, ttft_histogram";
 
-/// Adds the completed traces whose keys `keys_sql` selects (with `$1` bound to `keys` if given)
+/// Adds the completed traces whose keys `keys_sql` selects (with `$1` bound to `bound` if given)
 /// to the rollups.
 pub(crate) async fn add(
     conn: &mut AnyConnection,
     keys_sql: &str,
-    keys: Option<&str>,
+    bound: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     let values: Vec<&str> = DIMENSIONS.iter().map(|(_, value)| *value).collect();
     let sql = format!(
@@ -150,8 +150,8 @@ pub(crate) async fn add(
         values = values.join(", ")
     );
     let mut query = sqlx::query(AssertSqlSafe(sql));
-    if let Some(keys) = keys {
-        query = query.bind(keys);
+    if let Some(bound) = bound {
+        query = query.bind(bound);
     }
     let rows = query.fetch_all(&mut *conn).await?;
     let mut added: BTreeMap<Key, Totals> = BTreeMap::new();
@@ -335,19 +335,21 @@ pub(crate) async fn add(
     insert(conn, "rollups", rows, &tail).await
 }
 
-/// Adds the completed requests that arrived in `[from_us, to_us)` to the rollups, from their
-/// trace rows: for read models written other than by a fold (the query benchmark's), or traces
-/// folded before the rollups existed (then move `rollups_since` back). Counts requests the
-/// rollups already hold again.
+/// Adds the completed requests of `tenant` that arrived in `[from_us, to_us)` to the rollups,
+/// from their trace rows: for read models written other than by a fold (the query benchmark's),
+/// or traces folded before the rollups existed (then move `rollups_since` back). Counts requests
+/// the rollups already hold again.
 pub async fn roll_up_traces(
     conn: &mut AnyConnection,
+    tenant: &str,
     from_us: i64,
     to_us: i64,
 ) -> Result<(), sqlx::Error> {
     let keys_sql = format!(
-        "SELECT tenant_id, trace_id FROM traces WHERE started_at >= {from_us} AND started_at < {to_us}"
+        "SELECT tenant_id, trace_id FROM traces \
+         WHERE tenant_id = $1 AND started_at >= {from_us} AND started_at < {to_us}"
     );
-    add(conn, &keys_sql, None).await
+    add(conn, &keys_sql, Some(tenant)).await
 }
 
 #[cfg(test)]
