@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 
 use chrono_tz::Tz;
+use loom_projector::rollups::Totals;
 use loom_projector::{Lookup, StoreError, StoreLocation};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -22,7 +23,6 @@ use sqlx::{AssertSqlSafe, Row};
 use utoipa::ToSchema;
 
 use crate::archive::Scope;
-use loom_projector::rollups::Totals;
 use rollups::Piece;
 
 mod alerts;
