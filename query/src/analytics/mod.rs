@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use chrono_tz::Tz;
-use loom_projector::rollups::Totals;
+use loom_projector::rollups::{TOTALS_COLUMNS, Totals};
 use loom_projector::{Lookup, StoreError, StoreLocation};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -225,6 +225,28 @@ impl Stats {
         self.ttft.merge(&other.ttft);
         self.cache_saved_micro_usd += other.cache_saved_micro_usd;
         self.tool_calls += other.tool_calls;
+    }
+
+    /// Adds what a rollup row counts.
+    fn add_rollup(&mut self, totals: &Totals) {
+        self.requests += totals.requests;
+        self.errors += totals.errors;
+        self.tokens_in += totals.tokens_in;
+        self.tokens_out += totals.tokens_out;
+        self.tokens_cached += totals.tokens_cached;
+        self.cost_micro_usd += totals.cost_micro_usd;
+        self.latency_sum_us += totals.latency_sum_us;
+        self.cache_saved_micro_usd += totals.cache_saved_micro_usd;
+        self.tool_calls += totals.tool_calls;
+        for (bucket, count) in &totals.latency {
+            self.latency.add(*bucket, *count, None, None);
+        }
+        self.latency
+            .bound(totals.latency_min_us, totals.latency_max_us);
+        for (bucket, count) in &totals.ttft {
+            self.ttft.add(*bucket, *count, None, None);
+        }
+        self.ttft.bound(totals.ttft_min_us, totals.ttft_max_us);
     }
 
     pub fn metrics(&self) -> Metrics {
@@ -695,7 +717,7 @@ impl Analytics {
                         span_us,
                         window,
                     };
-                    rolled_up_stats(&store, &rows, group, needs, &mut groups).await?;
+                    rolled_up_stats(&store, &rows, group, &mut groups).await?;
                 }
             }
         }
@@ -1035,57 +1057,24 @@ impl RollupRows<'_> {
     }
 }
 
-/// Adds the stats per group of the requests the rollup rows `rows` count.
+/// Adds the stats per group of the requests the rollup rows `rows` count (every metric: the
+/// rows hold them all).
 async fn rolled_up_stats(
     store: &loom_projector::ReadStore,
     rows: &RollupRows<'_>,
     group: Group,
-    needs: Needs,
     groups: &mut BTreeMap<Option<String>, Stats>,
 ) -> Result<(), AnalyticsError> {
     let key = group.rollup_sql();
     let mut sql = Sql::new();
     let filter = rows.filter(&mut sql);
-    // The columns `Totals::from_row` reads; histograms only where percentiles are asked for.
-    let histogram = |needed: bool, column: &'static str| if needed { column } else { "'[]'" };
-    sql.text = format!(
-        "SELECT {key}, r.requests, r.errors, r.tokens_in, r.tokens_out, r.tokens_cached, \
-                r.cost_micro_usd, r.latency_sum_us, r.cache_saved_micro_usd, r.tool_calls, \
-                r.latency_min_us, r.latency_max_us, r.ttft_min_us, r.ttft_max_us, {}, {} \
-         FROM rollups r WHERE {filter}",
-        histogram(needs.latency, "r.latency_histogram"),
-        histogram(needs.ttft, "r.ttft_histogram"),
-    );
+    sql.text = format!("SELECT {key}, {TOTALS_COLUMNS} FROM rollups r WHERE {filter}");
     for row in sql.fetch(store).await? {
         let totals = Totals::from_row(&row, 1)?;
-        let stats = groups.entry(row.try_get(0)?).or_default();
-        stats.requests += totals.requests;
-        stats.errors += totals.errors;
-        stats.tokens_in += totals.tokens_in;
-        stats.tokens_out += totals.tokens_out;
-        stats.tokens_cached += totals.tokens_cached;
-        stats.cost_micro_usd += totals.cost_micro_usd;
-        stats.latency_sum_us += totals.latency_sum_us;
-        if needs.cache {
-            stats.cache_saved_micro_usd += totals.cache_saved_micro_usd;
-        }
-        if needs.tools {
-            stats.tool_calls += totals.tool_calls;
-        }
-        if needs.latency {
-            for (bucket, count) in &totals.latency {
-                stats.latency.add(*bucket, *count, None, None);
-            }
-            stats
-                .latency
-                .bound(totals.latency_min_us, totals.latency_max_us);
-        }
-        if needs.ttft {
-            for (bucket, count) in &totals.ttft {
-                stats.ttft.add(*bucket, *count, None, None);
-            }
-            stats.ttft.bound(totals.ttft_min_us, totals.ttft_max_us);
-        }
+        groups
+            .entry(row.try_get(0)?)
+            .or_default()
+            .add_rollup(&totals);
     }
     Ok(())
 }
