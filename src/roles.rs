@@ -259,14 +259,15 @@ pub async fn sql_service(
     Ok(SqlService::new(archive, keys, limits)?)
 }
 
-/// Reads the archive's manifests ahead of the first query, logging how it went.
+/// Reads the archive's manifests and footers ahead of the first query, logging how it went.
 pub(crate) async fn warm(sql: Arc<SqlService>) {
     let started = std::time::Instant::now();
     match sql.warm().await {
-        Ok(tenants) => tracing::info!(
-            tenants,
+        Ok(warmed) => tracing::info!(
+            tenants = warmed.tenants,
+            footers = warmed.footers,
             seconds = started.elapsed().as_secs_f64(),
-            "read the archive's manifests"
+            "read the archive's manifests and footers"
         ),
         Err(error) => tracing::warn!(%error, "could not read the archive's manifests ahead"),
     }

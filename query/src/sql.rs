@@ -184,6 +184,15 @@ const CONTROL_VIEW: (&str, &str) = (
      'tenant.erased', 'log.anchored')",
 );
 
+/// What [`SqlService::warm`] read ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Warmed {
+    /// Tenants whose manifests are held.
+    pub tenants: usize,
+    /// Files whose footers are kept for full readers.
+    pub footers: usize,
+}
+
 /// The SQL service: runs queries over the archive within [`SqlLimits`].
 pub struct SqlService {
     archive: Archive,
@@ -275,7 +284,7 @@ impl SqlService {
         let digest = loom_projector::archive::file::trace_digest(&self.keys, tenant, trace_id)
             .map_err(|e| SqlError::Archive(format!("the trace's digest: {e}")))?;
         let ctx = self
-            .session(&manifests, scope, access, Views::EventsOnly)
+            .session(&manifests, scope, access, Views::Lookup)
             .await?;
         let trace_id = trace_id.to_owned();
         let answer = self
@@ -293,11 +302,44 @@ impl SqlService {
         Ok(answer.batches)
     }
 
-    /// Reads every tenant's manifest ahead of the first query (a server calls it as it starts):
-    /// a tenant's first query, or its first archived trace lookup, would otherwise read the
-    /// whole chain of its manifest first. Returns how many tenants' manifests are held.
-    pub async fn warm(&self) -> Result<usize, SqlError> {
-        Ok(self.manifests(Scope::AllTenants).await?.len())
+    /// Reads every tenant's manifest, then its files' footers for full readers, ahead of the
+    /// first query (a server calls it as it starts): a tenant's first query, or its first
+    /// archived trace lookup, would otherwise read the whole chain of its manifest and then
+    /// read and decrypt the footers of the files it touches. Footers are read until they fill
+    /// the full readers' half of the cache; a tenant whose footers cannot be read is skipped.
+    pub async fn warm(&self) -> Result<Warmed, SqlError> {
+        let manifests = self.manifests(Scope::AllTenants).await?;
+        let room = self.limits.footer_cache_bytes / 2;
+        for manifest in &manifests {
+            if self.footers.bytes() >= room {
+                break;
+            }
+            let scope = Scope::Tenant(manifest.tenant);
+            let ctx = self
+                .session(
+                    std::slice::from_ref(manifest),
+                    scope,
+                    Access::Full,
+                    Views::EventsOnly,
+                )
+                .await?;
+            // Planning a scan of every file reads each file's footer, for its statistics.
+            let planned = self
+                .runtime
+                .spawn(async move { ctx.table("events").await?.create_physical_plan().await })
+                .await;
+            match planned {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(tenant = %manifest.tenant, %error, "could not read footers ahead");
+                }
+                Err(error) => return Err(SqlError::Archive(format!("warming up: {error}"))),
+            }
+        }
+        Ok(Warmed {
+            tenants: manifests.len(),
+            footers: self.footers.files(Access::Full),
+        })
     }
 
     /// The manifests of the tenants `scope` reads (erased tenants have none), up to date.
@@ -466,9 +508,10 @@ impl SqlService {
             scope,
             access,
             "events",
+            views == Views::Lookup,
         )
         .map_err(classify)?;
-        if views == Views::EventsOnly {
+        if views != Views::Typed {
             return Ok(ctx);
         }
         let control = (scope == Scope::AllTenants).then_some(&CONTROL_VIEW);
@@ -524,8 +567,10 @@ impl SqlService {
 enum Views {
     /// The typed views too (`requests`, `llm_calls`, …): what users query.
     Typed,
-    /// `events` alone: what Loom's own plans read (trace lookups, exports).
+    /// `events` alone: what Loom's own plans read (exports, the warm-up).
     EventsOnly,
+    /// `events` alone, read for a few rows: a trace lookup.
+    Lookup,
 }
 
 /// The error a user sees for a DataFusion error.

@@ -109,6 +109,45 @@ fn strings(answer: &Answer) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warmed_service_holds_every_footer_and_answers_the_same() {
+    let (_dir, archive, keys, tenants) = archived().await;
+    // The tenants' directories and the control events' own.
+    let archived = archive.tenants().await.unwrap();
+    assert!(archived.len() > tenants.len(), "{archived:?}");
+    let mut files = 0;
+    for tenant in &archived {
+        files += archive.manifest(*tenant).await.unwrap().files.len();
+    }
+    let sql = service(&archive, &keys, SqlLimits::default());
+    let warmed = sql.warm().await.unwrap();
+    assert_eq!(warmed.tenants, archived.len());
+    assert_eq!(warmed.footers, files);
+    assert_eq!(sql.footers_kept(Access::Full), files);
+    // Footers for metadata readers are read as they come: a full reader's are never theirs.
+    assert_eq!(sql.footers_kept(Access::Metadata), 0);
+    let count = "SELECT count(DISTINCT event_id) FROM events";
+    let cold = service(&archive, &keys, SqlLimits::default());
+    for scope in [Scope::Tenant(tenants[0]), Scope::AllTenants] {
+        let warm = sql.query(scope, Access::Full, count).await.unwrap();
+        let fresh = cold.query(scope, Access::Full, count).await.unwrap();
+        assert_eq!(single_i64(&warm), single_i64(&fresh));
+    }
+    assert_eq!(sql.footers_kept(Access::Full), files);
+
+    // A cache with no room for footers: the manifests are still read, the footers not.
+    let small = service(
+        &archive,
+        &keys,
+        SqlLimits {
+            footer_cache_bytes: 0,
+            ..SqlLimits::default()
+        },
+    );
+    let warmed = small.warm().await.unwrap();
+    assert_eq!((warmed.tenants, warmed.footers), (archived.len(), 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_reads_a_tenants_archive_through_the_key_store() {
     let (_dir, archive, keys, tenants) = archived().await;
     let (a, b) = (tenants[0], tenants[1]);
