@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use loom::{KeyStoreLocation, Node, NodeConfig};
-use loom_gateway::{CreatedKey, CreatedTenant, KeyRequest};
+use loom_gateway::{Actor, GrantRequest, KeyRequest, ProjectPatch, ProjectRequest};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -39,12 +39,22 @@ pub struct AdminArgs {
     kafka: crate::KafkaArgs,
 
     /// A running server to manage through its admin API instead, e.g. http://127.0.0.1:8080.
-    #[arg(long, global = true, env = "LOOM_ADMIN_URL", requires = "admin_token")]
+    #[arg(long, global = true, env = "LOOM_ADMIN_URL")]
     url: Option<String>,
 
-    /// The server's admin token (its LOOM_ADMIN_TOKEN).
+    /// The server's admin token (its LOOM_ADMIN_TOKEN): the operator, above every tenant.
     #[arg(long, global = true, env = "LOOM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+
+    /// Or a tenant's API key: acts in its own tenant as far as its role allows (docs/roles.md).
+    #[arg(
+        long,
+        global = true,
+        env = "LOOM_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "admin_token"
+    )]
+    api_key: Option<String>,
 
     #[command(subcommand)]
     what: AdminCommand,
@@ -52,12 +62,21 @@ pub struct AdminArgs {
 
 #[derive(Subcommand)]
 enum AdminCommand {
-    /// Tenants.
+    /// Tenants (organizations).
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// Projects: routing policy, tiers and feature flags.
+    #[command(subcommand)]
+    Project(ProjectCommand),
     /// API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Roles of users, in a tenant or one of its projects.
+    #[command(subcommand)]
+    Role(RoleCommand),
+    /// Users: who holds which role.
+    #[command(subcommand)]
+    User(UserCommand),
 }
 
 #[derive(Subcommand)]
@@ -80,16 +99,68 @@ enum TenantCommand {
 }
 
 #[derive(Subcommand)]
+enum ProjectCommand {
+    /// Create a project; prints it as JSON.
+    Create {
+        /// The tenant (left out with --api-key: the key's own).
+        #[arg(long)]
+        tenant: Option<Uuid>,
+        #[arg(long)]
+        name: String,
+        /// Routing policy as JSON, e.g. '{"max_tier":"L2","escalate_on_failure":true}'.
+        #[arg(long, value_name = "JSON")]
+        routing: Option<String>,
+        /// Feature flags as JSON, e.g. '{"cache":{"ttl_seconds":600}}'.
+        #[arg(long, value_name = "JSON")]
+        flags: Option<String>,
+    },
+    /// Change a project (what is left out stays); prints it as JSON.
+    Update {
+        project_id: Uuid,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_name = "JSON")]
+        routing: Option<String>,
+        #[arg(long, value_name = "JSON")]
+        flags: Option<String>,
+        /// Refuse the change if the project is no longer at this version.
+        #[arg(long)]
+        expected_version: Option<i64>,
+    },
+    /// List projects as JSON.
+    List {
+        #[arg(long)]
+        tenant: Option<Uuid>,
+    },
+    /// Show one project as JSON.
+    Show { project_id: Uuid },
+}
+
+#[derive(Subcommand)]
 enum KeyCommand {
     /// Issue an API key; prints the key, which is shown this once and never stored.
     Create {
+        /// The tenant (left out with --api-key: the key's own).
         #[arg(long)]
-        tenant: Uuid,
+        tenant: Option<Uuid>,
+        /// Bind the key to one project.
         #[arg(long)]
         project: Option<Uuid>,
         /// A label for listings.
         #[arg(long)]
         name: Option<String>,
+        /// viewer, developer, admin or owner (never above the issuer's own).
+        #[arg(long, default_value = "developer")]
+        role: String,
+        /// The user the key acts for: its role is capped by theirs.
+        #[arg(long)]
+        owner: Option<String>,
+        /// How long the key is valid, e.g. 90d (forever if left out).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
+        /// The most the key may spend per UTC day, in USD (0: unlimited).
+        #[arg(long, value_name = "USD")]
+        daily_budget_usd: Option<f64>,
     },
     /// Revoke an API key by id; running servers refuse it from then on.
     Revoke {
@@ -104,14 +175,50 @@ enum KeyCommand {
     },
 }
 
+/// A role, in a tenant or in one of its projects.
+#[derive(Args)]
+struct GrantArgs {
+    /// The tenant (left out with --api-key: the key's own).
+    #[arg(long)]
+    tenant: Option<Uuid>,
+    /// The user: an id or email.
+    #[arg(long)]
+    user: String,
+    /// viewer, developer, admin or owner.
+    #[arg(long)]
+    role: String,
+    /// In this project only (the whole tenant if left out).
+    #[arg(long)]
+    project: Option<Uuid>,
+}
+
+#[derive(Subcommand)]
+enum RoleCommand {
+    /// Grant a user a role (nobody grants above their own role).
+    Grant(GrantArgs),
+    /// Take a role back from a user.
+    Revoke(GrantArgs),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// List the users of a tenant and their roles as JSON.
+    List {
+        #[arg(long)]
+        tenant: Option<Uuid>,
+    },
+}
+
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
-    let target = match (&args.url, &args.admin_token) {
+    let credential = args.admin_token.clone().or(args.api_key.clone());
+    let target = match (&args.url, credential) {
         (Some(url), Some(token)) => Target::Remote {
             client: reqwest::Client::new(),
             url: url.trim_end_matches('/').to_owned(),
-            token: token.clone(),
+            token,
         },
-        _ => {
+        (Some(_), None) => anyhow::bail!("--url needs --admin-token or --api-key"),
+        (None, _) => {
             let config = NodeConfig {
                 key_store: args
                     .key_store_url
@@ -136,63 +243,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let mut out = std::io::stdout().lock();
-    match args.what {
-        AdminCommand::Tenant(TenantCommand::Create { name }) => {
-            let created = target.create_tenant(&name).await?;
-            writeln!(out, "{}", created.tenant_id)?;
-        }
-        AdminCommand::Tenant(TenantCommand::List) => {
-            writeln!(
-                out,
-                "{}",
-                serde_json::to_string_pretty(&target.list_tenants().await?)?
-            )?;
-        }
-        AdminCommand::Tenant(TenantCommand::Erase {
-            tenant_id,
-            reason,
-            yes,
-        }) => {
-            if !yes {
-                anyhow::bail!(
-                    "erasing tenant {tenant_id} destroys its keys and cannot be undone: add --yes"
-                );
-            }
-            target.erase_tenant(tenant_id, reason).await?;
-            writeln!(std::io::stderr(), "erased {tenant_id}")?;
-        }
-        AdminCommand::Key(KeyCommand::Create {
-            tenant,
-            project,
-            name,
-        }) => {
-            let request = KeyRequest {
-                tenant_id: tenant,
-                project_id: project,
-                name,
-            };
-            let created = target.create_key(&request).await?;
-            writeln!(
-                std::io::stderr(),
-                "key id {} (prefix {}); the key is shown only now:",
-                created.key_id,
-                created.prefix
-            )?;
-            writeln!(out, "{}", created.key)?;
-        }
-        AdminCommand::Key(KeyCommand::Revoke { key_id, reason }) => {
-            target.revoke_key(key_id, reason).await?;
-            writeln!(std::io::stderr(), "revoked {key_id}")?;
-        }
-        AdminCommand::Key(KeyCommand::List { tenant }) => {
-            writeln!(
-                out,
-                "{}",
-                serde_json::to_string_pretty(&target.list_keys(tenant).await?)?
-            )?;
-        }
-    }
+    let answer = target.run(args.what).await;
     if let Target::Local {
         node,
         shutdown,
@@ -203,7 +254,35 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         background.await?;
         node.close().await?;
     }
+    let (what, value) = answer?;
+    let mut out = std::io::stdout().lock();
+    match what {
+        Shown::Id => writeln!(out, "{}", value["tenant_id"].as_str().unwrap_or_default())?,
+        Shown::Json => writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?,
+        Shown::Secret => {
+            writeln!(
+                std::io::stderr(),
+                "key id {} (prefix {}, role {}); the key is shown only now:",
+                value["key_id"].as_str().unwrap_or_default(),
+                value["prefix"].as_str().unwrap_or_default(),
+                value["role"].as_str().unwrap_or_default(),
+            )?;
+            writeln!(out, "{}", value["key"].as_str().unwrap_or_default())?;
+        }
+        Shown::Done(message) => writeln!(std::io::stderr(), "{message}")?,
+    }
     Ok(())
+}
+
+/// How a command's answer is printed.
+enum Shown {
+    /// The new tenant's id.
+    Id,
+    Json,
+    /// The new key's secret on stdout, the rest on stderr.
+    Secret,
+    /// A line on stderr.
+    Done(String),
 }
 
 enum Target {
@@ -216,6 +295,7 @@ enum Target {
     Remote {
         client: reqwest::Client,
         url: String,
+        /// The admin token or a tenant's API key.
         token: String,
     },
 }
@@ -228,124 +308,326 @@ pub(crate) fn error_message(body: &[u8]) -> String {
         .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
 }
 
-impl Target {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<Value> {
-        let Target::Remote { client, url, token } = self else {
-            anyhow::bail!("not a remote target");
-        };
-        let mut request = client
-            .request(method, format!("{url}{path}"))
-            .bearer_auth(token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("calling {url}"))?;
-        let status = response.status();
-        let text = response.text().await?;
-        if !status.is_success() {
-            anyhow::bail!("{status}: {}", error_message(text.as_bytes()));
-        }
-        Ok(if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text)?
-        })
-    }
+/// A JSON document given on the command line.
+fn document(flag: &str, json: Option<String>) -> anyhow::Result<Option<Value>> {
+    json.map(|json| serde_json::from_str(&json).with_context(|| format!("{flag} is not JSON")))
+        .transpose()
+}
 
-    async fn create_tenant(&self, name: &str) -> anyhow::Result<CreatedTenant> {
-        match self {
-            Target::Local { node, .. } => Ok(node.services.create_tenant(name).await?),
-            Target::Remote { .. } => {
-                let value = self
-                    .call(
-                        reqwest::Method::POST,
-                        "/admin/tenants",
-                        Some(json!({ "name": name })),
-                    )
-                    .await?;
-                Ok(serde_json::from_value(value)?)
-            }
-        }
-    }
+/// `?tenant_id=` when a tenant is named.
+fn tenant_query(path: &str, tenant: Option<Uuid>) -> String {
+    tenant.map_or_else(|| path.to_owned(), |t| format!("{path}?tenant_id={t}"))
+}
 
-    async fn create_key(&self, request: &KeyRequest) -> anyhow::Result<CreatedKey> {
-        match self {
-            Target::Local { node, .. } => Ok(node.services.create_key(request).await?),
-            Target::Remote { .. } => {
-                let value = self
-                    .call(
-                        reqwest::Method::POST,
-                        "/admin/keys",
-                        Some(serde_json::to_value(request)?),
-                    )
-                    .await?;
-                Ok(serde_json::from_value(value)?)
-            }
-        }
-    }
+/// An admin operation: how the API is called for it, and how its answer is shown.
+struct Call {
+    method: reqwest::Method,
+    path: String,
+    body: Option<Value>,
+    shown: Shown,
+}
 
-    async fn revoke_key(&self, key_id: Uuid, reason: Option<String>) -> anyhow::Result<()> {
-        match self {
-            Target::Local { node, .. } => Ok(node.services.revoke_key(key_id, reason).await?),
-            Target::Remote { .. } => {
-                let path = format!("/admin/keys/{key_id}/revoke");
-                self.call(
-                    reqwest::Method::POST,
-                    &path,
-                    Some(json!({ "reason": reason })),
-                )
-                .await?;
-                Ok(())
-            }
-        }
+fn call(
+    method: reqwest::Method,
+    path: impl Into<String>,
+    body: Option<Value>,
+    shown: Shown,
+) -> Call {
+    Call {
+        method,
+        path: path.into(),
+        body,
+        shown,
     }
+}
 
-    async fn erase_tenant(&self, tenant_id: Uuid, reason: Option<String>) -> anyhow::Result<()> {
-        match self {
-            Target::Local { node, .. } => Ok(node.services.erase_tenant(tenant_id, reason).await?),
-            Target::Remote { .. } => {
-                let path = format!("/admin/tenants/{tenant_id}/erase");
-                self.call(
-                    reqwest::Method::POST,
-                    &path,
-                    Some(json!({ "reason": reason })),
-                )
-                .await?;
-                Ok(())
-            }
+/// The admin API call a command makes (`loom admin` on a data dir runs the same operation in
+/// process).
+fn api_call(command: AdminCommand) -> anyhow::Result<Call> {
+    use reqwest::Method;
+    Ok(match command {
+        AdminCommand::Tenant(TenantCommand::Create { name }) => call(
+            Method::POST,
+            "/admin/tenants",
+            Some(json!({ "name": name })),
+            Shown::Id,
+        ),
+        AdminCommand::Tenant(TenantCommand::List) => {
+            call(Method::GET, "/admin/tenants", None, Shown::Json)
         }
-    }
-
-    async fn list_tenants(&self) -> anyhow::Result<Value> {
-        match self {
-            Target::Local { node, .. } => Ok(serde_json::to_value(node.services.list_tenants())?),
-            Target::Remote { .. } => {
-                self.call(reqwest::Method::GET, "/admin/tenants", None)
-                    .await
-            }
-        }
-    }
-
-    async fn list_keys(&self, tenant: Option<Uuid>) -> anyhow::Result<Value> {
-        match self {
-            Target::Local { node, .. } => {
-                Ok(serde_json::to_value(node.services.list_keys(tenant))?)
-            }
-            Target::Remote { .. } => {
-                let path = tenant.map_or_else(
-                    || "/admin/keys".to_owned(),
-                    |t| format!("/admin/keys?tenant_id={t}"),
+        AdminCommand::Tenant(TenantCommand::Erase {
+            tenant_id,
+            reason,
+            yes,
+        }) => {
+            if !yes {
+                anyhow::bail!(
+                    "erasing tenant {tenant_id} destroys its keys and cannot be undone: add --yes"
                 );
-                self.call(reqwest::Method::GET, &path, None).await
             }
+            call(
+                Method::POST,
+                format!("/admin/tenants/{tenant_id}/erase"),
+                Some(json!({ "reason": reason })),
+                Shown::Done(format!("erased {tenant_id}")),
+            )
         }
+        AdminCommand::Project(ProjectCommand::Create {
+            tenant,
+            name,
+            routing,
+            flags,
+        }) => call(
+            Method::POST,
+            "/admin/projects",
+            Some(json!({
+                "tenant_id": tenant,
+                "name": name,
+                "routing_policy": document("--routing", routing)?,
+                "feature_flags": document("--flags", flags)?,
+            })),
+            Shown::Json,
+        ),
+        AdminCommand::Project(ProjectCommand::Update {
+            project_id,
+            name,
+            routing,
+            flags,
+            expected_version,
+        }) => call(
+            Method::PATCH,
+            format!("/admin/projects/{project_id}"),
+            Some(json!({
+                "name": name,
+                "routing_policy": document("--routing", routing)?,
+                "feature_flags": document("--flags", flags)?,
+                "expected_version": expected_version,
+            })),
+            Shown::Json,
+        ),
+        AdminCommand::Project(ProjectCommand::List { tenant }) => call(
+            Method::GET,
+            tenant_query("/admin/projects", tenant),
+            None,
+            Shown::Json,
+        ),
+        AdminCommand::Project(ProjectCommand::Show { project_id }) => call(
+            Method::GET,
+            format!("/admin/projects/{project_id}"),
+            None,
+            Shown::Json,
+        ),
+        AdminCommand::Key(KeyCommand::Create {
+            tenant,
+            project,
+            name,
+            role,
+            owner,
+            expires_in,
+            daily_budget_usd,
+        }) => {
+            let budget = match daily_budget_usd {
+                Some(usd) if !(0.0..=1e9).contains(&usd) => {
+                    anyhow::bail!("--daily-budget-usd: 0 (unlimited) to 1,000,000,000")
+                }
+                Some(usd) => Some((usd * 1e6).round() as i64),
+                None => None,
+            };
+            call(
+                Method::POST,
+                "/admin/keys",
+                Some(json!({
+                    "tenant_id": tenant,
+                    "project_id": project,
+                    "name": name,
+                    "role": role,
+                    "owner": owner,
+                    "expires_in": expires_in.map(|d| humantime::format_duration(d).to_string()),
+                    "daily_budget_micro_usd": budget,
+                })),
+                Shown::Secret,
+            )
+        }
+        AdminCommand::Key(KeyCommand::Revoke { key_id, reason }) => call(
+            Method::POST,
+            format!("/admin/keys/{key_id}/revoke"),
+            Some(json!({ "reason": reason })),
+            Shown::Done(format!("revoked {key_id}")),
+        ),
+        AdminCommand::Key(KeyCommand::List { tenant }) => call(
+            Method::GET,
+            tenant_query("/admin/keys", tenant),
+            None,
+            Shown::Json,
+        ),
+        AdminCommand::Role(command) => {
+            let (verb, grant) = match command {
+                RoleCommand::Grant(grant) => ("grant", grant),
+                RoleCommand::Revoke(grant) => ("revoke", grant),
+            };
+            let done = match verb {
+                "grant" => format!("granted {} to {}", grant.role, grant.user),
+                _ => format!("revoked {} from {}", grant.role, grant.user),
+            };
+            call(
+                Method::POST,
+                format!("/admin/roles/{verb}"),
+                Some(json!({
+                    "tenant_id": grant.tenant,
+                    "user": grant.user,
+                    "role": grant.role,
+                    "project_id": grant.project,
+                })),
+                Shown::Done(done),
+            )
+        }
+        AdminCommand::User(UserCommand::List { tenant }) => call(
+            Method::GET,
+            tenant_query("/admin/members", tenant),
+            None,
+            Shown::Json,
+        ),
+    })
+}
+
+/// A JSON body as the operation's request type (the same parsing as the server's).
+fn body<T: serde::de::DeserializeOwned>(body: Option<Value>) -> anyhow::Result<T> {
+    let mut body = body.unwrap_or_else(|| json!({}));
+    // Absent and null mean the same; the request types refuse unknown fields, not nulls.
+    if let Some(fields) = body.as_object_mut() {
+        fields.retain(|_, v| !v.is_null());
     }
+    Ok(serde_json::from_value(body)?)
+}
+
+/// The last path segment as a UUID.
+fn id_in(path: &str, segment_from_end: usize) -> anyhow::Result<Uuid> {
+    let path = path.split('?').next().unwrap_or(path);
+    let segment = path
+        .rsplit('/')
+        .nth(segment_from_end)
+        .context("no id in the path")?;
+    Ok(Uuid::parse_str(segment)?)
+}
+
+fn query_tenant(path: &str) -> anyhow::Result<Option<Uuid>> {
+    path.split_once("?tenant_id=")
+        .map(|(_, t)| Uuid::parse_str(t))
+        .transpose()
+        .map_err(Into::into)
+}
+
+impl Target {
+    async fn run(&self, command: AdminCommand) -> anyhow::Result<(Shown, Value)> {
+        let Call {
+            method,
+            path,
+            body: payload,
+            shown,
+        } = api_call(command)?;
+        let value = match self {
+            Target::Remote { client, url, token } => {
+                let mut request = client
+                    .request(method, format!("{url}{path}"))
+                    .bearer_auth(token);
+                if let Some(body) = payload {
+                    request = request.json(&body);
+                }
+                let response = request
+                    .send()
+                    .await
+                    .with_context(|| format!("calling {url}"))?;
+                let status = response.status();
+                let text = response.text().await?;
+                if !status.is_success() {
+                    anyhow::bail!("{status}: {}", error_message(text.as_bytes()));
+                }
+                match text.is_empty() {
+                    true => Value::Null,
+                    false => serde_json::from_str(&text)?,
+                }
+            }
+            Target::Local { node, .. } => local(&node.services, &method, &path, payload).await?,
+        };
+        Ok((shown, value))
+    }
+}
+
+/// Runs an admin API call in process, as the operator.
+async fn local(
+    services: &loom_gateway::Services,
+    method: &reqwest::Method,
+    path: &str,
+    payload: Option<Value>,
+) -> anyhow::Result<Value> {
+    use reqwest::Method;
+    let actor = &Actor::Operator;
+    let route = path.split('?').next().unwrap_or(path);
+    let segments: Vec<&str> = route.trim_start_matches("/admin/").split('/').collect();
+    let reason = || -> anyhow::Result<Option<String>> {
+        Ok(payload
+            .as_ref()
+            .and_then(|b| b.get("reason")?.as_str().map(str::to_owned)))
+    };
+    Ok(match (method, segments.as_slice()) {
+        (&Method::POST, ["tenants"]) => {
+            let name = payload
+                .as_ref()
+                .and_then(|b| b.get("name")?.as_str())
+                .unwrap_or_default();
+            serde_json::to_value(services.create_tenant(actor, name).await?)?
+        }
+        (&Method::GET, ["tenants"]) => serde_json::to_value(services.list_tenants(actor))?,
+        (&Method::POST, ["tenants", _, "erase"]) => {
+            services
+                .erase_tenant(actor, id_in(path, 1)?, reason()?)
+                .await?;
+            Value::Null
+        }
+        (&Method::POST, ["projects"]) => {
+            let request: ProjectRequest = body(payload)?;
+            serde_json::to_value(services.create_project(actor, &request).await?)?
+        }
+        (&Method::PATCH, ["projects", _]) => {
+            let patch: ProjectPatch = body(payload)?;
+            serde_json::to_value(
+                services
+                    .update_project(actor, id_in(path, 0)?, &patch)
+                    .await?,
+            )?
+        }
+        (&Method::GET, ["projects"]) => {
+            serde_json::to_value(services.list_projects(actor, query_tenant(path)?)?)?
+        }
+        (&Method::GET, ["projects", _]) => {
+            serde_json::to_value(services.get_project(actor, id_in(path, 0)?)?)?
+        }
+        (&Method::POST, ["keys"]) => {
+            let request: KeyRequest = body(payload)?;
+            serde_json::to_value(services.create_key(actor, &request).await?)?
+        }
+        (&Method::GET, ["keys"]) => {
+            serde_json::to_value(services.list_keys(actor, query_tenant(path)?)?)?
+        }
+        (&Method::POST, ["keys", _, "revoke"]) => {
+            services
+                .revoke_key(actor, id_in(path, 1)?, reason()?)
+                .await?;
+            Value::Null
+        }
+        (&Method::POST, ["roles", "grant"]) => {
+            let request: GrantRequest = body(payload)?;
+            services.grant_role(actor, &request).await?;
+            Value::Null
+        }
+        (&Method::POST, ["roles", "revoke"]) => {
+            let request: GrantRequest = body(payload)?;
+            services.revoke_role(actor, &request).await?;
+            Value::Null
+        }
+        (&Method::GET, ["members"]) => {
+            serde_json::to_value(services.list_members(actor, query_tenant(path)?)?)?
+        }
+        _ => anyhow::bail!("no admin operation {method} {path}"),
+    })
 }

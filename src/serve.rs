@@ -213,7 +213,7 @@ impl Authenticate for Callers {
         let key = self.control.authenticate(secret)?;
         Some(Principal {
             scope: Scope::Tenant(key.tenant_id),
-            access: Access::for_roles(&key.roles),
+            access: Access::for_role(key.role),
         })
     }
 }

@@ -376,7 +376,7 @@ async fn admin_cli_manages_tenants_and_keys_on_a_data_dir_and_through_a_server()
     );
     assert!(!no_project.status.success());
     assert!(
-        text(&no_project.stderr).contains("has no project"),
+        text(&no_project.stderr).contains("no project"),
         "{}",
         text(&no_project.stderr)
     );

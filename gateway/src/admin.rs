@@ -1,14 +1,25 @@
-//! Control-plane operations: each appends control events to the log and returns once the node's
-//! control state has applied them. Used by the admin HTTP API and by `loom admin` on a data dir.
+//! Control-plane operations: each checks what its [`Actor`] may do (docs/roles.md), appends
+//! control events to the log and returns once the node's control state has applied them. Used by
+//! the admin HTTP API and by `loom admin` on a data dir.
+//!
+//! A tenant's key acts in its own tenant only (and a project's key in its project only): another
+//! tenant's objects are "not found", never "forbidden", so a refusal says nothing of what exists.
+
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use loom_schemas::codec::{CodecError, Registry};
+use loom_schemas::control::{ApiKeyInfo, ControlState, ProjectInfo};
 use loom_schemas::crypto::{CryptoError, MasterKeyId, NewApiKey};
 use loom_schemas::event::{
-    ApiKeyIssued, ApiKeyRevoked, Envelope, Event, Payload, TenantCreated, TenantErased,
+    ApiKeyIssued, ApiKeyRevoked, Envelope, Event, Payload, ProjectCreated, ProjectUpdated,
+    QuotaLimitSet, QuotaMetric, QuotaScope, QuotaWindow, RoleGranted, RoleRevoked, TenantCreated,
+    TenantErased, TimestampMicros, now_micros,
 };
 use loom_schemas::keystore::KeyStoreError;
 use loom_schemas::log::{LogError, Topic};
+use loom_schemas::project::{FeatureFlags, MAX_NAME_BYTES, RoutingPolicy};
+use loom_schemas::roles::{Permission, Role};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -18,14 +29,20 @@ use crate::services::Services;
 pub enum AdminError {
     #[error("{0}")]
     Invalid(String),
+    #[error("{}", .0.describe())]
+    PermissionDenied(Permission),
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("no tenant {0}")]
     UnknownTenant(Uuid),
     #[error("tenant {0} was erased")]
     TenantErased(Uuid),
     #[error("no API key {0}")]
     UnknownKey(Uuid),
-    #[error("tenant {tenant} has no project {project}")]
-    UnknownProject { tenant: Uuid, project: Uuid },
+    #[error("no project {0}")]
+    UnknownProject(Uuid),
+    #[error("{0}")]
+    Conflict(String),
     #[error("log: {0}")]
     Log(#[from] LogError),
     #[error("key store: {0}")]
@@ -41,7 +58,81 @@ pub enum AdminError {
 }
 
 /// How long an operation waits for its control events to be applied.
-const APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who asks for a control-plane operation.
+#[derive(Debug, Clone)]
+pub enum Actor {
+    /// The operator (the admin token, or `loom admin` on a data dir): every tenant, everything.
+    Operator,
+    /// A tenant's API key, with the role it has now.
+    Key(ApiKeyInfo),
+}
+
+impl Actor {
+    /// The operator acts as an owner would in whichever tenant it names.
+    fn role(&self) -> Role {
+        match self {
+            Actor::Operator => Role::Owner,
+            Actor::Key(key) => key.role,
+        }
+    }
+
+    fn require(&self, permission: Permission) -> Result<(), AdminError> {
+        match self.role().allows(permission) {
+            true => Ok(()),
+            false => Err(AdminError::PermissionDenied(permission)),
+        }
+    }
+
+    /// The tenant an operation acts in: a key's own (naming another is "no such tenant"); the
+    /// operator's must be named.
+    fn tenant(&self, named: Option<Uuid>) -> Result<Uuid, AdminError> {
+        match (self, named) {
+            (Actor::Key(key), None) => Ok(key.tenant_id),
+            (Actor::Key(key), Some(tenant)) if tenant == key.tenant_id => Ok(tenant),
+            (Actor::Key(_), Some(tenant)) => Err(AdminError::UnknownTenant(tenant)),
+            (Actor::Operator, Some(tenant)) => Ok(tenant),
+            (Actor::Operator, None) => Err(AdminError::Invalid("tenant_id: required".into())),
+        }
+    }
+
+    /// The project a key is bound to, if any: it acts in that project only.
+    fn project(&self) -> Option<Uuid> {
+        match self {
+            Actor::Operator => None,
+            Actor::Key(key) => key.project_id,
+        }
+    }
+
+    /// Whether the actor sees a tenant's object (in `project`, if it is in one).
+    fn sees(&self, tenant_id: Uuid, project: Option<Uuid>) -> bool {
+        match self {
+            Actor::Operator => true,
+            Actor::Key(key) => {
+                key.tenant_id == tenant_id && key.project_id.is_none_or(|p| project == Some(p))
+            }
+        }
+    }
+
+    /// A tenant-wide change: refused to a key bound to one project.
+    fn tenant_wide(&self) -> Result<(), AdminError> {
+        match self.project() {
+            Some(_) => Err(AdminError::Forbidden(
+                "a key bound to a project acts in that project only",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The user keys made by this actor act for (a key that acts for no user: the key itself).
+    fn principal(&self) -> Option<String> {
+        match self {
+            Actor::Operator => None,
+            Actor::Key(key) => Some(key.principal()),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreatedTenant {
@@ -49,14 +140,28 @@ pub struct CreatedTenant {
     pub name: String,
 }
 
+/// A key to issue. A tenant's key issues keys in its own tenant (`tenant_id` may be left out).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRequest {
-    pub tenant_id: Uuid,
+    #[serde(default)]
+    pub tenant_id: Option<Uuid>,
     #[serde(default)]
     pub project_id: Option<Uuid>,
     #[serde(default)]
     pub name: Option<String>,
+    /// viewer, developer (the default), admin or owner; never above the issuer's own.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// The user the key acts for: its role is capped by theirs. Developers' keys act for them.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// How long the key is valid, e.g. `90d`; forever if absent.
+    #[serde(default, with = "humantime_serde")]
+    pub expires_in: Option<Duration>,
+    /// The most the key may spend per UTC day, in micro-USD (`0`: unlimited).
+    #[serde(default)]
+    pub daily_budget_micro_usd: Option<i64>,
 }
 
 /// A new key: `key` is the secret, shown this once and never stored.
@@ -64,6 +169,8 @@ pub struct KeyRequest {
 pub struct CreatedKey {
     pub key_id: Uuid,
     pub tenant_id: Uuid,
+    pub project_id: Option<Uuid>,
+    pub role: Role,
     pub prefix: String,
     pub key: String,
 }
@@ -84,44 +191,139 @@ pub struct KeyView {
     pub project_id: Option<Uuid>,
     pub name: Option<String>,
     pub prefix: String,
+    /// The role it was issued with.
+    pub role: Role,
+    /// The role it has now (capped by its owner's); `null` if its owner holds none.
+    pub effective_role: Option<Role>,
+    pub owner: Option<String>,
+    /// RFC 3339.
+    pub expires_at: Option<String>,
     pub revoked: bool,
 }
 
+/// A project to create.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectRequest {
+    #[serde(default)]
+    pub tenant_id: Option<Uuid>,
+    pub name: String,
+    #[serde(default)]
+    pub routing_policy: Option<RoutingPolicy>,
+    #[serde(default)]
+    pub feature_flags: Option<FeatureFlags>,
+}
+
+/// A change to a project: what is left out stays as it is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectPatch {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub routing_policy: Option<RoutingPolicy>,
+    #[serde(default)]
+    pub feature_flags: Option<FeatureFlags>,
+    /// The version the change was made against; a project that has moved on since is a 409.
+    #[serde(default)]
+    pub expected_version: Option<i64>,
+}
+
+/// A project as shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProjectView {
+    pub project_id: Uuid,
+    pub tenant_id: Uuid,
+    pub name: String,
+    pub routing_policy: RoutingPolicy,
+    pub feature_flags: FeatureFlags,
+    pub version: i64,
+    /// RFC 3339.
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A role to grant or revoke.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    #[serde(default)]
+    pub tenant_id: Option<Uuid>,
+    /// The user: an id or email, 1 to 256 bytes.
+    pub user: String,
+    pub role: String,
+    /// In this project only; in the whole tenant if absent.
+    #[serde(default)]
+    pub project_id: Option<Uuid>,
+}
+
+/// A role a user holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberView {
+    pub user: String,
+    pub role: Role,
+    pub project_id: Option<Uuid>,
+}
+
+fn rfc3339(at: TimestampMicros) -> String {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_micros(u64::try_from(at).unwrap_or(0));
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+fn key_view(state: &ControlState, key: &ApiKeyInfo) -> KeyView {
+    KeyView {
+        key_id: key.key_id,
+        tenant_id: key.tenant_id,
+        project_id: key.project_id,
+        name: key.name.clone(),
+        prefix: key.prefix.clone(),
+        role: key.role,
+        effective_role: state.key_role(key),
+        owner: key.owner.clone(),
+        expires_at: key.expires_at.map(rfc3339),
+        revoked: key.revoked,
+    }
+}
+
+fn project_view(project: &ProjectInfo) -> ProjectView {
+    ProjectView {
+        project_id: project.project_id,
+        tenant_id: project.tenant_id,
+        name: project.name.clone(),
+        routing_policy: (*project.routing).clone(),
+        feature_flags: project.flags.clone(),
+        version: project.version,
+        created_at: rfc3339(project.created_at),
+        updated_at: rfc3339(project.updated_at),
+    }
+}
+
+/// A name of 1 to `max` bytes, trimmed.
+fn name(field: &str, value: &str, max: usize) -> Result<String, AdminError> {
+    let value = value.trim();
+    match value.is_empty() || value.len() > max {
+        true => Err(AdminError::Invalid(format!(
+            "{field}: 1 to {max} bytes (got {})",
+            value.len()
+        ))),
+        false => Ok(value.to_owned()),
+    }
+}
+
+fn role(field: &str, value: &str) -> Result<Role, AdminError> {
+    match Role::parse(value) {
+        Some(role) if value != "inference" => Ok(role),
+        _ => Err(AdminError::Invalid(format!(
+            "{field}: {value:?} is not a role (viewer, developer, admin, owner)"
+        ))),
+    }
+}
+
+fn json(value: &impl Serialize) -> Result<String, AdminError> {
+    serde_json::to_string(value).map_err(|e| AdminError::Invalid(e.to_string()))
+}
+
 impl Services {
-    /// Every tenant, by id.
-    pub fn list_tenants(&self) -> Vec<TenantView> {
-        let mut tenants: Vec<TenantView> = self.control.read(|s| {
-            s.tenants()
-                .map(|t| TenantView {
-                    tenant_id: t.tenant_id,
-                    name: t.name.clone(),
-                    erased: t.erased,
-                })
-                .collect()
-        });
-        tenants.sort_by_key(|t| t.tenant_id);
-        tenants
-    }
-
-    /// Every API key (of one tenant, if given), by id.
-    pub fn list_keys(&self, tenant_id: Option<Uuid>) -> Vec<KeyView> {
-        let mut keys: Vec<KeyView> = self.control.read(|s| {
-            s.keys()
-                .filter(|k| tenant_id.is_none_or(|t| t == k.tenant_id))
-                .map(|k| KeyView {
-                    key_id: k.key_id,
-                    tenant_id: k.tenant_id,
-                    project_id: k.project_id,
-                    name: k.name.clone(),
-                    prefix: k.prefix.clone(),
-                    revoked: k.revoked,
-                })
-                .collect()
-        });
-        keys.sort_by_key(|k| k.key_id);
-        keys
-    }
-
     /// Appends control events and waits until the control state has applied them.
     async fn append_control(&self, events: Vec<Event>) -> Result<(), AdminError> {
         let registry = Registry::builtin()?;
@@ -146,89 +348,455 @@ impl Services {
         }
     }
 
-    /// Creates a tenant with its data and digest keys.
-    pub async fn create_tenant(&self, name: &str) -> Result<CreatedTenant, AdminError> {
-        let name = name.trim();
-        if name.is_empty() || name.len() > 200 {
-            return Err(AdminError::Invalid(
-                "a tenant name is 1 to 200 characters".into(),
-            ));
+    /// The tenant an operation acts in, live.
+    fn live_tenant(&self, actor: &Actor, named: Option<Uuid>) -> Result<Uuid, AdminError> {
+        let tenant_id = actor.tenant(named)?;
+        match self.control.read(|s| s.tenant(tenant_id).map(|t| t.erased)) {
+            None => Err(AdminError::UnknownTenant(tenant_id)),
+            Some(true) => Err(AdminError::TenantErased(tenant_id)),
+            Some(false) => Ok(tenant_id),
         }
-        let tenant_id = Uuid::now_v7();
-        self.keys.create_tenant_keys(tenant_id).await?;
-        self.append_control(vec![self.control_event(
-            tenant_id,
-            TenantCreated {
-                name: name.to_owned(),
-            },
-        )])
-        .await?;
-        Ok(CreatedTenant {
-            tenant_id,
-            name: name.to_owned(),
-        })
     }
 
-    /// Issues an API key for a tenant (optionally scoped to a project).
-    pub async fn create_key(&self, request: &KeyRequest) -> Result<CreatedKey, AdminError> {
-        let tenant = self.control.read(|s| s.tenant(request.tenant_id).cloned());
-        match tenant {
-            None => return Err(AdminError::UnknownTenant(request.tenant_id)),
-            Some(tenant) if tenant.erased => {
-                return Err(AdminError::TenantErased(request.tenant_id));
+    /// A project of `tenant_id` the actor sees.
+    fn visible_project(&self, actor: &Actor, project_id: Uuid) -> Result<ProjectInfo, AdminError> {
+        self.control
+            .read(|s| s.project(project_id).cloned())
+            .filter(|p| actor.sees(p.tenant_id, Some(p.project_id)))
+            .ok_or(AdminError::UnknownProject(project_id))
+    }
+
+    /// Checks a project named for a change in `tenant_id`: the tenant's, and the actor's project
+    /// if it is bound to one.
+    fn project_in(
+        &self,
+        actor: &Actor,
+        tenant_id: Uuid,
+        project_id: Option<Uuid>,
+    ) -> Result<Option<Uuid>, AdminError> {
+        let project_id = project_id.or(actor.project());
+        if let Some(project) = project_id {
+            let project = self.visible_project(actor, project)?;
+            if project.tenant_id != tenant_id {
+                return Err(AdminError::UnknownProject(project.project_id));
             }
-            Some(_) => {}
         }
-        // The rules refuse a key in a project that is not the tenant's: say so here.
-        if let Some(project) = request.project_id
-            && self.control.read(|s| s.project_tenant(project)) != Some(request.tenant_id)
+        Ok(project_id)
+    }
+
+    // ---- tenants ------------------------------------------------------------------------------
+
+    /// The tenants the actor sees (a key: its own), by id.
+    pub fn list_tenants(&self, actor: &Actor) -> Vec<TenantView> {
+        let mut tenants: Vec<TenantView> = self.control.read(|s| {
+            s.tenants()
+                .filter(|t| actor.sees(t.tenant_id, actor.project()))
+                .map(|t| TenantView {
+                    tenant_id: t.tenant_id,
+                    name: t.name.clone(),
+                    erased: t.erased,
+                })
+                .collect()
+        });
+        tenants.sort_by_key(|t| t.tenant_id);
+        tenants
+    }
+
+    /// Creates a tenant with its data and digest keys (the operator's alone).
+    pub async fn create_tenant(
+        &self,
+        actor: &Actor,
+        name: &str,
+    ) -> Result<CreatedTenant, AdminError> {
+        if !matches!(actor, Actor::Operator) {
+            return Err(AdminError::Forbidden(
+                "tenants are created by the operator (the admin token)",
+            ));
+        }
+        let name = self::name("name", name, 200)?;
+        let tenant_id = Uuid::now_v7();
+        self.keys.create_tenant_keys(tenant_id).await?;
+        let created = TenantCreated { name: name.clone() };
+        self.append_control(vec![self.control_event(tenant_id, created)])
+            .await?;
+        Ok(CreatedTenant { tenant_id, name })
+    }
+
+    /// Erases a tenant: destroys its keys (crypto-shredding: its sealed bodies and archive files
+    /// become unreadable for good), then records `tenant.erased`; every node refuses its API keys
+    /// once it has read the event, and the projectors drop its rows. Irreversible. Erasing an
+    /// erased tenant again changes nothing. The operator's, or an owner's of the tenant.
+    pub async fn erase_tenant(
+        &self,
+        actor: &Actor,
+        tenant_id: Uuid,
+        reason: Option<String>,
+    ) -> Result<(), AdminError> {
+        let tenant_id = actor.tenant(Some(tenant_id))?;
+        actor.require(Permission::OwnTenant)?;
+        actor.tenant_wide()?;
+        match self.control.read(|s| s.tenant(tenant_id).map(|t| t.erased)) {
+            None => return Err(AdminError::UnknownTenant(tenant_id)),
+            Some(true) => return Ok(()),
+            Some(false) => {}
+        }
+        // Keys first: if the event cannot be written, the tenant is shredded all the same, and
+        // erasing again writes it.
+        self.keys.erase(tenant_id).await?;
+        self.append_control(vec![self.control_event(tenant_id, TenantErased { reason })])
+            .await
+    }
+
+    // ---- projects -----------------------------------------------------------------------------
+
+    /// Creates a project (admin or owner, for the whole tenant).
+    pub async fn create_project(
+        &self,
+        actor: &Actor,
+        request: &ProjectRequest,
+    ) -> Result<ProjectView, AdminError> {
+        let tenant_id = self.live_tenant(actor, request.tenant_id)?;
+        actor.require(Permission::ManageTenant)?;
+        actor.tenant_wide()?;
+        let name = name("name", &request.name, MAX_NAME_BYTES)?;
+        let routing = request.routing_policy.as_ref();
+        let flags = request.feature_flags.as_ref();
+        routing
+            .map(RoutingPolicy::check)
+            .transpose()
+            .map_err(AdminError::Invalid)?;
+        flags
+            .map(FeatureFlags::check)
+            .transpose()
+            .map_err(AdminError::Invalid)?;
+        let project_id = Uuid::now_v7();
+        let created = ProjectCreated {
+            project_id,
+            name,
+            routing_policy: routing.map(json).transpose()?,
+            security_policy: None,
+            feature_flags: flags.map(json).transpose()?,
+        };
+        self.append_control(vec![self.control_event(tenant_id, created)])
+            .await?;
+        self.visible_project(actor, project_id)
+            .map(|p| project_view(&p))
+    }
+
+    /// Changes a project (admin or owner); its version goes up by one.
+    pub async fn update_project(
+        &self,
+        actor: &Actor,
+        project_id: Uuid,
+        patch: &ProjectPatch,
+    ) -> Result<ProjectView, AdminError> {
+        let project = self.visible_project(actor, project_id)?;
+        self.live_tenant(actor, Some(project.tenant_id))?;
+        actor.require(Permission::ManageTenant)?;
+        if let Some(expected) = patch.expected_version
+            && expected != project.version
         {
-            return Err(AdminError::UnknownProject {
-                tenant: request.tenant_id,
-                project,
-            });
+            return Err(AdminError::Conflict(format!(
+                "project {project_id} is at version {}, not {expected}: read it again",
+                project.version
+            )));
         }
+        let name = patch
+            .name
+            .as_deref()
+            .map(|n| name("name", n, MAX_NAME_BYTES))
+            .transpose()?;
+        let routing = patch.routing_policy.as_ref();
+        let flags = patch.feature_flags.as_ref();
+        routing
+            .map(RoutingPolicy::check)
+            .transpose()
+            .map_err(AdminError::Invalid)?;
+        flags
+            .map(FeatureFlags::check)
+            .transpose()
+            .map_err(AdminError::Invalid)?;
+        let version = project.version + 1;
+        let updated = ProjectUpdated {
+            project_id,
+            name,
+            routing_policy: routing.map(json).transpose()?,
+            security_policy: None,
+            feature_flags: flags.map(json).transpose()?,
+            version: Some(version),
+        };
+        self.append_control(vec![self.control_event(project.tenant_id, updated)])
+            .await?;
+        let now = self.visible_project(actor, project_id)?;
+        // Another update of the same version was read first: this one changed nothing.
+        if now.version != version || now.updated_at == project.updated_at {
+            return Err(AdminError::Conflict(format!(
+                "project {project_id} was changed at the same time: read it again"
+            )));
+        }
+        Ok(project_view(&now))
+    }
+
+    /// The projects the actor sees (any role), by id.
+    pub fn list_projects(
+        &self,
+        actor: &Actor,
+        tenant: Option<Uuid>,
+    ) -> Result<Vec<ProjectView>, AdminError> {
+        let tenant = match actor {
+            Actor::Operator => tenant,
+            Actor::Key(_) => Some(actor.tenant(tenant)?),
+        };
+        actor.require(Permission::ReadUsage)?;
+        let mut projects: Vec<ProjectView> = self.control.read(|s| {
+            s.projects()
+                .filter(|p| tenant.is_none_or(|t| t == p.tenant_id))
+                .filter(|p| actor.sees(p.tenant_id, Some(p.project_id)))
+                .map(project_view)
+                .collect()
+        });
+        projects.sort_by_key(|p| p.project_id);
+        Ok(projects)
+    }
+
+    pub fn get_project(&self, actor: &Actor, project_id: Uuid) -> Result<ProjectView, AdminError> {
+        let project = self.visible_project(actor, project_id)?;
+        actor.require(Permission::ReadUsage)?;
+        Ok(project_view(&project))
+    }
+
+    // ---- keys ---------------------------------------------------------------------------------
+
+    /// Issues an API key. A developer issues keys that act for them, in their project if their
+    /// key is bound to one; an admin for anyone in the tenant; nobody above their own role.
+    pub async fn create_key(
+        &self,
+        actor: &Actor,
+        request: &KeyRequest,
+    ) -> Result<CreatedKey, AdminError> {
+        let tenant_id = self.live_tenant(actor, request.tenant_id)?;
+        let project_id = self.project_in(actor, tenant_id, request.project_id)?;
+        actor.require(Permission::ManageOwnKeys)?;
+        let role = match &request.role {
+            Some(name) => self::role("role", name)?,
+            None => Role::Developer.min(actor.role()),
+        };
+        if !actor.role().may_grant(role) {
+            return Err(AdminError::Forbidden(
+                "nobody issues a key with a role above their own",
+            ));
+        }
+        let owner = match (&request.owner, actor.principal()) {
+            (Some(owner), _) => Some(name("owner", owner, MAX_NAME_BYTES)?),
+            (None, principal) => principal,
+        };
+        if owner != actor.principal() && !actor.role().allows(Permission::ManageTenant) {
+            return Err(AdminError::PermissionDenied(Permission::ManageTenant));
+        }
+        if let Some(name) = &request.name {
+            self::name("name", name, MAX_NAME_BYTES)?;
+        }
+        let expires_at = match request.expires_in {
+            None => None,
+            Some(ttl) if ttl.is_zero() || ttl > Duration::from_secs(10 * 365 * 86_400) => {
+                return Err(AdminError::Invalid(
+                    "expires_in: more than 0 and at most 10 years".into(),
+                ));
+            }
+            Some(ttl) => Some(now_micros() + i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX)),
+        };
+        let budget = match request.daily_budget_micro_usd {
+            Some(budget) if budget < 0 => {
+                return Err(AdminError::Invalid(
+                    "daily_budget_micro_usd: 0 (unlimited) or more".into(),
+                ));
+            }
+            budget => budget,
+        };
         let new = NewApiKey::generate()?;
         let key_id = Uuid::now_v7();
         let issued = ApiKeyIssued {
             key_id,
-            project_id: request.project_id,
-            name: request.name.clone(),
+            project_id,
+            name: request.name.as_deref().map(|n| n.trim().to_owned()),
             key_hash: new.hash.to_vec(),
             prefix: new.prefix.clone(),
-            roles: vec!["inference".into()],
-            expires_at: None,
+            roles: vec![role.name().to_owned()],
+            expires_at,
+            owner,
         };
-        self.append_control(vec![self.control_event(request.tenant_id, issued)])
-            .await?;
+        let mut events = vec![self.control_event(tenant_id, issued)];
+        if let Some(budget) = budget {
+            let limit = QuotaLimitSet {
+                scope: QuotaScope::ApiKey,
+                scope_id: key_id.to_string(),
+                metric: QuotaMetric::CostMicroUsd,
+                window: QuotaWindow::Day,
+                limit: (budget > 0).then_some(budget),
+            };
+            events.push(self.control_event(tenant_id, limit));
+        }
+        self.append_control(events).await?;
         Ok(CreatedKey {
             key_id,
-            tenant_id: request.tenant_id,
+            tenant_id,
+            project_id,
+            role,
             prefix: new.prefix,
             key: new.secret.to_string(),
         })
     }
 
-    /// Revokes an API key; every node refuses it once it has read the event.
-    pub async fn revoke_key(&self, key_id: Uuid, reason: Option<String>) -> Result<(), AdminError> {
-        let tenant_id = self
-            .control
-            .read(|s| s.key(key_id).map(|k| k.tenant_id))
-            .ok_or(AdminError::UnknownKey(key_id))?;
-        self.append_control(vec![
-            self.control_event(tenant_id, ApiKeyRevoked { key_id, reason }),
-        ])
-        .await
+    /// The keys the actor may manage, by id: an admin's, every key of the tenant (or of its
+    /// project); a developer's, their own.
+    pub fn list_keys(
+        &self,
+        actor: &Actor,
+        tenant: Option<Uuid>,
+    ) -> Result<Vec<KeyView>, AdminError> {
+        let tenant = match actor {
+            Actor::Operator => tenant,
+            Actor::Key(_) => Some(actor.tenant(tenant)?),
+        };
+        actor.require(Permission::ManageOwnKeys)?;
+        let everyone = actor.role().allows(Permission::ManageTenant);
+        let principal = actor.principal();
+        let mut keys: Vec<KeyView> = self.control.read(|s| {
+            s.keys()
+                .filter(|k| tenant.is_none_or(|t| t == k.tenant_id))
+                .filter(|k| actor.sees(k.tenant_id, k.project_id))
+                .filter(|k| everyone || k.owner == principal || own_key(actor, k))
+                .map(|k| key_view(s, k))
+                .collect()
+        });
+        keys.sort_by_key(|k| k.key_id);
+        Ok(keys)
     }
+
+    /// Revokes an API key; every node refuses it once it has read the event. One's own keys
+    /// (developer and up), anyone's in the tenant (admin and up).
+    pub async fn revoke_key(
+        &self,
+        actor: &Actor,
+        key_id: Uuid,
+        reason: Option<String>,
+    ) -> Result<(), AdminError> {
+        let key = self
+            .control
+            .read(|s| s.key(key_id).cloned())
+            .filter(|k| actor.sees(k.tenant_id, k.project_id))
+            .ok_or(AdminError::UnknownKey(key_id))?;
+        actor.require(Permission::ManageOwnKeys)?;
+        let own = key.owner == actor.principal() || own_key(actor, &key);
+        if !own {
+            actor.require(Permission::ManageTenant)?;
+        }
+        if key.revoked {
+            return Ok(());
+        }
+        let revoked = ApiKeyRevoked { key_id, reason };
+        self.append_control(vec![self.control_event(key.tenant_id, revoked)])
+            .await
+    }
+
+    // ---- members ------------------------------------------------------------------------------
+
+    /// Grants a role (admin or owner; the owner role by an owner only).
+    pub async fn grant_role(
+        &self,
+        actor: &Actor,
+        request: &GrantRequest,
+    ) -> Result<(), AdminError> {
+        let (tenant_id, project_id, user, role) = self.grant_parts(actor, request)?;
+        let granted = RoleGranted {
+            principal: user,
+            role: role.name().to_owned(),
+            project_id,
+        };
+        self.append_control(vec![self.control_event(tenant_id, granted)])
+            .await
+    }
+
+    /// Revokes a role (as granting it: an owner's by an owner only).
+    pub async fn revoke_role(
+        &self,
+        actor: &Actor,
+        request: &GrantRequest,
+    ) -> Result<(), AdminError> {
+        let (tenant_id, project_id, user, role) = self.grant_parts(actor, request)?;
+        let revoked = RoleRevoked {
+            principal: user,
+            role: role.name().to_owned(),
+            project_id,
+        };
+        self.append_control(vec![self.control_event(tenant_id, revoked)])
+            .await
+    }
+
+    fn grant_parts(
+        &self,
+        actor: &Actor,
+        request: &GrantRequest,
+    ) -> Result<(Uuid, Option<Uuid>, String, Role), AdminError> {
+        let tenant_id = self.live_tenant(actor, request.tenant_id)?;
+        let project_id = self.project_in(actor, tenant_id, request.project_id)?;
+        actor.require(Permission::ManageTenant)?;
+        let user = name("user", &request.user, MAX_NAME_BYTES)?;
+        let role = role("role", &request.role)?;
+        if role == Role::Owner {
+            actor.require(Permission::OwnTenant)?;
+        }
+        if !actor.role().may_grant(role) {
+            return Err(AdminError::Forbidden(
+                "nobody grants or revokes a role above their own",
+            ));
+        }
+        Ok((tenant_id, project_id, user, role))
+    }
+
+    /// The roles held in a tenant (admin or owner), by user.
+    pub fn list_members(
+        &self,
+        actor: &Actor,
+        tenant: Option<Uuid>,
+    ) -> Result<Vec<MemberView>, AdminError> {
+        let tenant_id = actor.tenant(tenant)?;
+        if self.control.read(|s| s.tenant(tenant_id).is_none()) {
+            return Err(AdminError::UnknownTenant(tenant_id));
+        }
+        actor.require(Permission::ManageTenant)?;
+        let mut members: Vec<MemberView> = self.control.read(|s| {
+            s.grants(tenant_id)
+                .filter(|g| actor.project().is_none() || g.project_id == actor.project())
+                .map(|g| MemberView {
+                    user: g.principal,
+                    role: g.role,
+                    project_id: g.project_id,
+                })
+                .collect()
+        });
+        members
+            .sort_by(|a, b| (&a.user, a.project_id, a.role).cmp(&(&b.user, b.project_id, b.role)));
+        Ok(members)
+    }
+
+    // ---- the archive's key service -------------------------------------------------------------
 
     /// The key service of the archive: an archive file's data key, `wrapped` under the tenant's
     /// key named by `master_key_id` (`loom:<tenant>:v<version>:<purpose>`), unwrapped — what a
     /// Parquet reader's KMS client (pyarrow's `KmsClient.unwrap_key`) asks for. Base64 in and out.
+    /// The operator's alone.
     pub fn unwrap_archive_key(
         &self,
+        actor: &Actor,
         master_key_id: &str,
         wrapped: &str,
     ) -> Result<String, AdminError> {
+        if !matches!(actor, Actor::Operator) {
+            return Err(AdminError::Forbidden(
+                "the archive's key service is the operator's (the admin token)",
+            ));
+        }
         let id = MasterKeyId::parse(master_key_id).ok_or_else(|| {
             AdminError::Invalid(format!(
                 "master_key_id: {master_key_id:?} is not a Loom archive key \
@@ -245,26 +813,9 @@ impl Services {
             Err(error) => Err(error.into()),
         }
     }
+}
 
-    /// Erases a tenant: destroys its keys (crypto-shredding: its sealed bodies and archive files
-    /// become unreadable for good), then records `tenant.erased`; every node refuses its API keys
-    /// once it has read the event, and the projectors drop its rows. Irreversible. Erasing an
-    /// erased tenant again changes nothing.
-    pub async fn erase_tenant(
-        &self,
-        tenant_id: Uuid,
-        reason: Option<String>,
-    ) -> Result<(), AdminError> {
-        let tenant = self.control.read(|s| s.tenant(tenant_id).cloned());
-        match tenant {
-            None => return Err(AdminError::UnknownTenant(tenant_id)),
-            Some(tenant) if tenant.erased => return Ok(()),
-            Some(_) => {}
-        }
-        // Keys first: if the event cannot be written, the tenant is shredded all the same, and
-        // erasing again writes it.
-        self.keys.erase(tenant_id).await?;
-        self.append_control(vec![self.control_event(tenant_id, TenantErased { reason })])
-            .await
-    }
+/// The actor's own key, or one it made (a key acting for no user makes keys acting for it).
+fn own_key(actor: &Actor, key: &ApiKeyInfo) -> bool {
+    matches!(actor, Actor::Key(me) if me.key_id == key.key_id)
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum::http::HeaderName;
 use loom_schemas::SecretString;
+use loom_schemas::project::Tier;
 use serde::Deserialize;
 
 use crate::pricing::PriceTable;
@@ -80,6 +81,9 @@ fn default_weight() -> u32 {
 pub struct ModelConfig {
     #[serde(default)]
     pub strategy: Strategy,
+    /// The alias's tier (`L0`–`L3`), which projects' routing policies limit and escalate by.
+    #[serde(default)]
+    pub tier: Option<Tier>,
     pub deployments: Vec<DeploymentConfig>,
 }
 
@@ -285,9 +289,13 @@ pub struct Deployment {
 pub struct Model {
     pub alias: String,
     pub strategy: Strategy,
+    pub tier: Option<Tier>,
     /// Indices into [`GatewayConfig::deployments`].
     pub deployments: Vec<usize>,
 }
+
+/// The model name that asks for a project's default tier.
+pub const AUTO: &str = "auto";
 
 /// Headers that carry credentials or that the HTTP client sets: never taken from a client.
 const SENSITIVE: &[&str] = &[
@@ -399,6 +407,11 @@ impl GatewayConfig {
             if model.deployments.is_empty() {
                 return invalid(format!("model {alias}: no deployments"));
             }
+            if alias == AUTO {
+                return invalid(format!(
+                    "model {AUTO}: the name is reserved for a project's default tier"
+                ));
+            }
             let mut indices = Vec::with_capacity(model.deployments.len());
             for deployment in model.deployments {
                 let Some(upstream) = upstreams.iter().position(|u| u.name == deployment.upstream)
@@ -432,6 +445,7 @@ impl GatewayConfig {
                 Model {
                     alias,
                     strategy: model.strategy,
+                    tier: model.tier,
                     deployments: indices,
                 },
             );

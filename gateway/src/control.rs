@@ -118,8 +118,8 @@ impl Control {
         }
     }
 
-    /// The key a client presented, if valid now.
+    /// The key a client presented, if valid now, with the role it has now.
     pub fn authenticate(&self, secret: &str) -> Option<ApiKeyInfo> {
-        self.read(|state| state.authenticate(secret, now_micros()).cloned())
+        self.read(|state| state.authenticate(secret, now_micros()))
     }
 }

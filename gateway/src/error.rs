@@ -24,6 +24,8 @@ pub enum GatewayError {
     },
     /// No model alias by this name.
     ModelNotFound(String),
+    /// The alias exists, but the routing policy of the key's project does not allow it.
+    ModelNotAllowed(String),
     /// An upstream refused the request for reasons a retry will not change (its 4xx), passed on
     /// with its own message.
     UpstreamRefused {
@@ -50,6 +52,10 @@ pub enum GatewayError {
     /// The admin API is off (no admin token configured).
     AdminDisabled,
     InvalidAdminToken,
+    /// The caller's role does not allow this (docs/roles.md); the message says what is needed.
+    PermissionDenied(String),
+    /// An admin API change made against a version that has moved on.
+    Conflict(String),
     /// An admin API object that does not exist.
     NotFound(String),
     /// An admin API change for a tenant that is erased.
@@ -149,7 +155,10 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::AdminDisabled => StatusCode::FORBIDDEN,
+            GatewayError::AdminDisabled
+            | GatewayError::PermissionDenied(_)
+            | GatewayError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::TenantErased(_) => StatusCode::CONFLICT,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -166,10 +175,13 @@ impl GatewayError {
             | GatewayError::MethodNotAllowed
             | GatewayError::NotFound(_)
             | GatewayError::TenantErased(_)
+            | GatewayError::Conflict(_)
             | GatewayError::ClientCancelled
             | GatewayError::InvalidApiKey => "invalid_request_error",
             GatewayError::InvalidAdminToken => "authentication_error",
-            GatewayError::AdminDisabled => "permission_error",
+            GatewayError::AdminDisabled
+            | GatewayError::PermissionDenied(_)
+            | GatewayError::ModelNotAllowed(_) => "permission_error",
             GatewayError::UpstreamFailed { .. }
             | GatewayError::UpstreamTimeout
             | GatewayError::StreamBroken(_)
@@ -186,6 +198,7 @@ impl GatewayError {
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::BodyTooLarge { .. } => "request_too_large",
             GatewayError::ModelNotFound(_) => "model_not_found",
+            GatewayError::ModelNotAllowed(_) => "model_not_allowed",
             // A deployment that cannot take the request: Loom's refusal, not the upstream's.
             GatewayError::UpstreamRefused {
                 fault: UpstreamFault::Unsupported,
@@ -202,6 +215,8 @@ impl GatewayError {
             GatewayError::RouteNotFound | GatewayError::NotFound(_) => "not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::AdminDisabled => "admin_api_disabled",
+            GatewayError::PermissionDenied(_) => "permission_denied",
+            GatewayError::Conflict(_) => "conflict",
             GatewayError::InvalidAdminToken => "invalid_admin_token",
             GatewayError::TenantErased(_) => "tenant_erased",
             GatewayError::Internal(_) => "internal_error",
@@ -222,7 +237,9 @@ impl GatewayError {
     /// What `request.completed` records as the request's status.
     pub fn request_status(&self) -> RequestStatus {
         match self {
-            GatewayError::InvalidApiKey => RequestStatus::Denied,
+            GatewayError::InvalidApiKey | GatewayError::PermissionDenied(_) => {
+                RequestStatus::Denied
+            }
             _ => RequestStatus::Error,
         }
     }
@@ -232,6 +249,9 @@ impl GatewayError {
         match self {
             GatewayError::InvalidRequest(message)
             | GatewayError::NotFound(message)
+            | GatewayError::PermissionDenied(message)
+            | GatewayError::ModelNotAllowed(message)
+            | GatewayError::Conflict(message)
             | GatewayError::UpstreamRefused { message, .. }
             | GatewayError::TenantErased(message) => message.clone(),
             GatewayError::InvalidApiKey => "missing or invalid API key".into(),
@@ -265,9 +285,11 @@ impl GatewayError {
             GatewayError::RouteNotFound => "no such route".into(),
             GatewayError::MethodNotAllowed => "method not allowed on this route".into(),
             GatewayError::AdminDisabled => {
-                "the admin API is disabled: start Loom with LOOM_ADMIN_TOKEN set".into()
+                "the operator's admin API is disabled: start Loom with LOOM_ADMIN_TOKEN set \
+                 (a tenant's API key with a role that allows it manages its own tenant)"
+                    .into()
             }
-            GatewayError::InvalidAdminToken => "missing or wrong admin token".into(),
+            GatewayError::InvalidAdminToken => "missing or wrong admin token or API key".into(),
         }
     }
 

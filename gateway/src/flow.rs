@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
 use loom_schemas::keystore::KeyStore;
+use loom_schemas::project::RoutingPolicy;
 use uuid::Uuid;
 
 use crate::control::ApiKeyInfo;
@@ -34,6 +35,8 @@ pub(crate) struct Flow {
     pub trace_id: String,
     pub tenant_id: Uuid,
     pub key: Option<ApiKeyInfo>,
+    /// The routing policy of the key's project, if it is bound to one.
+    pub policy: Option<Arc<RoutingPolicy>>,
     /// The client's headers that upstreams speaking its API get too (`anthropic-beta`, …).
     pub forwarded: HeaderMap,
     pub started: Instant,

@@ -26,7 +26,10 @@ mod tokens;
 mod translate;
 mod upstream;
 
-pub use admin::{AdminError, CreatedKey, CreatedTenant, KeyRequest, KeyView, TenantView};
+pub use admin::{
+    Actor, AdminError, CreatedKey, CreatedTenant, GrantRequest, KeyRequest, KeyView, MemberView,
+    ProjectPatch, ProjectRequest, ProjectView, TenantView,
+};
 pub use auth::presented_key;
 pub use control::{ApiKeyInfo, Control, ControlState, TenantInfo};
 pub use error::GatewayError;

@@ -59,6 +59,7 @@ trace_patch! {
     endpoint: String,
     stream: bool,
     model_requested: String,
+    tier: String,
     model_served: String,
     provider: String,
     deployment: String,
@@ -415,11 +416,21 @@ impl Changes {
                     trace_id: trace_id.clone(),
                 });
             }
+            // Routing gives the trace its tier; the decision shows in the trace's timeline.
+            Payload::RoutingDecided(p) => {
+                patch.tier = p.tier.clone();
+                self.decisions.push(DecisionRow {
+                    event_id,
+                    tenant_id: tenant_id.clone(),
+                    trace_id: trace_id.clone(),
+                    kind: "routing",
+                    occurred_at: at,
+                    detail: serde_json::to_string(&p).map_err(|e| format!("routing: {e}"))?,
+                });
+            }
             // Decisions show in the trace's timeline; the trace's row needs nothing of them.
-            Payload::RoutingDecided(_) | Payload::QuotaConsumed(_) | Payload::QuotaDenied(_) => {
+            Payload::QuotaConsumed(_) | Payload::QuotaDenied(_) => {
                 let (kind, detail) = match &event.payload {
-                    Payload::RoutingDecided(p) => ("routing", serde_json::to_string(p)),
-                    Payload::QuotaConsumed(p) => ("quota_consumed", serde_json::to_string(p)),
                     Payload::QuotaDenied(p) => ("quota_denied", serde_json::to_string(p)),
                     _ => return Ok(()),
                 };

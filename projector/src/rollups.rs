@@ -15,7 +15,7 @@ use crate::write::{Kind, Rows, Value, from_json, insert, is_sqlite, to_json};
 
 /// The dimensions rollups are kept by, with their value in a trace row `t` ('' when unset);
 /// the dimension '' holds all of a tenant's requests.
-pub const DIMENSIONS: [(&str, &str); 9] = [
+pub const DIMENSIONS: [(&str, &str); 10] = [
     ("", "''"),
     ("project", "COALESCE(t.project_id, '')"),
     ("user", "COALESCE(t.user_id, '')"),
@@ -25,6 +25,7 @@ pub const DIMENSIONS: [(&str, &str); 9] = [
     ("deployment", "COALESCE(t.deployment, '')"),
     ("status", "COALESCE(t.status, '')"),
     ("error_class", "COALESCE(t.error_class, '')"),
+    ("tier", "COALESCE(t.tier, '')"),
 ];
 
 /// How long the rollups' buckets are: an hour and a day (µs).

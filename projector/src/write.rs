@@ -390,6 +390,7 @@ pub async fn apply(conn: &mut AnyConnection, changes: &Changes) -> Result<(), sq
         endpoint,
         stream,
         model_requested,
+        tier,
         model_served,
         provider,
         deployment,
@@ -693,6 +694,7 @@ async fn apply_control(
             name,
             routing_policy,
             security_policy,
+            feature_flags,
             at,
         } => {
             let row = rows!({
@@ -701,6 +703,8 @@ async fn apply_control(
                 name: name,
                 routing_policy: routing_policy,
                 security_policy: security_policy,
+                feature_flags: feature_flags,
+                version: 1_i64,
                 created_at: at,
                 updated_at: at,
             });
@@ -711,17 +715,22 @@ async fn apply_control(
             name,
             routing_policy,
             security_policy,
+            feature_flags,
+            version,
             at,
         } => {
             let sql = "UPDATE projects SET name = COALESCE($2, name), \
                        routing_policy = COALESCE($3, routing_policy), \
-                       security_policy = COALESCE($4, security_policy), updated_at = $5 \
+                       security_policy = COALESCE($4, security_policy), \
+                       feature_flags = COALESCE($5, feature_flags), version = $6, updated_at = $7 \
                        WHERE project_id = $1";
             let values = vec![
                 id(project_id).into(),
                 name.into(),
                 routing_policy.into(),
                 security_policy.into(),
+                feature_flags.into(),
+                version.into(),
                 at.into(),
             ];
             execute(conn, sql, values).await
@@ -735,6 +744,7 @@ async fn apply_control(
                 key_hash: &key_hash[..],
                 prefix: &key.prefix,
                 roles: key.roles.join(","),
+                owner: &key.owner,
                 expires_at: key.expires_at,
                 issued_at: at,
             });

@@ -22,6 +22,7 @@ use loom_projector::archive::keys::ArchiveKeys;
 use loom_projector::archive::manifest::tenant_dir;
 use loom_projector::archive::{Archive, Manifest};
 use loom_schemas::keystore::KeyStore;
+use loom_schemas::roles::{Permission, Role};
 use object_store::path::Path;
 use parquet::encryption::decrypt::FileDecryptionProperties;
 use parquet::encryption::encrypt::FileEncryptionProperties;
@@ -43,11 +44,10 @@ pub enum Access {
 }
 
 impl Access {
-    /// What a key with `roles` reads: everything for the roles that call models (`inference`,
-    /// `developer`, `admin`, `owner`), the metadata columns only for the rest (`viewer`).
-    pub fn for_roles(roles: &[String]) -> Access {
-        let bodies = ["inference", "developer", "admin", "owner"];
-        match roles.iter().any(|role| bodies.contains(&role.as_str())) {
+    /// What a key with `role` reads: everything for the roles that may read bodies (developer
+    /// and up), the metadata columns only for the rest (viewer).
+    pub fn for_role(role: Role) -> Access {
+        match role.allows(Permission::ReadBodies) {
             true => Access::Full,
             false => Access::Metadata,
         }

@@ -7,13 +7,16 @@
 //! erased tenant, a duplicate) changes nothing anywhere; [`ControlState::apply`] says why.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use uuid::Uuid;
 
 use crate::crypto::hash_api_key;
 use crate::event::{Event, Payload, QuotaMetric, QuotaScope, QuotaWindow, TimestampMicros};
+use crate::project::{FeatureFlags, MAX_NAME_BYTES, RoutingPolicy};
+use crate::roles::Role;
 
-/// What a valid API key grants.
+/// An API key as issued, and its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKeyInfo {
     pub key_id: Uuid,
@@ -22,8 +25,24 @@ pub struct ApiKeyInfo {
     pub name: Option<String>,
     pub prefix: String,
     pub roles: Vec<String>,
+    /// The role the key was issued with; what it may do now is [`ControlState::key_role`] (the
+    /// same, or less if its owner's role is less). [`ControlState::authenticate`] gives keys with
+    /// the role they have now.
+    pub role: Role,
+    /// The user the key acts for, if any.
+    pub owner: Option<String>,
     pub expires_at: Option<TimestampMicros>,
     pub revoked: bool,
+}
+
+impl ApiKeyInfo {
+    /// Who acts through the key: its owner, or the key itself (`key:<id>`) for a key that acts
+    /// for no user. The keys a caller made are "their own".
+    pub fn principal(&self) -> String {
+        self.owner
+            .clone()
+            .unwrap_or_else(|| format!("key:{}", self.key_id))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +50,32 @@ pub struct TenantInfo {
     pub tenant_id: Uuid,
     pub name: String,
     pub erased: bool,
+}
+
+/// A project and its configuration at its current version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectInfo {
+    pub project_id: Uuid,
+    pub tenant_id: Uuid,
+    pub name: String,
+    /// Shared, so requests take it without copying.
+    pub routing: Arc<RoutingPolicy>,
+    pub flags: FeatureFlags,
+    /// The security policy document, as given (checked by the policy engine).
+    pub security_policy: Option<String>,
+    /// 1 when created, one more with every update.
+    pub version: i64,
+    pub created_at: TimestampMicros,
+    pub updated_at: TimestampMicros,
+}
+
+/// A role held by a user, in a whole tenant or in one project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub tenant_id: Uuid,
+    pub principal: String,
+    pub role: Role,
+    pub project_id: Option<Uuid>,
 }
 
 /// A change to the control plane that the rules accepted, with the time of its event.
@@ -51,6 +96,7 @@ pub enum ControlChange {
         name: String,
         routing_policy: Option<String>,
         security_policy: Option<String>,
+        feature_flags: Option<String>,
         at: TimestampMicros,
     },
     ProjectUpdated {
@@ -58,6 +104,8 @@ pub enum ControlChange {
         name: Option<String>,
         routing_policy: Option<String>,
         security_policy: Option<String>,
+        feature_flags: Option<String>,
+        version: i64,
         at: TimestampMicros,
     },
     KeyIssued {
@@ -122,7 +170,18 @@ pub enum Refused {
     DuplicateProject,
     #[error("no such project for this tenant")]
     UnknownProject,
+    #[error("not a role (viewer, developer, admin, owner)")]
+    UnknownRole,
+    #[error("a user id is 1 to 256 bytes")]
+    MalformedPrincipal,
+    #[error("the project is at another version")]
+    StaleVersion,
+    #[error("a project document does not parse or check")]
+    InvalidDocument,
 }
+
+/// A role held in a whole tenant (`None`) or in one project.
+type Held = (Option<Uuid>, Role);
 
 /// The state the control topic folds into. Pure: the same events give the same state.
 #[derive(Debug, Clone, Default)]
@@ -130,8 +189,9 @@ pub struct ControlState {
     tenants: HashMap<Uuid, TenantInfo>,
     keys: HashMap<Uuid, ApiKeyInfo>,
     key_by_hash: HashMap<[u8; 32], Uuid>,
-    /// Project → its tenant.
-    projects: HashMap<Uuid, Uuid>,
+    projects: HashMap<Uuid, ProjectInfo>,
+    /// Tenant → user → the roles they hold.
+    grants: HashMap<Uuid, HashMap<String, Vec<Held>>>,
     anchored: Option<u64>,
 }
 
@@ -172,24 +232,66 @@ impl ControlState {
                 if self.projects.contains_key(&created.project_id) {
                     return Err(Refused::DuplicateProject);
                 }
-                self.projects.insert(created.project_id, tenant_id);
+                let routing = document(created.routing_policy.as_deref(), RoutingPolicy::parse)?;
+                let flags = document(created.feature_flags.as_deref(), FeatureFlags::parse)?;
+                self.projects.insert(
+                    created.project_id,
+                    ProjectInfo {
+                        project_id: created.project_id,
+                        tenant_id,
+                        name: created.name.clone(),
+                        routing: Arc::new(routing.unwrap_or_default()),
+                        flags: flags.unwrap_or_default(),
+                        security_policy: created.security_policy.clone(),
+                        version: 1,
+                        created_at: at,
+                        updated_at: at,
+                    },
+                );
                 Ok(ControlChange::ProjectCreated {
                     project_id: created.project_id,
                     tenant_id,
                     name: created.name.clone(),
                     routing_policy: created.routing_policy.clone(),
                     security_policy: created.security_policy.clone(),
+                    feature_flags: created.feature_flags.clone(),
                     at,
                 })
             }
             Payload::ProjectUpdated(updated) => {
                 self.live_tenant(tenant_id)?;
                 self.own_project(tenant_id, Some(updated.project_id))?;
+                let routing = document(updated.routing_policy.as_deref(), RoutingPolicy::parse)?;
+                let flags = document(updated.feature_flags.as_deref(), FeatureFlags::parse)?;
+                let project = self
+                    .projects
+                    .get_mut(&updated.project_id)
+                    .ok_or(Refused::UnknownProject)?;
+                let version = project.version + 1;
+                if updated.version.is_some_and(|v| v != version) {
+                    return Err(Refused::StaleVersion);
+                }
+                if let Some(name) = &updated.name {
+                    project.name.clone_from(name);
+                }
+                if let Some(routing) = routing {
+                    project.routing = Arc::new(routing);
+                }
+                if let Some(flags) = flags {
+                    project.flags = flags;
+                }
+                if let Some(security) = &updated.security_policy {
+                    project.security_policy = Some(security.clone());
+                }
+                project.version = version;
+                project.updated_at = at;
                 Ok(ControlChange::ProjectUpdated {
                     project_id: updated.project_id,
                     name: updated.name.clone(),
                     routing_policy: updated.routing_policy.clone(),
                     security_policy: updated.security_policy.clone(),
+                    feature_flags: updated.feature_flags.clone(),
+                    version,
                     at,
                 })
             }
@@ -198,6 +300,10 @@ impl ControlState {
                     .map_err(|_| Refused::MalformedKey)?;
                 self.live_tenant(tenant_id)?;
                 self.own_project(tenant_id, issued.project_id)?;
+                let role = Role::highest(&issued.roles).ok_or(Refused::UnknownRole)?;
+                if let Some(owner) = &issued.owner {
+                    check_principal(owner)?;
+                }
                 if self.keys.contains_key(&issued.key_id)
                     || self.key_by_hash.contains_key(&key_hash)
                 {
@@ -210,6 +316,8 @@ impl ControlState {
                     name: issued.name.clone(),
                     prefix: issued.prefix.clone(),
                     roles: issued.roles.clone(),
+                    role,
+                    owner: issued.owner.clone(),
                     expires_at: issued.expires_at,
                     revoked: false,
                 };
@@ -252,10 +360,21 @@ impl ControlState {
             Payload::RoleGranted(granted) => {
                 self.live_tenant(tenant_id)?;
                 self.own_project(tenant_id, granted.project_id)?;
+                check_principal(&granted.principal)?;
+                let role = Role::parse(&granted.role).ok_or(Refused::UnknownRole)?;
+                let held = self
+                    .grants
+                    .entry(tenant_id)
+                    .or_default()
+                    .entry(granted.principal.clone())
+                    .or_default();
+                if !held.contains(&(granted.project_id, role)) {
+                    held.push((granted.project_id, role));
+                }
                 Ok(ControlChange::RoleGranted {
                     tenant_id,
                     principal: granted.principal.clone(),
-                    role: granted.role.clone(),
+                    role: role.name().to_owned(),
                     project_id: granted.project_id,
                     at,
                 })
@@ -263,10 +382,18 @@ impl ControlState {
             Payload::RoleRevoked(revoked) => {
                 self.live_tenant(tenant_id)?;
                 self.own_project(tenant_id, revoked.project_id)?;
+                let role = Role::parse(&revoked.role).ok_or(Refused::UnknownRole)?;
+                if let Some(held) = self
+                    .grants
+                    .get_mut(&tenant_id)
+                    .and_then(|users| users.get_mut(&revoked.principal))
+                {
+                    held.retain(|grant| *grant != (revoked.project_id, role));
+                }
                 Ok(ControlChange::RoleRevoked {
                     tenant_id,
                     principal: revoked.principal.clone(),
-                    role: revoked.role.clone(),
+                    role: role.name().to_owned(),
                     project_id: revoked.project_id,
                 })
             }
@@ -299,7 +426,7 @@ impl ControlState {
     /// A project named by an event must be the event's tenant's.
     fn own_project(&self, tenant_id: Uuid, project_id: Option<Uuid>) -> Result<(), Refused> {
         match project_id {
-            Some(project) if self.projects.get(&project) != Some(&tenant_id) => {
+            Some(project) if self.project_tenant(project) != Some(tenant_id) => {
                 Err(Refused::UnknownProject)
             }
             _ => Ok(()),
@@ -311,15 +438,72 @@ impl ControlState {
         self.anchored
     }
 
-    /// The key a client presented, if it is valid now: issued, not revoked, not expired, and its
-    /// tenant not erased.
-    pub fn authenticate(&self, secret: &str, now: TimestampMicros) -> Option<&ApiKeyInfo> {
+    /// The key a client presented, if it is valid now — issued, not revoked, not expired, its
+    /// tenant not erased, and its owner (if it has one) still holding a role — with the role it
+    /// has now.
+    pub fn authenticate(&self, secret: &str, now: TimestampMicros) -> Option<ApiKeyInfo> {
         let key = self
             .keys
             .get(self.key_by_hash.get(&hash_api_key(secret))?)?;
         let tenant_live = self.tenants.get(&key.tenant_id).is_some_and(|t| !t.erased);
         let valid = !key.revoked && key.expires_at.is_none_or(|at| at > now) && tenant_live;
-        valid.then_some(key)
+        let role = self.key_role(key).filter(|_| valid)?;
+        Some(ApiKeyInfo {
+            role,
+            ..key.clone()
+        })
+    }
+
+    /// What a key may do now: the role it was issued with, capped by its owner's role now (in
+    /// the key's project, or the tenant); `None` if its owner holds none any more. A key made by
+    /// a key that acts for no user acts for that key (`key:<id>`): it is capped by it and stops
+    /// when it is revoked.
+    pub fn key_role(&self, key: &ApiKeyInfo) -> Option<Role> {
+        self.key_role_within(key, 16)
+    }
+
+    fn key_role_within(&self, key: &ApiKeyInfo, depth: u8) -> Option<Role> {
+        let Some(owner) = &key.owner else {
+            return Some(key.role);
+        };
+        let held = match owner.strip_prefix("key:").map(Uuid::parse_str) {
+            Some(Ok(maker)) => {
+                let maker = self.keys.get(&maker)?;
+                let usable = !maker.revoked && maker.tenant_id == key.tenant_id && depth > 0;
+                usable.then(|| self.key_role_within(maker, depth - 1))??
+            }
+            _ => self.role_of(key.tenant_id, owner, key.project_id)?,
+        };
+        Some(held.min(key.role))
+    }
+
+    /// The highest role `principal` holds in a tenant, or in one of its projects (a role in the
+    /// whole tenant counts in each project).
+    pub fn role_of(&self, tenant_id: Uuid, principal: &str, project: Option<Uuid>) -> Option<Role> {
+        self.grants
+            .get(&tenant_id)?
+            .get(principal)?
+            .iter()
+            .filter(|(scope, _)| scope.is_none() || *scope == project)
+            .map(|(_, role)| *role)
+            .max()
+    }
+
+    /// Every role held in a tenant, by user.
+    pub fn grants(&self, tenant_id: Uuid) -> impl Iterator<Item = Grant> + '_ {
+        self.grants
+            .get(&tenant_id)
+            .into_iter()
+            .flat_map(move |users| {
+                users.iter().flat_map(move |(principal, held)| {
+                    held.iter().map(move |(project_id, role)| Grant {
+                        tenant_id,
+                        principal: principal.clone(),
+                        role: *role,
+                        project_id: *project_id,
+                    })
+                })
+            })
     }
 
     pub fn tenant(&self, tenant_id: Uuid) -> Option<&TenantInfo> {
@@ -328,7 +512,15 @@ impl ControlState {
 
     /// The tenant a project belongs to.
     pub fn project_tenant(&self, project_id: Uuid) -> Option<Uuid> {
-        self.projects.get(&project_id).copied()
+        self.projects.get(&project_id).map(|p| p.tenant_id)
+    }
+
+    pub fn project(&self, project_id: Uuid) -> Option<&ProjectInfo> {
+        self.projects.get(&project_id)
+    }
+
+    pub fn projects(&self) -> impl Iterator<Item = &ProjectInfo> {
+        self.projects.values()
     }
 
     pub fn key(&self, key_id: Uuid) -> Option<&ApiKeyInfo> {
@@ -344,12 +536,30 @@ impl ControlState {
     }
 }
 
+/// A project document: absent, or one that parses and checks.
+fn document<T>(
+    json: Option<&str>,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, Refused> {
+    json.map(parse)
+        .transpose()
+        .map_err(|_| Refused::InvalidDocument)
+}
+
+/// A user id: 1 to 256 bytes.
+fn check_principal(principal: &str) -> Result<(), Refused> {
+    match principal.is_empty() || principal.len() > MAX_NAME_BYTES {
+        true => Err(Refused::MalformedPrincipal),
+        false => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::crypto::NewApiKey;
     use crate::event::{
-        ApiKeyIssued, ApiKeyRevoked, Envelope, ProjectCreated, TenantCreated, TenantErased,
-        now_micros,
+        ApiKeyIssued, ApiKeyRevoked, Envelope, ProjectCreated, ProjectUpdated, RoleGranted,
+        RoleRevoked, TenantCreated, TenantErased, now_micros,
     };
 
     use super::*;
@@ -370,6 +580,7 @@ mod tests {
             prefix: key.prefix.clone(),
             roles: vec!["inference".into()],
             expires_at,
+            owner: None,
         }
     }
 
@@ -450,6 +661,7 @@ mod tests {
                     name: "p".into(),
                     routing_policy: None,
                     security_policy: None,
+                    feature_flags: None,
                 },
             ))
             .unwrap();
@@ -487,5 +699,124 @@ mod tests {
             state.apply(&event(acme, TenantErased { reason: None })),
             Err(Refused::ErasedTenant)
         );
+    }
+
+    #[test]
+    fn a_key_acting_for_a_user_has_at_most_the_users_role_and_stops_with_it() {
+        let acme = Uuid::now_v7();
+        let (support, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut state = ControlState::default();
+        let now = now_micros();
+        state.apply(&event(acme, created("acme"))).unwrap();
+        for project_id in [support, other] {
+            let project = ProjectCreated {
+                project_id,
+                name: "p".into(),
+                routing_policy: None,
+                security_policy: None,
+                feature_flags: None,
+            };
+            state.apply(&event(acme, project)).unwrap();
+        }
+        let grant = |role: &str, project_id| RoleGranted {
+            principal: "ada@example.com".into(),
+            role: role.into(),
+            project_id,
+        };
+        state.apply(&event(acme, grant("viewer", None))).unwrap();
+        state
+            .apply(&event(acme, grant("developer", Some(support))))
+            .unwrap();
+        let secret = NewApiKey::generate().unwrap();
+        let admin_key = ApiKeyIssued {
+            project_id: Some(support),
+            roles: vec!["admin".into()],
+            owner: Some("ada@example.com".into()),
+            ..issued(&secret, None)
+        };
+        state.apply(&event(acme, admin_key)).unwrap();
+        // Issued as admin, but Ada is a developer in `support` (and a viewer elsewhere).
+        let role = |state: &ControlState| state.authenticate(&secret.secret, now).map(|k| k.role);
+        assert_eq!(role(&state), Some(Role::Developer));
+        assert_eq!(
+            state.role_of(acme, "ada@example.com", Some(other)),
+            Some(Role::Viewer)
+        );
+        let revoke = |role: &str, project_id| RoleRevoked {
+            principal: "ada@example.com".into(),
+            role: role.into(),
+            project_id,
+        };
+        state
+            .apply(&event(acme, revoke("developer", Some(support))))
+            .unwrap();
+        assert_eq!(role(&state), Some(Role::Viewer));
+        state.apply(&event(acme, revoke("viewer", None))).unwrap();
+        assert_eq!(
+            role(&state),
+            None,
+            "a key whose owner holds no role is refused"
+        );
+
+        // Roles that do not exist and user ids that are too long change nothing.
+        assert_eq!(
+            state.apply(&event(acme, grant("root", None))),
+            Err(Refused::UnknownRole)
+        );
+        let long = RoleGranted {
+            principal: "a".repeat(257),
+            ..grant("viewer", None)
+        };
+        assert_eq!(
+            state.apply(&event(acme, long)),
+            Err(Refused::MalformedPrincipal)
+        );
+        assert_eq!(state.grants(acme).count(), 0);
+    }
+
+    #[test]
+    fn projects_are_versioned_and_their_documents_checked() {
+        let acme = Uuid::now_v7();
+        let project_id = Uuid::now_v7();
+        let mut state = ControlState::default();
+        state.apply(&event(acme, created("acme"))).unwrap();
+        let bad = ProjectCreated {
+            project_id,
+            name: "p".into(),
+            routing_policy: Some(r#"{"max_tier":"L7"}"#.into()),
+            security_policy: None,
+            feature_flags: None,
+        };
+        assert_eq!(
+            state.apply(&event(acme, bad.clone())),
+            Err(Refused::InvalidDocument)
+        );
+        let good = ProjectCreated {
+            routing_policy: Some(r#"{"max_tier":"L2"}"#.into()),
+            ..bad
+        };
+        state.apply(&event(acme, good)).unwrap();
+        let update = |version, flags: &str| ProjectUpdated {
+            project_id,
+            name: None,
+            routing_policy: None,
+            security_policy: None,
+            feature_flags: Some(flags.into()),
+            version,
+        };
+        // Two admins update version 1 at once: the second update is for a version gone by.
+        state
+            .apply(&event(acme, update(Some(2), r#"{"cache":{}}"#)))
+            .unwrap();
+        assert_eq!(
+            state.apply(&event(acme, update(Some(2), "{}"))),
+            Err(Refused::StaleVersion)
+        );
+        // Written before versions (v1): the next one.
+        state.apply(&event(acme, update(None, "{}"))).unwrap();
+        let project = state.project(project_id).unwrap();
+        assert_eq!(project.version, 3);
+        assert_eq!(project.flags.cache, None);
+        assert_eq!(project.routing.max_tier, Some(crate::project::Tier::L2));
     }
 }

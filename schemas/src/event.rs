@@ -202,6 +202,10 @@ pub struct RoutingDecided {
     pub candidates: Vec<RouteCandidate>,
     pub chosen: Option<String>,
     pub reason: String,
+    /// The routed alias's tier (v2).
+    pub tier: Option<String>,
+    /// Aliases of higher tiers tried after it (v2).
+    pub escalation: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,16 +349,24 @@ pub struct TenantCreated {
 pub struct ProjectCreated {
     pub project_id: Uuid,
     pub name: String,
+    /// JSON documents (docs/projects.md).
     pub routing_policy: Option<String>,
     pub security_policy: Option<String>,
+    /// (v2)
+    pub feature_flags: Option<String>,
 }
 
+/// A project changed; `None` fields are unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProjectUpdated {
     pub project_id: Uuid,
     pub name: Option<String>,
     pub routing_policy: Option<String>,
     pub security_policy: Option<String>,
+    /// (v2)
+    pub feature_flags: Option<String>,
+    /// The version this update makes (v2; `None` before: the next one).
+    pub version: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -367,6 +379,8 @@ pub struct ApiKeyIssued {
     pub prefix: String,
     pub roles: Vec<String>,
     pub expires_at: Option<TimestampMicros>,
+    /// The user the key acts for (v2).
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,8 @@
 //! - [`event`]: the event types (mirroring `schemas/avro/*.avsc`).
 //! - [`codec`]: Avro single-object encoding with a registry of every schema version.
 //! - [`control`]: the control plane's rules, one fold the gateway and the projector share.
+//! - [`project`]: what a project configures (routing policy, feature flags), parsed and checked.
+//! - [`roles`]: the roles and the permission matrix every endpoint is checked against.
 //! - [`crypto`]: sealed fields (AES-256-GCM), keyed body digests, API-key hashing.
 //! - [`keystore`]: tenant data keys wrapped by a master key (file or Postgres).
 //! - [`log`]: the log and its two transports: the embedded segment files (hash chain,
@@ -22,6 +24,8 @@ pub mod crypto;
 pub mod event;
 pub mod keystore;
 pub mod log;
+pub mod project;
+pub mod roles;
 #[cfg(any(test, feature = "testing"))]
 pub mod samples;
 #[cfg(any(test, feature = "testing"))]

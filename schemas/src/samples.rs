@@ -137,6 +137,8 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
                 ],
                 chosen: Some("openai-primary".into()),
                 reason: "weighted".into(),
+                tier: Some("L1".into()),
+                escalation: vec!["smart".into()],
             }
             .into(),
         ),
@@ -212,8 +214,9 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
             ProjectCreated {
                 project_id: Uuid::now_v7(),
                 name: "support-bot".into(),
-                routing_policy: Some("[aliases]\nfast = [\"openai-primary\"]\n".into()),
+                routing_policy: Some(r#"{"default_tier":"L1","max_tier":"L2"}"#.into()),
                 security_policy: None,
+                feature_flags: Some(r#"{"cache":{"ttl_seconds":600}}"#.into()),
             }
             .into(),
         ),
@@ -222,7 +225,9 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
                 project_id: Uuid::now_v7(),
                 name: None,
                 routing_policy: None,
-                security_policy: Some("block_secrets = true".into()),
+                security_policy: Some(r#"{"rules":{"aws_access_key":"block"}}"#.into()),
+                feature_flags: None,
+                version: Some(2),
             }
             .into(),
         ),
@@ -233,8 +238,9 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
                 name: Some("ci".into()),
                 key_hash: crypto::hash_api_key("loom-example").to_vec(),
                 prefix: crypto::display_prefix("loom-example"),
-                roles: vec!["inference".into()],
+                roles: vec!["developer".into()],
                 expires_at: Some(now_micros() + 86_400_000_000),
+                owner: Some("ada@example.com".into()),
             }
             .into(),
         ),
@@ -356,6 +362,7 @@ pub fn history(
                 name: "assistant".into(),
                 routing_policy: None,
                 security_policy: None,
+                feature_flags: None,
             }
             .into(),
         ));
@@ -374,6 +381,7 @@ pub fn history(
                     prefix: crypto::display_prefix(&secret),
                     roles: vec!["inference".into()],
                     expires_at: None,
+                    owner: None,
                 }
                 .into(),
             ));
@@ -495,6 +503,8 @@ pub fn history(
                 candidates: Vec::new(),
                 chosen: Some(format!("{provider}-primary")),
                 reason: "weighted".into(),
+                tier: Some(["L1", "L2", "L3"][alias.len() % 3].into()),
+                escalation: Vec::new(),
             }
             .into(),
         ));
@@ -689,6 +699,7 @@ pub fn control_history(tenants: usize, steps: usize, seed: u64) -> Vec<Event> {
                     name: format!("p{step}"),
                     routing_policy: None,
                     security_policy: None,
+                    feature_flags: None,
                 }
                 .into()
             }
@@ -709,6 +720,7 @@ pub fn control_history(tenants: usize, steps: usize, seed: u64) -> Vec<Event> {
                     prefix: crypto::display_prefix(&secret),
                     roles: vec!["inference".into()],
                     expires_at: None,
+                    owner: None,
                 };
                 keys.push((issued.key_id, tenant, issued.clone()));
                 issued.into()

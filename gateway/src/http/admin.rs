@@ -1,48 +1,63 @@
-//! The admin API (`/admin/*`), guarded by the admin token (`Authorization: Bearer <token>`).
+//! The admin API (`/admin/*`): the operator with the admin token (`Authorization: Bearer
+//! <token>`), or a tenant's API key acting in its own tenant as far as its role allows
+//! (docs/roles.md).
 
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{Extension, FromRequest, Path, Query, Request, State};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use super::AppState;
-use crate::admin::{AdminError, KeyRequest, KeyView, TenantView};
+use crate::admin::{
+    Actor, AdminError, GrantRequest, KeyRequest, KeyView, MemberView, ProjectPatch, ProjectRequest,
+    ProjectView, TenantView,
+};
+use crate::auth::presented_key;
 use crate::error::GatewayError;
 
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/tenants", post(create_tenant).get(list_tenants))
+        .route("/tenants/{tenant_id}/erase", post(erase_tenant))
+        .route("/projects", post(create_project).get(list_projects))
+        .route(
+            "/projects/{project_id}",
+            get(get_project).patch(update_project),
+        )
         .route("/keys", post(create_key).get(list_keys))
         .route("/keys/{key_id}/revoke", post(revoke_key))
-        .route("/tenants/{tenant_id}/erase", post(erase_tenant))
+        .route("/members", get(list_members))
+        .route("/roles/grant", post(grant_role))
+        .route("/roles/revoke", post(revoke_role))
         .route("/kms/unwrap", post(unwrap_key))
-        .route_layer(middleware::from_fn_with_state(state, require_admin_token))
+        .route_layer(middleware::from_fn_with_state(state, actor))
 }
 
-async fn require_admin_token(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Some(expected) = &state.admin_token else {
-        return GatewayError::AdminDisabled.into_response();
-    };
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+/// Who is calling: the operator (the admin token) or a tenant's valid API key.
+async fn actor(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let presented = presented_key(request.headers());
     // Compared as hashes, so the comparison's timing says nothing about the token.
-    if presented.map(loom_schemas::crypto::hash_api_key).as_ref() != Some(&**expected) {
-        return GatewayError::InvalidAdminToken.into_response();
-    }
+    let operator = presented.map(loom_schemas::crypto::hash_api_key);
+    let actor = match (&state.admin_token, presented) {
+        (Some(expected), _) if operator.as_ref() == Some(&**expected) => Actor::Operator,
+        (_, Some(secret)) => match state.services.control.authenticate(secret) {
+            Some(key) => Actor::Key(key),
+            None if state.admin_token.is_none() => {
+                return GatewayError::AdminDisabled.into_response();
+            }
+            None => return GatewayError::InvalidAdminToken.into_response(),
+        },
+        (None, None) => return GatewayError::AdminDisabled.into_response(),
+        (Some(_), None) => return GatewayError::InvalidAdminToken.into_response(),
+    };
+    request.extensions_mut().insert(actor);
     next.run(request).await
 }
 
@@ -50,9 +65,13 @@ impl From<AdminError> for GatewayError {
     fn from(error: AdminError) -> Self {
         match &error {
             AdminError::Invalid(message) => GatewayError::InvalidRequest(message.clone()),
+            AdminError::PermissionDenied(_) | AdminError::Forbidden(_) => {
+                GatewayError::PermissionDenied(error.to_string())
+            }
+            AdminError::Conflict(message) => GatewayError::Conflict(message.clone()),
             AdminError::UnknownTenant(_)
             | AdminError::UnknownKey(_)
-            | AdminError::UnknownProject { .. } => GatewayError::NotFound(error.to_string()),
+            | AdminError::UnknownProject(_) => GatewayError::NotFound(error.to_string()),
             AdminError::TenantErased(_) => GatewayError::TenantErased(error.to_string()),
             AdminError::Log(_)
             | AdminError::KeyStore(_)
@@ -124,64 +143,147 @@ struct TenantRequest {
 
 async fn create_tenant(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     JsonBody(request): JsonBody<TenantRequest>,
 ) -> Result<Response, GatewayError> {
-    let created = state.services.create_tenant(&request.name).await?;
+    let created = state.services.create_tenant(&actor, &request.name).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-async fn list_tenants(State(state): State<AppState>) -> Json<Vec<TenantView>> {
-    Json(state.services.list_tenants())
-}
-
-async fn create_key(
+async fn list_tenants(
     State(state): State<AppState>,
-    JsonBody(request): JsonBody<KeyRequest>,
-) -> Result<Response, GatewayError> {
-    let created = state.services.create_key(&request).await?;
-    Ok((StatusCode::CREATED, Json(created)).into_response())
-}
-
-#[derive(Deserialize)]
-struct KeyFilter {
-    tenant_id: Option<Uuid>,
-}
-
-async fn list_keys(
-    State(state): State<AppState>,
-    filter: Result<Query<KeyFilter>, QueryRejection>,
-) -> Result<Json<Vec<KeyView>>, GatewayError> {
-    let Query(filter) = filter.map_err(invalid)?;
-    Ok(Json(state.services.list_keys(filter.tenant_id)))
+    Extension(actor): Extension<Actor>,
+) -> Json<Vec<TenantView>> {
+    Json(state.services.list_tenants(&actor))
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RevokeRequest {
+struct Reason {
     #[serde(default)]
     reason: Option<String>,
 }
 
-async fn revoke_key(
-    State(state): State<AppState>,
-    key_id: Result<Path<Uuid>, PathRejection>,
-    OrEmpty(request): OrEmpty<RevokeRequest>,
-) -> Result<StatusCode, GatewayError> {
-    let Path(key_id) = key_id.map_err(invalid)?;
-    state.services.revoke_key(key_id, request.reason).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
 async fn erase_tenant(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     tenant_id: Result<Path<Uuid>, PathRejection>,
-    OrEmpty(request): OrEmpty<RevokeRequest>,
+    OrEmpty(request): OrEmpty<Reason>,
 ) -> Result<StatusCode, GatewayError> {
     let Path(tenant_id) = tenant_id.map_err(invalid)?;
     state
         .services
-        .erase_tenant(tenant_id, request.reason)
+        .erase_tenant(&actor, tenant_id, request.reason)
         .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `?tenant_id=` on listings: the operator's choice of tenant (a key's is its own).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantFilter {
+    tenant_id: Option<Uuid>,
+}
+
+async fn create_project(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    JsonBody(request): JsonBody<ProjectRequest>,
+) -> Result<Response, GatewayError> {
+    let created = state.services.create_project(&actor, &request).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn list_projects(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    filter: Result<Query<TenantFilter>, QueryRejection>,
+) -> Result<Json<Vec<ProjectView>>, GatewayError> {
+    let Query(filter) = filter.map_err(invalid)?;
+    Ok(Json(
+        state.services.list_projects(&actor, filter.tenant_id)?,
+    ))
+}
+
+async fn get_project(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    project_id: Result<Path<Uuid>, PathRejection>,
+) -> Result<Json<ProjectView>, GatewayError> {
+    let Path(project_id) = project_id.map_err(invalid)?;
+    Ok(Json(state.services.get_project(&actor, project_id)?))
+}
+
+async fn update_project(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    project_id: Result<Path<Uuid>, PathRejection>,
+    JsonBody(patch): JsonBody<ProjectPatch>,
+) -> Result<Json<ProjectView>, GatewayError> {
+    let Path(project_id) = project_id.map_err(invalid)?;
+    let updated = state
+        .services
+        .update_project(&actor, project_id, &patch)
+        .await?;
+    Ok(Json(updated))
+}
+
+async fn create_key(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    JsonBody(request): JsonBody<KeyRequest>,
+) -> Result<Response, GatewayError> {
+    let created = state.services.create_key(&actor, &request).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn list_keys(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    filter: Result<Query<TenantFilter>, QueryRejection>,
+) -> Result<Json<Vec<KeyView>>, GatewayError> {
+    let Query(filter) = filter.map_err(invalid)?;
+    Ok(Json(state.services.list_keys(&actor, filter.tenant_id)?))
+}
+
+async fn revoke_key(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    key_id: Result<Path<Uuid>, PathRejection>,
+    OrEmpty(request): OrEmpty<Reason>,
+) -> Result<StatusCode, GatewayError> {
+    let Path(key_id) = key_id.map_err(invalid)?;
+    state
+        .services
+        .revoke_key(&actor, key_id, request.reason)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_members(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    filter: Result<Query<TenantFilter>, QueryRejection>,
+) -> Result<Json<Vec<MemberView>>, GatewayError> {
+    let Query(filter) = filter.map_err(invalid)?;
+    Ok(Json(state.services.list_members(&actor, filter.tenant_id)?))
+}
+
+async fn grant_role(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    JsonBody(request): JsonBody<GrantRequest>,
+) -> Result<StatusCode, GatewayError> {
+    state.services.grant_role(&actor, &request).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn revoke_role(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    JsonBody(request): JsonBody<GrantRequest>,
+) -> Result<StatusCode, GatewayError> {
+    state.services.revoke_role(&actor, &request).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -200,10 +302,12 @@ struct UnwrapResponse {
 /// The archive's key service, for Parquet readers' KMS clients (see docs/archive.md).
 async fn unwrap_key(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     JsonBody(request): JsonBody<UnwrapRequest>,
 ) -> Result<Json<UnwrapResponse>, GatewayError> {
-    let key = state
-        .services
-        .unwrap_archive_key(&request.master_key_id, &request.wrapped_key)?;
+    let key =
+        state
+            .services
+            .unwrap_archive_key(&actor, &request.master_key_id, &request.wrapped_key)?;
     Ok(Json(UnwrapResponse { key }))
 }

@@ -10,17 +10,20 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
 use loom_schemas::event::{CallStatus, RequestReceived};
+use loom_schemas::project::RoutingPolicy;
+use loom_schemas::roles::Permission;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::body::ClientBody;
+use crate::control::ApiKeyInfo;
 use crate::error::GatewayError;
 use crate::flow::{Dialect, Flow, set_headers};
 use crate::http::AppState;
 use crate::providers::Operation;
 use crate::record::{CallRecord, Outcome, Usage, call_event};
-use crate::routing::route;
+use crate::routing::{allows, plan, route};
 use crate::stream::ChatStream;
 use crate::tokens;
 use crate::upstream::{Answer, AttemptError, Outgoing, call_upstream};
@@ -186,18 +189,21 @@ pub async fn embeddings(
     }
 }
 
-/// `GET /v1/models`: the aliases this gateway serves (to any valid key).
+/// `GET /v1/models`: the aliases this gateway serves that the key's project may call (to any
+/// valid key).
 pub async fn models(State(state): State<AppState>, caller: Caller) -> Response {
     let started = Instant::now();
     let mut response = match caller.key {
         None => GatewayError::InvalidApiKey.into_response(),
-        Some(_) => {
+        Some(key) => {
+            let policy = routing_policy(&state, &key);
             let data: Vec<Value> = state
                 .gateway
                 .config
                 .models
-                .keys()
-                .map(|alias| json!({"id": alias, "object": "model", "created": 0, "owned_by": "loom"}))
+                .values()
+                .filter(|model| allows(policy.as_deref(), model))
+                .map(|model| json!({"id": model.alias, "object": "model", "created": 0, "owned_by": "loom"}))
                 .collect();
             Json(json!({"object": "list", "data": data})).into_response()
         }
@@ -205,6 +211,12 @@ pub async fn models(State(state): State<AppState>, caller: Caller) -> Response {
     // A listing is not a traced request (no events), but it carries the same headers.
     set_headers(&mut response, &caller.trace_id, started.elapsed());
     response
+}
+
+/// The routing policy of the project a key is bound to, if it is bound to one.
+fn routing_policy(state: &AppState, key: &ApiKeyInfo) -> Option<Arc<RoutingPolicy>> {
+    let project = key.project_id?;
+    (state.services.control).read(|s| s.project(project).map(|p| Arc::clone(&p.routing)))
 }
 
 /// Starts a request: reads and parses its body (a `GET` or `DELETE` has none) and queues
@@ -218,6 +230,10 @@ async fn begin(
     dialect: Dialect,
 ) -> Result<(Flow, ClientBody), Response> {
     let gateway = Arc::clone(&state.gateway);
+    let policy = caller
+        .key
+        .as_ref()
+        .and_then(|key| routing_policy(state, key));
     let flow = Flow {
         dialect,
         gateway: Arc::clone(&gateway),
@@ -226,6 +242,7 @@ async fn begin(
         trace_id: caller.trace_id,
         tenant_id: caller.key.as_ref().map_or(Uuid::nil(), |k| k.tenant_id),
         key: caller.key,
+        policy,
         forwarded: gateway
             .config
             .forward_headers
@@ -269,8 +286,12 @@ async fn begin(
     if gateway.emitter.admit(received).await.is_err() {
         return Err(flow.error_response(&GatewayError::EventQueueFull));
     }
-    if flow.key.is_none() {
+    let Some(role) = flow.key.as_ref().map(|k| k.role) else {
         return Err(flow.fail(GatewayError::InvalidApiKey).await);
+    };
+    if !role.allows(Permission::Inference) {
+        let error = GatewayError::PermissionDenied(Permission::Inference.describe().into());
+        return Err(flow.fail(error).await);
     }
     if read.is_err() {
         return Err(flow.fail(GatewayError::BodyTooLarge { limit }).await);
@@ -312,11 +333,11 @@ async fn admit_to_route(
         let error = GatewayError::InvalidRequest(format!("`{field}` is required"));
         return Err(flow.fail(error).await);
     }
-    let Some((order, decided)) = route(flow, alias, pinned) else {
-        return Err(flow
-            .fail(GatewayError::ModelNotFound(alias.to_owned()))
-            .await);
+    let plan = match plan(flow, alias) {
+        Ok(plan) => plan,
+        Err(error) => return Err(flow.fail(error).await),
     };
+    let (order, decided) = route(flow, &plan, pinned);
     flow.gateway.emitter.emit(decided).await;
     Ok(order)
 }

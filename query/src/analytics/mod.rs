@@ -116,10 +116,12 @@ pub enum Dimension {
     ErrorClass,
     Status,
     Tenant,
+    /// The tier (L0–L3) of the alias a request was routed to.
+    Tier,
 }
 
 impl Dimension {
-    pub const NAMES: [&str; 9] = [
+    pub const NAMES: [&str; 10] = [
         "model",
         "provider",
         "deployment",
@@ -129,6 +131,7 @@ impl Dimension {
         "error_class",
         "status",
         "tenant",
+        "tier",
     ];
 
     pub fn parse(name: &str) -> Option<Dimension> {
@@ -142,6 +145,7 @@ impl Dimension {
             "error_class" => Dimension::ErrorClass,
             "status" => Dimension::Status,
             "tenant" => Dimension::Tenant,
+            "tier" => Dimension::Tier,
             _ => return None,
         })
     }
@@ -157,6 +161,7 @@ impl Dimension {
             Dimension::ErrorClass => "t.error_class",
             Dimension::Status => "t.status",
             Dimension::Tenant => "t.tenant_id",
+            Dimension::Tier => "t.tier",
         }
     }
 }

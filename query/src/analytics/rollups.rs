@@ -81,6 +81,7 @@ impl Dimension {
             Dimension::Key => "key",
             Dimension::ErrorClass => "error_class",
             Dimension::Status => "status",
+            Dimension::Tier => "tier",
             Dimension::Tenant => return None,
         })
     }

@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::{Principal, QueryState, error};
 use crate::analytics::{
     Alert, Analytics, AnalyticsError, Compared, Dimension, ErrorReport, Filters, Question,
-    RequestRow, TopBy, Unit, Window, compare, parse_metrics, rfc3339, rfc3339_in, select,
+    RequestRow, Stats, TopBy, Unit, Window, compare, parse_metrics, rfc3339, rfc3339_in, select,
 };
 use crate::archive::Scope;
 
@@ -70,7 +70,7 @@ pub(super) struct SeriesParams {
 #[allow(dead_code)]
 pub(super) struct BreakdownParams {
     /// `model`, `provider`, `deployment`, `project`, `user`, `key`, `error_class`, `status`,
-    /// `tenant`, or `day` (days in `tz`).
+    /// `tier`, `tenant`, or `day` (days in `tz`).
     by: Option<String>,
     /// Comma-separated metric names (default: all).
     metric: Option<String>,
@@ -664,12 +664,14 @@ pub(super) struct Legacy {
     #[schema(value_type = Object)]
     totals: Map<String, Value>,
     by_model: Vec<LegacyGroup>,
+    /// By the tier (L0–L3) of the alias requests were routed to; `null` for aliases without one.
+    by_tier: Vec<LegacyGroup>,
     by_period: Vec<LegacyGroup>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub(super) struct LegacyGroup {
-    /// The model, or the period's start (a date in `tz`).
+    /// The model, the tier, or the period's start (a date in `tz`).
     key: Option<String>,
     #[serde(flatten)]
     #[schema(value_type = Object)]
@@ -739,19 +741,26 @@ pub(super) async fn legacy(
             let models = analytics
                 .breakdown(&question, Dimension::Model, &all, 1000)
                 .await?;
+            let tiers = analytics
+                .breakdown(&question, Dimension::Tier, &all, 1000)
+                .await?;
             let periods = analytics.series(&question, group_by, tz, &all).await?;
+            let groups = |groups: &[(Option<String>, Stats)]| -> Vec<LegacyGroup> {
+                groups
+                    .iter()
+                    .map(|(key, stats)| LegacyGroup {
+                        key: key.clone(),
+                        values: camel_case(select(&stats.metrics(), &all)),
+                    })
+                    .collect()
+            };
             Ok(Legacy {
                 start_date: rfc3339(window.from_us),
                 end_date: rfc3339(window.to_us),
                 group_by,
                 totals: camel_case(select(&totals.metrics(), &all)),
-                by_model: models
-                    .iter()
-                    .map(|(model, stats)| LegacyGroup {
-                        key: model.clone(),
-                        values: camel_case(select(&stats.metrics(), &all)),
-                    })
-                    .collect(),
+                by_model: groups(&models),
+                by_tier: groups(&tiers),
                 by_period: periods
                     .iter()
                     .map(|(start, stats)| LegacyGroup {
