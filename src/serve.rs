@@ -208,12 +208,14 @@ impl Authenticate for Callers {
             return Some(Principal {
                 scope: Scope::AllTenants,
                 access: Access::Full,
+                project: None,
             });
         }
         let key = self.control.authenticate(secret)?;
         Some(Principal {
             scope: Scope::Tenant(key.tenant_id),
             access: Access::for_role(key.role),
+            project: key.project_id,
         })
     }
 }

@@ -443,6 +443,49 @@ async fn every_endpoint_refuses_what_the_role_may_not_do_and_hides_other_tenants
         .await;
     assert_eq!(status, 401);
 
+    // A key bound to a project reads that project only: the tenant's trace (made outside the
+    // project) is not found, its analytics count none of the tenant's requests, and SQL and
+    // exports, which read the whole tenant's archive, are refused.
+    let bound = client
+        .operator(
+            Method::POST,
+            "/admin/keys",
+            json!({"tenant_id": a, "project_id": project, "role": "developer"}),
+        )
+        .await;
+    let bound = bound["key"].as_str().unwrap();
+    let (status, _) = client
+        .call(bound, Method::GET, &format!("/v1/traces/{a_trace}"), None)
+        .await;
+    assert_eq!(status, 404);
+    let (_, summary) = client
+        .call(bound, Method::GET, "/v1/analytics/summary?window=1h", None)
+        .await;
+    assert_eq!(summary["metrics"]["requests"]["value"], 0, "{summary}");
+    let (_, listed) = client.call(bound, Method::GET, "/v1/traces", None).await;
+    assert_eq!(
+        listed["traces"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
+    for (method, path, body) in [
+        (Method::POST, "/v1/sql", json!({"query": "SELECT 1"})),
+        (Method::POST, "/v1/exports", json!({})),
+    ] {
+        let (status, answer) = client.call(bound, method, path, Some(body)).await;
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert_eq!(answer["error"]["code"], "permission_denied");
+    }
+    let (status, answer) = client
+        .call(
+            bound,
+            Method::POST,
+            "/admin/keys",
+            Some(json!({"project_id": b_project})),
+        )
+        .await;
+    assert_eq!(status, 404, "{answer}");
+
     // A project's versions: an update against a version gone by is a 409.
     let (status, now) = client
         .call(

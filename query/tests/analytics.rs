@@ -794,7 +794,7 @@ async fn alerts_report_spikes_failing_upstreams_quotas_and_policy_blocks() {
     let folded = fold(&events, false).await;
     let alerts = folded
         .analytics
-        .alerts(Scope::Tenant(tenant), now)
+        .alerts(Scope::Tenant(tenant), &Default::default(), now)
         .await
         .unwrap();
 

@@ -52,7 +52,12 @@ pub mod thresholds {
 impl Analytics {
     /// What needs a look at `now_us`: error-rate spikes, failing upstreams, quotas near their
     /// limit and policy blocks (thresholds in [`thresholds`]).
-    pub async fn alerts(&self, scope: Scope, now_us: i64) -> Result<Vec<Alert>, AnalyticsError> {
+    pub async fn alerts(
+        &self,
+        scope: Scope,
+        filters: &Filters,
+        now_us: i64,
+    ) -> Result<Vec<Alert>, AnalyticsError> {
         use thresholds::*;
         let store = self.reads.store().await?;
         let recent = Window {
@@ -68,7 +73,7 @@ impl Analytics {
                 from_us: recent.from_us - BASELINE_US,
                 to_us: now_us,
             },
-            filters: Filters::default(),
+            filters: filters.clone(),
         };
         let mut sql = Sql::new();
         let filter = sql.filter(scope, question.window, &question.filters);
@@ -156,7 +161,7 @@ impl Analytics {
             to_us: now_us,
         };
         let mut sql = Sql::new();
-        let filter = sql.filter(scope, day, &Filters::default());
+        let filter = sql.filter(scope, day, filters);
         sql.text = format!(
             "SELECT t.tenant_id, COUNT(*) FROM traces t \
              WHERE {filter} AND t.policy_action = 'block' GROUP BY 1"

@@ -154,6 +154,13 @@ impl Params {
         Ok(Params(params))
     }
 
+    /// Narrows every question to `project` (a key bound to it), whatever the caller asked.
+    fn pin_project(&mut self, project: uuid::Uuid) {
+        for name in ["project", "projectId"] {
+            self.0.insert(name.to_owned(), project.to_string());
+        }
+    }
+
     pub(super) fn get(&self, name: &str) -> Option<&str> {
         self.0
             .get(name)
@@ -267,10 +274,13 @@ where
             "missing or invalid API key",
         );
     };
-    let params = match Params::parse(&uri, &documented) {
+    let mut params = match Params::parse(&uri, &documented) {
         Ok(params) => params,
         Err(e) => return failed(e),
     };
+    if let Some(project) = principal.project {
+        params.pin_project(project);
+    }
     match answer(state, principal, params).await {
         Ok(body) => Json(body).into_response(),
         Err(e) => failed(e),
@@ -838,9 +848,13 @@ pub(super) async fn alerts(
         |state, principal, _| async move {
             let (analytics, scope) = (state.analytics()?, principal.scope);
             let now = now_us();
+            let filters = Filters {
+                project: principal.project.map(|p| p.to_string()),
+                ..Filters::default()
+            };
             Ok(Alerts {
                 at: rfc3339(now),
-                alerts: analytics.alerts(scope, now).await?,
+                alerts: analytics.alerts(scope, &filters, now).await?,
             })
         },
     )

@@ -48,6 +48,13 @@ fn admit(state: &QueryState, headers: &HeaderMap) -> Result<(Principal, Arc<Jobs
         "invalid_api_key",
         "missing or invalid API key",
     ))?;
+    if principal.project.is_some() {
+        return Err(Refusal(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            super::PROJECT_BOUND,
+        ));
+    }
     let exports = state.services.exports.clone().ok_or(Refusal(
         StatusCode::SERVICE_UNAVAILABLE,
         "exports_unavailable",

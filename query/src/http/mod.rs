@@ -35,7 +35,15 @@ use crate::traces::Traces;
 pub struct Principal {
     pub scope: Scope,
     pub access: Access,
+    /// The project a tenant's key is bound to: its analytics and traces are that project's, and
+    /// it may not run ad-hoc SQL or exports (they read the whole tenant's archive).
+    pub project: Option<uuid::Uuid>,
 }
+
+/// Why a key bound to a project may not read the whole tenant's archive.
+const PROJECT_BOUND: &str = "ad-hoc SQL and exports read the whole tenant's archive: a key \
+    bound to a project reads its project through /v1/analytics and /v1/traces (use a key of the \
+    whole tenant)";
 
 /// Tells who presented the credentials of a request.
 pub trait Authenticate: Send + Sync {
@@ -259,6 +267,9 @@ async fn run_sql(
             "missing or invalid API key",
         );
     };
+    if principal.project.is_some() {
+        return error(StatusCode::FORBIDDEN, "permission_denied", PROJECT_BOUND);
+    }
     let request: SqlRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => {

@@ -132,9 +132,11 @@ pub(super) async fn timeline(
         Vec::new(),
         |state, principal, _| async move {
             let traces = state.traces()?;
+            let project = principal.project.map(|p| p.to_string());
             traces
                 .timeline(principal.scope, principal.access, &id)
                 .await?
+                .filter(|t| project.is_none() || t.request.project_id == project)
                 .ok_or_else(|| AnalyticsError::NotFound(format!("no trace {id:?}")))
         },
     )
