@@ -1,5 +1,7 @@
-//! `loom admin`: tenants and API keys, on a data directory no server holds (`--data-dir`) or
-//! through a running server's admin API (`--url` with `--admin-token`).
+//! `loom admin`: tenants, projects, keys, users and roles, on a data directory no server holds
+//! (`--data-dir`, as the operator) or through a running server's admin API (`--url` with
+//! `--admin-token`, or `--api-key` for a tenant's key). Each command is one admin API call; on a
+//! data directory the same operation runs in process.
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -94,7 +94,7 @@ enum Command {
     Sql(sql::SqlArgs),
     /// Export the archived events to a Delta Lake table (a directory or S3), incrementally.
     Export(export::ExportArgs),
-    /// Manage tenants and API keys, on a data directory or through a running server.
+    /// Manage tenants, projects, API keys, users and roles, on a data directory or through a running server.
     Admin(admin::AdminArgs),
 }
 
