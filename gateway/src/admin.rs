@@ -707,14 +707,7 @@ impl Services {
         actor: &Actor,
         request: &GrantRequest,
     ) -> Result<(), AdminError> {
-        let (tenant_id, project_id, user, role) = self.grant_parts(actor, request)?;
-        let granted = RoleGranted {
-            principal: user,
-            role: role.name().to_owned(),
-            project_id,
-        };
-        self.append_control(vec![self.control_event(tenant_id, granted)])
-            .await
+        self.change_role(actor, request, true).await
     }
 
     /// Revokes a role (as granting it: an owner's by an owner only).
@@ -723,14 +716,36 @@ impl Services {
         actor: &Actor,
         request: &GrantRequest,
     ) -> Result<(), AdminError> {
-        let (tenant_id, project_id, user, role) = self.grant_parts(actor, request)?;
-        let revoked = RoleRevoked {
-            principal: user,
-            role: role.name().to_owned(),
-            project_id,
+        self.change_role(actor, request, false).await
+    }
+
+    async fn change_role(
+        &self,
+        actor: &Actor,
+        request: &GrantRequest,
+        grant: bool,
+    ) -> Result<(), AdminError> {
+        let (tenant_id, project_id, principal, role) = self.grant_parts(actor, request)?;
+        let role = role.name().to_owned();
+        let event = match grant {
+            true => self.control_event(
+                tenant_id,
+                RoleGranted {
+                    principal,
+                    role,
+                    project_id,
+                },
+            ),
+            false => self.control_event(
+                tenant_id,
+                RoleRevoked {
+                    principal,
+                    role,
+                    project_id,
+                },
+            ),
         };
-        self.append_control(vec![self.control_event(tenant_id, revoked)])
-            .await
+        self.append_control(vec![event]).await
     }
 
     fn grant_parts(
