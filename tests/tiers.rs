@@ -155,6 +155,34 @@ async fn a_projects_routing_policy_limits_resolves_and_escalates_by_tier() {
         "{legacy}"
     );
 
+    // A cost cap per request: the prompt plus the output a request may ask for (its
+    // `max_tokens`, else 4096; at most the model's 16,384), at gpt-4o-mini's $0.60 per 1M out.
+    let capped = key_for(&harness, json!({"max_cost_per_request_micro_usd": 5000})).await;
+    for (max_tokens, expected) in [
+        (json!(100), 200),
+        (Value::Null, 200),
+        (json!(10_000), 400),
+        (json!(1_000_000), 400),
+    ] {
+        let response = harness
+            .client
+            .post(format!("{}/v1/chat/completions", harness.base))
+            .bearer_auth(&capped)
+            .json(&json!({"model": "cheap", "max_tokens": max_tokens,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, expected, "max_tokens {max_tokens}: {body}");
+        if status == 400 {
+            assert_eq!(body["error"]["code"], "request_cost_limit_exceeded");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("$0.005000 per request"), "{message}");
+        }
+    }
+
     let recorded = harness.stop().await;
     let routing = |trace: &str| {
         recorded

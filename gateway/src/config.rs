@@ -158,6 +158,9 @@ pub struct LimitsConfig {
     /// 503 `events_unavailable` instead.
     #[serde(with = "humantime_serde")]
     pub events_ack_timeout: Duration,
+    /// The output a request that sets no `max_tokens` is assumed to ask for when its cost is
+    /// estimated before it is sent (capped by the model's maximum output).
+    pub default_max_output_tokens: u32,
 }
 
 impl Default for LimitsConfig {
@@ -168,6 +171,7 @@ impl Default for LimitsConfig {
             when_events_full: WhenEventsFull::Reject,
             events_ack: EventsAck::Recorded,
             events_ack_timeout: Duration::from_secs(10),
+            default_max_output_tokens: 4096,
         }
     }
 }

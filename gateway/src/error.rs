@@ -26,6 +26,11 @@ pub enum GatewayError {
     ModelNotFound(String),
     /// The alias exists, but the routing policy of the key's project does not allow it.
     ModelNotAllowed(String),
+    /// The request may cost more than its project allows one request to (micro-USD).
+    CostLimitExceeded {
+        estimate: i64,
+        limit: i64,
+    },
     /// An upstream refused the request for reasons a retry will not change (its 4xx), passed on
     /// with its own message.
     UpstreamRefused {
@@ -132,7 +137,9 @@ impl UpstreamFault {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::InvalidRequest(_) | GatewayError::CostLimitExceeded { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             GatewayError::InvalidApiKey | GatewayError::InvalidAdminToken => {
                 StatusCode::UNAUTHORIZED
             }
@@ -168,6 +175,7 @@ impl GatewayError {
     pub fn kind(&self) -> &'static str {
         match self {
             GatewayError::InvalidRequest(_)
+            | GatewayError::CostLimitExceeded { .. }
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::ModelNotFound(_)
             | GatewayError::UpstreamRefused { .. }
@@ -199,6 +207,7 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => "request_too_large",
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::ModelNotAllowed(_) => "model_not_allowed",
+            GatewayError::CostLimitExceeded { .. } => "request_cost_limit_exceeded",
             // A deployment that cannot take the request: Loom's refusal, not the upstream's.
             GatewayError::UpstreamRefused {
                 fault: UpstreamFault::Unsupported,
@@ -237,9 +246,10 @@ impl GatewayError {
     /// What `request.completed` records as the request's status.
     pub fn request_status(&self) -> RequestStatus {
         match self {
-            GatewayError::InvalidApiKey | GatewayError::PermissionDenied(_) => {
-                RequestStatus::Denied
-            }
+            GatewayError::InvalidApiKey
+            | GatewayError::PermissionDenied(_)
+            | GatewayError::ModelNotAllowed(_)
+            | GatewayError::CostLimitExceeded { .. } => RequestStatus::Denied,
             _ => RequestStatus::Error,
         }
     }
@@ -255,6 +265,12 @@ impl GatewayError {
             | GatewayError::UpstreamRefused { message, .. }
             | GatewayError::TenantErased(message) => message.clone(),
             GatewayError::InvalidApiKey => "missing or invalid API key".into(),
+            GatewayError::CostLimitExceeded { estimate, limit } => format!(
+                "this request may cost up to ${:.6} (its prompt and the output it may ask for), \
+                 above your project's limit of ${:.6} per request: lower `max_tokens`",
+                *estimate as f64 / 1e6,
+                *limit as f64 / 1e6
+            ),
             GatewayError::BodyTooLarge { limit } => {
                 format!("the request body is larger than {limit} bytes")
             }

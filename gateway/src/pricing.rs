@@ -21,6 +21,9 @@ pub struct Price {
     pub cache_read_input_token_cost: Option<f64>,
     #[serde(default)]
     pub cache_creation_input_token_cost: Option<f64>,
+    /// The most output tokens the model gives in one answer, where the table says.
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default)]

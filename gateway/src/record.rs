@@ -60,6 +60,37 @@ impl Flow {
         }
     }
 
+    /// The most a request may cost before it is sent, in micro-USD: its prompt tokens plus the
+    /// output it may ask for (`max_tokens`, `max_completion_tokens` or `max_output_tokens`, else
+    /// `[limits] default_max_output_tokens`; none for embeddings), capped by the model's maximum
+    /// output, at the highest price among the deployments it may be sent to. `None` when no
+    /// deployment's price is known.
+    pub fn estimate_cost(&self, request: &Value, embeddings: bool, order: &[usize]) -> Option<i64> {
+        let asked = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|field| request.get(*field).and_then(Value::as_u64));
+        let default = u64::from(self.gateway.config.limits.default_max_output_tokens);
+        let prompt = tokens::prompt_tokens(request);
+        order
+            .iter()
+            .filter_map(|d| {
+                let price = self.price(*d, None)?;
+                let most = price.max_output_tokens.unwrap_or(u64::MAX);
+                let output = if embeddings {
+                    0
+                } else {
+                    asked.unwrap_or(default).min(most)
+                };
+                let usage = Usage {
+                    tokens_in: Some(prompt),
+                    tokens_out: Some(i64::try_from(output).unwrap_or(i64::MAX)),
+                    ..Usage::default()
+                };
+                PriceTable::cost(price, &usage)
+            })
+            .max()
+    }
+
     /// The price of a call to a deployment (or the more specific model the upstream said
     /// served it), if the table has one.
     fn price(&self, deployment: usize, served_model: Option<&str>) -> Option<&Price> {

@@ -338,6 +338,20 @@ async fn admit_to_route(
         Err(error) => return Err(flow.fail(error).await),
     };
     let (order, decided) = route(flow, &plan, pinned);
+    let limit = flow
+        .policy
+        .as_deref()
+        .and_then(|p| p.max_cost_per_request_micro_usd);
+    if let Some(limit) = limit {
+        let embeddings = operation == Operation::Embeddings;
+        if let Some(estimate) = flow.estimate_cost(request, embeddings, &order)
+            && estimate > limit
+        {
+            flow.gateway.emitter.emit(decided).await;
+            let error = GatewayError::CostLimitExceeded { estimate, limit };
+            return Err(flow.fail(error).await);
+        }
+    }
     flow.gateway.emitter.emit(decided).await;
     Ok(order)
 }
