@@ -125,6 +125,17 @@ impl Actor {
         }
     }
 
+    /// Whether `key` is the actor's own: the actor's key itself, or a key acting for the same
+    /// user (for a key that acts for no user: a key it made).
+    fn owns(&self, key: &ApiKeyInfo) -> bool {
+        match self {
+            Actor::Operator => false,
+            Actor::Key(me) => {
+                me.key_id == key.key_id || key.owner.as_deref() == Some(me.principal().as_str())
+            }
+        }
+    }
+
     /// The user keys made by this actor act for (a key that acts for no user: the key itself).
     fn principal(&self) -> Option<String> {
         match self {
@@ -525,11 +536,12 @@ impl Services {
             feature_flags: flags.map(json).transpose()?,
             version: Some(version),
         };
-        self.append_control(vec![self.control_event(project.tenant_id, updated)])
-            .await?;
+        let event = self.control_event(project.tenant_id, updated);
+        let event_id = event.envelope.event_id;
+        self.append_control(vec![event]).await?;
         let now = self.visible_project(actor, project_id)?;
         // Another update of the same version was read first: this one changed nothing.
-        if now.version != version || now.updated_at == project.updated_at {
+        if now.last_event != event_id {
             return Err(AdminError::Conflict(format!(
                 "project {project_id} was changed at the same time: read it again"
             )));
@@ -660,12 +672,11 @@ impl Services {
         };
         actor.require(Permission::ManageOwnKeys)?;
         let everyone = actor.role().allows(Permission::ManageTenant);
-        let principal = actor.principal();
         let mut keys: Vec<KeyView> = self.control.read(|s| {
             s.keys()
                 .filter(|k| tenant.is_none_or(|t| t == k.tenant_id))
                 .filter(|k| actor.sees(k.tenant_id, k.project_id))
-                .filter(|k| everyone || k.owner == principal || own_key(actor, k))
+                .filter(|k| everyone || actor.owns(k))
                 .map(|k| key_view(s, k))
                 .collect()
         });
@@ -687,8 +698,7 @@ impl Services {
             .filter(|k| actor.sees(k.tenant_id, k.project_id))
             .ok_or(AdminError::UnknownKey(key_id))?;
         actor.require(Permission::ManageOwnKeys)?;
-        let own = key.owner == actor.principal() || own_key(actor, &key);
-        if !own {
+        if !actor.owns(&key) {
             actor.require(Permission::ManageTenant)?;
         }
         if key.revoked {
@@ -828,9 +838,4 @@ impl Services {
             Err(error) => Err(error.into()),
         }
     }
-}
-
-/// The actor's own key, or one it made (a key acting for no user makes keys acting for it).
-fn own_key(actor: &Actor, key: &ApiKeyInfo) -> bool {
-    matches!(actor, Actor::Key(me) if me.key_id == key.key_id)
 }

@@ -65,6 +65,8 @@ pub struct ProjectInfo {
     pub security_policy: Option<String>,
     /// 1 when created, one more with every update.
     pub version: i64,
+    /// The event that made the current version.
+    pub last_event: Uuid,
     pub created_at: TimestampMicros,
     pub updated_at: TimestampMicros,
 }
@@ -244,6 +246,7 @@ impl ControlState {
                         flags: flags.unwrap_or_default(),
                         security_policy: created.security_policy.clone(),
                         version: 1,
+                        last_event: event.envelope.event_id,
                         created_at: at,
                         updated_at: at,
                     },
@@ -284,6 +287,7 @@ impl ControlState {
                     project.security_policy = Some(security.clone());
                 }
                 project.version = version;
+                project.last_event = event.envelope.event_id;
                 project.updated_at = at;
                 Ok(ControlChange::ProjectUpdated {
                     project_id: updated.project_id,
