@@ -1,4 +1,4 @@
-//! `loom admin`: tenants, projects, keys, users and roles, on a data directory no server holds
+//! `loom admin`: tenants, projects, keys, users, roles and quotas, on a data directory no server holds
 //! (`--data-dir`, as the operator) or through a running server's admin API (`--url` with
 //! `--admin-token`, or `--api-key` for a tenant's key). Each command is one admin API call; on a
 //! data directory the same operation runs in process.
@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use loom::{KeyStoreLocation, Node, NodeConfig};
-use loom_gateway::{Actor, GrantRequest, KeyRequest, ProjectPatch, ProjectRequest};
+use loom_gateway::config::QuotaConfig;
+use loom_gateway::{
+    Actor, GrantRequest, KeyRequest, ProjectPatch, ProjectRequest, QuotaQuery, QuotaRequest,
+};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -79,6 +82,69 @@ enum AdminCommand {
     /// Users: who holds which role.
     #[command(subcommand)]
     User(UserCommand),
+    /// Daily budgets and per-minute rate limits of a tenant, project, user or key.
+    #[command(subcommand)]
+    Quota(QuotaCommand),
+}
+
+/// The scope a quota command is about.
+#[derive(Args)]
+struct QuotaScopeArgs {
+    /// The tenant (left out with --api-key: the key's own).
+    #[arg(long)]
+    tenant: Option<Uuid>,
+    /// tenant, project, user or key.
+    #[arg(long, default_value = "tenant")]
+    scope: String,
+    /// The project or key id, or the user's id (left out for the tenant itself).
+    #[arg(long)]
+    id: Option<String>,
+}
+
+/// A limit on the command line: a number (`0`: unlimited), or `default` for the configured
+/// default.
+#[derive(Debug, Clone, Copy)]
+enum LimitArg {
+    Default,
+    Set(f64),
+}
+
+fn limit_value(text: &str) -> Result<LimitArg, String> {
+    match text {
+        "default" => Ok(LimitArg::Default),
+        number => number
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite())
+            .map(LimitArg::Set)
+            .ok_or_else(|| format!("{number:?}: a number, or `default`")),
+    }
+}
+
+#[derive(Subcommand)]
+enum QuotaCommand {
+    /// Set limits on a scope (admin or owner); what is left out stays. Prints the scope's limits
+    /// and usage as JSON.
+    Set {
+        #[command(flatten)]
+        scope: QuotaScopeArgs,
+        /// Tokens (input plus output) per quota day.
+        #[arg(long, value_parser = limit_value)]
+        tokens_per_day: Option<LimitArg>,
+        /// USD per quota day, e.g. 2.5.
+        #[arg(long, value_name = "USD", value_parser = limit_value)]
+        usd_per_day: Option<LimitArg>,
+        #[arg(long, value_parser = limit_value)]
+        requests_per_minute: Option<LimitArg>,
+        #[arg(long, value_parser = limit_value)]
+        tokens_per_minute: Option<LimitArg>,
+    },
+    /// Show a scope's limits and today's usage as JSON; without --id, every scope of the kind
+    /// with limits set or usage today.
+    Show {
+        #[command(flatten)]
+        scope: QuotaScopeArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -483,6 +549,70 @@ fn api_call(command: AdminCommand) -> anyhow::Result<Call> {
                 Shown::Done(done),
             )
         }
+        AdminCommand::Quota(QuotaCommand::Set {
+            scope,
+            tokens_per_day,
+            usd_per_day,
+            requests_per_minute,
+            tokens_per_minute,
+        }) => {
+            let mut limits = serde_json::Map::new();
+            let whole = |name: &str, value: LimitArg| -> anyhow::Result<Value> {
+                match value {
+                    LimitArg::Set(n) if n.fract() != 0.0 => {
+                        anyhow::bail!("--{name}: a whole number")
+                    }
+                    LimitArg::Set(n) => Ok(json!(n as i64)),
+                    LimitArg::Default => Ok(Value::Null),
+                }
+            };
+            for (field, flag, value) in [
+                ("tokens_per_day", "tokens-per-day", tokens_per_day),
+                (
+                    "requests_per_minute",
+                    "requests-per-minute",
+                    requests_per_minute,
+                ),
+                ("tokens_per_minute", "tokens-per-minute", tokens_per_minute),
+            ] {
+                if let Some(value) = value {
+                    limits.insert(field.into(), whole(flag, value)?);
+                }
+            }
+            if let Some(usd) = usd_per_day {
+                let micro = match usd {
+                    LimitArg::Set(usd) => json!((usd * 1e6).round() as i64),
+                    LimitArg::Default => Value::Null,
+                };
+                limits.insert("cost_micro_usd_per_day".into(), micro);
+            }
+            call(
+                Method::POST,
+                "/admin/quotas",
+                Some(json!({
+                    "tenant_id": scope.tenant,
+                    "scope": scope.scope,
+                    "id": scope.id,
+                    "limits": limits,
+                })),
+                Shown::Json,
+            )
+        }
+        AdminCommand::Quota(QuotaCommand::Show { scope }) => {
+            let mut url = reqwest::Url::parse("http://loom/admin/quotas")?;
+            {
+                let mut query = url.query_pairs_mut();
+                if let Some(tenant) = scope.tenant {
+                    query.append_pair("tenant_id", &tenant.to_string());
+                }
+                query.append_pair("scope", &scope.scope);
+                if let Some(id) = &scope.id {
+                    query.append_pair("id", id);
+                }
+            }
+            let path = format!("{}?{}", url.path(), url.query().unwrap_or_default());
+            call(Method::GET, path, None, Shown::Json)
+        }
         AdminCommand::User(UserCommand::List { tenant }) => call(
             Method::GET,
             tenant_query("/admin/members", tenant),
@@ -629,6 +759,22 @@ async fn local(
         }
         (&Method::GET, ["members"]) => {
             serde_json::to_value(services.list_members(actor, query_tenant(path)?)?)?
+        }
+        // No gateway runs here: limits are shown with the built-in defaults, and no usage.
+        (&Method::POST, ["quotas"]) => {
+            let request: QuotaRequest = body(payload)?;
+            let defaults = QuotaConfig::default().check().map_err(anyhow::Error::msg)?;
+            serde_json::to_value(services.set_quota(actor, &request, None, &defaults).await?)?
+        }
+        (&Method::GET, ["quotas"]) => {
+            let url = reqwest::Url::parse(&format!("http://loom{path}"))?;
+            let query: serde_json::Map<String, Value> = url
+                .query_pairs()
+                .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+                .collect();
+            let query: QuotaQuery = serde_json::from_value(Value::Object(query))?;
+            let defaults = QuotaConfig::default().check().map_err(anyhow::Error::msg)?;
+            serde_json::to_value(services.show_quotas(actor, &query, None, &defaults)?)?
         }
         _ => anyhow::bail!("no admin operation {method} {path}"),
     })

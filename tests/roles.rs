@@ -211,6 +211,21 @@ async fn every_endpoint_refuses_what_the_role_may_not_do_and_hides_other_tenants
                 200,
             ),
             (Method::GET, "/v1/exports".into(), None, 200),
+            (Method::GET, "/v1/quota/status".into(), None, 200),
+            (
+                Method::GET,
+                format!("/admin/quotas?scope=project&id={project}"),
+                None,
+                200,
+            ),
+            // Setting quotas: admin and up.
+            (
+                Method::POST,
+                "/admin/quotas".into(),
+                Some(json!({"scope": "project", "id": project,
+                            "limits": {"requests_per_minute": 10_000}})),
+                allowed(admin, 200),
+            ),
             // Bodies: developer and up.
             (
                 Method::POST,
@@ -314,6 +329,19 @@ async fn every_endpoint_refuses_what_the_role_may_not_do_and_hides_other_tenants
             ),
             // Another tenant's objects: not found, whatever the role.
             (Method::GET, format!("/v1/traces/{b_trace}"), None, 404),
+            (
+                Method::GET,
+                format!("/admin/quotas?scope=project&id={b_project}"),
+                None,
+                404,
+            ),
+            (
+                Method::POST,
+                "/admin/quotas".into(),
+                Some(json!({"scope": "project", "id": b_project,
+                            "limits": {"requests_per_minute": 1}})),
+                404,
+            ),
             (
                 Method::GET,
                 format!("/admin/projects/{b_project}"),

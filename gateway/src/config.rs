@@ -13,6 +13,8 @@ use serde::Deserialize;
 
 use crate::pricing::PriceTable;
 use crate::providers::Target;
+pub use crate::quota::QuotaConfig;
+use crate::quota::QuotaSettings;
 
 /// Which API an upstream speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -262,6 +264,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub translation: TranslationConfig,
     #[serde(default)]
+    pub quotas: QuotaConfig,
+    #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
@@ -326,6 +330,7 @@ pub struct GatewayConfig {
     pub deployments: Vec<Deployment>,
     pub models: BTreeMap<String, Model>,
     pub prices: Arc<PriceTable>,
+    pub quotas: QuotaSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -368,6 +373,7 @@ impl GatewayConfig {
                 "limits.events_capacity and limits.max_body_bytes must be positive".into(),
             );
         }
+        let quotas = raw.quotas.check().map_err(ConfigError::Invalid)?;
         let mut upstreams = Vec::with_capacity(raw.upstreams.len());
         for (name, upstream) in raw.upstreams {
             let api_key = match &upstream.api_key_env {
@@ -479,6 +485,7 @@ impl GatewayConfig {
             deployments,
             models,
             prices: Arc::new(prices),
+            quotas,
         })
     }
 }

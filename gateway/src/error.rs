@@ -5,12 +5,15 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use loom_schemas::event::RequestStatus;
+use loom_schemas::event::{QuotaMetric, QuotaScope};
+use loom_schemas::quota::LimitKind;
 use serde_json::{Value, json};
 
 use crate::flow::Dialect;
+use crate::quota::{Denial, reset_format};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayError {
@@ -59,6 +62,8 @@ pub enum GatewayError {
     InvalidAdminToken,
     /// The caller's role does not allow this (docs/roles.md); the message says what is needed.
     PermissionDenied(String),
+    /// A budget or rate limit of one of the request's scopes has no room for it (429).
+    Quota(Denial),
     /// An admin API change made against a version that has moved on.
     Conflict(String),
     /// An admin API object that does not exist.
@@ -167,6 +172,7 @@ impl GatewayError {
             | GatewayError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::TenantErased(_) => StatusCode::CONFLICT,
+            GatewayError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -187,6 +193,12 @@ impl GatewayError {
             | GatewayError::ClientCancelled
             | GatewayError::InvalidApiKey => "invalid_request_error",
             GatewayError::InvalidAdminToken => "authentication_error",
+            // OpenAI's: SDKs do not retry `insufficient_quota`; a rate limit names what ran out.
+            GatewayError::Quota(denial) if denial.is_budget() => "insufficient_quota",
+            GatewayError::Quota(denial) => match denial.kind.metric() {
+                QuotaMetric::Requests => "requests",
+                _ => "tokens",
+            },
             GatewayError::AdminDisabled
             | GatewayError::PermissionDenied(_)
             | GatewayError::ModelNotAllowed(_) => "permission_error",
@@ -225,6 +237,13 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::AdminDisabled => "admin_api_disabled",
             GatewayError::PermissionDenied(_) => "permission_denied",
+            GatewayError::Quota(denial) if denial.is_budget() => match denial.scope {
+                QuotaScope::Tenant => "tenant_budget_exceeded",
+                QuotaScope::Project => "project_budget_exceeded",
+                QuotaScope::User => "user_budget_exceeded",
+                QuotaScope::ApiKey => "key_budget_exceeded",
+            },
+            GatewayError::Quota(_) => "rate_limit_exceeded",
             GatewayError::Conflict(_) => "conflict",
             GatewayError::InvalidAdminToken => "invalid_admin_token",
             GatewayError::TenantErased(_) => "tenant_erased",
@@ -249,7 +268,8 @@ impl GatewayError {
             GatewayError::InvalidApiKey
             | GatewayError::PermissionDenied(_)
             | GatewayError::ModelNotAllowed(_)
-            | GatewayError::CostLimitExceeded { .. } => RequestStatus::Denied,
+            | GatewayError::CostLimitExceeded { .. }
+            | GatewayError::Quota(_) => RequestStatus::Denied,
             _ => RequestStatus::Error,
         }
     }
@@ -265,6 +285,7 @@ impl GatewayError {
             | GatewayError::UpstreamRefused { message, .. }
             | GatewayError::TenantErased(message) => message.clone(),
             GatewayError::InvalidApiKey => "missing or invalid API key".into(),
+            GatewayError::Quota(denial) => quota_message(denial),
             GatewayError::CostLimitExceeded { estimate, limit } => format!(
                 "this request may cost up to ${:.6} (its prompt and the output it may ask for), \
                  above your project's limit of ${:.6} per request: lower `max_tokens`",
@@ -341,9 +362,21 @@ impl GatewayError {
         }
     }
 
-    /// The error as a response in `dialect`.
+    /// The error as a response in `dialect`: a 429 says when to retry (`retry-after`, in
+    /// seconds), and a spent budget that retrying sooner will not help (`x-should-retry`, which
+    /// OpenAI's SDKs obey).
     pub fn response(&self, dialect: Dialect) -> Response {
-        (self.status(), Json(self.body(dialect))).into_response()
+        let mut response = (self.status(), Json(self.body(dialect))).into_response();
+        if let GatewayError::Quota(denial) = self {
+            let seconds =
+                denial.retry_after.as_secs() + u64::from(denial.retry_after.subsec_nanos() > 0);
+            let headers = response.headers_mut();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            if denial.is_budget() {
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+        }
+        response
     }
 
     /// The error as a server-sent event in `dialect`, for a stream already under way.
@@ -353,6 +386,41 @@ impl GatewayError {
             Dialect::OpenAi => format!("data: {body}\n\n"),
             Dialect::Anthropic => format!("event: error\ndata: {body}\n\n"),
         })
+    }
+}
+
+/// What ran out, how much was used, and when there is room again.
+fn quota_message(denial: &Denial) -> String {
+    let whose = match denial.scope {
+        QuotaScope::Tenant => "your organization's".to_owned(),
+        QuotaScope::Project => format!("project {}'s", denial.scope_id),
+        QuotaScope::User => format!("user {:?}'s", denial.scope_id),
+        QuotaScope::ApiKey => format!("API key {}'s", denial.scope_id),
+    };
+    let wait = reset_format(denial.retry_after);
+    let (limit, used) = (denial.limit, denial.used);
+    match denial.kind {
+        LimitKind::TokensPerDay => format!(
+            "You exceeded {whose} daily token budget: {used} of {limit} tokens used or reserved \
+             today, and this request may use more than is left. It resets in {wait}; ask an \
+             admin to raise it, or lower `max_tokens`."
+        ),
+        LimitKind::CostPerDay => format!(
+            "You exceeded {whose} daily budget: ${:.6} of ${:.6} used or reserved today, and \
+             this request may cost more than is left. It resets in {wait}; ask an admin to \
+             raise it, or lower `max_tokens`.",
+            used as f64 / 1e6,
+            limit as f64 / 1e6
+        ),
+        LimitKind::RequestsPerMinute => format!(
+            "Rate limit reached for {whose} requests per min (RPM): Limit {limit}, Used {used}, \
+             Requested 1. Please try again in {wait}."
+        ),
+        LimitKind::TokensPerMinute => format!(
+            "Rate limit reached for {whose} tokens per min (TPM): Limit {limit}, Used {used}. \
+             Please try again in {wait}; a request that may use more than {limit} tokens never \
+             fits: lower `max_tokens`."
+        ),
     }
 }
 

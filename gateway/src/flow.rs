@@ -10,9 +10,10 @@ use loom_schemas::keystore::KeyStore;
 use loom_schemas::project::RoutingPolicy;
 use uuid::Uuid;
 
-use crate::control::ApiKeyInfo;
+use crate::control::{ApiKeyInfo, Control};
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
+use crate::quota::Reservation;
 
 /// The header carrying the trace id, honoured when a client sends one.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -35,6 +36,11 @@ pub(crate) struct Flow {
     pub trace_id: String,
     pub tenant_id: Uuid,
     pub key: Option<ApiKeyInfo>,
+    /// The end user the request is for (`x-loom-user`, or the body's `user`), if named.
+    pub user: Option<Box<str>>,
+    pub control: Control,
+    /// What the request reserved of its quotas, until it is settled.
+    pub quota: Option<Reservation>,
     /// The routing policy of the key's project, if it is bound to one.
     pub policy: Option<Arc<RoutingPolicy>>,
     /// The client's headers that upstreams speaking its API get too (`anthropic-beta`, …).
@@ -53,6 +59,7 @@ impl Flow {
     /// Headers every response carries.
     pub fn headers(&self, response: &mut Response) {
         set_headers(response, &self.trace_id, self.overhead());
+        self.rate_headers(response.headers_mut());
     }
 
     /// An error in the client's dialect, with the usual headers.

@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::GatewayConfig;
 use crate::events::Emitter;
+use crate::quota::Quotas;
 use crate::stored::{ResponseIndex, StoredResponses};
 
 pub struct Gateway {
@@ -24,6 +25,8 @@ pub struct Gateway {
     pub(crate) stored: StoredResponses,
     /// Where the others are found (the read models), if the node has them.
     pub(crate) response_index: Option<Arc<dyn ResponseIndex>>,
+    /// Budgets and rates: what requests have reserved and used.
+    pub quotas: Quotas,
 }
 
 impl Gateway {
@@ -44,7 +47,9 @@ impl Gateway {
             .iter()
             .map(|_| AtomicI64::new(0))
             .collect();
+        let quotas = Quotas::new(config.quotas.clone());
         Ok(Gateway {
+            quotas,
             config: Arc::new(config),
             http,
             emitter,

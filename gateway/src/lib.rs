@@ -16,6 +16,7 @@ mod gateway;
 mod http;
 pub mod pricing;
 mod providers;
+pub mod quota;
 mod record;
 mod responses;
 mod routing;
@@ -27,8 +28,9 @@ mod translate;
 mod upstream;
 
 pub use admin::{
-    Actor, AdminError, CreatedKey, CreatedTenant, GrantRequest, KeyRequest, KeyView, MemberView,
-    ProjectPatch, ProjectRequest, ProjectView, TenantView,
+    Actor, AdminError, Amounts, CreatedKey, CreatedTenant, GrantRequest, KeyRequest, KeyView,
+    LimitsPatch, MemberView, ProjectPatch, ProjectRequest, ProjectView, QuotaQuery, QuotaRequest,
+    QuotaView, Remaining, TenantView,
 };
 pub use auth::presented_key;
 pub use control::{ApiKeyInfo, Control, ControlState, TenantInfo};

@@ -66,29 +66,55 @@ impl Flow {
     /// output, at the highest price among the deployments it may be sent to. `None` when no
     /// deployment's price is known.
     pub fn estimate_cost(&self, request: &Value, embeddings: bool, order: &[usize]) -> Option<i64> {
+        let prompt = tokens::prompt_tokens(request);
+        self.estimates(request, embeddings, order, prompt)
+            .filter_map(|(_, cost)| cost)
+            .max()
+    }
+
+    /// What a request of `prompt` tokens may use at most, as [`Flow::estimate_cost`] reckons:
+    /// tokens and micro-USD (0 when no price is known), each the most over `order`.
+    pub fn estimate(
+        &self,
+        request: &Value,
+        embeddings: bool,
+        order: &[usize],
+        prompt: i64,
+    ) -> (i64, i64) {
+        self.estimates(request, embeddings, order, prompt)
+            .fold((prompt, 0), |(tokens, cost), (t, c)| {
+                (tokens.max(t), cost.max(c.unwrap_or(0)))
+            })
+    }
+
+    /// Per deployment of `order`: the tokens a request may use there, and their cost.
+    fn estimates(
+        &self,
+        request: &Value,
+        embeddings: bool,
+        order: &[usize],
+        prompt: i64,
+    ) -> impl Iterator<Item = (i64, Option<i64>)> {
         let asked = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
             .iter()
             .find_map(|field| request.get(*field).and_then(Value::as_u64));
         let default = u64::from(self.gateway.config.limits.default_max_output_tokens);
-        let prompt = tokens::prompt_tokens(request);
-        order
-            .iter()
-            .filter_map(|d| {
-                let price = self.price(*d, None)?;
-                let most = price.max_output_tokens.unwrap_or(u64::MAX);
-                let output = if embeddings {
-                    0
-                } else {
-                    asked.unwrap_or(default).min(most)
-                };
-                let usage = Usage {
-                    tokens_in: Some(prompt),
-                    tokens_out: Some(i64::try_from(output).unwrap_or(i64::MAX)),
-                    ..Usage::default()
-                };
-                PriceTable::cost(price, &usage)
-            })
-            .max()
+        order.iter().map(move |d| {
+            let price = self.price(*d, None);
+            let most = price.and_then(|p| p.max_output_tokens).unwrap_or(u64::MAX);
+            let output = if embeddings {
+                0
+            } else {
+                asked.unwrap_or(default).min(most)
+            };
+            let usage = Usage {
+                tokens_in: Some(prompt),
+                tokens_out: Some(i64::try_from(output).unwrap_or(i64::MAX)),
+                ..Usage::default()
+            };
+            let tokens = prompt.saturating_add(usage.tokens_out.unwrap_or(0));
+            (tokens, price.and_then(|p| PriceTable::cost(p, &usage)))
+        })
     }
 
     /// The price of a call to a deployment (or the more specific model the upstream said
@@ -261,6 +287,9 @@ impl Flow {
     /// Records `request.completed` for `outcome`, waiting as `--events-ack` says. The answer
     /// goes out only after `Ok`; `Err` is the answer instead (503: the events were not recorded).
     pub async fn complete(&self, outcome: &Outcome) -> Result<(), GatewayError> {
+        if let Some(settled) = self.settlement(outcome) {
+            self.gateway.emitter.emit(settled).await;
+        }
         self.gateway
             .emitter
             .record(self.completed(outcome))

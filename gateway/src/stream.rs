@@ -363,6 +363,7 @@ impl ChatStream {
             ttft: self.ttft,
             ..Outcome::at(&self.flow, self.answer.deployment)
         };
+        events.extend(self.flow.settlement(&outcome));
         events.push(self.flow.completed(&outcome));
         events
     }

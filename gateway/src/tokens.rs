@@ -40,6 +40,32 @@ pub fn prompt_tokens(request: &Value) -> i64 {
     tokens
 }
 
+/// The bytes of text a request sends a model (messages, input, system prompt, instructions,
+/// tools), for a quick over-estimate of its tokens.
+pub fn prompt_bytes(request: &Value) -> i64 {
+    fn text_bytes(value: &Value) -> usize {
+        match value {
+            Value::String(text) => text.len(),
+            Value::Array(items) => items.iter().map(text_bytes).sum(),
+            Value::Object(fields) => fields.values().map(text_bytes).sum(),
+            _ => 0,
+        }
+    }
+    let bytes: usize = [
+        "messages",
+        "input",
+        "system",
+        "instructions",
+        "tools",
+        "prompt",
+    ]
+    .iter()
+    .filter_map(|field| request.get(*field))
+    .map(text_bytes)
+    .sum();
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
 /// The text of a chat answer's choices (content and tool-call arguments), whose tokens
 /// are the completion's when the upstream reports no usage.
 pub fn answer_text(answer: &Value) -> String {

@@ -429,7 +429,10 @@ impl Changes {
                 });
             }
             // Decisions show in the trace's timeline; the trace's row needs nothing of them.
-            Payload::QuotaConsumed(_) | Payload::QuotaDenied(_) => {
+            Payload::QuotaReserved(_)
+            | Payload::QuotaConsumed(_)
+            | Payload::QuotaReleased(_)
+            | Payload::QuotaDenied(_) => {
                 let (kind, detail) = match &event.payload {
                     Payload::QuotaDenied(p) => ("quota_denied", serde_json::to_string(p)),
                     _ => return Ok(()),

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::crypto::hash_api_key;
 use crate::event::{Event, Payload, QuotaMetric, QuotaScope, QuotaWindow, TimestampMicros};
 use crate::project::{FeatureFlags, MAX_NAME_BYTES, RoutingPolicy};
+use crate::quota::{LimitKind, Limits};
 use crate::roles::Role;
 
 /// An API key as issued, and its state.
@@ -180,6 +181,10 @@ pub enum Refused {
     StaleVersion,
     #[error("a project document does not parse or check")]
     InvalidDocument,
+    #[error("not a limit Loom enforces, or out of range")]
+    InvalidLimit,
+    #[error("the quota's scope id names nothing of this tenant")]
+    UnknownScope,
 }
 
 /// A role held in a whole tenant (`None`) or in one project.
@@ -194,6 +199,8 @@ pub struct ControlState {
     projects: HashMap<Uuid, ProjectInfo>,
     /// Tenant → user → the roles they hold.
     grants: HashMap<Uuid, HashMap<String, Vec<Held>>>,
+    /// (tenant, scope) → scope id → the limits set on it.
+    limits: HashMap<(Uuid, QuotaScope), HashMap<String, Limits>>,
     anchored: Option<u64>,
 }
 
@@ -227,6 +234,7 @@ impl ControlState {
                 if let Some(tenant) = self.tenants.get_mut(&tenant_id) {
                     tenant.erased = true;
                 }
+                self.limits.retain(|(tenant, _), _| *tenant != tenant_id);
                 Ok(ControlChange::TenantErased { tenant_id, at })
             }
             Payload::ProjectCreated(created) => {
@@ -351,6 +359,17 @@ impl ControlState {
             }
             Payload::QuotaLimitSet(set) => {
                 self.live_tenant(tenant_id)?;
+                let kind = LimitKind::of(set.metric, set.window).ok_or(Refused::InvalidLimit)?;
+                if let Some(limit) = set.limit {
+                    kind.check(limit).map_err(|_| Refused::InvalidLimit)?;
+                }
+                self.check_scope(tenant_id, set.scope, &set.scope_id)?;
+                let scopes = self.limits.entry((tenant_id, set.scope)).or_default();
+                let limits = scopes.entry(set.scope_id.clone()).or_default();
+                limits.set(kind, set.limit);
+                if limits.is_empty() {
+                    scopes.remove(&set.scope_id);
+                }
                 Ok(ControlChange::QuotaLimitSet {
                     tenant_id,
                     scope: set.scope,
@@ -413,7 +432,9 @@ impl ControlState {
             | Payload::RoutingDecided(_)
             | Payload::LlmCallCompleted(_)
             | Payload::ToolCallObserved(_)
+            | Payload::QuotaReserved(_)
             | Payload::QuotaConsumed(_)
+            | Payload::QuotaReleased(_)
             | Payload::QuotaDenied(_)
             | Payload::RequestCompleted(_) => Err(Refused::NotControl),
         }
@@ -435,6 +456,43 @@ impl ControlState {
             }
             _ => Ok(()),
         }
+    }
+
+    /// A quota's scope id must name something of the tenant: itself, one of its projects or
+    /// keys, or a user id of 1 to 256 bytes.
+    fn check_scope(&self, tenant_id: Uuid, scope: QuotaScope, id: &str) -> Result<(), Refused> {
+        let uuid = || Uuid::parse_str(id).map_err(|_| Refused::UnknownScope);
+        match scope {
+            QuotaScope::Tenant if uuid()? == tenant_id => Ok(()),
+            QuotaScope::Project => self.own_project(tenant_id, Some(uuid()?)),
+            QuotaScope::ApiKey => match self.keys.get(&uuid()?) {
+                Some(key) if key.tenant_id == tenant_id => Ok(()),
+                _ => Err(Refused::UnknownKey),
+            },
+            QuotaScope::User => check_principal(id),
+            QuotaScope::Tenant => Err(Refused::UnknownScope),
+        }
+    }
+
+    /// The limits set on a scope (`id`: a tenant, project or key id, or a user id).
+    pub fn limits(&self, tenant_id: Uuid, scope: QuotaScope, id: &str) -> Limits {
+        self.limits
+            .get(&(tenant_id, scope))
+            .and_then(|scopes| scopes.get(id))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Every scope of a kind with limits set in a tenant.
+    pub fn limits_of(
+        &self,
+        tenant_id: Uuid,
+        scope: QuotaScope,
+    ) -> impl Iterator<Item = (&str, &Limits)> {
+        self.limits
+            .get(&(tenant_id, scope))
+            .into_iter()
+            .flat_map(|scopes| scopes.iter().map(|(id, limits)| (id.as_str(), limits)))
     }
 
     /// The data offset of the latest `log.anchored` event.

@@ -120,7 +120,9 @@ events! {
     Data "routing.decided" => RoutingDecided,
     Data "llm_call.completed" => LlmCallCompleted,
     Data "tool_call.observed" => ToolCallObserved,
+    Data "quota.reserved" => QuotaReserved,
     Data "quota.consumed" => QuotaConsumed,
+    Data "quota.released" => QuotaReleased,
     Data "quota.denied" => QuotaDenied,
     Data "request.completed" => RequestCompleted,
     Control "tenant.created" => TenantCreated,
@@ -268,6 +270,42 @@ pub enum QuotaScope {
     Tenant,
     Project,
     ApiKey,
+    /// An end user of a tenant's application: OpenAI's `user` field or `x-loom-user`.
+    User,
+}
+
+impl QuotaScope {
+    pub const ALL: [QuotaScope; 4] = [
+        QuotaScope::Tenant,
+        QuotaScope::Project,
+        QuotaScope::User,
+        QuotaScope::ApiKey,
+    ];
+
+    /// The name the API and the events use (`api_key`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuotaScope::Tenant => "tenant",
+            QuotaScope::Project => "project",
+            QuotaScope::ApiKey => "api_key",
+            QuotaScope::User => "user",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<QuotaScope> {
+        match name {
+            "key" => Some(QuotaScope::ApiKey),
+            _ => QuotaScope::ALL.into_iter().find(|s| s.name() == name),
+        }
+    }
+}
+
+/// One scope a request is counted in: which kind, and its id (a tenant, project or key id, or a
+/// user's id within the event's tenant).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct QuotaScopeRef {
+    pub scope: QuotaScope,
+    pub scope_id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -288,14 +326,38 @@ pub enum QuotaWindow {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaReserved {
+    pub reservation_id: Uuid,
+    pub scopes: Vec<QuotaScopeRef>,
+    /// Days since 1970-01-01 of the quota day charged (a date in the quotas' time zone).
+    pub day: i32,
+    pub tokens: i64,
+    pub cost_micro_usd: i64,
+    pub expires_at: TimestampMicros,
+}
+
+/// A reservation settled with what the request used (v1 events, one per scope and metric, read
+/// as settling nothing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuotaConsumed {
-    pub scope: QuotaScope,
-    pub scope_id: String,
-    pub metric: QuotaMetric,
-    pub window: QuotaWindow,
-    pub amount: i64,
-    pub used: i64,
-    pub limit: Option<i64>,
+    pub reservation_id: Option<Uuid>,
+    pub scopes: Vec<QuotaScopeRef>,
+    pub day: i32,
+    pub tokens: i64,
+    pub cost_micro_usd: i64,
+    pub reserved_tokens: i64,
+    pub reserved_cost_micro_usd: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaReleased {
+    pub reservation_id: Uuid,
+    pub scopes: Vec<QuotaScopeRef>,
+    pub day: i32,
+    pub tokens: i64,
+    pub cost_micro_usd: i64,
+    /// `failed` (the call used nothing) or `abandoned` (the request ended unsettled).
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

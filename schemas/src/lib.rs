@@ -6,6 +6,7 @@
 //! - [`codec`]: Avro single-object encoding with a registry of every schema version.
 //! - [`control`]: the control plane's rules, one fold the gateway and the projector share.
 //! - [`project`]: what a project configures (routing policy, feature flags), parsed and checked.
+//! - [`quota`]: the limits a quota may set (daily budgets, per-minute rates), checked.
 //! - [`roles`]: the roles and the permission matrix every endpoint is checked against.
 //! - [`crypto`]: sealed fields (AES-256-GCM), keyed body digests, API-key hashing.
 //! - [`keystore`]: tenant data keys wrapped by a master key (file or Postgres).
@@ -25,6 +26,7 @@ pub mod event;
 pub mod keystore;
 pub mod log;
 pub mod project;
+pub mod quota;
 pub mod roles;
 #[cfg(any(test, feature = "testing"))]
 pub mod samples;

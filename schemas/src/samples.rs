@@ -23,6 +23,21 @@ pub fn chat_body(len: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+const RESERVATION: Uuid = Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
+
+fn quota_scopes(tenant: Uuid) -> Vec<QuotaScopeRef> {
+    vec![
+        QuotaScopeRef {
+            scope: QuotaScope::Tenant,
+            scope_id: tenant.to_string(),
+        },
+        QuotaScopeRef {
+            scope: QuotaScope::User,
+            scope_id: "user-42".into(),
+        },
+    ]
+}
+
 fn sealed(key: &DataKey, event_id: Uuid, field: &str, body: &[u8]) -> Result<Sealed, CryptoError> {
     let ctx = FieldContext {
         tenant_id: key.tenant_id,
@@ -160,14 +175,36 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
             envelope: tool,
         },
         data(
+            QuotaReserved {
+                reservation_id: RESERVATION,
+                scopes: quota_scopes(tenant),
+                day: 20_000,
+                tokens: 4_220,
+                cost_micro_usd: 2_600,
+                expires_at: 1_700_000_900_000_000,
+            }
+            .into(),
+        ),
+        data(
             QuotaConsumed {
-                scope: QuotaScope::Project,
-                scope_id: "p-1".into(),
-                metric: QuotaMetric::Tokens,
-                window: QuotaWindow::Day,
-                amount: 599,
-                used: 10_599,
-                limit: Some(1_000_000),
+                reservation_id: Some(RESERVATION),
+                scopes: quota_scopes(tenant),
+                day: 20_000,
+                tokens: 599,
+                cost_micro_usd: 310,
+                reserved_tokens: 4_220,
+                reserved_cost_micro_usd: 2_600,
+            }
+            .into(),
+        ),
+        data(
+            QuotaReleased {
+                reservation_id: RESERVATION,
+                scopes: quota_scopes(tenant),
+                day: 20_000,
+                tokens: 4_220,
+                cost_micro_usd: 2_600,
+                reason: "failed".into(),
             }
             .into(),
         ),

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::AppState;
 use crate::admin::{
     Actor, AdminError, GrantRequest, KeyRequest, KeyView, MemberView, ProjectPatch, ProjectRequest,
-    ProjectView, TenantView,
+    ProjectView, QuotaQuery, QuotaRequest, QuotaView, TenantView,
 };
 use crate::auth::presented_key;
 use crate::error::GatewayError;
@@ -36,6 +36,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/members", get(list_members))
         .route("/roles/grant", post(grant_role))
         .route("/roles/revoke", post(revoke_role))
+        .route("/quotas", post(set_quota).get(show_quotas))
         .route("/kms/unwrap", post(unwrap_key))
         .route_layer(middleware::from_fn_with_state(state, actor))
 }
@@ -285,6 +286,42 @@ async fn revoke_role(
 ) -> Result<StatusCode, GatewayError> {
     state.services.revoke_role(&actor, &request).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Sets limits on a tenant, project, user or key; answers with the scope's limits and usage.
+async fn set_quota(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    JsonBody(request): JsonBody<QuotaRequest>,
+) -> Result<Json<QuotaView>, GatewayError> {
+    let gateway = &state.gateway;
+    let view = state
+        .services
+        .set_quota(
+            &actor,
+            &request,
+            Some(&gateway.quotas),
+            &gateway.config.quotas,
+        )
+        .await?;
+    Ok(Json(view))
+}
+
+/// `?scope=project&id=…`: one scope; `?scope=user`: every user with limits or usage today.
+async fn show_quotas(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    query: Result<Query<QuotaQuery>, QueryRejection>,
+) -> Result<Json<Vec<QuotaView>>, GatewayError> {
+    let Query(query) = query.map_err(invalid)?;
+    let gateway = &state.gateway;
+    let views = state.services.show_quotas(
+        &actor,
+        &query,
+        Some(&gateway.quotas),
+        &gateway.config.quotas,
+    )?;
+    Ok(Json(views))
 }
 
 #[derive(Deserialize)]

@@ -52,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(v1::chat_completions))
         .route("/v1/embeddings", post(v1::embeddings))
         .route("/v1/models", get(v1::models))
+        .route("/v1/quota/status", get(v1::quota_status))
         .route("/v1/messages", post(v1::messages))
         .route("/v1/responses", post(v1::responses))
         .route(

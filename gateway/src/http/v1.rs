@@ -1,16 +1,17 @@
 //! The `/v1/*` handlers: decode the request, run it through auth, routing and the upstream
 //! attempts, record it, and encode the answer in the client's dialect.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, Uri, header};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderName, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
-use loom_schemas::event::{CallStatus, RequestReceived};
-use loom_schemas::project::RoutingPolicy;
+use loom_schemas::event::{CallStatus, QuotaScope, RequestReceived};
+use loom_schemas::project::{MAX_NAME_BYTES, RoutingPolicy};
 use loom_schemas::roles::Permission;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -22,6 +23,7 @@ use crate::error::GatewayError;
 use crate::flow::{Dialect, Flow, set_headers};
 use crate::http::AppState;
 use crate::providers::Operation;
+use crate::quota::Scope;
 use crate::record::{CallRecord, Outcome, Usage, call_event};
 use crate::routing::{allows, plan, route};
 use crate::stream::ChatStream;
@@ -175,7 +177,7 @@ pub async fn embeddings(
         Err(response) => return response,
     };
     let operation = Operation::Embeddings;
-    let order = match admit_to_route(&flow, &body.json, operation, None).await {
+    let order = match admit_to_route(&mut flow, &body.json, operation, None).await {
         Ok(order) => order,
         Err(response) => return response,
     };
@@ -213,11 +215,64 @@ pub async fn models(State(state): State<AppState>, caller: Caller) -> Response {
     response
 }
 
+/// `GET /v1/quota/status`: the caller's scopes — its tenant, project, key, and the user named by
+/// `x-loom-user` or `?user=` — with their limits, today's usage and what is left (any role).
+pub async fn quota_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let started = Instant::now();
+    let mut response = match quota_views(&state, caller.key.as_ref(), &headers, &query) {
+        Ok(scopes) => Json(json!({"object": "quota.status", "scopes": scopes})).into_response(),
+        Err(error) => error.into_response(),
+    };
+    set_headers(&mut response, &caller.trace_id, started.elapsed());
+    response
+}
+
+fn quota_views(
+    state: &AppState,
+    key: Option<&ApiKeyInfo>,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Result<Vec<crate::admin::QuotaView>, GatewayError> {
+    let key = key.ok_or(GatewayError::InvalidApiKey)?;
+    if !key.role.allows(Permission::ReadUsage) {
+        return Err(GatewayError::PermissionDenied(
+            Permission::ReadUsage.describe().into(),
+        ));
+    }
+    let named = query.get("user").map(|u| json!({ "user": u }));
+    let user = end_user(headers, named.as_ref()).map_err(GatewayError::InvalidRequest)?;
+    let tenant = key.tenant_id;
+    let mut scopes = vec![Scope::of(tenant, QuotaScope::Tenant, tenant)];
+    scopes.extend(
+        key.project_id
+            .map(|p| Scope::of(tenant, QuotaScope::Project, p)),
+    );
+    scopes.extend(user.as_deref().map(|u| Scope::user(tenant, u)));
+    scopes.push(Scope::of(tenant, QuotaScope::ApiKey, key.key_id));
+    let gateway = &state.gateway;
+    Ok(scopes
+        .iter()
+        .map(|scope| {
+            state
+                .services
+                .quota_view(scope, Some(&gateway.quotas), &gateway.config.quotas)
+        })
+        .collect())
+}
+
 /// The routing policy of the project a key is bound to, if it is bound to one.
 fn routing_policy(state: &AppState, key: &ApiKeyInfo) -> Option<Arc<RoutingPolicy>> {
     let project = key.project_id?;
     (state.services.control).read(|s| s.project(project).map(|p| Arc::clone(&p.routing)))
 }
+
+/// Names the end user a request is for (its quotas, its traces).
+const USER: HeaderName = HeaderName::from_static("x-loom-user");
 
 /// Starts a request: reads and parses its body (a `GET` or `DELETE` has none) and queues
 /// `request.received`. `Err` is the response to send (its events already recorded).
@@ -234,7 +289,7 @@ async fn begin(
         .key
         .as_ref()
         .and_then(|key| routing_policy(state, key));
-    let flow = Flow {
+    let mut flow = Flow {
         dialect,
         gateway: Arc::clone(&gateway),
         producer: Arc::clone(&state.services.producer),
@@ -242,6 +297,9 @@ async fn begin(
         trace_id: caller.trace_id,
         tenant_id: caller.key.as_ref().map_or(Uuid::nil(), |k| k.tenant_id),
         key: caller.key,
+        user: None,
+        control: state.services.control.clone(),
+        quota: None,
         policy,
         forwarded: gateway
             .config
@@ -262,12 +320,14 @@ async fn begin(
     let bytes = read.as_ref().ok().cloned().unwrap_or_default();
     let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
     let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name));
+    let user = end_user(headers, parsed.as_ref());
+    flow.user = user.clone().ok().flatten();
     let received = flow.received(
         RequestReceived {
             endpoint: endpoint.to_owned(),
             project_id: flow.key.as_ref().and_then(|k| k.project_id),
             api_key_id: flow.key.as_ref().map(|k| k.key_id),
-            user: field("user").and_then(Value::as_str).map(str::to_owned),
+            user: flow.user.as_deref().map(str::to_owned),
             model: field("model")
                 .and_then(Value::as_str)
                 .unwrap_or_default()
@@ -296,6 +356,9 @@ async fn begin(
     if read.is_err() {
         return Err(flow.fail(GatewayError::BodyTooLarge { limit }).await);
     }
+    if let Err(problem) = user {
+        return Err(flow.fail(GatewayError::InvalidRequest(problem)).await);
+    }
     if !expects_body {
         return Ok((flow, ClientBody::new(bytes, Value::Null)));
     }
@@ -309,11 +372,41 @@ async fn begin(
     Ok((flow, ClientBody::new(bytes, parsed)))
 }
 
+/// The end user a request is for: the `x-loom-user` header, else the body's `user` (OpenAI) or
+/// `metadata.user_id` (Anthropic). Empty is none; over 256 bytes is refused, naming the field.
+fn end_user(headers: &HeaderMap, body: Option<&Value>) -> Result<Option<Box<str>>, String> {
+    let (field, user) = match headers.get(USER) {
+        Some(value) => (
+            "x-loom-user",
+            Some(
+                value
+                    .to_str()
+                    .map_err(|_| "x-loom-user: not valid text".to_owned())?,
+            ),
+        ),
+        None => {
+            let user = body.and_then(|b| b.get("user")).and_then(Value::as_str);
+            let metadata = || body?.pointer("/metadata/user_id")?.as_str();
+            match user {
+                Some(user) => ("user", Some(user)),
+                None => ("metadata.user_id", metadata()),
+            }
+        }
+    };
+    match user.map(str::trim).filter(|u| !u.is_empty()) {
+        Some(user) if user.len() > MAX_NAME_BYTES => Err(format!(
+            "{field}: at most {MAX_NAME_BYTES} bytes (got {})",
+            user.len()
+        )),
+        user => Ok(user.map(Box::from)),
+    }
+}
+
 /// Checks that a request names a model and carries what `operation` needs (`messages` as an
 /// array, `input`), and routes it: the deployments to try, with `routing.decided` recorded.
 /// `pinned` is the upstream holding the request's `previous_response_id`. `Err` is the response.
 async fn admit_to_route(
-    flow: &Flow,
+    flow: &mut Flow,
     request: &Value,
     operation: Operation,
     pinned: Option<usize>,
@@ -353,6 +446,10 @@ async fn admit_to_route(
         }
     }
     flow.gateway.emitter.emit(decided).await;
+    let embeddings = operation == Operation::Embeddings;
+    if let Err(error) = flow.reserve(request, embeddings, &order).await {
+        return Err(flow.fail(error).await);
+    }
     Ok(order)
 }
 
@@ -369,7 +466,7 @@ async fn run_chat(mut flow: Flow, operation: Operation, mut body: ClientBody) ->
         None => None,
     }
     .map(|deployment| flow.gateway.config.deployments[deployment].upstream);
-    let order = match admit_to_route(&flow, &body.json, operation, pinned).await {
+    let order = match admit_to_route(&mut flow, &body.json, operation, pinned).await {
         Ok(order) => order,
         Err(response) => return response,
     };

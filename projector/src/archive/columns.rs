@@ -16,7 +16,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
-use loom_schemas::event::{Event, Payload};
+use loom_schemas::event::{Event, Payload, QuotaScopeRef};
 use uuid::Uuid;
 
 use crate::fold::name_of;
@@ -198,14 +198,26 @@ impl Row {
                 row.tool_name = p.name.clone();
                 row.tool_direction = Some(name_of(&p.direction));
             }
+            // The ledger: tokens in `quota_amount`, micro-USD in `cost_micro_usd`, the scopes
+            // charged named in `quota_scope` (e.g. `tenant,project,user,api_key`).
+            Payload::QuotaReserved(p) => {
+                row.quota_scope = Some(scope_names(&p.scopes));
+                row.quota_window = Some("day".into());
+                row.quota_amount = Some(p.tokens);
+                row.cost_micro_usd = Some(p.cost_micro_usd);
+            }
             Payload::QuotaConsumed(p) => {
-                row.quota_scope = Some(name_of(&p.scope));
-                row.quota_scope_id = Some(p.scope_id.clone());
-                row.quota_metric = Some(name_of(&p.metric));
-                row.quota_window = Some(name_of(&p.window));
-                row.quota_amount = Some(p.amount);
-                row.quota_used = Some(p.used);
-                row.quota_limit = p.limit;
+                row.quota_scope = Some(scope_names(&p.scopes));
+                row.quota_window = Some("day".into());
+                row.quota_amount = Some(p.tokens);
+                row.cost_micro_usd = Some(p.cost_micro_usd);
+            }
+            Payload::QuotaReleased(p) => {
+                row.quota_scope = Some(scope_names(&p.scopes));
+                row.quota_window = Some("day".into());
+                row.quota_amount = Some(p.tokens);
+                row.cost_micro_usd = Some(p.cost_micro_usd);
+                row.error_class = Some(p.reason.clone());
             }
             Payload::QuotaDenied(p) => {
                 row.quota_scope = Some(name_of(&p.scope));
@@ -371,4 +383,10 @@ pub fn metadata_columns() -> Vec<&'static str> {
         .map(|f| f.name().as_str())
         .filter(|name| *name != RECORD)
         .collect()
+}
+
+/// The scopes a quota event charges, by name: `tenant,project,user,api_key`.
+fn scope_names(scopes: &[QuotaScopeRef]) -> String {
+    let names: Vec<&str> = scopes.iter().map(|s| s.scope.name()).collect();
+    names.join(",")
 }

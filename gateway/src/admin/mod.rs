@@ -25,6 +25,9 @@ use uuid::Uuid;
 
 use crate::services::Services;
 
+mod quota;
+pub use quota::{Amounts, LimitsPatch, QuotaQuery, QuotaRequest, QuotaView, Remaining};
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("{0}")]

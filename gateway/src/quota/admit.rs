@@ -1,0 +1,201 @@
+//! Quotas on the request path: the scopes a request is counted in, its reservation before the
+//! upstream call (`quota.reserved`, or `quota.denied` and a 429), and its settlement after
+//! (`quota.consumed`, or `quota.released` when the call used nothing).
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use loom_schemas::event::{
+    Envelope, Event, QuotaConsumed, QuotaDenied, QuotaReleased, QuotaReserved, QuotaScope,
+    now_micros,
+};
+use serde_json::Value;
+
+use super::{Admitted, Held, Limited, RateHeaders, Scope, reset_format};
+use crate::error::GatewayError;
+use crate::flow::Flow;
+use crate::gateway::Gateway;
+use crate::record::Outcome;
+use crate::tokens;
+
+/// A request's reservation. Dropped unsettled (the request ended some other way), it is
+/// released and `quota.released` recorded with reason `abandoned`.
+pub(crate) struct Reservation {
+    pub admitted: Admitted,
+    scopes: Vec<Limited>,
+    gateway: Arc<Gateway>,
+    envelope: Envelope,
+}
+
+impl Flow {
+    /// The scopes the request is counted in, with the limits in force on each: its tenant,
+    /// project, user and key.
+    fn quota_scopes(&self) -> Vec<Limited> {
+        let Some(key) = &self.key else {
+            return Vec::new();
+        };
+        let tenant = key.tenant_id;
+        let mut scopes = Vec::with_capacity(4);
+        scopes.push(Scope::of(tenant, QuotaScope::Tenant, tenant));
+        if let Some(project) = key.project_id {
+            scopes.push(Scope::of(tenant, QuotaScope::Project, project));
+        }
+        if let Some(user) = &self.user {
+            scopes.push(Scope::user(tenant, user));
+        }
+        scopes.push(Scope::of(tenant, QuotaScope::ApiKey, key.key_id));
+        let settings = &self.gateway.config.quotas;
+        self.control.read(|state| {
+            scopes
+                .into_iter()
+                .map(|scope| {
+                    let limits = scope.limits(state, settings);
+                    Limited::new(scope, limits)
+                })
+                .filter(|limited| !limited.unlimited())
+                .collect()
+        })
+    }
+
+    /// Reserves the request's estimate in every limited scope, recording `quota.reserved`; or
+    /// records `quota.denied` and returns the 429. A request no limit applies to reserves
+    /// nothing.
+    pub async fn reserve(
+        &mut self,
+        request: &Value,
+        embeddings: bool,
+        order: &[usize],
+    ) -> Result<(), GatewayError> {
+        let scopes = self.quota_scopes();
+        if scopes.is_empty() {
+            return Ok(());
+        }
+        // The prompt is counted by its bytes here (an over-estimate for most text, and cheap):
+        // the settlement puts the real count in its place.
+        let prompt = (tokens::prompt_bytes(request) + 2) / 3;
+        let (tokens, cost) = self.estimate(request, embeddings, order, prompt);
+        let now = now_micros();
+        match self.gateway.quotas.reserve(&scopes, tokens, cost, now) {
+            Ok(admitted) => {
+                let held = &admitted.held;
+                let event = self.event(QuotaReserved {
+                    reservation_id: admitted.id,
+                    scopes: held.scopes.iter().map(Scope::to_ref).collect(),
+                    day: held.day,
+                    tokens: held.tokens,
+                    cost_micro_usd: held.cost,
+                    expires_at: held.expires_at,
+                });
+                let envelope = event.envelope.clone();
+                self.gateway.emitter.emit(event).await;
+                self.quota = Some(Reservation {
+                    admitted,
+                    scopes,
+                    gateway: Arc::clone(&self.gateway),
+                    envelope,
+                });
+                Ok(())
+            }
+            Err(denial) => {
+                let event = self.event(QuotaDenied {
+                    scope: denial.scope,
+                    scope_id: denial.scope_id.clone(),
+                    metric: denial.kind.metric(),
+                    window: denial.kind.window(),
+                    limit: denial.limit,
+                    used: denial.used,
+                    retry_after_ms: i64::try_from(denial.retry_after.as_millis()).ok(),
+                });
+                self.gateway.emitter.emit(event).await;
+                Err(GatewayError::Quota(denial))
+            }
+        }
+    }
+
+    /// Settles the request's reservation with what `outcome` used (`quota.consumed`), or
+    /// releases it if the upstream call used nothing (`quota.released`). `None` without one.
+    pub fn settlement(&self, outcome: &Outcome) -> Option<Event> {
+        let reservation = self.quota.as_ref()?;
+        let id = reservation.admitted.id;
+        let quotas = &self.gateway.quotas;
+        let usage = &outcome.usage;
+        if usage.tokens_in.is_none() && usage.tokens_out.is_none() {
+            let held = quotas.release(id)?;
+            return Some(self.event(released(id, &held, "failed")));
+        }
+        let tokens = usage.tokens_in.unwrap_or(0) + usage.tokens_out.unwrap_or(0);
+        let cost = outcome.cost_micro_usd.unwrap_or(0);
+        let held = quotas.settle(id, tokens, cost, &reservation.scopes)?;
+        Some(self.event(QuotaConsumed {
+            reservation_id: Some(id),
+            scopes: held.scopes.iter().map(Scope::to_ref).collect(),
+            day: held.day,
+            tokens,
+            cost_micro_usd: cost,
+            reserved_tokens: held.tokens,
+            reserved_cost_micro_usd: held.cost,
+        }))
+    }
+
+    /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` of an admitted request.
+    pub fn rate_headers(&self, headers: &mut HeaderMap) {
+        let Some(reservation) = &self.quota else {
+            return;
+        };
+        let RateHeaders { requests, tokens } = reservation.admitted.headers;
+        for (family, headroom) in [("requests", requests), ("tokens", tokens)] {
+            let Some(headroom) = headroom else {
+                continue;
+            };
+            let values = [
+                ("limit", headroom.limit.to_string()),
+                ("remaining", headroom.remaining.max(0).to_string()),
+                ("reset", reset_format(headroom.reset)),
+            ];
+            for (what, value) in values {
+                let name = format!("x-ratelimit-{what}-{family}");
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&value),
+                ) {
+                    headers.insert(name, value);
+                }
+            }
+        }
+    }
+}
+
+fn released(id: uuid::Uuid, held: &Held, reason: &str) -> QuotaReleased {
+    QuotaReleased {
+        reservation_id: id,
+        scopes: held.scopes.iter().map(Scope::to_ref).collect(),
+        day: held.day,
+        tokens: held.tokens,
+        cost_micro_usd: held.cost,
+        reason: reason.into(),
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let id = self.admitted.id;
+        let Some(held) = self.gateway.quotas.release(id) else {
+            return;
+        };
+        let envelope = Envelope::new(
+            self.envelope.tenant_id,
+            self.envelope.trace_id.clone(),
+            self.envelope.producer.clone(),
+        );
+        let event = Event {
+            envelope,
+            payload: released(id, &held, "abandoned").into(),
+        };
+        let emitter = self.gateway.emitter.clone();
+        if let Err(event) = emitter.try_emit(event) {
+            self.gateway.tasks.spawn(async move {
+                emitter.emit(*event).await;
+            });
+        }
+    }
+}
