@@ -162,8 +162,9 @@ const VIEWS: &[(&str, &str)] = &[
         "quota_events",
         "SELECT envelope_tenant_id AS tenant_id, event_id, event_type, trace_id, occurred_at, \
          quota_scope, quota_scope_id, quota_metric, quota_window, quota_amount, quota_used, \
-         quota_limit \
-         FROM events WHERE event_type IN ('quota.consumed', 'quota.denied')",
+         quota_limit, cost_micro_usd \
+         FROM events WHERE event_type IN \
+         ('quota.reserved', 'quota.consumed', 'quota.released', 'quota.denied')",
     ),
     (
         "policy_findings",

@@ -181,7 +181,7 @@ pub enum Refused {
     StaleVersion,
     #[error("a project document does not parse or check")]
     InvalidDocument,
-    #[error("not a limit Loom enforces, or out of range")]
+    #[error("a limit out of range")]
     InvalidLimit,
     #[error("the quota's scope id names nothing of this tenant")]
     UnknownScope,
@@ -359,16 +359,19 @@ impl ControlState {
             }
             Payload::QuotaLimitSet(set) => {
                 self.live_tenant(tenant_id)?;
-                let kind = LimitKind::of(set.metric, set.window).ok_or(Refused::InvalidLimit)?;
-                if let Some(limit) = set.limit {
-                    kind.check(limit).map_err(|_| Refused::InvalidLimit)?;
-                }
                 self.check_scope(tenant_id, set.scope, &set.scope_id)?;
-                let scopes = self.limits.entry((tenant_id, set.scope)).or_default();
-                let limits = scopes.entry(set.scope_id.clone()).or_default();
-                limits.set(kind, set.limit);
-                if limits.is_empty() {
-                    scopes.remove(&set.scope_id);
+                // A limit the gateway enforces is checked and kept for it; other pairs (e.g.
+                // requests per day) are read models' and alerts' only.
+                if let Some(kind) = LimitKind::of(set.metric, set.window) {
+                    if let Some(limit) = set.limit {
+                        kind.check(limit).map_err(|_| Refused::InvalidLimit)?;
+                    }
+                    let scopes = self.limits.entry((tenant_id, set.scope)).or_default();
+                    let limits = scopes.entry(set.scope_id.clone()).or_default();
+                    limits.set(kind, set.limit);
+                    if limits.is_empty() {
+                        scopes.remove(&set.scope_id);
+                    }
                 }
                 Ok(ControlChange::QuotaLimitSet {
                     tenant_id,
@@ -648,6 +651,105 @@ mod tests {
 
     fn created(name: &str) -> TenantCreated {
         TenantCreated { name: name.into() }
+    }
+
+    #[test]
+    fn quota_limits_name_the_tenants_own_scopes_and_stay_in_range() {
+        use crate::event::{QuotaLimitSet, QuotaMetric, QuotaWindow};
+        let (acme, globex) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut state = ControlState::default();
+        state.apply(&event(acme, created("acme"))).unwrap();
+        state.apply(&event(globex, created("globex"))).unwrap();
+        let project = Uuid::now_v7();
+        let project_created = ProjectCreated {
+            project_id: project,
+            name: "p".into(),
+            routing_policy: None,
+            security_policy: None,
+            feature_flags: None,
+        };
+        state.apply(&event(acme, project_created)).unwrap();
+        let set = |scope, scope_id: &str, metric, window, limit| QuotaLimitSet {
+            scope,
+            scope_id: scope_id.into(),
+            metric,
+            window,
+            limit,
+        };
+        let tokens =
+            |scope, id: &str, limit| set(scope, id, QuotaMetric::Tokens, QuotaWindow::Day, limit);
+        state
+            .apply(&event(
+                acme,
+                tokens(QuotaScope::Project, &project.to_string(), Some(5)),
+            ))
+            .unwrap();
+        state
+            .apply(&event(acme, tokens(QuotaScope::User, "ada", Some(0))))
+            .unwrap();
+        let limits = state.limits(acme, QuotaScope::Project, &project.to_string());
+        assert_eq!(limits.tokens_per_day, Some(5));
+        assert_eq!(
+            state.limits(acme, QuotaScope::User, "ada").tokens_per_day,
+            Some(0)
+        );
+        // Another tenant's project, a malformed id, a user id too long, a limit out of range.
+        for (tenant, bad, refused) in [
+            (
+                globex,
+                tokens(QuotaScope::Project, &project.to_string(), Some(1)),
+                Refused::UnknownProject,
+            ),
+            (
+                acme,
+                tokens(QuotaScope::Project, "p-1", Some(1)),
+                Refused::UnknownScope,
+            ),
+            (
+                acme,
+                tokens(QuotaScope::Tenant, &globex.to_string(), Some(1)),
+                Refused::UnknownScope,
+            ),
+            (
+                acme,
+                tokens(QuotaScope::User, &"u".repeat(257), Some(1)),
+                Refused::MalformedPrincipal,
+            ),
+            (
+                acme,
+                tokens(QuotaScope::User, "ada", Some(-1)),
+                Refused::InvalidLimit,
+            ),
+        ] {
+            assert_eq!(state.apply(&event(tenant, bad)), Err(refused));
+        }
+        // A limit the gateway does not enforce is accepted for the read models, not kept here.
+        let daily_requests = set(
+            QuotaScope::Tenant,
+            &acme.to_string(),
+            QuotaMetric::Requests,
+            QuotaWindow::Day,
+            Some(10),
+        );
+        state.apply(&event(acme, daily_requests)).unwrap();
+        assert!(
+            state
+                .limits(acme, QuotaScope::Tenant, &acme.to_string())
+                .is_empty()
+        );
+        // `null` goes back to the default; erasure forgets the tenant's limits.
+        state
+            .apply(&event(acme, tokens(QuotaScope::User, "ada", None)))
+            .unwrap();
+        assert!(state.limits(acme, QuotaScope::User, "ada").is_empty());
+        state
+            .apply(&event(acme, TenantErased { reason: None }))
+            .unwrap();
+        assert!(
+            state
+                .limits(acme, QuotaScope::Project, &project.to_string())
+                .is_empty()
+        );
     }
 
     #[test]
