@@ -38,6 +38,9 @@ enum BenchKind {
     /// Gateway latency, throughput, CPU and memory under load (oha), against the mock upstream
     /// called directly and through nginx `proxy_pass`.
     Gateway(crate::bench_gateway::GatewayBenchArgs),
+    /// Quota admission: reserving and settling a request in its four scopes, per request and
+    /// under contention.
+    Quota(crate::bench_quota::QuotaBenchArgs),
     /// The log on a Kafka-protocol broker: producer throughput and append-to-read latency.
     Kafka(crate::bench_kafka::KafkaBenchArgs),
     /// Folding the log into the read models (SQLite, Postgres) and replaying it, against reading
@@ -80,6 +83,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         } => log(&dir, body_bytes, Duration::from_secs_f64(seconds)).await,
         BenchKind::Gateway(args) => crate::bench_gateway::run(args).await,
         BenchKind::Kafka(args) => crate::bench_kafka::run(args).await,
+        BenchKind::Quota(args) => crate::bench_quota::run(args).await,
         BenchKind::Projector(args) => crate::bench_projector::run(args).await,
         BenchKind::Archive(args) => crate::bench_archive::run(args).await,
         BenchKind::Query(args) => crate::bench_query::run(args).await,

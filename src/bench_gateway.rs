@@ -99,6 +99,12 @@ pub struct GatewayBenchArgs {
     /// The `--events-ack` modes to measure, each in a server of its own.
     #[arg(long, value_delimiter = ',', default_value = "recorded")]
     events_ack: Vec<EventsAck>,
+    /// `on` adds a gateway (`--read-models off`) whose requests are counted in quotas: the key
+    /// and the requests' user (`x-loom-user`) have per-minute rates and daily budgets that no
+    /// run reaches, so every request reserves, settles and records both; `off` is the servers
+    /// above, whose requests no limit applies to.
+    #[arg(long, value_delimiter = ',', default_value = "off,on")]
+    quotas: Vec<Quotas>,
     /// The oha binary (`cargo install oha`; ./infra/bench.sh installs it).
     #[arg(long, env = "LOOM_OHA", default_value = "oha")]
     oha: PathBuf,
@@ -106,6 +112,12 @@ pub struct GatewayBenchArgs {
     /// with a note, when it cannot be run.
     #[arg(long, env = "LOOM_NGINX", default_value = "nginx")]
     nginx: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quotas {
+    Off,
+    On,
 }
 
 /// A child process stopped on drop: SIGTERM (nginx's master then stops its workers, which a
@@ -365,6 +377,9 @@ fn oha(
             .arg("-H")
             .arg(format!("Authorization: Bearer {key}"));
     }
+    if let Some(user) = target.user {
+        command.arg("-H").arg(format!("x-loom-user: {user}"));
+    }
     let output = command
         .arg(format!("http://{}{path}", target.addr))
         .output()
@@ -413,7 +428,15 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-async fn setup_key(client: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<String> {
+/// A tenant and a key; with `quotas`, the requests are counted in every scope: the key and the
+/// bench's user (`x-loom-user`) get per-minute rates and daily budgets no run reaches, so each
+/// request reserves and settles in the tenant, user and key (and runs their GCRAs).
+async fn setup_key(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    quotas: bool,
+) -> anyhow::Result<String> {
     let tenant: Value = client
         .post(format!("{base}/admin/tenants"))
         .bearer_auth(token)
@@ -432,11 +455,32 @@ async fn setup_key(client: &reqwest::Client, base: &str, token: &str) -> anyhow:
         .error_for_status()?
         .json()
         .await?;
+    if quotas {
+        let limits = json!({"tokens_per_day": 1_000_000_000_000i64,
+                            "cost_micro_usd_per_day": 1_000_000_000_000_000i64,
+                            "requests_per_minute": 10_000_000,
+                            "tokens_per_minute": 1_000_000_000});
+        for (scope, id) in [("key", key["key_id"].clone()), ("user", json!(BENCH_USER))] {
+            client
+                .post(format!("{base}/admin/quotas"))
+                .bearer_auth(token)
+                .json(
+                    &json!({"tenant_id": tenant["tenant_id"], "scope": scope, "id": id,
+                              "limits": limits}),
+                )
+                .send()
+                .await?
+                .error_for_status()?;
+        }
+    }
     key["key"]
         .as_str()
         .map(str::to_owned)
         .context("no key in the answer")
 }
+
+/// The user the requests of a `quotas=on` server are for.
+const BENCH_USER: &str = "bench-user";
 
 /// The variable the benchmark's upstream key is in (the mock takes any).
 const UPSTREAM_KEY: &str = "LOOM_BENCH_UPSTREAM_KEY";
@@ -463,6 +507,8 @@ struct Target {
     addr: String,
     /// The API key Loom wants.
     key: Option<String>,
+    /// The user requests name (`x-loom-user`), so that they are counted in its quotas.
+    user: Option<&'static str>,
     /// The process whose CPU and memory are measured (with its children); `None` for the mock
     /// itself, the baseline.
     process: Option<Process>,
@@ -510,6 +556,7 @@ fn start_nginx(binary: &Path, work: &Path, upstream: &str) -> anyhow::Result<Tar
                 name: "nginx proxy_pass".into(),
                 addr,
                 key: None,
+                user: None,
                 process: Some(process),
             });
         }
@@ -523,9 +570,13 @@ async fn start_gateway(
     config: &Path,
     ack: EventsAck,
     read_models: &str,
+    quotas: bool,
 ) -> anyhow::Result<Target> {
     let token = "bench-admin";
-    let name = format!("loom rm={read_models} ack={ack}");
+    let name = match quotas {
+        true => format!("loom rm={read_models} quotas=on"),
+        false => format!("loom rm={read_models} ack={ack}"),
+    };
     let mut loom = Command::new(std::env::current_exe()?);
     loom.args([
         "serve",
@@ -537,7 +588,7 @@ async fn start_gateway(
         ack.name(),
     ])
     .arg("--data-dir")
-    .arg(work.join(format!("data-{read_models}-{ack}").replace('/', "_")))
+    .arg(work.join(format!("data-{read_models}-{ack}-{quotas}").replace('/', "_")))
     .arg("--config")
     .arg(config)
     .env("LOOM_ADMIN_TOKEN", token)
@@ -548,11 +599,12 @@ async fn start_gateway(
     }
     let (process, addr) = spawn_listening(loom)?;
     let client = reqwest::Client::new();
-    let key = setup_key(&client, &format!("http://{addr}"), token).await?;
+    let key = setup_key(&client, &format!("http://{addr}"), token, quotas).await?;
     Ok(Target {
         name,
         addr,
         key: Some(key),
+        user: quotas.then_some(BENCH_USER),
         process: Some(process),
     })
 }
@@ -656,6 +708,7 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
         name: "direct".into(),
         addr: mock_addr.clone(),
         key: None,
+        user: None,
         process: None,
     }];
     match start_nginx(&args.nginx, work.path(), &mock_addr) {
@@ -666,8 +719,16 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
     }
     for read_models in &args.read_models {
         for ack in &args.events_ack {
-            targets.push(start_gateway(work.path(), &config, *ack, read_models).await?);
+            targets.push(start_gateway(work.path(), &config, *ack, read_models, false).await?);
         }
+    }
+    if args.quotas.contains(&Quotas::On) {
+        let ack = args
+            .events_ack
+            .first()
+            .copied()
+            .unwrap_or(EventsAck::Recorded);
+        targets.push(start_gateway(work.path(), &config, ack, "off", true).await?);
     }
 
     let chat = json!({"model": "fast", "messages": [{"role": "user", "content": "Summarise the quarterly report in three bullet points for the leadership team."}]});

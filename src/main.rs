@@ -13,6 +13,7 @@ mod bench_gateway;
 mod bench_kafka;
 mod bench_projector;
 mod bench_query;
+mod bench_quota;
 mod export;
 mod sql;
 mod verify;
