@@ -143,7 +143,89 @@ async fn two_gateways_share_the_log_and_obey_each_others_control_changes() {
         "the other gateway accepted the new key after {issued:?} and refused it {revoked:?} after revocation"
     );
 
+    // Quotas are shared: what a user uses through one gateway counts on the other.
+    let key = post(
+        &client,
+        a.url("/admin/keys"),
+        json!({"tenant_id": tenant["tenant_id"]}),
+    )
+    .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    until(&client, &b, &key, |s| s == 200, &mut sent_b).await;
+    let user_usage = |gateway: &Server| {
+        let request = client
+            .get(gateway.url("/v1/quota/status"))
+            .bearer_auth(&key)
+            .header("x-loom-user", "shared-user");
+        async move {
+            let status: Value = request.send().await.unwrap().json().await.unwrap();
+            let user = status["scopes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["scope"] == "user")
+                .cloned()
+                .unwrap();
+            (
+                user["used"]["tokens"].as_i64().unwrap(),
+                user["reserved"]["tokens"].as_i64().unwrap(),
+            )
+        }
+    };
+    let answered = client
+        .post(a.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-loom-user", "shared-user")
+        .json(&json!({"model": "fast", "max_tokens": 50,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    let (used, reserved) = user_usage(&a).await;
+    assert!(used > 0 && reserved == 0, "{used} {reserved}");
+    let started = std::time::Instant::now();
+    while user_usage(&b).await != (used, 0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the other gateway never counted the user's {used} tokens"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "the other gateway counted the user's usage after {:?}",
+        started.elapsed()
+    );
+
     assert!(a.stop().success());
+    // A restarted gateway rebuilds the day's counts from the quota topic.
+    assert!(b.stop().success());
+    let b = start("gateway", "b");
+    let started = std::time::Instant::now();
+    loop {
+        let counted = client
+            .get(b.url("/v1/quota/status"))
+            .bearer_auth(&key)
+            .header("x-loom-user", "shared-user")
+            .send()
+            .await;
+        if let Ok(response) = counted
+            && response.status() == 200
+        {
+            let status: Value = response.json().await.unwrap();
+            let user = &status["scopes"][1];
+            if user["used"]["tokens"] == used {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the restarted gateway lost the day's counts"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(b.stop().success());
 
     // Every request of both gateways is on the shared data topic.

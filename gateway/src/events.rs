@@ -30,6 +30,8 @@ const IDLE: Duration = Duration::from_millis(100);
 /// An event in the queue, encoded (on the request's task, so that the one writer only appends),
 /// with whoever waits for it to be recorded.
 struct Queued {
+    /// The data topic, or the quota topic for the quota ledger's events.
+    topic: Topic,
     record: Record,
     recorded: Option<oneshot::Sender<()>>,
 }
@@ -116,7 +118,11 @@ impl Emitter {
     /// a bug can cause.
     fn encode(&self, event: &Event, recorded: Option<oneshot::Sender<()>>) -> Option<Queued> {
         match self.registry.encode_record(event) {
-            Ok(record) => Some(Queued { record, recorded }),
+            Ok(record) => Some(Queued {
+                topic: Topic::for_plane(event.payload.plane()),
+                record,
+                recorded,
+            }),
             Err(error) => {
                 metrics::counter!("loom_events_unencodable_total").increment(1);
                 tracing::error!(%error, event_type = event.payload.event_type(), "an event could not be encoded");
@@ -290,26 +296,37 @@ impl EventWriter {
         }
     }
 
-    /// Appends a batch, retrying until the log takes it.
+    /// Appends a batch, each event to its topic, retrying until the log takes it (a topic
+    /// appended is not appended again).
     async fn append(&self, batch: &[Queued]) {
+        for topic in Topic::ALL {
+            let records: Vec<&Record> = batch
+                .iter()
+                .filter(|queued| queued.topic == topic)
+                .map(|queued| &queued.record)
+                .collect();
+            if !records.is_empty() {
+                self.append_to(topic, &records).await;
+            }
+        }
+    }
+
+    async fn append_to(&self, topic: Topic, records: &[&Record]) {
         let mut backoff = Duration::from_millis(50);
         loop {
             let appended = match &self.embedded {
                 // On the writer's own thread (see `spawn`): blocking is fine here.
-                Some(log) => {
-                    let records: Vec<&Record> = batch.iter().map(|queued| &queued.record).collect();
-                    log.append_blocking(Topic::Data, &records).map(drop)
-                }
+                Some(log) => log.append_blocking(topic, records).map(drop),
                 None => {
-                    let records = batch.iter().map(|queued| queued.record.clone()).collect();
-                    self.log.append(Topic::Data, records).await.map(drop)
+                    let records = records.iter().map(|record| (*record).clone()).collect();
+                    self.log.append(topic, records).await.map(drop)
                 }
             };
             match appended {
                 Ok(()) => return,
                 Err(error) => {
                     metrics::counter!("loom_events_append_failures_total").increment(1);
-                    tracing::error!(%error, count = batch.len(), "appending events failed; retrying");
+                    tracing::error!(%error, topic = topic.name(), count = records.len(), "appending events failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -323,7 +340,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use async_trait::async_trait;
-    use loom_schemas::event::{Envelope, TenantCreated};
+    use loom_schemas::event::{Envelope, PolicyAction, PolicyEvaluated};
     use loom_schemas::log::{
         EmbeddedLog, EmbeddedLogConfig, GroupReader, LogError, LogReader, Position,
     };
@@ -334,7 +351,13 @@ mod tests {
     fn event() -> Event {
         Event {
             envelope: Envelope::new(Uuid::now_v7(), Some("t".into()), "test"),
-            payload: TenantCreated { name: "x".into() }.into(),
+            payload: PolicyEvaluated {
+                project_id: None,
+                action: PolicyAction::Allow,
+                findings: Vec::new(),
+                latency_us: 0,
+            }
+            .into(),
         }
     }
 

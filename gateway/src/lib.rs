@@ -59,7 +59,7 @@ pub enum StartError {
 }
 
 /// The HTTP app of a node: the data plane, the admin API (for holders of `admin_token`), health
-/// and metrics. Its event writer and the background work of requests run on `tasks`; the writer
+/// and metrics; call it inside a tokio runtime. Its event writer and the background work of requests run on `tasks`; the writer
 /// ends once the app is dropped and every queued event is written.
 pub fn app(
     config: GatewayConfig,
@@ -75,15 +75,22 @@ pub fn app(
     writer.spawn(tasks);
     // The tokenizer for usage estimates takes a moment to build: build it now, off the request path.
     tasks.spawn_blocking(tokens::warm_up);
-    let gateway = Gateway::new(
+    let gateway = Arc::new(Gateway::new(
         config,
         emitter,
         tasks.clone(),
         services.response_index.clone(),
-    )?;
+    )?);
+    // The quota ledger: today's counts from the quota topic, then every gateway's as they come.
+    // Not tracked: it only reads, and ends once the gateway is gone.
+    tokio::spawn(quota::follow(
+        Arc::downgrade(&gateway),
+        Arc::downgrade(&services.log),
+        services.producer.to_string(),
+    ));
     Ok(router(AppState::new(
         services,
-        Arc::new(gateway),
+        gateway,
         admin_token.map(|token| token.expose_secret()),
     )))
 }

@@ -18,6 +18,13 @@ pub mod store;
 pub mod write;
 
 pub use catalog::Catalog;
+
+/// The topics the read models are folded from. The quota topic's ledger is the gateways' (and
+/// the archive's); its denials are on the data topic.
+pub const PROJECTED: [loom_schemas::log::Topic; 2] = [
+    loom_schemas::log::Topic::Data,
+    loom_schemas::log::Topic::Control,
+];
 pub use lookup::Lookup;
 pub use replay::{FromArchive, ReplayReport, replay};
 pub use run::{

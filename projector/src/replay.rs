@@ -17,6 +17,7 @@ use loom_schemas::keystore::KeyStore;
 use loom_schemas::log::{Entry, Log, Topic};
 use tokio_util::sync::CancellationToken;
 
+use crate::PROJECTED;
 use crate::archive::Archive;
 use crate::archive::archiver::{read_checkpoint, tenant_of};
 use crate::archive::manifest::position_key;
@@ -74,7 +75,7 @@ pub async fn replay(
 
     // The end of every partition now: the replay is done when the new version reaches it.
     let mut targets = Vec::new();
-    for topic in Topic::ALL {
+    for topic in PROJECTED {
         for partition in 0..log.partitions(topic) {
             targets.push((topic, partition, log.end_offset(topic, partition).await?));
         }
@@ -274,7 +275,7 @@ async fn fold_unpositioned(
 /// Records of `targets` the store has folded (up to each target's end).
 async fn folded(store: &ReadStore, targets: &[(Topic, u32, u64)]) -> Result<u64, sqlx::Error> {
     let mut done = 0;
-    for topic in Topic::ALL {
+    for topic in PROJECTED {
         let stored = stored_positions(store, topic).await?;
         for (_, partition, end) in targets.iter().filter(|(t, _, _)| *t == topic) {
             let at = stored

@@ -9,6 +9,7 @@ use loom_schemas::log::{Entry, GroupEvent, GroupReader, Log, LogError, Position,
 use sqlx::{Acquire, Row};
 use tokio_util::sync::CancellationToken;
 
+use crate::PROJECTED;
 use crate::catalog::Catalog;
 use crate::fold::{Changes, ControlState};
 use crate::partitions;
@@ -100,7 +101,7 @@ impl Projector {
         };
         let retention = expire(self.store.clone(), self.config.clone(), stop.clone());
         let (data, control, ()) =
-            tokio::join!(member(Topic::Data), member(Topic::Control), retention);
+            tokio::join!(member(PROJECTED[0]), member(PROJECTED[1]), retention);
         data.and(control)
     }
 }

@@ -232,7 +232,9 @@ async fn assert_exactly_once(setup: &Setup, archive: &Archive) {
         let event = registry.decode(record).unwrap();
         let expected = match event.payload.plane() {
             loom_schemas::event::Plane::Control => SYSTEM_TENANT,
-            loom_schemas::event::Plane::Data => event.envelope.tenant_id,
+            loom_schemas::event::Plane::Data | loom_schemas::event::Plane::Quota => {
+                event.envelope.tenant_id
+            }
         };
         assert_eq!(
             *tenant, expected,

@@ -65,8 +65,10 @@ pub struct Event {
 pub enum Plane {
     /// Per-request events, keyed by trace id.
     Data,
-    /// Tenants, projects, keys, quotas, roles: totally ordered.
+    /// Tenants, projects, keys, quota limits, roles: totally ordered.
     Control,
+    /// The quota ledger: reservations and their settlements, totally ordered.
+    Quota,
 }
 
 macro_rules! events {
@@ -120,9 +122,9 @@ events! {
     Data "routing.decided" => RoutingDecided,
     Data "llm_call.completed" => LlmCallCompleted,
     Data "tool_call.observed" => ToolCallObserved,
-    Data "quota.reserved" => QuotaReserved,
-    Data "quota.consumed" => QuotaConsumed,
-    Data "quota.released" => QuotaReleased,
+    Quota "quota.reserved" => QuotaReserved,
+    Quota "quota.consumed" => QuotaConsumed,
+    Quota "quota.released" => QuotaReleased,
     Data "quota.denied" => QuotaDenied,
     Data "request.completed" => RequestCompleted,
     Control "tenant.created" => TenantCreated,

@@ -177,7 +177,8 @@ impl Harness {
             .unwrap()
     }
 
-    /// Stops the gateway (draining its event queue) and returns every data-plane event.
+    /// Stops the gateway (draining its event queue) and returns every data-plane event, then
+    /// the quota ledger's.
     pub async fn stop(self) -> Recorded {
         self.shutdown.cancel();
         self.server.await.unwrap();
@@ -188,19 +189,21 @@ impl Harness {
         ))
         .await
         .unwrap();
-        let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
         let registry = Registry::builtin().unwrap();
         let mut events = Vec::new();
-        loop {
-            let batch = reader.poll(1000).await.unwrap();
-            if batch.is_empty() {
-                break;
+        for topic in [Topic::Data, Topic::Quota] {
+            let mut reader = log.read_from(topic, 0, 0).await.unwrap();
+            loop {
+                let batch = reader.poll(1000).await.unwrap();
+                if batch.is_empty() {
+                    break;
+                }
+                events.extend(
+                    batch
+                        .iter()
+                        .map(|e| registry.decode(&e.record.value).unwrap()),
+                );
             }
-            events.extend(
-                batch
-                    .iter()
-                    .map(|e| registry.decode(&e.record.value).unwrap()),
-            );
         }
         let keys = KeyStore::open_file(
             self.dir.path().join("keys.json"),

@@ -19,13 +19,15 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 use loom_schemas::control::ControlState;
-use loom_schemas::event::{QuotaScope, QuotaScopeRef, TimestampMicros};
+use loom_schemas::event::{Event, Payload, QuotaScope, QuotaScopeRef, TimestampMicros};
 use loom_schemas::quota::{LimitKind, Limits};
 use serde::Deserialize;
 use uuid::Uuid;
 
 mod admit;
+mod follow;
 pub(crate) use admit::Reservation;
+pub(crate) use follow::follow;
 
 /// A minute, the window of rate limits, in µs.
 const MINUTE_US: i64 = 60_000_000;
@@ -560,22 +562,48 @@ impl Quotas {
         self.ledger().unhold(id)
     }
 
-    /// Applies another gateway's ledger events (or replays them): the same changes the local
-    /// calls make. A settlement or release of a reservation not held here still counts its
-    /// usage.
-    pub fn apply_reserved(&self, id: Uuid, held: Held) {
+    /// Applies a ledger event another gateway made (or an earlier run of this one): the same
+    /// change the local calls made there. A settlement of a reservation not held here still
+    /// counts its usage; a reservation past its expiry is not held.
+    pub fn apply(&self, event: &Event, now: TimestampMicros) {
+        let tenant = event.envelope.tenant_id;
+        let scopes = |refs: &[QuotaScopeRef]| -> Vec<Scope> {
+            refs.iter()
+                .filter_map(|r| Scope::from_ref(tenant, r))
+                .collect()
+        };
         let mut ledger = self.ledger();
-        if !ledger.held.contains_key(&id) {
-            ledger.hold(id, held);
+        match &event.payload {
+            Payload::QuotaReserved(r)
+                if r.expires_at > now && !ledger.held.contains_key(&r.reservation_id) =>
+            {
+                let held = Held {
+                    scopes: scopes(&r.scopes),
+                    day: r.day,
+                    tokens: r.tokens,
+                    cost: r.cost_micro_usd,
+                    expires_at: r.expires_at,
+                };
+                ledger.hold(r.reservation_id, held);
+            }
+            Payload::QuotaConsumed(c) => {
+                if let Some(id) = c.reservation_id {
+                    ledger.unhold(id);
+                }
+                let used = Held {
+                    scopes: scopes(&c.scopes),
+                    day: c.day,
+                    tokens: c.tokens,
+                    cost: c.cost_micro_usd,
+                    expires_at: 0,
+                };
+                ledger.consume(&used, used.tokens, used.cost);
+            }
+            Payload::QuotaReleased(r) => {
+                ledger.unhold(r.reservation_id);
+            }
+            _ => {}
         }
-    }
-
-    pub fn apply_consumed(&self, id: Option<Uuid>, used: &Held) {
-        let mut ledger = self.ledger();
-        if let Some(id) = id {
-            ledger.unhold(id);
-        }
-        ledger.consume(used, used.tokens, used.cost);
     }
 
     /// A scope's state now.
@@ -693,7 +721,10 @@ mod tests {
     const T: i64 = 1_800_000_000_000_000;
 
     fn scope(kind: QuotaScope) -> Scope {
-        Scope::of(Uuid::nil(), kind, Uuid::from_u128(kind as u128 + 1))
+        match kind {
+            QuotaScope::User => Scope::user(Uuid::nil(), "ada"),
+            _ => Scope::of(Uuid::nil(), kind, Uuid::from_u128(kind as u128 + 1)),
+        }
     }
 
     fn limited(kind: QuotaScope, tokens_per_day: i64, cost_per_day: i64) -> Limited {
@@ -827,6 +858,79 @@ mod tests {
         assert_eq!(day + 1, utc_day);
         let end = DateTime::parse_from_rfc3339("2026-12-05T05:00:00Z").unwrap();
         assert_eq!(ends, end.timestamp_micros());
+    }
+
+    #[test]
+    fn another_gateways_ledger_events_count_here() {
+        use loom_schemas::event::{Envelope, QuotaConsumed, QuotaReleased, QuotaReserved};
+        let (here, there) = (quotas(), quotas());
+        let scopes = [limited(QuotaScope::User, 1_000, 0)];
+        let event = |payload: Payload| Event {
+            envelope: Envelope::new(Uuid::nil(), Some("t".into()), "gateway/other/1"),
+            payload,
+        };
+        let refs: Vec<QuotaScopeRef> = scopes.iter().map(|l| l.scope.to_ref()).collect();
+        let admitted = there.reserve(&scopes, 600, 0, T).unwrap();
+        let reserved = QuotaReserved {
+            reservation_id: admitted.id,
+            scopes: refs.clone(),
+            day: admitted.held.day,
+            tokens: 600,
+            cost_micro_usd: 0,
+            expires_at: admitted.held.expires_at,
+        };
+        here.apply(&event(reserved.clone().into()), T);
+        assert!(
+            here.reserve(&scopes, 500, 0, T).is_err(),
+            "600 of 1,000 held there"
+        );
+        here.apply(
+            &event(
+                QuotaConsumed {
+                    reservation_id: Some(admitted.id),
+                    scopes: refs.clone(),
+                    day: admitted.held.day,
+                    tokens: 100,
+                    cost_micro_usd: 0,
+                    reserved_tokens: 600,
+                    reserved_cost_micro_usd: 0,
+                }
+                .into(),
+            ),
+            T,
+        );
+        let user = here.status(scopes[0].clone(), T);
+        assert_eq!(
+            (user.budget.used_tokens, user.budget.reserved_tokens),
+            (100, 0)
+        );
+        // A reservation released, and one past its expiry when read, hold nothing.
+        let second = QuotaReserved {
+            reservation_id: Uuid::now_v7(),
+            ..reserved.clone()
+        };
+        here.apply(&event(second.clone().into()), T);
+        here.apply(
+            &event(
+                QuotaReleased {
+                    reservation_id: second.reservation_id,
+                    scopes: refs,
+                    day: second.day,
+                    tokens: 600,
+                    cost_micro_usd: 0,
+                    reason: "failed".into(),
+                }
+                .into(),
+            ),
+            T,
+        );
+        let expired = QuotaReserved {
+            reservation_id: Uuid::now_v7(),
+            expires_at: T - 1,
+            ..reserved
+        };
+        here.apply(&event(expired.into()), T);
+        assert_eq!(here.status(scopes[0].clone(), T).budget.reserved_tokens, 0);
     }
 
     #[test]

@@ -226,9 +226,12 @@ impl Archiver {
                 let known = checkpoint.positions.get(&key).copied();
                 let start = known.unwrap_or(0);
                 state.read.insert(key, start);
-                // Read back far enough to refill the dedupe window (data topic: the spool's copies).
+                // Read back far enough to refill the dedupe window (data and quota topics: the
+                // spool's copies).
                 let back = match topic {
-                    Topic::Data => start.saturating_sub(self.config.dedupe_window as u64),
+                    Topic::Data | Topic::Quota => {
+                        start.saturating_sub(self.config.dedupe_window as u64)
+                    }
                     Topic::Control => start,
                 };
                 readers.spawn(read_partition(
@@ -834,15 +837,17 @@ pub async fn read_checkpoint(archive: &Archive) -> Result<BTreeMap<String, u64>,
 pub fn tenant_of(registry: &Registry, topic: Topic, record: &Record) -> Uuid {
     match topic {
         Topic::Control => SYSTEM_TENANT,
-        Topic::Data => tenant_of_decoded(&registry.decode(&record.value), topic, record),
+        Topic::Data | Topic::Quota => {
+            tenant_of_decoded(&registry.decode(&record.value), topic, record)
+        }
     }
 }
 
 fn tenant_of_decoded<E>(decoded: &Result<Event, E>, topic: Topic, record: &Record) -> Uuid {
     match (decoded, topic) {
         (_, Topic::Control) => SYSTEM_TENANT,
-        (Ok(event), Topic::Data) => event.envelope.tenant_id,
-        (Err(_), Topic::Data) => record
+        (Ok(event), _) => event.envelope.tenant_id,
+        (Err(_), _) => record
             .header(HEADER_TENANT_ID)
             .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
             .unwrap_or(SYSTEM_TENANT),

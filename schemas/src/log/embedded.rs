@@ -108,6 +108,7 @@ pub struct EmbeddedLog {
     dir: PathBuf,
     data: Arc<Partition>,
     control: Arc<Partition>,
+    quota: Arc<Partition>,
     /// Held while the log is open for writing; `None` when open read-only.
     lock: Option<File>,
 }
@@ -162,13 +163,19 @@ impl EmbeddedLog {
                 end,
             }))
         };
-        let (data, control) = (open(Topic::Data)?, open(Topic::Control)?);
+        let (data, control, quota) = (
+            open(Topic::Data)?,
+            open(Topic::Control)?,
+            open(Topic::Quota)?,
+        );
         if let FsyncPolicy::Interval(interval) = config.fsync {
-            sync_periodically([Arc::downgrade(&data), Arc::downgrade(&control)], interval);
+            let partitions = [&data, &control, &quota].map(Arc::downgrade);
+            sync_periodically(partitions, interval);
         }
         Ok(EmbeddedLog {
             data,
             control,
+            quota,
             dir,
             lock: Some(lock),
         })
@@ -200,6 +207,7 @@ impl EmbeddedLog {
             Ok(EmbeddedLog {
                 data: open(Topic::Data)?,
                 control: open(Topic::Control)?,
+                quota: open(Topic::Quota)?,
                 dir,
                 lock: None,
             })
@@ -229,7 +237,8 @@ impl EmbeddedLog {
             return Ok(()); // Read-only: nothing written here.
         }
         self.data.sync()?;
-        self.control.sync()
+        self.control.sync()?;
+        self.quota.sync()
     }
 
     /// The durable end of a partition as its last checkpoint has it: (records, chain head).
@@ -305,6 +314,7 @@ impl EmbeddedLog {
         Ok(match topic {
             Topic::Data => &self.data,
             Topic::Control => &self.control,
+            Topic::Quota => &self.quota,
         })
     }
 }
@@ -381,7 +391,7 @@ impl Partition {
 
 /// Syncs the partitions every `interval` (`--fsync 200ms`) until they are dropped, on a thread
 /// of its own so that no append waits for the fsync.
-fn sync_periodically(partitions: [std::sync::Weak<Partition>; 2], interval: Duration) {
+fn sync_periodically(partitions: [std::sync::Weak<Partition>; 3], interval: Duration) {
     let spawned = std::thread::Builder::new()
         .name("loom-log-sync".into())
         .spawn(move || {
@@ -458,7 +468,7 @@ impl Log for EmbeddedLog {
         if self.lock.is_none() {
             return Ok(()); // Read-only: nothing written here.
         }
-        let partitions = [Arc::clone(&self.data), Arc::clone(&self.control)];
+        let partitions = [&self.data, &self.control, &self.quota].map(Arc::clone);
         tokio::task::spawn_blocking(move || partitions.iter().try_for_each(|p| p.sync()))
             .await
             .map_err(|e| LogError::Task(e.to_string()))?

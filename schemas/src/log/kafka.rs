@@ -124,14 +124,20 @@ pub struct KafkaLog {
     brokers_down: BrokersDown,
     data_topic: String,
     control_topic: String,
+    quota_topic: String,
     data_partitions: u32,
 }
+
+/// How long the quota topic keeps its records: the gateways rebuild today's ledger from it, so
+/// it needs the current quota day (in any time zone) plus a reservation's lifetime.
+const QUOTA_RETENTION_MS: &str = "259200000";
 
 impl KafkaLog {
     /// Connects, creates the topics when allowed, and reads how many partitions they have.
     pub async fn connect(config: KafkaLogConfig) -> Result<KafkaLog, LogError> {
         let data_topic = format!("{}data", config.topic_prefix);
         let control_topic = format!("{}control", config.topic_prefix);
+        let quota_topic = format!("{}quota", config.topic_prefix);
         if config.create_topics {
             let admin: AdminClient<DefaultClientContext> = config
                 .client()
@@ -148,6 +154,8 @@ impl KafkaLog {
                     1,
                     TopicReplication::Fixed(config.replication),
                 ),
+                NewTopic::new(&quota_topic, 1, TopicReplication::Fixed(config.replication))
+                    .set("retention.ms", QUOTA_RETENTION_MS),
             ];
             let options =
                 AdminOptions::new().operation_timeout(Some(Timeout::After(config.timeout)));
@@ -182,6 +190,7 @@ impl KafkaLog {
             brokers_down,
             data_topic,
             control_topic,
+            quota_topic,
             config,
         };
         let data_partitions = log.partition_count(Topic::Data).await?;
@@ -196,7 +205,11 @@ impl KafkaLog {
     /// does not wait for that (and spool for nothing).
     async fn warm_up(&self) {
         let producer = self.producer.clone();
-        let topics = [self.data_topic.clone(), self.control_topic.clone()];
+        let topics = [
+            self.data_topic.clone(),
+            self.control_topic.clone(),
+            self.quota_topic.clone(),
+        ];
         let timeout = self.config.timeout;
         let warmed = tokio::task::spawn_blocking(move || {
             topics.iter().try_for_each(|topic| {
@@ -227,6 +240,7 @@ impl KafkaLog {
         match topic {
             Topic::Data => &self.data_topic,
             Topic::Control => &self.control_topic,
+            Topic::Quota => &self.quota_topic,
         }
     }
 
@@ -315,7 +329,7 @@ impl Log for KafkaLog {
     fn partitions(&self, topic: Topic) -> u32 {
         match topic {
             Topic::Data => self.data_partitions,
-            Topic::Control => 1,
+            Topic::Control | Topic::Quota => 1,
         }
     }
 
@@ -336,8 +350,9 @@ impl Log for KafkaLog {
             if !record.key.is_empty() {
                 message = message.key(&record.key);
             }
-            // The control topic has one partition: its order is the order of appends.
-            if topic == Topic::Control {
+            // The control and quota topics have one partition: their order is the order of
+            // appends.
+            if topic != Topic::Data {
                 message = message.partition(0);
             }
             self.producer

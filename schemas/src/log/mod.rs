@@ -31,15 +31,19 @@ pub enum Topic {
     Data,
     /// Control-plane events, one partition, totally ordered.
     Control,
+    /// The quota ledger (`quota.reserved`, `quota.consumed`, `quota.released`), one partition,
+    /// totally ordered: every gateway folds every gateway's reservations from it.
+    Quota,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 2] = [Topic::Data, Topic::Control];
+    pub const ALL: [Topic; 3] = [Topic::Data, Topic::Control, Topic::Quota];
 
     pub fn name(self) -> &'static str {
         match self {
             Topic::Data => "data",
             Topic::Control => "control",
+            Topic::Quota => "quota",
         }
     }
 
@@ -51,6 +55,7 @@ impl Topic {
         match plane {
             crate::event::Plane::Data => Topic::Data,
             crate::event::Plane::Control => Topic::Control,
+            crate::event::Plane::Quota => Topic::Quota,
         }
     }
 }

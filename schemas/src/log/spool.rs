@@ -1,8 +1,9 @@
-//! A local spool in front of Kafka for data-plane events: when the broker is unreachable or too
-//! slow, appends go to embedded-log segments on disk, in order, and a drain task forwards them to
-//! Kafka when it is back. Once anything is spooled, every later append is spooled too until the
-//! spool is drained, so order is kept. The spool is bounded: past the bound, appends fail and the
-//! gateway's fail-closed policy applies. Control-plane appends always go straight to Kafka.
+//! A local spool in front of Kafka for data-plane and quota events: when the broker is unreachable
+//! or too slow, appends go to embedded-log segments on disk, in order, and a drain task forwards
+//! them to Kafka when it is back. Once anything is spooled, every later append is spooled too
+//! until the spool is drained, so order is kept (within each topic). The spool is bounded: past
+//! the bound, appends fail and the gateway's fail-closed policy applies. Control-plane appends
+//! always go straight to Kafka.
 //!
 //! Forwarding is at least once: a batch whose delivery was not confirmed may reach Kafka twice.
 //! Consumers deduplicate by event id. Segments are deleted once everything in them is forwarded.
@@ -47,14 +48,23 @@ impl SpoolConfig {
     }
 }
 
+/// The topics the spool holds.
+const SPOOLED: [Topic; 2] = [Topic::Data, Topic::Quota];
+
 struct State {
     /// Appends go to the spool (it holds records not yet in Kafka).
     spooling: bool,
-    /// The next spool offset to forward.
-    drained: u64,
+    /// The next spool offset to forward, of each topic of [`SPOOLED`].
+    drained: [u64; 2],
 }
 
-/// Kafka with a local spool for the data topic.
+impl State {
+    fn drained(&mut self, topic: Topic) -> &mut u64 {
+        &mut self.drained[usize::from(topic == Topic::Quota)]
+    }
+}
+
+/// Kafka with a local spool for the data and quota topics.
 pub struct SpooledLog {
     kafka: Arc<KafkaLog>,
     spool: EmbeddedLog,
@@ -63,8 +73,11 @@ pub struct SpooledLog {
     wake: Notify,
 }
 
-fn drained_path(dir: &Path) -> PathBuf {
-    dir.join("DRAINED")
+fn drained_path(dir: &Path, topic: Topic) -> PathBuf {
+    match topic {
+        Topic::Data => dir.join("DRAINED"),
+        other => dir.join(format!("DRAINED.{}", other.name())),
+    }
 }
 
 impl SpooledLog {
@@ -80,20 +93,25 @@ impl SpooledLog {
             chain_key: config.chain_key.clone(),
         })
         .await?;
-        let drained = match tokio::fs::read_to_string(drained_path(&config.dir)).await {
-            Ok(text) => text.trim().parse().map_err(|_| LogError::Corrupt {
-                segment: drained_path(&config.dir),
-                byte: 0,
-                offset: None,
-                reason: "not an offset".into(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(LogError::io("reading the spool position")(e)),
-        };
-        let end = spool.end_offset(Topic::Data, 0).await?;
-        if end > drained {
+        let mut drained = [0; 2];
+        let mut waiting = 0;
+        for (slot, topic) in drained.iter_mut().zip(SPOOLED) {
+            let path = drained_path(&config.dir, topic);
+            *slot = match tokio::fs::read_to_string(&path).await {
+                Ok(text) => text.trim().parse().map_err(|_| LogError::Corrupt {
+                    segment: path.clone(),
+                    byte: 0,
+                    offset: None,
+                    reason: "not an offset".into(),
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(LogError::io("reading the spool position")(e)),
+            };
+            waiting += spool.end_offset(topic, 0).await?.saturating_sub(*slot);
+        }
+        if waiting > 0 {
             tracing::warn!(
-                records = end - drained,
+                records = waiting,
                 "the spool holds records not yet in Kafka; draining them"
             );
         }
@@ -102,7 +120,7 @@ impl SpooledLog {
             spool,
             config,
             state: Mutex::new(State {
-                spooling: end > drained,
+                spooling: waiting > 0,
                 drained,
             }),
             wake: Notify::new(),
@@ -111,12 +129,22 @@ impl SpooledLog {
 
     /// Records in the spool not yet forwarded.
     pub async fn spooled(&self) -> Result<u64, LogError> {
-        let drained = self.state.lock().await.drained;
-        Ok(self.spool.end_offset(Topic::Data, 0).await? - drained)
+        let mut state = self.state.lock().await;
+        self.waiting(&mut state).await
     }
 
-    async fn save_drained(&self, drained: u64) -> Result<(), LogError> {
-        let path = drained_path(&self.config.dir);
+    /// Records of every spooled topic not yet forwarded.
+    async fn waiting(&self, state: &mut State) -> Result<u64, LogError> {
+        let mut waiting = 0;
+        for topic in SPOOLED {
+            let end = self.spool.end_offset(topic, 0).await?;
+            waiting += end.saturating_sub(*state.drained(topic));
+        }
+        Ok(waiting)
+    }
+
+    async fn save_drained(&self, topic: Topic, drained: u64) -> Result<(), LogError> {
+        let path = drained_path(&self.config.dir, topic);
         let tmp = path.with_extension("tmp");
         tokio::fs::write(&tmp, drained.to_string())
             .await
@@ -151,16 +179,39 @@ impl SpooledLog {
         }
     }
 
-    /// Forwards one batch; `true` while records remain.
+    /// Forwards one batch of each spooled topic; `true` while records remain.
     async fn forward_some(&self) -> Result<bool, LogError> {
         let drained = {
-            let state = self.state.lock().await;
+            let mut state = self.state.lock().await;
             if !state.spooling {
                 return Ok(false);
             }
-            state.drained
+            SPOOLED.map(|topic| *state.drained(topic))
         };
-        let mut reader = self.spool.read_from(Topic::Data, 0, drained).await?;
+        let mut forwarded = [0; 2];
+        for ((topic, drained), count) in SPOOLED.into_iter().zip(drained).zip(&mut forwarded) {
+            *count = self.forward(topic, drained).await?;
+        }
+        let mut state = self.state.lock().await;
+        for ((topic, drained), count) in SPOOLED.into_iter().zip(drained).zip(forwarded) {
+            *state.drained(topic) = drained + count;
+        }
+        let waiting = self.waiting(&mut state).await?;
+        if waiting == 0 {
+            // Appends wait on this lock, so none can slip into the spool after this check.
+            state.spooling = false;
+            metrics::gauge!("loom_spool_records").set(0.0);
+            metrics::gauge!("loom_spool_oldest_age_seconds").set(0.0);
+            tracing::info!("the spool is drained; appending to Kafka directly again");
+        } else {
+            metrics::gauge!("loom_spool_records").set(waiting as f64);
+        }
+        Ok(state.spooling)
+    }
+
+    /// Forwards up to 500 records of `topic` from spool offset `drained`; how many.
+    async fn forward(&self, topic: Topic, drained: u64) -> Result<u64, LogError> {
+        let mut reader = self.spool.read_from(topic, 0, drained).await?;
         let entries = reader.poll(500).await?;
         let count = entries.len() as u64;
         if let Some(oldest) = entries.first() {
@@ -171,29 +222,15 @@ impl SpooledLog {
             let records = entries.into_iter().map(|e| e.record).collect();
             tokio::time::timeout(
                 self.config.forward_timeout,
-                self.kafka.append(Topic::Data, records),
+                self.kafka.append(topic, records),
             )
             .await
             .map_err(|_| LogError::Kafka("timed out forwarding the spool".into()))??;
-            self.save_drained(drained + count).await?;
+            self.save_drained(topic, drained + count).await?;
             metrics::counter!("loom_spool_forwarded_total").increment(count);
-            self.spool
-                .remove_before(Topic::Data, drained + count)
-                .await?;
+            self.spool.remove_before(topic, drained + count).await?;
         }
-        let end = self.spool.end_offset(Topic::Data, 0).await?;
-        let mut state = self.state.lock().await;
-        state.drained = drained + count;
-        if state.drained >= end {
-            // Appends wait on this lock, so none can slip into the spool after this check.
-            state.spooling = false;
-            metrics::gauge!("loom_spool_records").set(0.0);
-            metrics::gauge!("loom_spool_oldest_age_seconds").set(0.0);
-            tracing::info!("the spool is drained; appending to Kafka directly again");
-        } else {
-            metrics::gauge!("loom_spool_records").set((end - state.drained) as f64);
-        }
-        Ok(state.spooling)
+        Ok(count)
     }
 }
 
@@ -203,8 +240,8 @@ impl Log for SpooledLog {
         self.kafka.partitions(topic)
     }
 
-    /// Data records go to Kafka, or to the spool while Kafka is unreachable (then the positions
-    /// are the spool's). Control records always go to Kafka.
+    /// Data and quota records go to Kafka, or to the spool while Kafka is unreachable (then the
+    /// positions are the spool's). Control records always go to Kafka.
     async fn append(&self, topic: Topic, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
         if topic == Topic::Control {
             return self.kafka.append(topic, records).await;
@@ -231,13 +268,12 @@ impl Log for SpooledLog {
             metrics::counter!("loom_spool_switches_total").increment(1);
             state.spooling = true;
         }
-        let end = self.spool.end_offset(Topic::Data, 0).await?;
-        let waiting = end - state.drained;
+        let waiting = self.waiting(&mut state).await?;
         if waiting + records.len() as u64 > self.config.max_records {
             metrics::counter!("loom_spool_full_total").increment(1);
             return Err(LogError::SpoolFull { records: waiting });
         }
-        let positions = self.spool.append(Topic::Data, records).await?;
+        let positions = self.spool.append(topic, records).await?;
         metrics::gauge!("loom_spool_records").set((waiting + positions.len() as u64) as f64);
         drop(state);
         self.wake.notify_one();

@@ -206,6 +206,15 @@ pub fn verify(
         report.partitions.push(partition_report);
     }
     report.partitions.extend(control);
+    for partition in partitions(log_dir, Topic::Quota)? {
+        let dir = log_dir
+            .join(Topic::Quota.name())
+            .join(partition.to_string());
+        let heads = expected_for(expected, Topic::Quota, partition);
+        let partition_report =
+            verify_partition(Topic::Quota, partition, &dir, key, &heads, |_, _| {})?;
+        report.partitions.push(partition_report);
+    }
     for head in expected {
         if report.partition(head.topic, head.partition).is_none() {
             return Err(LogError::UnknownPartition {
