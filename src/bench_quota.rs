@@ -106,8 +106,8 @@ pub async fn run(args: QuotaBenchArgs) -> anyhow::Result<()> {
          the whole request with and without them."
     );
     say!(
-        "Several gateways sharing one ledger (the overshoot of a burst from 2 and 4 gateways on \
-         Kafka): not measured — the ledger is not shared between gateways yet."
+        "The overshoot of a burst from 2 and 4 gateways sharing the ledger on Kafka: not \
+         measured yet (admission near a limit is not arbitrated through the log yet)."
     );
     Ok(())
 }
