@@ -299,7 +299,7 @@ impl Services {
         defaults: &crate::quota::QuotaSettings,
     ) -> QuotaView {
         let (own, in_force) = self.control.read(|state| {
-            let own = state.limits(scope.tenant, scope.kind, &scope.id.to_string());
+            let own = scope.own_limits(state);
             (own, scope.limits(state, defaults))
         });
         view(scope, own, in_force, ledger, now_micros())

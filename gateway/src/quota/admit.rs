@@ -143,27 +143,32 @@ impl Flow {
             return;
         };
         let RateHeaders { requests, tokens } = reservation.admitted.headers;
-        for (family, headroom) in [("requests", requests), ("tokens", tokens)] {
+        for (names, headroom) in [(&REQUESTS, requests), (&TOKENS, tokens)] {
             let Some(headroom) = headroom else {
                 continue;
             };
-            let values = [
-                ("limit", headroom.limit.to_string()),
-                ("remaining", headroom.remaining.max(0).to_string()),
-                ("reset", reset_format(headroom.reset)),
-            ];
-            for (what, value) in values {
-                let name = format!("x-ratelimit-{what}-{family}");
-                if let (Ok(name), Ok(value)) = (
-                    HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_str(&value),
-                ) {
-                    headers.insert(name, value);
-                }
+            let [limit, remaining, reset] = names;
+            headers.insert(limit, HeaderValue::from(headroom.limit));
+            headers.insert(remaining, HeaderValue::from(headroom.remaining.max(0)));
+            if let Ok(value) = HeaderValue::from_str(&reset_format(headroom.reset)) {
+                headers.insert(reset, value);
             }
         }
     }
 }
+
+/// `x-ratelimit-{limit,remaining,reset}-requests`.
+const REQUESTS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+/// `x-ratelimit-{limit,remaining,reset}-tokens`.
+const TOKENS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
 
 fn released(id: uuid::Uuid, held: &Held, reason: &str) -> QuotaReleased {
     QuotaReleased {

@@ -189,16 +189,21 @@ impl Scope {
         })
     }
 
-    /// The limits in force on this scope: its own, else the configured default.
-    pub fn limits(&self, state: &ControlState, settings: &QuotaSettings) -> Limits {
-        let own = match &self.id {
+    /// The limits set on this scope itself.
+    pub fn own_limits(&self, state: &ControlState) -> Limits {
+        match &self.id {
             ScopeId::Id(id) => {
                 let mut buffer = Uuid::encode_buffer();
                 let id = id.as_hyphenated().encode_lower(&mut buffer);
                 state.limits(self.tenant, self.kind, id)
             }
             ScopeId::User(user) => state.limits(self.tenant, self.kind, user),
-        };
+        }
+    }
+
+    /// The limits in force on this scope: its own, else the configured default.
+    pub fn limits(&self, state: &ControlState, settings: &QuotaSettings) -> Limits {
+        let own = self.own_limits(state);
         let default = match self.kind {
             QuotaScope::User => settings.user_defaults,
             QuotaScope::Project => settings.project_defaults,
