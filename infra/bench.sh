@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs Loom's benchmarks in release mode:
-#   ./infra/bench.sh [codec|log|gateway|kafka|projector|archive|query] [args…]
+#   ./infra/bench.sh [codec|log|gateway|quota|kafka|projector|archive|query] [args…]
 # With no argument: codec, log, gateway and archive (kafka needs a broker, projector a Postgres:
 # ./infra/test.sh starts both; query takes a while: 10M events). Installs the load generator
 # (oha) once into $LOOM_CACHE_DIR, nginx (the reverse-proxy baseline) from Debian's packages
@@ -32,6 +32,15 @@ if [ "${1:-}" = query ]; then
     "$venv/bin/pip" install -q --disable-pip-version-check duckdb >&2
   fi
   export LOOM_BENCH_PYTHON="$venv/bin/python"
+fi
+# The quota bench's burst runs gateways on a Kafka-protocol broker with a Postgres key store: the
+# ones ./infra/test.sh starts (reused when running).
+if [ "${1:-}" = quota ]; then
+  # shellcheck source=infra/test.sh
+  source "$here/test.sh"
+  setup_postgres
+  setup_broker
+  export LOOM_KAFKA_BROKERS="$LOOM_TEST_KAFKA_BROKERS" LOOM_KEY_STORE_URL="$LOOM_TEST_DATABASE_URL"
 fi
 cd "$(dirname "$here")"
 cargo build --release --workspace --quiet

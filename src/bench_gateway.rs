@@ -122,7 +122,7 @@ pub enum Quotas {
 
 /// A child process stopped on drop: SIGTERM (nginx's master then stops its workers, which a
 /// SIGKILL would leave behind), and SIGKILL if it is still there after 5 s.
-struct Process(Child);
+pub(crate) struct Process(pub(crate) Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -143,7 +143,7 @@ impl Drop for Process {
 }
 
 /// Starts a program that logs `listening on ADDR` on stderr, and returns it with ADDR.
-fn spawn_listening(mut command: Command) -> anyhow::Result<(Process, String)> {
+pub(crate) fn spawn_listening(mut command: Command) -> anyhow::Result<(Process, String)> {
     let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -415,7 +415,7 @@ fn oha(
     })
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let path = me.with_file_name(name);
     if !path.exists() {

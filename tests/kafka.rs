@@ -293,6 +293,196 @@ async fn two_gateways_share_the_log_and_obey_each_others_control_changes() {
     db.drop().await;
 }
 
+/// A user's token usage as `gateway` counts it: (used, reserved).
+async fn user_tokens(
+    client: &reqwest::Client,
+    gateway: &Server,
+    key: &str,
+    user: &str,
+) -> (i64, i64) {
+    let status: Value = client
+        .get(gateway.url("/v1/quota/status"))
+        .bearer_auth(key)
+        .header("x-loom-user", user)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let scope = status["scopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["scope"] == "user")
+        .cloned()
+        .unwrap();
+    (
+        scope["used"]["tokens"].as_i64().unwrap(),
+        scope["reserved"]["tokens"].as_i64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_through_two_gateways_near_a_shared_budget_is_admitted_in_log_order() {
+    let mock = MockServer::start(MockConfig {
+        latency: Duration::from_millis(20),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock);
+    let prefix = format!("loom-burst-{}.", uuid::Uuid::now_v7().simple());
+    let brokers = brokers();
+    let start = |name: &str| {
+        let args = [
+            "--config",
+            config.to_str().unwrap(),
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic-prefix",
+            &prefix,
+            "--key-store-url",
+            &db.url,
+        ];
+        Server::start_as(
+            "gateway",
+            &dir.path().join(name),
+            &args,
+            &[("LOOM_MASTER_KEY", MASTER), ("LOOM_ADMIN_TOKEN", ADMIN)],
+        )
+        .unwrap()
+    };
+    let gateways = [start("a"), start("b")];
+    let client = reqwest::Client::new();
+    let tenant = post(
+        &client,
+        gateways[0].url("/admin/tenants"),
+        json!({"name": "burst"}),
+    )
+    .await;
+    let key = post(
+        &client,
+        gateways[0].url("/admin/keys"),
+        json!({"tenant_id": tenant["tenant_id"]}),
+    )
+    .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    const LIMIT: i64 = 3_000;
+    post(
+        &client,
+        gateways[0].url("/admin/quotas"),
+        json!({"tenant_id": tenant["tenant_id"], "scope": "user", "id": "burst",
+               "limits": {"tokens_per_day": LIMIT}}),
+    )
+    .await;
+    // Both gateways know the key and the limit.
+    for gateway in &gateways {
+        let started = Instant::now();
+        loop {
+            let status = client
+                .get(gateway.url("/v1/quota/status"))
+                .bearer_auth(&key)
+                .header("x-loom-user", "burst")
+                .send()
+                .await
+                .unwrap();
+            if status.status() == 200 {
+                let status: Value = status.json().await.unwrap();
+                if status["scopes"]
+                    .to_string()
+                    .contains(&format!("\"tokens_per_day\":{LIMIT}"))
+                {
+                    break;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the limit never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // 80 requests at once, half through each gateway, each estimated at about 60 tokens: about
+    // 50 fit.
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..80 {
+        let request = client
+            .post(gateways[i % 2].url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-loom-user", "burst")
+            .json(&json!({"model": "fast", "max_tokens": 50,
+                          "messages": [{"role": "user", "content": "hi"}]}));
+        burst.spawn(async move { request.send().await.unwrap().status().as_u16() });
+    }
+    let statuses = burst.join_all().await;
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    let denied = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(admitted + denied, statuses.len(), "{statuses:?}");
+    assert!(admitted > 0 && denied > 0, "{statuses:?}");
+
+    // Both gateways end with the same count, within the limit plus one gateway's margin.
+    let started = Instant::now();
+    let used = loop {
+        let used = user_tokens(&client, &gateways[0], &key, "burst").await;
+        let other = user_tokens(&client, &gateways[1], &key, "burst").await;
+        if used == other && used.1 == 0 {
+            break used;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the gateways disagree: {used:?} {other:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let margin = LIMIT / 10;
+    assert!(used.0 <= LIMIT + margin, "{used:?}");
+
+    // In log order, what was admitted stays within the same bound, and near the limit the
+    // reservations were arbitrated.
+    for gateway in gateways {
+        assert!(gateway.stop().success());
+    }
+    let mut kafka = KafkaLogConfig::new(&brokers);
+    kafka.topic_prefix = prefix;
+    kafka.create_topics = false;
+    let log = KafkaLog::connect(kafka).await.unwrap();
+    let registry = Registry::builtin().unwrap();
+    let mut arbiter = loom_gateway::quota::Arbiter::new(chrono_tz::Tz::UTC);
+    let (mut reserved, mut arbitrated, mut refused) = (0, 0, 0);
+    let mut reader = log.read_from(Topic::Quota, 0, 0).await.unwrap();
+    loop {
+        let batch = reader.poll(1000).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for entry in batch {
+            let event = registry.decode(&entry.record.value).unwrap();
+            let verdict = arbiter.fold(&event);
+            if let Payload::QuotaReserved(r) = &event.payload {
+                arbitrated += usize::from(verdict.is_some());
+                match verdict {
+                    Some(Err(_)) => refused += 1,
+                    _ => reserved += r.tokens,
+                }
+            }
+        }
+    }
+    eprintln!(
+        "burst: {admitted} admitted, {denied} denied; {arbitrated} arbitrated ({refused} refused in log order); \
+         {reserved} tokens reserved, {} used of {LIMIT}",
+        used.0
+    );
+    assert!(arbitrated > 0);
+    assert!(reserved <= LIMIT + margin, "{reserved}");
+    db.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loom_query_answers_sql_for_keys_issued_on_the_shared_log() {
     let mock = MockServer::start(MockConfig::default()).await.unwrap();

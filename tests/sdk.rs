@@ -73,6 +73,12 @@ async fn events(data_dir: &Path) -> Vec<Event> {
 
 /// Runs one SDK script against a fresh gateway and returns every data-plane event it produced.
 async fn run_script(script: &str) -> Vec<Event> {
+    run_script_with(script, &[]).await
+}
+
+/// As [`run_script`], after `loom admin` runs each of `setup` (with `{tenant}` in its arguments
+/// replaced by the tenant's id).
+async fn run_script_with(script: &str, setup: &[&[&str]]) -> Vec<Event> {
     let mock = MockServer::start(MockConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &mock);
@@ -95,6 +101,13 @@ async fn run_script(script: &str) -> Vec<Event> {
     };
     let tenant = admin(&["tenant", "create", "sdk-tenant"]);
     let key = admin(&["key", "create", "--tenant", &tenant]);
+    for args in setup {
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| if *a == "{tenant}" { tenant.as_str() } else { a })
+            .collect();
+        admin(&args);
+    }
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/sdk")
@@ -272,4 +285,44 @@ async fn the_anthropic_sdk_works_through_loom_against_both_kinds_of_upstream() {
     assert!(trail.call("anthropic-thinking").dropped_fields.is_empty());
     assert_eq!(trail.completed("anthropic-404").http_status, 404);
     assert_eq!(trail.completed("anthropic-401").http_status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_does_not_retry_a_spent_budget_and_retries_a_rate_limit() {
+    let user = |id: &'static str, limit: &'static str, value: &'static str| {
+        [
+            "quota", "set", "--tenant", "{tenant}", "--scope", "user", "--id", id, limit, value,
+        ]
+    };
+    let budget = user("sdk-budget", "--tokens-per-day", "150");
+    let rate = user("sdk-rate", "--requests-per-minute", "20");
+    let trail = Trail(run_script_with("openai_quota.py", &[&budget[..], &rate[..]]).await);
+    // Each attempt's HTTP status, by the call's trace id (a retry sends the same one).
+    let attempts = |trace: &str| -> Vec<i32> {
+        trail
+            .of(trace)
+            .into_iter()
+            .filter_map(|e| match &e.payload {
+                Payload::RequestCompleted(done) => Some(done.http_status),
+                _ => None,
+            })
+            .collect()
+    };
+    let budget: Vec<Vec<i32>> = (0..30)
+        .map(|i| attempts(&format!("sdk-budget-{i}")))
+        .take_while(|a| !a.is_empty())
+        .collect();
+    // Admitted while the budget lasted; the spent budget was asked once, not retried.
+    assert!(budget.len() >= 2, "{budget:?}");
+    let (refused, admitted) = budget.split_last().unwrap();
+    assert_eq!(refused, &[429], "{budget:?}");
+    assert!(admitted.iter().all(|a| a == &[200]), "{budget:?}");
+    // The rate limit was retried after its retry-after, and the retry got through.
+    assert_eq!(attempts("sdk-rate-retried"), [429, 200]);
+    let denied = trail
+        .0
+        .iter()
+        .filter(|e| matches!(&e.payload, Payload::QuotaDenied(_)))
+        .count();
+    assert_eq!(denied, 2);
 }

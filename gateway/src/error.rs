@@ -64,6 +64,9 @@ pub enum GatewayError {
     PermissionDenied(String),
     /// A budget or rate limit of one of the request's scopes has no room for it (429).
     Quota(Denial),
+    /// The request is near a limit several gateways share, and the log did not say in time
+    /// whether it fits.
+    QuotaUnavailable,
     /// An admin API change made against a version that has moved on.
     Conflict(String),
     /// An admin API object that does not exist.
@@ -163,9 +166,9 @@ impl GatewayError {
             GatewayError::ClientCancelled => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
             }
-            GatewayError::EventQueueFull | GatewayError::EventsUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::EventQueueFull
+            | GatewayError::EventsUnavailable
+            | GatewayError::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::AdminDisabled
             | GatewayError::PermissionDenied(_)
@@ -207,6 +210,7 @@ impl GatewayError {
             | GatewayError::StreamBroken(_)
             | GatewayError::EventQueueFull
             | GatewayError::EventsUnavailable
+            | GatewayError::QuotaUnavailable
             | GatewayError::Internal(_) => "server_error",
         }
     }
@@ -233,6 +237,7 @@ impl GatewayError {
             GatewayError::ClientCancelled => "client_cancelled",
             GatewayError::EventQueueFull => "event_queue_full",
             GatewayError::EventsUnavailable => "events_unavailable",
+            GatewayError::QuotaUnavailable => "quota_unavailable",
             GatewayError::RouteNotFound | GatewayError::NotFound(_) => "not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::AdminDisabled => "admin_api_disabled",
@@ -319,6 +324,11 @@ impl GatewayError {
             GatewayError::EventsUnavailable => {
                 "Loom could not record this request; retry shortly".into()
             }
+            GatewayError::QuotaUnavailable => {
+                "this request is near a budget several gateways share, and whether it fits could \
+                 not be settled in time; retry shortly"
+                    .into()
+            }
             GatewayError::RouteNotFound => "no such route".into(),
             GatewayError::MethodNotAllowed => "method not allowed on this route".into(),
             GatewayError::AdminDisabled => {
@@ -375,6 +385,10 @@ impl GatewayError {
             if denial.is_budget() {
                 headers.insert("x-should-retry", HeaderValue::from_static("false"));
             }
+        }
+        if let GatewayError::QuotaUnavailable = self {
+            let headers = response.headers_mut();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
         }
         response
     }

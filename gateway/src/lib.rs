@@ -67,6 +67,9 @@ pub fn app(
     admin_token: Option<&SecretString>,
     tasks: &TaskTracker,
 ) -> Result<axum::Router, StartError> {
+    let mut config = config;
+    // Budgets are shared with every gateway on the same log; the embedded log has one.
+    config.quotas.shared_log = services.embedded.is_none();
     let (emitter, writer) = Emitter::new(
         &config.limits,
         Arc::clone(&services.log),

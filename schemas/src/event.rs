@@ -336,6 +336,16 @@ pub struct QuotaReserved {
     pub tokens: i64,
     pub cost_micro_usd: i64,
     pub expires_at: TimestampMicros,
+    /// (v2) Admitted in log order against these daily limits of each scope (in the order of
+    /// `scopes`), near a limit several gateways share; `None`: admitted by its gateway.
+    pub arbitrated: Option<Vec<DailyLimits>>,
+}
+
+/// A scope's daily limits (`0`: unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DailyLimits {
+    pub tokens_per_day: i64,
+    pub cost_micro_usd_per_day: i64,
 }
 
 /// A reservation settled with what the request used (v1 events, one per scope and metric, read

@@ -182,6 +182,13 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
                 tokens: 4_220,
                 cost_micro_usd: 2_600,
                 expires_at: 1_700_000_900_000_000,
+                arbitrated: Some(vec![
+                    DailyLimits {
+                        tokens_per_day: 1_000_000,
+                        cost_micro_usd_per_day: 10_000_000,
+                    };
+                    2
+                ]),
             }
             .into(),
         ),

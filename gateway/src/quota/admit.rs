@@ -11,7 +11,7 @@ use loom_schemas::event::{
 };
 use serde_json::Value;
 
-use super::{Admitted, Held, Limited, RateHeaders, Scope, reset_format};
+use super::{Admitted, Denial, Held, Limited, RateHeaders, Scope, reset_format};
 use crate::error::GatewayError;
 use crate::flow::Flow;
 use crate::gateway::Gateway;
@@ -74,42 +74,66 @@ impl Flow {
         // the settlement puts the real count in its place.
         let prompt = (tokens::prompt_bytes(request) + 2) / 3;
         let (tokens, cost) = self.estimate(request, embeddings, order, prompt);
-        let now = now_micros();
-        match self.gateway.quotas.reserve(&scopes, tokens, cost, now) {
-            Ok(admitted) => {
-                let held = &admitted.held;
-                let event = self.event(QuotaReserved {
-                    reservation_id: admitted.id,
-                    scopes: held.scopes.iter().map(Scope::to_ref).collect(),
-                    day: held.day,
-                    tokens: held.tokens,
-                    cost_micro_usd: held.cost,
-                    expires_at: held.expires_at,
-                });
-                let envelope = event.envelope.clone();
-                self.gateway.emitter.emit(event).await;
-                self.quota = Some(Reservation {
-                    admitted,
-                    scopes,
-                    gateway: Arc::clone(&self.gateway),
-                    envelope,
-                });
-                Ok(())
+        let quotas = &self.gateway.quotas;
+        let admitted = match quotas.reserve(&scopes, tokens, cost, now_micros()) {
+            Ok(admitted) => admitted,
+            Err(denial) => return Err(self.deny(denial).await),
+        };
+        let id = admitted.id;
+        let held = &admitted.held;
+        let event = self.event(QuotaReserved {
+            reservation_id: id,
+            scopes: held.scopes.iter().map(Scope::to_ref).collect(),
+            day: held.day,
+            tokens: held.tokens,
+            cost_micro_usd: held.cost,
+            expires_at: held.expires_at,
+            arbitrated: admitted.arbitrated.clone(),
+        });
+        let verdict = admitted.arbitrated.is_some().then(|| quotas.verdict(id));
+        let envelope = event.envelope.clone();
+        self.gateway.emitter.emit(event).await;
+        // From here on, a request that ends unsettled releases what it holds.
+        self.quota = Some(Reservation {
+            admitted,
+            scopes,
+            gateway: Arc::clone(&self.gateway),
+            envelope,
+        });
+        let Some(verdict) = verdict else {
+            return Ok(());
+        };
+        let timeout = self.gateway.config.quotas.arbitration_timeout;
+        match tokio::time::timeout(timeout, verdict).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(denial))) => {
+                // Refused in log order: it counts nowhere, so there is nothing to release.
+                self.gateway.quotas.release(id);
+                self.quota = None;
+                Err(self.deny(denial).await)
             }
-            Err(denial) => {
-                let event = self.event(QuotaDenied {
-                    scope: denial.scope,
-                    scope_id: denial.scope_id.clone(),
-                    metric: denial.kind.metric(),
-                    window: denial.kind.window(),
-                    limit: denial.limit,
-                    used: denial.used,
-                    retry_after_ms: i64::try_from(denial.retry_after.as_millis()).ok(),
-                });
-                self.gateway.emitter.emit(event).await;
-                Err(GatewayError::Quota(denial))
+            Ok(Err(_)) | Err(_) => {
+                if let Some(reservation) = self.quota.take() {
+                    reservation.release("unarbitrated");
+                }
+                Err(GatewayError::QuotaUnavailable)
             }
         }
+    }
+
+    /// Records `quota.denied` and returns the 429.
+    async fn deny(&self, denial: Denial) -> GatewayError {
+        let event = self.event(QuotaDenied {
+            scope: denial.scope,
+            scope_id: denial.scope_id.clone(),
+            metric: denial.kind.metric(),
+            window: denial.kind.window(),
+            limit: denial.limit,
+            used: denial.used,
+            retry_after_ms: i64::try_from(denial.retry_after.as_millis()).ok(),
+        });
+        self.gateway.emitter.emit(event).await;
+        GatewayError::Quota(denial)
     }
 
     /// Settles the request's reservation with what `outcome` used (`quota.consumed`), or
@@ -181,10 +205,15 @@ fn released(id: uuid::Uuid, held: &Held, reason: &str) -> QuotaReleased {
     }
 }
 
-impl Drop for Reservation {
-    fn drop(&mut self) {
+impl Reservation {
+    /// Releases what the reservation still holds, recording `quota.released` with `reason`.
+    fn release(&self, reason: &str) {
         let id = self.admitted.id;
-        let Some(held) = self.gateway.quotas.release(id) else {
+        let quotas = &self.gateway.quotas;
+        if self.admitted.arbitrated.is_some() {
+            quotas.forget_verdict(id);
+        }
+        let Some(held) = quotas.release(id) else {
             return;
         };
         let envelope = Envelope::new(
@@ -194,7 +223,7 @@ impl Drop for Reservation {
         );
         let event = Event {
             envelope,
-            payload: released(id, &held, "abandoned").into(),
+            payload: released(id, &held, reason).into(),
         };
         let emitter = self.gateway.emitter.clone();
         if let Err(event) = emitter.try_emit(event) {
@@ -202,5 +231,11 @@ impl Drop for Reservation {
                 emitter.emit(*event).await;
             });
         }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.release("abandoned");
     }
 }

@@ -9,7 +9,13 @@
 //! settlement. A reservation never settled stops counting at its `expires_at`.
 //!
 //! The ledger is a fold of `quota.reserved` / `quota.consumed` / `quota.released`: the gateway
-//! applies its own events as it makes them.
+//! applies its own events as it makes them, and the others' as it reads them from the log.
+//!
+//! On a log several gateways share, a reservation that would bring a scope within
+//! `arbitration_margin` of its daily limit — or this gateway's reservations the others cannot see
+//! yet above the margin — is admitted in log order instead: it is appended with the limits it
+//! must fit, and admitted once it is read back if, after every event before it, it fits. Every
+//! gateway folds the log alike ([`Arbiter`]) and reaches the same verdict.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,9 +25,12 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 use loom_schemas::control::ControlState;
-use loom_schemas::event::{Event, Payload, QuotaScope, QuotaScopeRef, TimestampMicros};
+use loom_schemas::event::{
+    DailyLimits, Event, Payload, QuotaReserved, QuotaScope, QuotaScopeRef, TimestampMicros,
+};
 use loom_schemas::quota::{LimitKind, Limits};
 use serde::Deserialize;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 mod admit;
@@ -50,6 +59,14 @@ pub struct QuotaConfig {
     /// mid-request).
     #[serde(with = "humantime_serde")]
     pub reservation_ttl: Duration,
+    /// On a log several gateways share (Kafka): the part of a daily limit near which admission
+    /// is arbitrated through the log, and the most of it one gateway may have reserved that the
+    /// others have not read yet (`0`: never arbitrate).
+    pub arbitration_margin: f64,
+    /// How long an arbitrated request waits for its reservation to come back from the log
+    /// before it is refused (503 `quota_unavailable`).
+    #[serde(with = "humantime_serde")]
+    pub arbitration_timeout: Duration,
 }
 
 impl Default for QuotaConfig {
@@ -61,6 +78,8 @@ impl Default for QuotaConfig {
             project_tokens_per_day: 1_000_000,
             project_usd_per_day: 10.0,
             reservation_ttl: Duration::from_secs(15 * 60),
+            arbitration_margin: 0.1,
+            arbitration_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -73,6 +92,10 @@ pub struct QuotaSettings {
     pub user_defaults: Limits,
     pub project_defaults: Limits,
     pub reservation_ttl: Duration,
+    pub arbitration_margin: f64,
+    pub arbitration_timeout: Duration,
+    /// Whether other gateways share the log (and so the budgets): set by the node.
+    pub shared_log: bool,
 }
 
 impl Default for QuotaSettings {
@@ -83,6 +106,9 @@ impl Default for QuotaSettings {
             user_defaults: Limits::default(),
             project_defaults: Limits::default(),
             reservation_ttl: Duration::from_secs(900),
+            arbitration_margin: 0.1,
+            arbitration_timeout: Duration::from_secs(5),
+            shared_log: false,
         })
     }
 }
@@ -113,6 +139,15 @@ impl QuotaConfig {
         if self.reservation_ttl.is_zero() {
             return Err("quotas.reservation_ttl: more than 0s".into());
         }
+        if !(0.0..=1.0).contains(&self.arbitration_margin) {
+            return Err(format!(
+                "quotas.arbitration_margin: between 0 and 1, a part of each daily limit (got {})",
+                self.arbitration_margin
+            ));
+        }
+        if self.arbitration_timeout.is_zero() {
+            return Err("quotas.arbitration_timeout: more than 0s".into());
+        }
         Ok(QuotaSettings {
             time_zone,
             user_defaults: defaults(
@@ -124,6 +159,9 @@ impl QuotaConfig {
                 usd("project_usd_per_day", self.project_usd_per_day)?,
             ),
             reservation_ttl: self.reservation_ttl,
+            arbitration_margin: self.arbitration_margin,
+            arbitration_timeout: self.arbitration_timeout,
+            shared_log: false,
         })
     }
 }
@@ -349,6 +387,9 @@ pub struct Admitted {
     pub id: Uuid,
     pub held: Held,
     pub headers: RateHeaders,
+    /// Near a limit on a shared log: admitted only once the log says so, against these limits
+    /// of each scope.
+    pub arbitrated: Option<Vec<DailyLimits>>,
 }
 
 /// A scope's state now, for `/v1/quota/status` and the admin API.
@@ -371,12 +412,22 @@ struct Ledger {
     rates: HashMap<Scope, Rates>,
     held: HashMap<Uuid, Held>,
     next_sweep: i64,
+    /// On a shared log: this gateway's reservations admitted from its own view that it has not
+    /// read back from the log yet (the others may not count them yet), with when they were
+    /// made, and their sum per scope.
+    unconfirmed: HashMap<Uuid, (Held, i64)>,
+    unconfirmed_sums: HashMap<Scope, (i64, i64)>,
 }
+
+/// What the log says of a reservation admitted in log order.
+pub type Verdict = Result<(), Denial>;
 
 /// The quota ledger of a gateway.
 pub struct Quotas {
     pub settings: QuotaSettings,
     ledger: Mutex<Ledger>,
+    /// Reservations admitted in log order that wait for their verdict.
+    waiting: Mutex<HashMap<Uuid, oneshot::Sender<Verdict>>>,
 }
 
 /// Days since 1970-01-01 of the date at `now` in `tz`, and when that date ends (µs).
@@ -410,6 +461,7 @@ impl Quotas {
         Quotas {
             settings,
             ledger: Mutex::default(),
+            waiting: Mutex::default(),
         }
     }
 
@@ -431,6 +483,7 @@ impl Quotas {
         ledger.roll(self.settings.time_zone, now);
         let (day, day_ends_at) = (ledger.day, ledger.day_ends_at);
         let mut headers = RateHeaders::default();
+        let mut arbitrate = false;
         for limited in scopes {
             let budget = ledger
                 .budgets
@@ -471,6 +524,8 @@ impl Quotas {
                     budget.cost(),
                 ));
             }
+            arbitrate =
+                arbitrate || ledger.near_limit(&self.settings, limited, &budget, tokens, cost);
         }
         let mut charged = Vec::with_capacity(scopes.len());
         for limited in scopes {
@@ -542,7 +597,54 @@ impl Quotas {
         };
         let id = Uuid::now_v7();
         ledger.hold(id, held.clone());
-        Ok(Admitted { id, held, headers })
+        let arbitrated = arbitrate.then(|| {
+            scopes
+                .iter()
+                .map(|limited| DailyLimits {
+                    tokens_per_day: limited.tokens_per_day,
+                    cost_micro_usd_per_day: limited.cost_per_day,
+                })
+                .collect()
+        });
+        if self.settings.shared_log && !arbitrate {
+            ledger.unconfirm(id, &held, now);
+        }
+        Ok(Admitted {
+            id,
+            held,
+            headers,
+            arbitrated,
+        })
+    }
+
+    /// Waits for the log's verdict on reservation `id` (admitted in log order): call before its
+    /// event is appended.
+    pub fn verdict(&self, id: Uuid) -> oneshot::Receiver<Verdict> {
+        let (send, receive) = oneshot::channel();
+        self.waiters().insert(id, send);
+        receive
+    }
+
+    /// Stops waiting for the verdict on `id`.
+    pub fn forget_verdict(&self, id: Uuid) {
+        self.waiters().remove(&id);
+    }
+
+    /// Hands the log's verdict on this gateway's reservation `id` to the request waiting for it.
+    pub fn decide(&self, id: Uuid, verdict: Verdict) {
+        if let Some(waiter) = self.waiters().remove(&id) {
+            // The request may have left: then nothing waits for it.
+            let _ = waiter.send(verdict);
+        }
+    }
+
+    /// This gateway read its reservation `id` back from the log: the others see it too.
+    pub fn confirm(&self, id: Uuid) {
+        self.ledger().confirm(id);
+    }
+
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, oneshot::Sender<Verdict>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Settles a reservation with what the request used; `None` if it is not held (settled,
@@ -571,44 +673,7 @@ impl Quotas {
     /// change the local calls made there. A settlement of a reservation not held here still
     /// counts its usage; a reservation past its expiry is not held.
     pub fn apply(&self, event: &Event, now: TimestampMicros) {
-        let tenant = event.envelope.tenant_id;
-        let scopes = |refs: &[QuotaScopeRef]| -> Vec<Scope> {
-            refs.iter()
-                .filter_map(|r| Scope::from_ref(tenant, r))
-                .collect()
-        };
-        let mut ledger = self.ledger();
-        match &event.payload {
-            Payload::QuotaReserved(r)
-                if r.expires_at > now && !ledger.held.contains_key(&r.reservation_id) =>
-            {
-                let held = Held {
-                    scopes: scopes(&r.scopes),
-                    day: r.day,
-                    tokens: r.tokens,
-                    cost: r.cost_micro_usd,
-                    expires_at: r.expires_at,
-                };
-                ledger.hold(r.reservation_id, held);
-            }
-            Payload::QuotaConsumed(c) => {
-                if let Some(id) = c.reservation_id {
-                    ledger.unhold(id);
-                }
-                let used = Held {
-                    scopes: scopes(&c.scopes),
-                    day: c.day,
-                    tokens: c.tokens,
-                    cost: c.cost_micro_usd,
-                    expires_at: 0,
-                };
-                ledger.consume(&used, used.tokens, used.cost);
-            }
-            Payload::QuotaReleased(r) => {
-                ledger.unhold(r.reservation_id);
-            }
-            _ => {}
-        }
+        self.ledger().apply(event, now);
     }
 
     /// A scope's state now.
@@ -669,10 +734,163 @@ impl Ledger {
         for id in expired {
             self.unhold(id);
         }
+        // Not read back in a minute (the log is down, or far behind): the margin is not held
+        // up by them.
+        let unread: Vec<Uuid> = self
+            .unconfirmed
+            .iter()
+            .filter(|(_, (_, at))| *at <= now - MINUTE_US)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unread {
+            self.confirm(id);
+        }
         let today = self.day;
         self.budgets.retain(|(_, day), _| *day >= today - 1);
         self.rates
             .retain(|_, rates| rates.requests_tat > now || rates.tokens_tat > now);
+    }
+
+    /// Applies a ledger event made by any gateway, at `now`.
+    fn apply(&mut self, event: &Event, now: i64) {
+        let tenant = event.envelope.tenant_id;
+        let scopes = |refs: &[QuotaScopeRef]| -> Vec<Scope> {
+            refs.iter()
+                .filter_map(|r| Scope::from_ref(tenant, r))
+                .collect()
+        };
+        match &event.payload {
+            Payload::QuotaReserved(r)
+                if r.expires_at > now && !self.held.contains_key(&r.reservation_id) =>
+            {
+                let held = Held {
+                    scopes: scopes(&r.scopes),
+                    day: r.day,
+                    tokens: r.tokens,
+                    cost: r.cost_micro_usd,
+                    expires_at: r.expires_at,
+                };
+                self.hold(r.reservation_id, held);
+            }
+            Payload::QuotaConsumed(c) => {
+                if let Some(id) = c.reservation_id {
+                    self.unhold(id);
+                }
+                let used = Held {
+                    scopes: scopes(&c.scopes),
+                    day: c.day,
+                    tokens: c.tokens,
+                    cost: c.cost_micro_usd,
+                    expires_at: 0,
+                };
+                self.consume(&used, used.tokens, used.cost);
+            }
+            Payload::QuotaReleased(r) => {
+                self.unhold(r.reservation_id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether admitting `tokens` and `cost` in `limited` must be arbitrated through the log:
+    /// on a shared log, when it brings the scope within the margin of a daily limit, or this
+    /// gateway's reservations the others have not read yet above the margin.
+    fn near_limit(
+        &self,
+        settings: &QuotaSettings,
+        limited: &Limited,
+        budget: &Budget,
+        tokens: i64,
+        cost: i64,
+    ) -> bool {
+        if !settings.shared_log || settings.arbitration_margin == 0.0 {
+            return false;
+        }
+        let (unseen_tokens, unseen_cost) = self
+            .unconfirmed_sums
+            .get(&limited.scope)
+            .copied()
+            .unwrap_or_default();
+        let near = |limit: i64, counted: i64, unseen: i64, amount: i64| {
+            let margin = (limit as f64 * settings.arbitration_margin) as i64;
+            limit > 0
+                && (counted.saturating_add(amount) > limit - margin
+                    || unseen.saturating_add(amount) > margin)
+        };
+        near(
+            limited.tokens_per_day,
+            budget.tokens(),
+            unseen_tokens,
+            tokens,
+        ) || near(limited.cost_per_day, budget.cost(), unseen_cost, cost)
+    }
+
+    fn unconfirm(&mut self, id: Uuid, held: &Held, now: i64) {
+        for scope in &held.scopes {
+            let sums = self.unconfirmed_sums.entry(scope.clone()).or_default();
+            sums.0 = sums.0.saturating_add(held.tokens);
+            sums.1 = sums.1.saturating_add(held.cost);
+        }
+        self.unconfirmed.insert(id, (held.clone(), now));
+    }
+
+    fn confirm(&mut self, id: Uuid) {
+        let Some((held, _)) = self.unconfirmed.remove(&id) else {
+            return;
+        };
+        for scope in &held.scopes {
+            if let Some(sums) = self.unconfirmed_sums.get_mut(scope) {
+                sums.0 -= held.tokens;
+                sums.1 -= held.cost;
+                if sums.0 <= 0 && sums.1 <= 0 {
+                    self.unconfirmed_sums.remove(scope);
+                }
+            }
+        }
+    }
+
+    /// Whether the reservation fits every scope's daily limits it was arbitrated against.
+    fn room(
+        &self,
+        tenant: Uuid,
+        reserved: &QuotaReserved,
+        limits: &[DailyLimits],
+        now: i64,
+    ) -> Verdict {
+        for (scope, limits) in reserved.scopes.iter().zip(limits) {
+            let Some(scope) = Scope::from_ref(tenant, scope) else {
+                continue;
+            };
+            let key = (scope, reserved.day);
+            let budget = self.budgets.get(&key).copied().unwrap_or_default();
+            let checks = [
+                (
+                    LimitKind::TokensPerDay,
+                    limits.tokens_per_day,
+                    budget.tokens(),
+                    reserved.tokens,
+                ),
+                (
+                    LimitKind::CostPerDay,
+                    limits.cost_micro_usd_per_day,
+                    budget.cost(),
+                    reserved.cost_micro_usd,
+                ),
+            ];
+            for (kind, limit, counted, amount) in checks {
+                if limit > 0 && counted.saturating_add(amount) > limit {
+                    return Err(Denial {
+                        scope: key.0.kind,
+                        scope_id: key.0.id.to_string(),
+                        kind,
+                        limit,
+                        used: counted,
+                        retry_after: until(self.day_ends_at, now),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn hold(&mut self, id: Uuid, held: Held) {
@@ -701,6 +919,43 @@ impl Ledger {
             budget.used_tokens = budget.used_tokens.saturating_add(tokens);
             budget.used_cost = budget.used_cost.saturating_add(cost);
         }
+    }
+}
+
+/// The ledger in log order, as every gateway folds it alike from the quota topic: it decides the
+/// reservations admitted in log order. Expiry and the quota day go by the events' own times.
+pub struct Arbiter {
+    ledger: Ledger,
+    time_zone: Tz,
+}
+
+impl Arbiter {
+    pub fn new(time_zone: Tz) -> Arbiter {
+        Arbiter {
+            ledger: Ledger::default(),
+            time_zone,
+        }
+    }
+
+    /// Folds the next event of the quota topic; for a reservation admitted in log order, the
+    /// verdict: it counts if it fits every scope's limit after the events before it, else
+    /// nowhere.
+    pub fn fold(&mut self, event: &Event) -> Option<Verdict> {
+        let at = event.envelope.occurred_at;
+        self.ledger.roll(self.time_zone, at);
+        if let Payload::QuotaReserved(reserved) = &event.payload
+            && let Some(limits) = &reserved.arbitrated
+        {
+            let verdict = self
+                .ledger
+                .room(event.envelope.tenant_id, reserved, limits, at);
+            if verdict.is_ok() {
+                self.ledger.apply(event, at);
+            }
+            return Some(verdict);
+        }
+        self.ledger.apply(event, at);
+        None
     }
 }
 
@@ -883,6 +1138,7 @@ mod tests {
             tokens: 600,
             cost_micro_usd: 0,
             expires_at: admitted.held.expires_at,
+            arbitrated: None,
         };
         here.apply(&event(reserved.clone().into()), T);
         assert!(
@@ -976,5 +1232,122 @@ mod tests {
                 .unwrap_err()
                 .contains("project_usd_per_day")
         );
+    }
+
+    fn shared() -> Quotas {
+        Quotas::new(QuotaSettings {
+            shared_log: true,
+            ..QuotaSettings::default()
+        })
+    }
+
+    #[test]
+    fn on_a_shared_log_reservations_near_a_limit_or_above_the_unseen_margin_are_arbitrated() {
+        let quotas = shared();
+        let scopes = [limited(QuotaScope::User, 1_000, 0)];
+        // The margin is 100 tokens: 100 the others have not seen is admitted here...
+        let first = quotas.reserve(&scopes, 100, 0, T).unwrap();
+        assert!(first.arbitrated.is_none());
+        // ...but not 150.
+        let second = quotas.reserve(&scopes, 50, 0, T).unwrap();
+        assert_eq!(
+            second.arbitrated,
+            Some(vec![DailyLimits {
+                tokens_per_day: 1_000,
+                cost_micro_usd_per_day: 0
+            }])
+        );
+        quotas.release(second.id);
+        // Once the first is read back from the log, the others see it.
+        quotas.confirm(first.id);
+        let third = quotas.reserve(&scopes, 50, 0, T).unwrap();
+        assert!(third.arbitrated.is_none());
+        quotas.confirm(third.id);
+        // Within 100 of the limit: arbitrated, however little the others have not seen.
+        let fourth = quotas.reserve(&scopes, 700, 0, T).unwrap();
+        assert!(fourth.arbitrated.is_some(), "850 of 1,000");
+        // Not on a log of its own, nor with no margin.
+        let alone = Quotas::new(QuotaSettings::default());
+        assert!(
+            alone
+                .reserve(&scopes, 950, 0, T)
+                .unwrap()
+                .arbitrated
+                .is_none()
+        );
+        let no_margin = Quotas::new(QuotaSettings {
+            shared_log: true,
+            arbitration_margin: 0.0,
+            ..QuotaSettings::default()
+        });
+        assert!(
+            no_margin
+                .reserve(&scopes, 950, 0, T)
+                .unwrap()
+                .arbitrated
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_arbiter_admits_in_log_order_what_fits_and_counts_the_rest_nowhere() {
+        use loom_schemas::event::{Envelope, QuotaConsumed};
+        let scope = scope(QuotaScope::User).to_ref();
+        let event = |payload: Payload| {
+            let mut envelope = Envelope::new(Uuid::nil(), None, "gateway/x/1");
+            envelope.occurred_at = T;
+            Event { envelope, payload }
+        };
+        let limits = Some(vec![DailyLimits {
+            tokens_per_day: 1_000,
+            cost_micro_usd_per_day: 0,
+        }]);
+        let (day, _) = quota_day(Tz::UTC, T);
+        let reserved = |id: u128, tokens: i64, arbitrated: Option<Vec<DailyLimits>>| {
+            event(
+                QuotaReserved {
+                    reservation_id: Uuid::from_u128(id),
+                    scopes: vec![scope.clone()],
+                    day,
+                    tokens,
+                    cost_micro_usd: 0,
+                    expires_at: T + 60_000_000,
+                    arbitrated,
+                }
+                .into(),
+            )
+        };
+        let mut arbiter = Arbiter::new(Tz::UTC);
+        // Admitted by its gateway: counted whatever it brings the scope to.
+        assert_eq!(arbiter.fold(&reserved(1, 700, None)), None);
+        assert_eq!(
+            arbiter.fold(&reserved(2, 300, limits.clone())),
+            Some(Ok(()))
+        );
+        let refused = arbiter.fold(&reserved(3, 1, limits.clone()));
+        let denial = refused.unwrap().unwrap_err();
+        assert_eq!(
+            (denial.kind, denial.limit, denial.used),
+            (LimitKind::TokensPerDay, 1_000, 1_000)
+        );
+        // A settlement below the estimate makes room; the refused reservation held none.
+        let settled = QuotaConsumed {
+            reservation_id: Some(Uuid::from_u128(1)),
+            scopes: vec![scope.clone()],
+            day,
+            tokens: 400,
+            cost_micro_usd: 0,
+            reserved_tokens: 700,
+            reserved_cost_micro_usd: 0,
+        };
+        assert_eq!(arbiter.fold(&event(settled.into())), None);
+        assert_eq!(
+            arbiter.fold(&reserved(4, 300, limits.clone())),
+            Some(Ok(()))
+        );
+        assert!(matches!(
+            arbiter.fold(&reserved(5, 1, limits)),
+            Some(Err(_))
+        ));
     }
 }
