@@ -14,6 +14,7 @@ mod events;
 mod flow;
 mod gateway;
 mod http;
+pub mod policy;
 pub mod pricing;
 mod providers;
 pub mod quota;
