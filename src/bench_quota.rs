@@ -211,7 +211,7 @@ async fn overshoot(args: &QuotaBenchArgs, brokers: &str, key_store: &str) -> any
                 0.0 => ("own view (margin 0)".to_owned(), "none".to_owned()),
                 _ => (
                     format!("log order, margin {margin}"),
-                    format!("{:.0}%", (gateways - 1) as f64 * margin * 100.0),
+                    format!("{:.0}%", gateways as f64 * margin * 100.0),
                 ),
             };
             let mut latencies = burst.latencies_ms;
@@ -235,7 +235,7 @@ async fn overshoot(args: &QuotaBenchArgs, brokers: &str, key_store: &str) -> any
     say!(
         "admitted, denied, arbitrated: per burst; 503: in all (quota_unavailable: no verdict in \
          time); latency: every request of every burst, admitted or not. The bound: \
-         (gateways - 1) x margin of the budget (docs/quotas.md)."
+         gateways x margin of the budget (docs/quotas.md)."
     );
     Ok(())
 }

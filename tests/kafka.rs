@@ -426,7 +426,7 @@ async fn a_burst_through_two_gateways_near_a_shared_budget_is_admitted_in_log_or
     assert_eq!(admitted + denied, statuses.len(), "{statuses:?}");
     assert!(admitted > 0 && denied > 0, "{statuses:?}");
 
-    // Both gateways end with the same count, within the limit plus one gateway's margin.
+    // Both gateways end with the same count, within the limit plus a margin per gateway.
     let started = Instant::now();
     let used = loop {
         let used = user_tokens(&client, &gateways[0], &key, "burst").await;
@@ -440,7 +440,8 @@ async fn a_burst_through_two_gateways_near_a_shared_budget_is_admitted_in_log_or
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let margin = LIMIT / 10;
+    // Each gateway's reservations the other had not read yet: at most a margin each.
+    let margin = 2 * LIMIT / 10;
     assert!(used.0 <= LIMIT + margin, "{used:?}");
 
     // In log order, what was admitted stays within the same bound, and near the limit the
