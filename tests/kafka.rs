@@ -154,26 +154,6 @@ async fn two_gateways_share_the_log_and_obey_each_others_control_changes() {
         .unwrap()
         .to_owned();
     until(&client, &b, &key, |s| s == 200, &mut sent_b).await;
-    let user_usage = |gateway: &Server| {
-        let request = client
-            .get(gateway.url("/v1/quota/status"))
-            .bearer_auth(&key)
-            .header("x-loom-user", "shared-user");
-        async move {
-            let status: Value = request.send().await.unwrap().json().await.unwrap();
-            let user = status["scopes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|s| s["scope"] == "user")
-                .cloned()
-                .unwrap();
-            (
-                user["used"]["tokens"].as_i64().unwrap(),
-                user["reserved"]["tokens"].as_i64().unwrap(),
-            )
-        }
-    };
     let answered = client
         .post(a.url("/v1/chat/completions"))
         .bearer_auth(&key)
@@ -184,10 +164,10 @@ async fn two_gateways_share_the_log_and_obey_each_others_control_changes() {
         .await
         .unwrap();
     assert_eq!(answered.status(), 200);
-    let (used, reserved) = user_usage(&a).await;
+    let (used, reserved) = user_tokens(&client, &a, &key, "shared-user").await;
     assert!(used > 0 && reserved == 0, "{used} {reserved}");
     let started = std::time::Instant::now();
-    while user_usage(&b).await != (used, 0) {
+    while user_tokens(&client, &b, &key, "shared-user").await != (used, 0) {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "the other gateway never counted the user's {used} tokens"

@@ -1,5 +1,5 @@
-//! The ledger as every gateway keeps it: the quota topic read from its start when the gateway
-//! starts (so a restart keeps the day's counts), then tailed, so that each gateway counts what
+//! The ledger as every gateway keeps it: the quota topic read when the gateway starts (from the
+//! start of what the day's counts depend on, so a restart keeps them), then tailed, so that each gateway counts what
 //! the others reserve and settle. A gateway's own events were applied when it made them; reading
 //! them back tells it the others can see them, and gives the verdict on those admitted in log
 //! order ([`Arbiter`]).
@@ -72,19 +72,16 @@ pub(crate) async fn follow(gateway: Weak<Gateway>, log: Weak<dyn Log>, producer:
                 Ok(event) => {
                     let verdict = arbiter.fold(&event);
                     let quotas = &gateway.quotas;
-                    match (&event.payload, verdict) {
-                        (Payload::QuotaReserved(r), verdict)
-                            if event.envelope.producer == producer =>
-                        {
-                            match verdict {
-                                Some(verdict) => quotas.decide(r.reservation_id, verdict),
-                                None => quotas.confirm(r.reservation_id),
-                            }
+                    let own = event.envelope.producer == producer;
+                    match (own, &event.payload, verdict) {
+                        (true, Payload::QuotaReserved(r), Some(verdict)) => {
+                            quotas.decide(r.reservation_id, verdict);
                         }
-                        _ if event.envelope.producer == producer => {}
+                        (true, Payload::QuotaReserved(r), None) => quotas.confirm(r.reservation_id),
+                        (true, ..) => {}
                         // Refused in log order: it counts nowhere.
-                        (_, Some(Err(_))) => {}
-                        _ => quotas.apply(&event, now),
+                        (false, _, Some(Err(_))) => {}
+                        (false, ..) => quotas.apply(&event, now),
                     }
                 }
                 Err(error) => {
@@ -103,7 +100,7 @@ const KEPT_US: i64 = 49 * 3_600_000_000;
 /// The offset of the first quota event that happened at or after `since` (µs), found by
 /// bisection on the events' times (appended in about the order they happen); 0 if the topic
 /// cannot be read that way.
-pub(crate) async fn first_since(log: &dyn Log, registry: &Registry, since: i64) -> u64 {
+async fn first_since(log: &dyn Log, registry: &Registry, since: i64) -> u64 {
     let Ok(end) = log.end_offset(Topic::Quota, 0).await else {
         return 0;
     };
