@@ -42,7 +42,8 @@ pub struct ArchiveConfig {
     pub roll_bytes: usize,
     /// … or once the oldest has waited this long.
     pub roll_after: Duration,
-    /// Buffered records of all tenants at most; past it the largest buffer is written out.
+    /// Memory the buffers of all tenants hold at most (rows and records); past it the largest
+    /// buffer is written out.
     pub max_buffered_bytes: usize,
     /// Event ids remembered to drop copies the log holds twice.
     pub dedupe_window: usize,
@@ -96,10 +97,15 @@ fn checkpoint_path(archive: &Archive) -> Path {
         .join("checkpoint.json")
 }
 
-/// One tenant's events waiting for their file.
+/// One tenant's events waiting for their files.
 struct Buffer {
-    rows: Vec<Row>,
+    /// The rows of each UTC day (days since the epoch): a file each.
+    days: BTreeMap<i64, Vec<Row>>,
+    rows: usize,
+    /// Record bytes, what `roll_bytes` counts.
     bytes: usize,
+    /// Memory held: rows and records.
+    memory: usize,
     opened: Instant,
     /// The first buffered offset per `topic/partition`.
     first: BTreeMap<String, u64>,
@@ -206,6 +212,7 @@ impl Archiver {
             manifests: HashMap::new(),
             buffers: HashMap::new(),
             buffered: 0,
+            spare: Vec::new(),
             read: BTreeMap::new(),
             window: Window::new(self.config.dedupe_window),
             shutdown: shutdown.clone(),
@@ -302,6 +309,12 @@ impl Archiver {
 
 /// How long a stopping archiver reads on to where the log ended.
 pub const DRAIN: Duration = Duration::from_secs(10);
+
+const DAY_MICROS: i64 = 86_400_000_000;
+
+/// Emptied row vectors kept (their capacity is at most a buffer's, so within
+/// `max_buffered_bytes` each).
+const SPARE_ROW_VECS: usize = 2;
 
 impl Archiver {
     /// Where each partition of the log ends now.
@@ -405,8 +418,11 @@ struct State {
     config: ArchiveConfig,
     manifests: HashMap<Uuid, Manifest>,
     buffers: HashMap<Uuid, Buffer>,
-    /// Record bytes buffered over all tenants.
+    /// Memory the buffers of all tenants hold.
     buffered: usize,
+    /// Emptied row vectors kept for the next buffers: a buffer's rows run to hundreds of MiB,
+    /// and memory freshly mapped for each would be faulted in and zeroed all over again.
+    spare: Vec<Vec<Row>>,
     /// The next offset to read per `topic/partition`.
     read: BTreeMap<String, u64>,
     window: Window,
@@ -550,17 +566,25 @@ impl State {
                 }
                 Err(_) => Row::undecodable(tenant, at, record.timestamp_us, record.value),
             };
-            let size = row.record.len() + 256;
+            let (bytes, memory) = (row.record.len(), row.memory());
             let buffer = self.buffers.entry(tenant).or_insert_with(|| Buffer {
-                rows: Vec::new(),
+                days: BTreeMap::new(),
+                rows: 0,
                 bytes: 0,
+                memory: 0,
                 opened: Instant::now(),
                 first: BTreeMap::new(),
             });
             buffer.first.entry(key).or_insert(position.offset);
-            buffer.rows.push(row);
-            buffer.bytes += size;
-            self.buffered += size;
+            buffer
+                .days
+                .entry(row.occurred_at.div_euclid(DAY_MICROS))
+                .or_insert_with(|| self.spare.pop().unwrap_or_default())
+                .push(row);
+            buffer.rows += 1;
+            buffer.bytes += bytes;
+            buffer.memory += memory;
+            self.buffered += memory;
             if buffer.bytes >= self.config.roll_bytes {
                 self.flush(tenant).await?;
             }
@@ -572,7 +596,7 @@ impl State {
             let Some(largest) = self
                 .buffers
                 .iter()
-                .max_by_key(|(_, b)| b.bytes)
+                .max_by_key(|(_, b)| b.memory)
                 .map(|(tenant, _)| *tenant)
             else {
                 break;
@@ -589,7 +613,7 @@ impl State {
             return Ok(());
         }
         if let Some(buffer) = self.buffers.remove(&tenant) {
-            self.buffered -= buffer.bytes;
+            self.buffered -= buffer.memory;
         }
         tracing::info!(%tenant, "the tenant was erased: its archive is shredded");
         let draft = Draft {
@@ -645,7 +669,7 @@ impl State {
         let Some(buffer) = self.buffers.remove(&tenant) else {
             return Ok(());
         };
-        self.buffered -= buffer.bytes;
+        self.buffered -= buffer.memory;
         let positions = self.read.clone();
         let covers = buffer
             .first
@@ -657,18 +681,11 @@ impl State {
                 )
             })
             .collect();
-        let rows = buffer.rows.len();
-        let mut by_date: BTreeMap<String, Vec<Row>> = BTreeMap::new();
-        for row in buffer.rows {
-            by_date
-                .entry(date_of(row.occurred_at))
-                .or_default()
-                .push(row);
-        }
+        let (rows, mut days) = (buffer.rows, buffer.days);
         let started = Instant::now();
         let mut backoff = Duration::from_millis(200);
         let draft = loop {
-            match self.write_files(tenant, &mut by_date).await {
+            match self.write_files(tenant, &mut days).await {
                 Ok(add) => {
                     break Draft {
                         action: Action::Append,
@@ -703,6 +720,12 @@ impl State {
             }
         };
         let files = draft.add.len();
+        for mut rows in days.into_values() {
+            if self.spare.len() < SPARE_ROW_VECS {
+                rows.clear();
+                self.spare.push(rows);
+            }
+        }
         self.append(tenant, draft).await?;
         metrics::counter!("loom_archive_events_total").increment(rows as u64);
         metrics::histogram!("loom_archive_flush_seconds").record(started.elapsed().as_secs_f64());
@@ -728,15 +751,16 @@ impl State {
         }
     }
 
-    /// The rows of each date partition as one file, stored; what the manifest entry names. The
-    /// rows stay (sorted), for another attempt.
+    /// The rows of each day as one file of its date partition, stored; what the manifest entry
+    /// names. The rows stay (sorted), for another attempt.
     async fn write_files(
         &self,
         tenant: Uuid,
-        by_date: &mut BTreeMap<String, Vec<Row>>,
+        days: &mut BTreeMap<i64, Vec<Row>>,
     ) -> Result<Vec<FileRef>, ArchiveError> {
-        let mut added = Vec::with_capacity(by_date.len());
-        for (date, rows) in by_date.iter_mut() {
+        let mut added = Vec::with_capacity(days.len());
+        for (&day, rows) in days.iter_mut() {
+            let date = date_of(day * DAY_MICROS);
             let keys = Arc::clone(&self.keys);
             let (first_at, last_at) = rows.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| {
                 (lo.min(r.occurred_at), hi.max(r.occurred_at))

@@ -98,6 +98,42 @@ pub struct Row {
 }
 
 impl Row {
+    /// The memory this row holds, near enough: itself, its record, and its strings (their
+    /// lengths; a few dozen bytes each).
+    pub fn memory(&self) -> usize {
+        let strings = [
+            &self.trace_id,
+            &self.project_id,
+            &self.api_key_id,
+            &self.user_id,
+            &self.endpoint,
+            &self.model,
+            &self.provider,
+            &self.deployment,
+            &self.status,
+            &self.error_class,
+            &self.response_id,
+            &self.tool_call_id,
+            &self.tool_name,
+            &self.tool_direction,
+            &self.quota_scope,
+            &self.quota_scope_id,
+            &self.quota_metric,
+            &self.quota_window,
+            &self.policy_action,
+        ]
+        .into_iter()
+        .flatten()
+        .map(String::len)
+        .sum::<usize>();
+        std::mem::size_of::<Row>()
+            + self.record.capacity()
+            + self.event_id.len()
+            + self.envelope_tenant_id.len()
+            + self.producer.len()
+            + strings
+    }
+
     /// `event` (decoded from `record`, written with `schema_version`) at `position`.
     pub fn new(
         event: &Event,
