@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs Loom's benchmarks in release mode:
-#   ./infra/bench.sh [codec|log|gateway|quota|kafka|projector|archive|query] [args…]
-# With no argument: codec, log, gateway and archive (kafka needs a broker, projector a Postgres:
+#   ./infra/bench.sh [codec|log|gateway|quota|policy|kafka|projector|archive|query] [args…]
+# With no argument: codec, log, gateway, policy and archive (kafka needs a broker, projector a Postgres:
 # ./infra/test.sh starts both; query takes a while: 10M events). Installs the load generator
 # (oha) once into $LOOM_CACHE_DIR, nginx (the reverse-proxy baseline) from Debian's packages
 # when it can, and DuckDB (the query baseline, PyPI) into a Python venv of its own.
@@ -46,7 +46,7 @@ cd "$(dirname "$here")"
 cargo build --release --workspace --quiet
 loom="$CARGO_TARGET_DIR/release/loom"
 if [ $# -eq 0 ]; then
-  for what in codec log gateway archive; do "$loom" bench "$what"; echo; done
+  for what in codec log gateway policy archive; do "$loom" bench "$what"; echo; done
 else
   "$loom" bench "$@"
 fi

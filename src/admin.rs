@@ -85,6 +85,33 @@ enum AdminCommand {
     /// Daily budgets and per-minute rate limits of a tenant, project, user or key.
     #[command(subcommand)]
     Quota(QuotaCommand),
+    /// The prompt and output security policy of a project (docs/policy.md).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Replace a project's security policy (admin or owner); prints the policy in force.
+    Set {
+        project_id: Uuid,
+        /// The policy as JSON, e.g. '{"rules":{"openai_api_key":"block","email":"redact"}}'.
+        #[arg(
+            long,
+            value_name = "JSON",
+            conflicts_with = "file",
+            required_unless_present = "file"
+        )]
+        json: Option<String>,
+        /// … or read from this file.
+        #[arg(long, value_name = "PATH")]
+        file: Option<std::path::PathBuf>,
+        /// Refuse the change if the project is no longer at this version.
+        #[arg(long)]
+        expected_version: Option<i64>,
+    },
+    /// Show the security policy in force for a project (its own, or the default) as JSON.
+    Show { project_id: Uuid },
 }
 
 /// The scope a quota command is about.
@@ -338,6 +365,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             writeln!(out, "{}", value["key"].as_str().unwrap_or_default())?;
         }
         Shown::Done(message) => writeln!(std::io::stderr(), "{message}")?,
+        Shown::Field(field) => writeln!(out, "{}", serde_json::to_string_pretty(&value[field])?)?,
     }
     Ok(())
 }
@@ -351,6 +379,8 @@ enum Shown {
     Secret,
     /// A line on stderr.
     Done(String),
+    /// One field of the answer, as JSON.
+    Field(&'static str),
 }
 
 enum Target {
@@ -478,6 +508,34 @@ fn api_call(command: AdminCommand) -> anyhow::Result<Call> {
             tenant_query("/admin/projects", tenant),
             None,
             Shown::Json,
+        ),
+        AdminCommand::Policy(PolicyCommand::Set {
+            project_id,
+            json,
+            file,
+            expected_version,
+        }) => {
+            let json = match (json, file) {
+                (Some(json), _) => json,
+                (None, Some(path)) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                (None, None) => anyhow::bail!("give the policy with --json or --file"),
+            };
+            call(
+                Method::PATCH,
+                format!("/admin/projects/{project_id}"),
+                Some(json!({
+                    "security_policy": document("the policy", Some(json))?,
+                    "expected_version": expected_version,
+                })),
+                Shown::Field("security_policy"),
+            )
+        }
+        AdminCommand::Policy(PolicyCommand::Show { project_id }) => call(
+            Method::GET,
+            format!("/admin/projects/{project_id}"),
+            None,
+            Shown::Field("security_policy"),
         ),
         AdminCommand::Project(ProjectCommand::Show { project_id }) => call(
             Method::GET,

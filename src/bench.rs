@@ -41,6 +41,9 @@ enum BenchKind {
     /// Quota admission: reserving and settling a request in its four scopes, per request and
     /// under contention.
     Quota(crate::bench_quota::QuotaBenchArgs),
+    /// The prompt security policy: scan and screening MB/s on 1 KB, 16 KB and 256 KB prompts,
+    /// clean and with findings, against every rule's regex and one RegexSet of them all.
+    Policy(crate::bench_policy::PolicyBenchArgs),
     /// The log on a Kafka-protocol broker: producer throughput and append-to-read latency.
     Kafka(crate::bench_kafka::KafkaBenchArgs),
     /// Folding the log into the read models (SQLite, Postgres) and replaying it, against reading
@@ -84,6 +87,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchKind::Gateway(args) => crate::bench_gateway::run(args).await,
         BenchKind::Kafka(args) => crate::bench_kafka::run(args).await,
         BenchKind::Quota(args) => crate::bench_quota::run(args).await,
+        BenchKind::Policy(args) => crate::bench_policy::run(args).await,
         BenchKind::Projector(args) => crate::bench_projector::run(args).await,
         BenchKind::Archive(args) => crate::bench_archive::run(args).await,
         BenchKind::Query(args) => crate::bench_query::run(args).await,

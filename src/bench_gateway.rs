@@ -104,7 +104,12 @@ pub struct GatewayBenchArgs {
     /// run reaches, so every request reserves, settles and records both; `off` is the servers
     /// above, whose requests no limit applies to.
     #[arg(long, value_delimiter = ',', default_value = "off,on")]
-    quotas: Vec<Quotas>,
+    quotas: Vec<Switch>,
+    /// The security policy: every server above runs the default one (every built-in rule
+    /// scans prompts and answers, and flags); `off` adds a gateway (`--read-models off`) whose
+    /// key's project turns it off, to measure what the scan costs.
+    #[arg(long, value_delimiter = ',', default_value = "on,off")]
+    policy: Vec<Switch>,
     /// The oha binary (`cargo install oha`; ./infra/bench.sh installs it).
     #[arg(long, env = "LOOM_OHA", default_value = "oha")]
     oha: PathBuf,
@@ -115,7 +120,7 @@ pub struct GatewayBenchArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Quotas {
+pub enum Switch {
     Off,
     On,
 }
@@ -436,6 +441,7 @@ async fn setup_key(
     base: &str,
     token: &str,
     quotas: bool,
+    policy: bool,
 ) -> anyhow::Result<String> {
     let tenant: Value = client
         .post(format!("{base}/admin/tenants"))
@@ -446,10 +452,27 @@ async fn setup_key(
         .error_for_status()?
         .json()
         .await?;
+    // The policy off: the key is in a project that turns it off.
+    let mut project = Value::Null;
+    if !policy {
+        let created: Value = client
+            .post(format!("{base}/admin/projects"))
+            .bearer_auth(token)
+            .json(
+                &json!({"tenant_id": tenant["tenant_id"], "name": "no-policy",
+                          "security_policy": {"default_action": "off", "outputs": "off"}}),
+            )
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        project = created["project_id"].clone();
+    }
     let key: Value = client
         .post(format!("{base}/admin/keys"))
         .bearer_auth(token)
-        .json(&json!({"tenant_id": tenant["tenant_id"]}))
+        .json(&json!({"tenant_id": tenant["tenant_id"], "project_id": project}))
         .send()
         .await?
         .error_for_status()?
@@ -571,11 +594,13 @@ async fn start_gateway(
     ack: EventsAck,
     read_models: &str,
     quotas: bool,
+    policy: bool,
 ) -> anyhow::Result<Target> {
     let token = "bench-admin";
-    let name = match quotas {
-        true => format!("loom rm={read_models} quotas=on"),
-        false => format!("loom rm={read_models} ack={ack}"),
+    let name = match (quotas, policy) {
+        (true, _) => format!("loom rm={read_models} quotas=on"),
+        (false, false) => format!("loom rm={read_models} policy=off"),
+        (false, true) => format!("loom rm={read_models} ack={ack}"),
     };
     let mut loom = Command::new(std::env::current_exe()?);
     loom.args([
@@ -588,7 +613,7 @@ async fn start_gateway(
         ack.name(),
     ])
     .arg("--data-dir")
-    .arg(work.join(format!("data-{read_models}-{ack}-{quotas}").replace('/', "_")))
+    .arg(work.join(format!("data-{read_models}-{ack}-{quotas}-{policy}").replace('/', "_")))
     .arg("--config")
     .arg(config)
     .env("LOOM_ADMIN_TOKEN", token)
@@ -599,7 +624,7 @@ async fn start_gateway(
     }
     let (process, addr) = spawn_listening(loom)?;
     let client = reqwest::Client::new();
-    let key = setup_key(&client, &format!("http://{addr}"), token, quotas).await?;
+    let key = setup_key(&client, &format!("http://{addr}"), token, quotas, policy).await?;
     Ok(Target {
         name,
         addr,
@@ -719,16 +744,25 @@ pub async fn run(args: GatewayBenchArgs) -> anyhow::Result<()> {
     }
     for read_models in &args.read_models {
         for ack in &args.events_ack {
-            targets.push(start_gateway(work.path(), &config, *ack, read_models, false).await?);
+            targets
+                .push(start_gateway(work.path(), &config, *ack, read_models, false, true).await?);
         }
     }
-    if args.quotas.contains(&Quotas::On) {
+    if args.quotas.contains(&Switch::On) {
         let ack = args
             .events_ack
             .first()
             .copied()
             .unwrap_or(EventsAck::Recorded);
-        targets.push(start_gateway(work.path(), &config, ack, "off", true).await?);
+        targets.push(start_gateway(work.path(), &config, ack, "off", true, true).await?);
+    }
+    if args.policy.contains(&Switch::Off) {
+        let ack = args
+            .events_ack
+            .first()
+            .copied()
+            .unwrap_or(EventsAck::Recorded);
+        targets.push(start_gateway(work.path(), &config, ack, "off", false, false).await?);
     }
 
     let chat = json!({"model": "fast", "messages": [{"role": "user", "content": "Summarise the quarterly report in three bullet points for the leadership team."}]});

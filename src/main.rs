@@ -11,6 +11,7 @@ mod bench;
 mod bench_archive;
 mod bench_gateway;
 mod bench_kafka;
+mod bench_policy;
 mod bench_projector;
 mod bench_query;
 mod bench_quota;

@@ -606,6 +606,46 @@ async fn every_endpoint_refuses_what_the_role_may_not_do_and_hides_other_tenants
     assert!(created.status.success(), "{}", text(&created.stderr));
     let shown: Value = serde_json::from_slice(&created.stdout).unwrap();
     assert_eq!(shown["routing_policy"]["max_tier"], "L1");
+    // Its security policy: set, shown; a bad one refused naming the field, nothing applied.
+    let project = shown["project_id"].as_str().unwrap().to_owned();
+    let set = cli(
+        owner_key,
+        &[
+            "policy",
+            "set",
+            &project,
+            "--json",
+            r#"{"rules":{"email":"redact"},"outputs":"off"}"#,
+        ],
+    );
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let policy: Value = serde_json::from_slice(&set.stdout).unwrap();
+    assert_eq!(policy["rules"]["email"], "redact");
+    let bad = cli(
+        owner_key,
+        &[
+            "policy",
+            "set",
+            &project,
+            "--json",
+            r#"{"rules":{"mail":"redact"}}"#,
+        ],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("security_policy.rules.mail"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let shown = cli(owner_key, &["policy", "show", &project]);
+    let policy: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(
+        (
+            policy["rules"]["email"].as_str(),
+            policy["outputs"].as_str()
+        ),
+        (Some("redact"), Some("off"))
+    );
     let granted = cli(
         owner_key,
         &["role", "grant", "--user", "lin@a", "--role", "admin"],

@@ -29,6 +29,10 @@ pub enum GatewayError {
     ModelNotFound(String),
     /// The alias exists, but the routing policy of the key's project does not allow it.
     ModelNotAllowed(String),
+    /// The project's security policy refuses the prompt: the rules that matched (ids only).
+    PromptBlocked(Vec<String>),
+    /// The project's security policy cut the answer (it chose `outputs: cut`): the rules.
+    OutputBlocked(Vec<String>),
     /// The request may cost more than its project allows one request to (micro-USD).
     CostLimitExceeded {
         estimate: i64,
@@ -145,9 +149,10 @@ impl UpstreamFault {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::InvalidRequest(_) | GatewayError::CostLimitExceeded { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            GatewayError::InvalidRequest(_)
+            | GatewayError::CostLimitExceeded { .. }
+            | GatewayError::PromptBlocked(_)
+            | GatewayError::OutputBlocked(_) => StatusCode::BAD_REQUEST,
             GatewayError::InvalidApiKey | GatewayError::InvalidAdminToken => {
                 StatusCode::UNAUTHORIZED
             }
@@ -185,6 +190,8 @@ impl GatewayError {
         match self {
             GatewayError::InvalidRequest(_)
             | GatewayError::CostLimitExceeded { .. }
+            | GatewayError::PromptBlocked(_)
+            | GatewayError::OutputBlocked(_)
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::ModelNotFound(_)
             | GatewayError::UpstreamRefused { .. }
@@ -224,6 +231,8 @@ impl GatewayError {
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::ModelNotAllowed(_) => "model_not_allowed",
             GatewayError::CostLimitExceeded { .. } => "request_cost_limit_exceeded",
+            GatewayError::PromptBlocked(_) => "prompt_blocked_by_policy",
+            GatewayError::OutputBlocked(_) => "output_blocked_by_policy",
             // A deployment that cannot take the request: Loom's refusal, not the upstream's.
             GatewayError::UpstreamRefused {
                 fault: UpstreamFault::Unsupported,
@@ -274,6 +283,8 @@ impl GatewayError {
             | GatewayError::PermissionDenied(_)
             | GatewayError::ModelNotAllowed(_)
             | GatewayError::CostLimitExceeded { .. }
+            | GatewayError::PromptBlocked(_)
+            | GatewayError::OutputBlocked(_)
             | GatewayError::Quota(_) => RequestStatus::Denied,
             _ => RequestStatus::Error,
         }
@@ -290,6 +301,14 @@ impl GatewayError {
             | GatewayError::UpstreamRefused { message, .. }
             | GatewayError::TenantErased(message) => message.clone(),
             GatewayError::InvalidApiKey => "missing or invalid API key".into(),
+            GatewayError::PromptBlocked(rules) => format!(
+                "the prompt was refused by your project's security policy (rules: {})",
+                rules.join(", ")
+            ),
+            GatewayError::OutputBlocked(rules) => format!(
+                "the answer was cut by your project's security policy (rules: {})",
+                rules.join(", ")
+            ),
             GatewayError::Quota(denial) => quota_message(denial),
             GatewayError::CostLimitExceeded { estimate, limit } => format!(
                 "this request may cost up to ${:.6} (its prompt and the output it may ask for), \

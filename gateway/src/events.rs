@@ -356,6 +356,7 @@ mod tests {
                 action: PolicyAction::Allow,
                 findings: Vec::new(),
                 latency_us: 0,
+                direction: "prompt".into(),
             }
             .into(),
         }

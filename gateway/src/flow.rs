@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::control::{ApiKeyInfo, Control};
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
+use crate::policy::Policy;
 use crate::quota::Reservation;
 
 /// The header carrying the trace id, honoured when a client sends one.
@@ -43,6 +44,9 @@ pub(crate) struct Flow {
     pub quota: Option<Reservation>,
     /// The routing policy of the key's project, if it is bound to one.
     pub policy: Option<Arc<RoutingPolicy>>,
+    /// The security policy of the key's project (the default one outside a project); none
+    /// without a key.
+    pub security: Option<Arc<Policy>>,
     /// The client's headers that upstreams speaking its API get too (`anthropic-beta`, …).
     pub forwarded: HeaderMap,
     pub started: Instant,

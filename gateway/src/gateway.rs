@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
+use crate::StartError;
 use crate::config::GatewayConfig;
 use crate::events::Emitter;
+use crate::policy::Policies;
 use crate::quota::Quotas;
 use crate::stored::{ResponseIndex, StoredResponses};
 
@@ -27,6 +29,8 @@ pub struct Gateway {
     pub(crate) response_index: Option<Arc<dyn ResponseIndex>>,
     /// Budgets and rates: what requests have reserved and used.
     pub quotas: Quotas,
+    /// The projects' security policies, compiled.
+    pub policies: Policies,
 }
 
 impl Gateway {
@@ -35,7 +39,7 @@ impl Gateway {
         emitter: Emitter,
         tasks: TaskTracker,
         response_index: Option<Arc<dyn ResponseIndex>>,
-    ) -> Result<Gateway, reqwest::Error> {
+    ) -> Result<Gateway, StartError> {
         let http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
@@ -50,6 +54,7 @@ impl Gateway {
         let quotas = Quotas::new(config.quotas.clone());
         Ok(Gateway {
             quotas,
+            policies: Policies::new()?,
             config: Arc::new(config),
             http,
             emitter,

@@ -13,6 +13,7 @@ mod error;
 mod events;
 mod flow;
 mod gateway;
+mod guard;
 mod http;
 pub mod policy;
 pub mod pricing;
@@ -57,6 +58,8 @@ pub enum StartError {
     Schemas(#[from] CodecError),
     #[error("building the upstream HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
+    #[error("compiling the security policy's rules: {0}")]
+    Policy(#[from] policy::RuleError),
 }
 
 /// The HTTP app of a node: the data plane, the admin API (for holders of `admin_token`), health

@@ -13,11 +13,12 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use eventsource_stream::Eventsource;
 use futures_util::{Stream, StreamExt};
-use loom_schemas::event::{CallStatus, Event, RequestStatus};
+use loom_schemas::event::{CallStatus, Event, PolicyAction, RequestStatus};
 use serde_json::{Value, json};
 
 use crate::error::{GatewayError, UpstreamFault};
 use crate::flow::Flow;
+use crate::policy::OutputScan;
 use crate::record::{CallRecord, Outcome, Usage, call_event};
 use crate::translate::{Output, ToChunks};
 use crate::upstream::Answer;
@@ -58,6 +59,10 @@ pub(crate) struct ChatStream {
     output: Output,
     /// The upstream's last event, sent to the client once the request is recorded.
     last: Option<Bytes>,
+    /// The security policy's scan of `answered`.
+    scan: OutputScan,
+    /// Whether the security policy cut the answer.
+    cut_off: bool,
 }
 
 impl ChatStream {
@@ -107,6 +112,8 @@ impl ChatStream {
             pending: VecDeque::new(),
             output,
             last: None,
+            scan: OutputScan::default(),
+            cut_off: false,
         };
         let body = futures_util::stream::unfold(stream, |mut stream| async move {
             let frame = stream.next_frame().await?;
@@ -123,6 +130,10 @@ impl ChatStream {
         }
         let timeout = self.flow.gateway.config.routing.attempt_timeout;
         loop {
+            if !self.scan.cut.is_empty() {
+                let rules = std::mem::take(&mut self.scan.cut);
+                return self.cut(rules).await;
+            }
             // After `[DONE]` only the end of the upstream body is expected; do not wait long.
             let timeout = if self.saw_done {
                 timeout.min(AFTER_DONE)
@@ -186,6 +197,9 @@ impl ChatStream {
             while let Some(data) = self.pending.pop_front() {
                 self.process(data);
             }
+            if !self.scan.cut.is_empty() {
+                continue;
+            }
             if self.saw_done {
                 self.last = Some(frame);
                 return self.done().await;
@@ -209,6 +223,10 @@ impl ChatStream {
             return Some(Bytes::from(format!("data: {data}\n\n")));
         };
         self.observe(&chunk);
+        self.flow.scan_output(&mut self.scan, &self.answered, false);
+        if !self.scan.cut.is_empty() {
+            return None;
+        }
         if let Some(frames) = self.output.encode(&chunk) {
             return joined(frames);
         }
@@ -311,6 +329,17 @@ impl ChatStream {
         }
     }
 
+    /// Ends the stream where the security policy cut it: the call is recorded as answered, the
+    /// request as denied, and the client gets an error frame.
+    async fn cut(&mut self, rules: Vec<String>) -> Option<Bytes> {
+        let mut rules = rules;
+        rules.sort_unstable();
+        rules.dedup();
+        self.cut_off = true;
+        self.fail(CallStatus::Ok, GatewayError::OutputBlocked(rules))
+            .await
+    }
+
     /// Ends the stream with an error frame for the client.
     async fn fail(&mut self, status: CallStatus, error: GatewayError) -> Option<Bytes> {
         let frame = match self.finish(status, Some(error.error_class())).await {
@@ -340,10 +369,23 @@ impl ChatStream {
         }
         let mut events = vec![call_event(&self.flow, call)];
         events.extend(self.flow.tool_calls(&self.tool_calls));
+        let cut = self.cut_off;
+        if !cut {
+            self.flow.scan_output(&mut self.scan, &self.answered, true);
+        }
+        if let Some(action) = self.scan.action() {
+            let findings = std::mem::take(&mut self.scan.findings);
+            let action = if cut { PolicyAction::Block } else { action };
+            events.push(
+                self.flow
+                    .policy_event(true, action, findings, self.scan.latency),
+            );
+        }
         let gateway = &self.flow.gateway;
         let deployment = &gateway.config.deployments[self.answer.deployment];
         let outcome = Outcome {
             status: match status {
+                CallStatus::Ok if cut => RequestStatus::Denied,
                 CallStatus::Ok => RequestStatus::Ok,
                 CallStatus::ClientCancelled => RequestStatus::ClientCancelled,
                 CallStatus::Error | CallStatus::Timeout => RequestStatus::Error,

@@ -340,8 +340,11 @@ impl Changes {
                 patch.started_at = Some(at);
             }
             Payload::PolicyEvaluated(p) => {
-                patch.policy_action = Some(name_of(&p.action));
-                patch.policy_findings = Some(p.findings.len() as i64);
+                // The request's are the prompt's; an answer's findings are in its decisions.
+                if p.direction != "output" {
+                    patch.policy_action = Some(name_of(&p.action));
+                    patch.policy_findings = Some(p.findings.len() as i64);
+                }
                 self.decisions.push(DecisionRow {
                     event_id: event_id.clone(),
                     tenant_id: tenant_id.clone(),

@@ -705,6 +705,7 @@ fn failed_request(
                 action,
                 findings: Vec::new(),
                 latency_us: 30,
+                direction: "prompt".into(),
             }
             .into(),
         ),

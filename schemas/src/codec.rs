@@ -91,6 +91,7 @@ macro_rules! builtin_schemas {
 builtin_schemas! {
     "request.received" v 1,
     "policy.evaluated" v 1,
+    "policy.evaluated" v 2,
     "routing.decided" v 1,
     "routing.decided" v 2,
     "llm_call.completed" v 1,

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::crypto::hash_api_key;
 use crate::event::{Event, Payload, QuotaMetric, QuotaScope, QuotaWindow, TimestampMicros};
-use crate::project::{FeatureFlags, MAX_NAME_BYTES, RoutingPolicy};
+use crate::project::{FeatureFlags, MAX_NAME_BYTES, RoutingPolicy, SecurityPolicy};
 use crate::quota::{LimitKind, Limits};
 use crate::roles::Role;
 
@@ -62,8 +62,8 @@ pub struct ProjectInfo {
     /// Shared, so requests take it without copying.
     pub routing: Arc<RoutingPolicy>,
     pub flags: FeatureFlags,
-    /// The security policy document, as given (checked by the policy engine).
-    pub security_policy: Option<String>,
+    /// The security policy; `None`: the default one.
+    pub security: Option<Arc<SecurityPolicy>>,
     /// 1 when created, one more with every update.
     pub version: i64,
     /// The event that made the current version.
@@ -244,6 +244,7 @@ impl ControlState {
                 }
                 let routing = document(created.routing_policy.as_deref(), RoutingPolicy::parse)?;
                 let flags = document(created.feature_flags.as_deref(), FeatureFlags::parse)?;
+                let security = document(created.security_policy.as_deref(), SecurityPolicy::parse)?;
                 self.projects.insert(
                     created.project_id,
                     ProjectInfo {
@@ -252,7 +253,7 @@ impl ControlState {
                         name: created.name.clone(),
                         routing: Arc::new(routing.unwrap_or_default()),
                         flags: flags.unwrap_or_default(),
-                        security_policy: created.security_policy.clone(),
+                        security: security.map(Arc::new),
                         version: 1,
                         last_event: event.envelope.event_id,
                         created_at: at,
@@ -274,6 +275,7 @@ impl ControlState {
                 self.own_project(tenant_id, Some(updated.project_id))?;
                 let routing = document(updated.routing_policy.as_deref(), RoutingPolicy::parse)?;
                 let flags = document(updated.feature_flags.as_deref(), FeatureFlags::parse)?;
+                let security = document(updated.security_policy.as_deref(), SecurityPolicy::parse)?;
                 let project = self
                     .projects
                     .get_mut(&updated.project_id)
@@ -291,8 +293,8 @@ impl ControlState {
                 if let Some(flags) = flags {
                     project.flags = flags;
                 }
-                if let Some(security) = &updated.security_policy {
-                    project.security_policy = Some(security.clone());
+                if let Some(security) = security {
+                    project.security = Some(Arc::new(security));
                 }
                 project.version = version;
                 project.last_event = event.envelope.event_id;

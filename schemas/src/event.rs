@@ -174,6 +174,8 @@ pub enum PolicyAction {
     Allow,
     Redact,
     Block,
+    /// (v2)
+    Flag,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +183,16 @@ pub struct PolicyFinding {
     pub rule: String,
     pub kind: String,
     pub location: String,
+    /// (v2; empty before)
+    pub severity: String,
+    /// The rule's action (v2; empty before).
+    pub action: String,
+    /// Byte offsets of the match (v2; 0 before).
+    pub start: i64,
+    pub end: i64,
+    /// A keyed digest of the match, never the match (v2; empty before).
+    #[serde(with = "serde_bytes")]
+    pub digest: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,6 +201,8 @@ pub struct PolicyEvaluated {
     pub action: PolicyAction,
     pub findings: Vec<PolicyFinding>,
     pub latency_us: i64,
+    /// `prompt` or `output` (v2; `prompt` before).
+    pub direction: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

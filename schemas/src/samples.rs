@@ -123,11 +123,17 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
                 project_id: project,
                 action: PolicyAction::Redact,
                 findings: vec![PolicyFinding {
-                    rule: "secrets".into(),
-                    kind: "aws_access_key".into(),
+                    rule: "aws_access_key_id".into(),
+                    kind: "secret".into(),
                     location: "messages[1].content".into(),
+                    severity: "critical".into(),
+                    action: "redact".into(),
+                    start: 19,
+                    end: 39,
+                    digest: vec![7; 16],
                 }],
                 latency_us: 41,
+                direction: "prompt".into(),
             }
             .into(),
         ),
@@ -269,7 +275,7 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
                 project_id: Uuid::now_v7(),
                 name: None,
                 routing_policy: None,
-                security_policy: Some(r#"{"rules":{"aws_access_key":"block"}}"#.into()),
+                security_policy: Some(r#"{"rules":{"aws_access_key_id":"block"}}"#.into()),
                 feature_flags: None,
                 version: Some(2),
             }
@@ -481,9 +487,14 @@ pub fn history(
         });
         let findings = if rng.u8(..10) == 0 {
             vec![PolicyFinding {
-                rule: "secrets".into(),
-                kind: "aws_access_key".into(),
+                rule: "aws_access_key_id".into(),
+                kind: "secret".into(),
                 location: "messages[0].content".into(),
+                severity: "critical".into(),
+                action: "redact".into(),
+                start: 12,
+                end: 32,
+                digest: vec![9; 16],
             }]
         } else {
             Vec::new()
@@ -502,6 +513,7 @@ pub fn history(
                 action,
                 findings,
                 latency_us: 40,
+                direction: "prompt".into(),
             }
             .into(),
         ));

@@ -18,7 +18,7 @@ use loom_schemas::event::{
 };
 use loom_schemas::keystore::KeyStoreError;
 use loom_schemas::log::{LogError, Topic};
-use loom_schemas::project::{FeatureFlags, MAX_NAME_BYTES, RoutingPolicy};
+use loom_schemas::project::{FeatureFlags, MAX_NAME_BYTES, RoutingPolicy, SecurityPolicy};
 use loom_schemas::roles::{Permission, Role};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -226,6 +226,9 @@ pub struct ProjectRequest {
     pub routing_policy: Option<RoutingPolicy>,
     #[serde(default)]
     pub feature_flags: Option<FeatureFlags>,
+    /// Absent: the default policy (docs/policy.md).
+    #[serde(default)]
+    pub security_policy: Option<SecurityPolicy>,
 }
 
 /// A change to a project: what is left out stays as it is.
@@ -238,6 +241,9 @@ pub struct ProjectPatch {
     pub routing_policy: Option<RoutingPolicy>,
     #[serde(default)]
     pub feature_flags: Option<FeatureFlags>,
+    /// Absent: the default policy (docs/policy.md).
+    #[serde(default)]
+    pub security_policy: Option<SecurityPolicy>,
     /// The version the change was made against; a project that has moved on since is a 409.
     #[serde(default)]
     pub expected_version: Option<i64>,
@@ -251,6 +257,8 @@ pub struct ProjectView {
     pub name: String,
     pub routing_policy: RoutingPolicy,
     pub feature_flags: FeatureFlags,
+    /// The policy in force: the project's own, or the default.
+    pub security_policy: SecurityPolicy,
     pub version: i64,
     /// RFC 3339.
     pub created_at: String,
@@ -306,6 +314,7 @@ fn project_view(project: &ProjectInfo) -> ProjectView {
         name: project.name.clone(),
         routing_policy: (*project.routing).clone(),
         feature_flags: project.flags.clone(),
+        security_policy: project.security.as_deref().cloned().unwrap_or_default(),
         version: project.version,
         created_at: rfc3339(project.created_at),
         updated_at: rfc3339(project.updated_at),
@@ -475,6 +484,7 @@ impl Services {
         let name = name("name", &request.name, MAX_NAME_BYTES)?;
         let routing = request.routing_policy.as_ref();
         let flags = request.feature_flags.as_ref();
+        let security = request.security_policy.as_ref();
         routing
             .map(RoutingPolicy::check)
             .transpose()
@@ -483,12 +493,16 @@ impl Services {
             .map(FeatureFlags::check)
             .transpose()
             .map_err(AdminError::Invalid)?;
+        security
+            .map(SecurityPolicy::check)
+            .transpose()
+            .map_err(AdminError::Invalid)?;
         let project_id = Uuid::now_v7();
         let created = ProjectCreated {
             project_id,
             name,
             routing_policy: routing.map(json).transpose()?,
-            security_policy: None,
+            security_policy: security.map(json).transpose()?,
             feature_flags: flags.map(json).transpose()?,
         };
         self.append_control(vec![self.control_event(tenant_id, created)])
@@ -522,6 +536,7 @@ impl Services {
             .transpose()?;
         let routing = patch.routing_policy.as_ref();
         let flags = patch.feature_flags.as_ref();
+        let security = patch.security_policy.as_ref();
         routing
             .map(RoutingPolicy::check)
             .transpose()
@@ -530,12 +545,16 @@ impl Services {
             .map(FeatureFlags::check)
             .transpose()
             .map_err(AdminError::Invalid)?;
+        security
+            .map(SecurityPolicy::check)
+            .transpose()
+            .map_err(AdminError::Invalid)?;
         let version = project.version + 1;
         let updated = ProjectUpdated {
             project_id,
             name,
             routing_policy: routing.map(json).transpose()?,
-            security_policy: None,
+            security_policy: security.map(json).transpose()?,
             feature_flags: flags.map(json).transpose()?,
             version: Some(version),
         };

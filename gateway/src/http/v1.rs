@@ -21,7 +21,9 @@ use crate::body::ClientBody;
 use crate::control::ApiKeyInfo;
 use crate::error::GatewayError;
 use crate::flow::{Dialect, Flow, set_headers};
+use crate::guard;
 use crate::http::AppState;
+use crate::policy::OutputScan;
 use crate::providers::Operation;
 use crate::quota::Scope;
 use crate::record::{CallRecord, Outcome, Usage, call_event};
@@ -301,6 +303,7 @@ async fn begin(
         control: state.services.control.clone(),
         quota: None,
         policy,
+        security: None,
         forwarded: gateway
             .config
             .forward_headers
@@ -317,8 +320,48 @@ async fn begin(
         Some(body) => axum::body::to_bytes(body, limit).await.map_err(|_| ()),
         None => Ok(Bytes::new()),
     };
-    let bytes = read.as_ref().ok().cloned().unwrap_or_default();
-    let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
+    let mut bytes = read.as_ref().ok().cloned().unwrap_or_default();
+    let mut parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
+    // The prompt is screened before it is recorded or sent: what the policy redacts (or blocks)
+    // is in neither.
+    let mut unscreened = None;
+    if let Some(key) = &flow.key {
+        match guard::policy_of(&gateway, &flow.control, key) {
+            Ok(policy) => flow.security = Some(policy),
+            Err(error) => {
+                (bytes, parsed) = (Bytes::new(), None);
+                unscreened = Some(error);
+            }
+        }
+    }
+    let screening = match parsed.as_mut().filter(|p| p.is_object()) {
+        Some(request) => {
+            let screening = flow.screen(request);
+            if let Some(screening) = &screening
+                && screening.changed
+            {
+                let fields: Vec<(&str, &str)> = (screening.redacted.iter())
+                    .map(|(field, json)| (*field, json.as_str()))
+                    .collect();
+                // Every other byte stays as the client sent it (`patched` cannot fail on an
+                // object; if it did, the parsed request, redacted, is what is recorded and sent).
+                bytes = crate::body::patched(&bytes, &fields)
+                    .or_else(|| Some(Bytes::from(serde_json::to_vec(parsed.as_ref()?).ok()?)))
+                    .unwrap_or_default();
+            }
+            screening
+        }
+        // Not a JSON object: refused further on, but recorded first, as one text.
+        None if !bytes.is_empty() => {
+            let mut text = String::from_utf8_lossy(&bytes).into_owned();
+            let screening = flow.screen_text(&mut text);
+            if screening.as_ref().is_some_and(|s| s.changed) {
+                (bytes, parsed) = (Bytes::from(text), None);
+            }
+            screening
+        }
+        None => None,
+    };
     let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name));
     let user = end_user(headers, parsed.as_ref());
     flow.user = user.clone().ok().flatten();
@@ -346,6 +389,17 @@ async fn begin(
     if gateway.emitter.admit(received).await.is_err() {
         return Err(flow.error_response(&GatewayError::EventQueueFull));
     }
+    let mut blocking = Vec::new();
+    if let Some(screening) = screening {
+        blocking = screening.blocking;
+        let evaluated = flow.policy_event(
+            false,
+            screening.action,
+            screening.findings,
+            screening.latency,
+        );
+        flow.gateway.emitter.emit(evaluated).await;
+    }
     let Some(role) = flow.key.as_ref().map(|k| k.role) else {
         return Err(flow.fail(GatewayError::InvalidApiKey).await);
     };
@@ -362,10 +416,16 @@ async fn begin(
     if !expects_body {
         return Ok((flow, ClientBody::new(bytes, Value::Null)));
     }
+    if let Some(error) = unscreened {
+        return Err(flow.fail(error).await);
+    }
     let Some(parsed) = parsed.filter(Value::is_object) else {
         let error = GatewayError::InvalidRequest("the request body is not a JSON object".into());
         return Err(flow.fail(error).await);
     };
+    if !blocking.is_empty() {
+        return Err(flow.fail(GatewayError::PromptBlocked(blocking)).await);
+    }
     for event in flow.tool_results(&parsed) {
         flow.gateway.emitter.emit(event).await;
     }
@@ -575,6 +635,22 @@ async fn finish_json(mut flow: Flow, mut answer: Answer, request: Option<&Value>
         cost_micro_usd,
         ..Outcome::at(&flow, answer.deployment)
     };
+    if request.is_some() && answer.leg.client != Operation::Embeddings {
+        let mut scan = OutputScan::default();
+        flow.scan_output(&mut scan, &tokens::answer_text(&parsed), true);
+        if let Some(action) = scan.action() {
+            let findings = std::mem::take(&mut scan.findings);
+            let evaluated = flow.policy_event(true, action, findings, scan.latency);
+            gateway.emitter.emit(evaluated).await;
+        }
+        if !scan.cut.is_empty() {
+            scan.cut.sort_unstable();
+            scan.cut.dedup();
+            return flow
+                .fail_with(outcome, GatewayError::OutputBlocked(scan.cut))
+                .await;
+        }
+    }
     if let Err(unrecorded) = flow.complete(&outcome).await {
         return flow.error_response(&unrecorded);
     }

@@ -1,9 +1,12 @@
 //! The prompt and output security policy: detectors of secrets, personal data and destructive
-//! commands ([`rules`]), and the scanner that runs them ([`scan`]).
+//! commands ([`rules`]), the scanner that runs them ([`scan`]), and what a project's policy does
+//! with what they find ([`engine`]).
 
+pub mod engine;
 pub mod rules;
 pub mod scan;
 
+pub use engine::{OutputScan, Policies, Policy, Screening};
 pub use scan::{CustomRule, Finding, Kind, RuleError, Scanner, Severity};
 
 /// The scanner of the built-in rules alone.
@@ -195,5 +198,137 @@ mod tests {
         );
         let many = vec![bad("x"); scan::MAX_RULES + 1];
         assert!(matches!(Scanner::new(&[], &many), Err(RuleError::TooMany)));
+    }
+
+    #[test]
+    fn the_schemas_know_every_built_in_rule() {
+        let ids: Vec<&str> = rules::BUILTIN.iter().map(|r| r.id).collect();
+        assert_eq!(ids, loom_schemas::project::BUILTIN_RULES);
+    }
+
+    fn policy(json: &str) -> Policy {
+        Policy::compile(&loom_schemas::project::SecurityPolicy::parse(json).unwrap()).unwrap()
+    }
+
+    fn digest(text: &[u8]) -> Vec<u8> {
+        vec![u8::try_from(text.len()).unwrap_or(255)]
+    }
+
+    const KEY: &str = "sk-proj-Q7vN2mXk4LpR9sTz8WcYb3HdJf6GaKe1UoPi5Vn0BrMq";
+
+    #[test]
+    fn a_prompt_is_blocked_redacted_or_flagged_rule_by_rule_and_never_keeps_what_it_hides() {
+        use loom_schemas::event::PolicyAction;
+        use serde_json::json;
+
+        let policy = policy(
+            r#"{"rules":{"openai_api_key":"redact","email":"flag","phone_number":"off"},
+                "blocked_keywords":["project bluebird"]}"#,
+        );
+        let mut request = json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "call +1 415 555 0199"},
+                {"role": "user", "content": [{"type": "text", "text": format!("use {KEY}, ask ada@example.com")}]},
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                    "function": {"name": "f", "arguments": format!("{{\"key\":\"{KEY}\"}}")}}]},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,c2stcHJvai1h"}}]}
+            ]
+        });
+        let screening = policy.screen(&mut request, &digest).unwrap();
+        assert_eq!(screening.action, PolicyAction::Redact);
+        assert!(screening.blocking.is_empty());
+        let found: Vec<(&str, &str, &str)> = screening
+            .findings
+            .iter()
+            .map(|f| (f.rule.as_str(), f.action.as_str(), f.location.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("openai_api_key", "redact", "messages[1].content[0].text"),
+                ("email", "flag", "messages[1].content[0].text"),
+                (
+                    "openai_api_key",
+                    "redact",
+                    "messages[2].tool_calls[0].function.arguments"
+                ),
+            ]
+        );
+        let first = &screening.findings[0];
+        assert_eq!((first.start, first.end), (4, 4 + KEY.len() as i64));
+        assert_eq!(first.digest, [KEY.len() as u8]);
+        assert_eq!(first.severity, "critical");
+        // The forwarded `messages` hold no key; the email (flagged) stays.
+        assert_eq!(screening.redacted.len(), 1);
+        assert_eq!(screening.redacted[0].0, "messages");
+        let sent = &screening.redacted[0].1;
+        assert!(!sent.contains(KEY), "{sent}");
+        assert!(sent.contains("sk-proj-****BrMq") && sent.contains("ada@example.com"));
+        assert_eq!(request["messages"].to_string(), *sent);
+
+        // A blocked keyword refuses the request, and what was found is hidden all the same.
+        let mut request = json!({"input": format!("About Project Bluebird: {KEY}")});
+        let screening = policy.screen(&mut request, &digest).unwrap();
+        assert_eq!(screening.action, PolicyAction::Block);
+        assert_eq!(screening.blocking, ["blocked_keyword"]);
+        assert!(!request.to_string().contains(KEY));
+
+        // Nothing found: no screening; rules that are off do not run.
+        let mut clean = json!({"messages": [{"role": "user", "content": "call 415 555 0199"}]});
+        assert!(policy.screen(&mut clean, &digest).is_none());
+        let off = self::policy(r#"{"default_action":"off"}"#);
+        let mut request = json!({"messages": [{"role": "user", "content": KEY}]});
+        assert!(off.screen(&mut request, &digest).is_none());
+    }
+
+    #[test]
+    fn an_answer_is_scanned_across_pieces_each_finding_once() {
+        let policy = policy(r#"{"rules":{"openai_api_key":"block"}}"#);
+        let answer = format!(
+            "Here it is: {KEY} and mail ada@example.com. {}",
+            "x".repeat(600)
+        );
+        let mut scan = OutputScan::default();
+        let mut text = String::new();
+        // Token-sized pieces, as a stream brings them.
+        for piece in answer.as_bytes().chunks(3) {
+            text.push_str(std::str::from_utf8(piece).unwrap());
+            policy.scan_output(&mut scan, &text, false, &digest);
+        }
+        policy.scan_output(&mut scan, &text, true, &digest);
+        let found: Vec<(&str, i64)> = scan
+            .findings
+            .iter()
+            .map(|f| (f.rule.as_str(), f.start))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("openai_api_key", 12),
+                ("email", 12 + KEY.len() as i64 + 10)
+            ]
+        );
+        assert!(scan.findings.iter().all(|f| f.location == "output"));
+        assert_eq!(scan.findings[0].end, 12 + KEY.len() as i64);
+        // Flagged, not cut: the project did not choose to cut answers.
+        assert!(scan.cut.is_empty());
+        assert_eq!(scan.action(), Some(loom_schemas::event::PolicyAction::Flag));
+
+        // A project that cuts: the piece completing enough of the key cuts the answer.
+        let policy = self::policy(r#"{"rules":{"openai_api_key":"block"},"outputs":"cut"}"#);
+        let mut scan = OutputScan::default();
+        let mut text = String::new();
+        let mut cut_at = None;
+        for piece in answer.as_bytes().chunks(3) {
+            text.push_str(std::str::from_utf8(piece).unwrap());
+            policy.scan_output(&mut scan, &text, false, &digest);
+            if !scan.cut.is_empty() {
+                cut_at = Some(text.len());
+                break;
+            }
+        }
+        assert_eq!(scan.cut, ["openai_api_key"]);
+        assert!(cut_at.unwrap() < 12 + KEY.len(), "cut at {cut_at:?}");
     }
 }

@@ -5,7 +5,7 @@
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use base64::Engine;
-use regex::bytes::{Regex, RegexBuilder};
+use regex::bytes::Regex;
 
 /// What a rule finds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,8 +100,7 @@ pub struct CustomRule {
     pub severity: Severity,
 }
 
-/// The most a rule's compiled regex may take (bytes): a project's rule above it is refused.
-pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+pub use loom_schemas::project::REGEX_SIZE_LIMIT;
 
 /// A rule, compiled.
 #[derive(Debug)]
@@ -150,21 +149,10 @@ pub enum RuleError {
 
 /// Compiles a rule's pattern with the size limits every rule has.
 pub fn compile(id: &str, pattern: &str, unicode: bool) -> Result<Regex, RuleError> {
-    RegexBuilder::new(pattern)
-        .unicode(unicode)
-        .size_limit(REGEX_SIZE_LIMIT)
-        .dfa_size_limit(REGEX_SIZE_LIMIT)
-        .nest_limit(64)
-        .build()
-        .map_err(|error| RuleError::Regex {
-            id: id.to_owned(),
-            reason: match error {
-                regex::Error::CompiledTooBig(limit) => {
-                    format!("the regex compiles to more than {limit} bytes")
-                }
-                other => other.to_string(),
-            },
-        })
+    loom_schemas::project::compile_pattern(pattern, unicode).map_err(|reason| RuleError::Regex {
+        id: id.to_owned(),
+        reason,
+    })
 }
 
 impl Scanner {
