@@ -11,7 +11,8 @@ use clap::{Args, Subcommand};
 use loom::{KeyStoreLocation, Node, NodeConfig};
 use loom_gateway::config::QuotaConfig;
 use loom_gateway::{
-    Actor, GrantRequest, KeyRequest, ProjectPatch, ProjectRequest, QuotaQuery, QuotaRequest,
+    Actor, CredentialRequest, GrantRequest, KeyRequest, ProjectPatch, ProjectRequest, QuotaQuery,
+    QuotaRequest,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -88,6 +89,58 @@ enum AdminCommand {
     /// The prompt and output security policy of a project (docs/policy.md).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// A tenant's or project's own upstream credentials (docs/credentials.md).
+    #[command(subcommand)]
+    Credential(CredentialCommand),
+}
+
+/// Whose credential: a tenant's, or one of its projects'.
+#[derive(Args)]
+struct CredentialScopeArgs {
+    /// The tenant (left out with --api-key: the key's own).
+    #[arg(long)]
+    tenant: Option<Uuid>,
+    /// One project only (else the whole tenant).
+    #[arg(long)]
+    project: Option<Uuid>,
+    /// The upstream, by its name in the gateway's config (`[upstreams.NAME]`).
+    #[arg(long)]
+    upstream: String,
+}
+
+#[derive(Subcommand)]
+enum CredentialCommand {
+    /// Set the key the scope's requests to an upstream use (admin or owner); it is sealed with
+    /// the tenant's data key, and takes effect on every gateway without a restart. The key is
+    /// read from an environment variable or stdin, never from the command line.
+    Set {
+        #[command(flatten)]
+        scope: CredentialScopeArgs,
+        /// The environment variable holding the key.
+        #[arg(
+            long,
+            value_name = "VAR",
+            conflicts_with = "api_key_stdin",
+            required_unless_present = "api_key_stdin"
+        )]
+        api_key_env: Option<String>,
+        /// Read the key from stdin.
+        #[arg(long)]
+        api_key_stdin: bool,
+        /// Send the scope's requests to this URL instead of the upstream's (the operator only).
+        #[arg(long)]
+        base_url: Option<String>,
+    },
+    /// Remove the scope's credential: the upstream's own key applies again.
+    Remove {
+        #[command(flatten)]
+        scope: CredentialScopeArgs,
+    },
+    /// List a tenant's credentials as JSON (never their keys).
+    List {
+        #[arg(long)]
+        tenant: Option<Uuid>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -531,6 +584,55 @@ fn api_call(command: AdminCommand) -> anyhow::Result<Call> {
                 Shown::Field("security_policy"),
             )
         }
+        AdminCommand::Credential(CredentialCommand::Set {
+            scope,
+            api_key_env,
+            api_key_stdin,
+            base_url,
+        }) => {
+            let key = match (api_key_env, api_key_stdin) {
+                (Some(var), _) => std::env::var(&var)
+                    .with_context(|| format!("--api-key-env: {var} is not set"))?,
+                (None, true) => {
+                    let mut key = String::new();
+                    std::io::stdin()
+                        .read_line(&mut key)
+                        .context("reading the key from stdin")?;
+                    key
+                }
+                (None, false) => {
+                    anyhow::bail!("give the key with --api-key-env or --api-key-stdin")
+                }
+            };
+            call(
+                Method::POST,
+                "/admin/credentials",
+                Some(json!({
+                    "tenant_id": scope.tenant,
+                    "project_id": scope.project,
+                    "upstream": scope.upstream,
+                    "api_key": key.trim(),
+                    "base_url": base_url,
+                })),
+                Shown::Json,
+            )
+        }
+        AdminCommand::Credential(CredentialCommand::Remove { scope }) => call(
+            Method::POST,
+            "/admin/credentials",
+            Some(json!({
+                "tenant_id": scope.tenant,
+                "project_id": scope.project,
+                "upstream": scope.upstream,
+            })),
+            Shown::Done(format!("removed the credential for {}", scope.upstream)),
+        ),
+        AdminCommand::Credential(CredentialCommand::List { tenant }) => call(
+            Method::GET,
+            tenant_query("/admin/credentials", tenant),
+            None,
+            Shown::Json,
+        ),
         AdminCommand::Policy(PolicyCommand::Show { project_id }) => call(
             Method::GET,
             format!("/admin/projects/{project_id}"),
@@ -819,6 +921,13 @@ async fn local(
             serde_json::to_value(services.list_members(actor, query_tenant(path)?)?)?
         }
         // No gateway runs here: limits are shown with the built-in defaults, and no usage.
+        (&Method::POST, ["credentials"]) => {
+            let request: CredentialRequest = body(payload)?;
+            serde_json::to_value(services.set_credential(actor, &request, None).await?)?
+        }
+        (&Method::GET, ["credentials"]) => {
+            serde_json::to_value(services.list_credentials(actor, query_tenant(path)?)?)?
+        }
         (&Method::POST, ["quotas"]) => {
             let request: QuotaRequest = body(payload)?;
             let defaults = QuotaConfig::default().check().map_err(anyhow::Error::msg)?;

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::gateway::{ADMIN, Harness, read_sse, start_with, trace_of};
+use common::gateway::{ADMIN, read_sse, start_with, trace_of};
 use loom_mock::MockConfig;
 use loom_schemas::event::{Event, Payload, PolicyAction, PolicyEvaluated};
 use serde_json::{Value, json};
@@ -36,25 +36,6 @@ impl Write for Lines {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-async fn send(
-    harness: &Harness,
-    method: reqwest::Method,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut request = harness
-        .client
-        .request(method, format!("{}{path}", harness.base))
-        .bearer_auth(token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 fn policy_events(events: &[Event]) -> Vec<(&str, &PolicyEvaluated)> {
@@ -247,14 +228,14 @@ async fn with_block_or_redact_no_secret_reaches_the_upstream_an_event_a_file_or_
     // The read models fold every request before the node stops.
     let started = Instant::now();
     loop {
-        let (status, body) = send(
-            &harness,
-            reqwest::Method::GET,
-            "/v1/analytics/summary?window=1h",
-            &key,
-            None,
-        )
-        .await;
+        let (status, body) = harness
+            .call(
+                reqwest::Method::GET,
+                "/v1/analytics/summary?window=1h",
+                &key,
+                None,
+            )
+            .await;
         assert_eq!(status, 200, "{body}");
         if body["metrics"]["requests"]["value"] == 6 {
             break;
@@ -543,27 +524,26 @@ async fn a_bad_policy_is_refused_naming_its_field_and_nothing_is_applied() {
         ),
         (json!({"scan": true}), "security_policy"),
     ] {
-        let (status, body) = send(
-            &harness,
-            reqwest::Method::PATCH,
-            &path,
-            ADMIN,
-            Some(json!({"security_policy": policy})),
-        )
-        .await;
+        let (status, body) = harness
+            .call(
+                reqwest::Method::PATCH,
+                &path,
+                ADMIN,
+                Some(json!({"security_policy": policy})),
+            )
+            .await;
         assert_eq!(status, 400, "{policy}: {body}");
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(field), "{policy}: {message}");
     }
     // Nothing was applied: the project is where it was.
-    let (status, now) = send(&harness, reqwest::Method::GET, &path, ADMIN, None).await;
+    let (status, now) = harness.call(reqwest::Method::GET, &path, ADMIN, None).await;
     assert_eq!(status, 200);
     assert_eq!(now["version"], project["version"]);
     assert_eq!(now["security_policy"], project["security_policy"]);
 
     // A good one applies, and a project's own rules are in force on its next request.
-    let (status, now) = send(
-        &harness,
+    let (status, now) = harness.call(
         reqwest::Method::PATCH,
         &path,
         ADMIN,
@@ -585,8 +565,7 @@ async fn a_bad_policy_is_refused_naming_its_field_and_nothing_is_applied() {
         .as_str()
         .unwrap()
         .to_owned();
-    let (status, body) = send(
-        &harness,
+    let (status, body) = harness.call(
         reqwest::Method::POST,
         "/v1/chat/completions",
         &key,

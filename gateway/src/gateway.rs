@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::StartError;
 use crate::config::GatewayConfig;
+use crate::credentials::Credentials;
 use crate::events::Emitter;
 use crate::policy::Policies;
 use crate::quota::Quotas;
@@ -31,6 +32,8 @@ pub struct Gateway {
     pub quotas: Quotas,
     /// The projects' security policies, compiled.
     pub policies: Policies,
+    /// Tenants' and projects' own upstream credentials, opened.
+    pub(crate) credentials: Credentials,
 }
 
 impl Gateway {
@@ -55,6 +58,7 @@ impl Gateway {
         Ok(Gateway {
             quotas,
             policies: Policies::new()?,
+            credentials: Credentials::default(),
             config: Arc::new(config),
             http,
             emitter,

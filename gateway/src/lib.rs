@@ -9,6 +9,7 @@ mod body;
 pub mod config;
 mod content;
 mod control;
+mod credentials;
 mod error;
 mod events;
 mod flow;
@@ -30,9 +31,9 @@ mod translate;
 mod upstream;
 
 pub use admin::{
-    Actor, AdminError, Amounts, CreatedKey, CreatedTenant, GrantRequest, KeyRequest, KeyView,
-    LimitsPatch, MemberView, ProjectPatch, ProjectRequest, ProjectView, QuotaQuery, QuotaRequest,
-    QuotaView, Remaining, TenantView,
+    Actor, AdminError, Amounts, CreatedKey, CreatedTenant, CredentialRequest, CredentialView,
+    GrantRequest, KeyRequest, KeyView, LimitsPatch, MemberView, ProjectPatch, ProjectRequest,
+    ProjectView, QuotaQuery, QuotaRequest, QuotaView, Remaining, TenantView,
 };
 pub use auth::presented_key;
 pub use control::{ApiKeyInfo, Control, ControlState, TenantInfo};

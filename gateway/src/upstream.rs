@@ -12,7 +12,7 @@ use loom_schemas::event::now_micros;
 use serde_json::Value;
 
 use crate::body::ClientBody;
-use crate::config::{Deployment, UnsupportedFields};
+use crate::config::UnsupportedFields;
 use crate::error::{GatewayError, UpstreamFault};
 use crate::flow::Flow;
 use crate::providers::{Operation, adapter, with_model};
@@ -148,10 +148,13 @@ enum Skip {
     Refused(String),
 }
 
-fn prepare(flow: &Flow, deployment: &Deployment, outgoing: Outgoing<'_>) -> Result<Prepared, Skip> {
+fn prepare(flow: &Flow, index: usize, outgoing: Outgoing<'_>) -> Result<Prepared, Skip> {
     let config = &flow.gateway.config;
+    let deployment = &config.deployments[index];
     let upstream = &config.upstreams[deployment.upstream];
-    let target = &deployment.target;
+    // The tenant's or project's own credential, if it has one for this upstream.
+    let own = flow.credential_target(index).map_err(Skip::Refused)?;
+    let target = own.as_deref().unwrap_or(&deployment.target);
     let (operation, body) = match outgoing {
         Outgoing::Request { operation, body } => (operation, body),
         Outgoing::Stored {
@@ -245,8 +248,7 @@ pub(crate) async fn call_upstream(
     let deadline = flow.started + routing.total_timeout;
     let mut last: Option<(AttemptError, usize)> = None;
     for &deployment_index in order {
-        let deployment = &gateway.config.deployments[deployment_index];
-        let prepared = match prepare(flow, deployment, outgoing) {
+        let prepared = match prepare(flow, deployment_index, outgoing) {
             Ok(prepared) => prepared,
             Err(skip) => {
                 // A deployment passed over says why only if no attempt failed for real.

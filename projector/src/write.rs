@@ -820,7 +820,7 @@ async fn apply_control(
             ];
             execute(conn, sql, values).await
         }
-        ControlChange::Anchored { .. } => Ok(()),
+        ControlChange::Anchored { .. } | ControlChange::CredentialSet { .. } => Ok(()),
     }
 }
 

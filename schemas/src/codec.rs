@@ -117,6 +117,7 @@ builtin_schemas! {
     "quota.limit_set" v 2,
     "role.granted" v 1,
     "role.revoked" v 1,
+    "upstream_credential.set" v 1,
     "tenant.erased" v 1,
     "log.anchored" v 1,
 }

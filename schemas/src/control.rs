@@ -12,7 +12,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::crypto::hash_api_key;
-use crate::event::{Event, Payload, QuotaMetric, QuotaScope, QuotaWindow, TimestampMicros};
+use crate::event::{Event, Payload, QuotaMetric, QuotaScope, QuotaWindow, Sealed, TimestampMicros};
 use crate::project::{FeatureFlags, MAX_NAME_BYTES, RoutingPolicy, SecurityPolicy};
 use crate::quota::{LimitKind, Limits};
 use crate::roles::Role;
@@ -144,6 +144,12 @@ pub enum ControlChange {
         role: String,
         project_id: Option<Uuid>,
     },
+    /// An upstream credential set or removed (the read models keep none).
+    CredentialSet {
+        tenant_id: Uuid,
+        project_id: Option<Uuid>,
+        upstream: String,
+    },
     /// The embedded log's data head, anchored at this offset.
     Anchored { offset: u64 },
 }
@@ -201,8 +207,27 @@ pub struct ControlState {
     grants: HashMap<Uuid, HashMap<String, Vec<Held>>>,
     /// (tenant, scope) → scope id → the limits set on it.
     limits: HashMap<(Uuid, QuotaScope), HashMap<String, Limits>>,
+    /// (tenant, project or the whole tenant, upstream) → its credential.
+    credentials: HashMap<(Uuid, Option<Uuid>, String), CredentialInfo>,
     anchored: Option<u64>,
 }
+
+/// An upstream credential of a tenant or project, as its event carries it (the key sealed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialInfo {
+    pub tenant_id: Uuid,
+    pub project_id: Option<Uuid>,
+    pub upstream: String,
+    pub base_url: Option<String>,
+    pub api_key: Sealed,
+    pub fingerprint: Option<String>,
+    /// The event that set it: the key is sealed under its id.
+    pub event_id: Uuid,
+    pub set_at: TimestampMicros,
+}
+
+/// The longest upstream name an event may name (bytes).
+const MAX_UPSTREAM_NAME: usize = 128;
 
 impl ControlState {
     /// Judges `event` by the rules against the state so far and, if they accept it, applies it:
@@ -235,6 +260,8 @@ impl ControlState {
                     tenant.erased = true;
                 }
                 self.limits.retain(|(tenant, _), _| *tenant != tenant_id);
+                self.credentials
+                    .retain(|(tenant, _, _), _| *tenant != tenant_id);
                 Ok(ControlChange::TenantErased { tenant_id, at })
             }
             Payload::ProjectCreated(created) => {
@@ -425,6 +452,44 @@ impl ControlState {
                     project_id: revoked.project_id,
                 })
             }
+            Payload::UpstreamCredentialSet(set) => {
+                self.live_tenant(tenant_id)?;
+                self.own_project(tenant_id, set.project_id)?;
+                if set.upstream.is_empty() || set.upstream.len() > MAX_UPSTREAM_NAME {
+                    return Err(Refused::InvalidDocument);
+                }
+                if let Some(url) = &set.base_url
+                    && !(url.starts_with("http://") || url.starts_with("https://"))
+                {
+                    return Err(Refused::InvalidDocument);
+                }
+                let scope = (tenant_id, set.project_id, set.upstream.clone());
+                match &set.api_key {
+                    Some(api_key) => {
+                        self.credentials.insert(
+                            scope,
+                            CredentialInfo {
+                                tenant_id,
+                                project_id: set.project_id,
+                                upstream: set.upstream.clone(),
+                                base_url: set.base_url.clone(),
+                                api_key: api_key.clone(),
+                                fingerprint: set.fingerprint.clone(),
+                                event_id: event.envelope.event_id,
+                                set_at: at,
+                            },
+                        );
+                    }
+                    None => {
+                        self.credentials.remove(&scope);
+                    }
+                }
+                Ok(ControlChange::CredentialSet {
+                    tenant_id,
+                    project_id: set.project_id,
+                    upstream: set.upstream.clone(),
+                })
+            }
             Payload::LogAnchored(anchored) => {
                 let offset = u64::try_from(anchored.offset).unwrap_or(0);
                 if anchored.topic == crate::log::Topic::Data.name() {
@@ -580,6 +645,38 @@ impl ControlState {
     /// The tenant a project belongs to.
     pub fn project_tenant(&self, project_id: Uuid) -> Option<Uuid> {
         self.projects.get(&project_id).map(|p| p.tenant_id)
+    }
+
+    /// The credential a request of `tenant_id` in `project_id` uses for `upstream`: the
+    /// project's own, else the tenant's.
+    pub fn credential(
+        &self,
+        tenant_id: Uuid,
+        project_id: Option<Uuid>,
+        upstream: &str,
+    ) -> Option<&CredentialInfo> {
+        if self.credentials.is_empty() {
+            return None;
+        }
+        let mut scope = (tenant_id, project_id, upstream.to_owned());
+        if project_id.is_some()
+            && let Some(credential) = self.credentials.get(&scope)
+        {
+            return Some(credential);
+        }
+        scope.1 = None;
+        self.credentials.get(&scope)
+    }
+
+    /// Every credential of a tenant (keys sealed), by project then upstream.
+    pub fn credentials(&self, tenant_id: Uuid) -> Vec<&CredentialInfo> {
+        let mut found: Vec<&CredentialInfo> = self
+            .credentials
+            .values()
+            .filter(|c| c.tenant_id == tenant_id)
+            .collect();
+        found.sort_by(|a, b| (a.project_id, &a.upstream).cmp(&(b.project_id, &b.upstream)));
+        found
     }
 
     pub fn project(&self, project_id: Uuid) -> Option<&ProjectInfo> {

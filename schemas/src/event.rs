@@ -135,6 +135,7 @@ events! {
     Control "quota.limit_set" => QuotaLimitSet,
     Control "role.granted" => RoleGranted,
     Control "role.revoked" => RoleRevoked,
+    Control "upstream_credential.set" => UpstreamCredentialSet,
     Control "tenant.erased" => TenantErased,
     Control "log.anchored" => LogAnchored,
 }
@@ -469,6 +470,17 @@ pub struct ApiKeyIssued {
     pub expires_at: Option<TimestampMicros>,
     /// The user the key acts for (v2).
     pub owner: Option<String>,
+}
+
+/// An upstream's credential for a tenant, or one of its projects (docs/credentials.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamCredentialSet {
+    pub project_id: Option<Uuid>,
+    pub upstream: String,
+    pub base_url: Option<String>,
+    /// Sealed with the tenant's data key (field `api_key`); `None`: removed.
+    pub api_key: Option<Sealed>,
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

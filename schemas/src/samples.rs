@@ -328,6 +328,16 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
             .into(),
         ),
         control(
+            UpstreamCredentialSet {
+                project_id: project,
+                upstream: "azure".into(),
+                base_url: Some("https://acme.openai.azure.com".into()),
+                api_key: Some(Sealed(vec![1; 60])),
+                fingerprint: Some("x9Qa".into()),
+            }
+            .into(),
+        ),
+        control(
             TenantErased {
                 reason: Some("customer request".into()),
             }

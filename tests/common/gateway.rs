@@ -148,6 +148,26 @@ impl Harness {
         panic!("the gateway did not start");
     }
 
+    /// `method path` with `token`: the status and the JSON answer (`null` if none).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     pub fn chat(&self, body: Value) -> reqwest::RequestBuilder {
         self.client
             .post(format!("{}/v1/chat/completions", self.base))

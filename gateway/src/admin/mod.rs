@@ -25,7 +25,9 @@ use uuid::Uuid;
 
 use crate::services::Services;
 
+mod credential;
 mod quota;
+pub use credential::{CredentialRequest, CredentialView};
 pub use quota::{Amounts, LimitsPatch, QuotaQuery, QuotaRequest, QuotaView, Remaining};
 
 #[derive(Debug, thiserror::Error)]

@@ -16,8 +16,9 @@ use uuid::Uuid;
 
 use super::AppState;
 use crate::admin::{
-    Actor, AdminError, GrantRequest, KeyRequest, KeyView, MemberView, ProjectPatch, ProjectRequest,
-    ProjectView, QuotaQuery, QuotaRequest, QuotaView, TenantView,
+    Actor, AdminError, CredentialRequest, CredentialView, GrantRequest, KeyRequest, KeyView,
+    MemberView, ProjectPatch, ProjectRequest, ProjectView, QuotaQuery, QuotaRequest, QuotaView,
+    TenantView,
 };
 use crate::auth::presented_key;
 use crate::error::GatewayError;
@@ -37,6 +38,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/roles/grant", post(grant_role))
         .route("/roles/revoke", post(revoke_role))
         .route("/quotas", post(set_quota).get(show_quotas))
+        .route("/credentials", post(set_credential).get(list_credentials))
         .route("/kms/unwrap", post(unwrap_key))
         .route_layer(middleware::from_fn_with_state(state, actor))
 }
@@ -227,6 +229,32 @@ async fn update_project(
         .update_project(&actor, project_id, &patch)
         .await?;
     Ok(Json(updated))
+}
+
+async fn set_credential(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    JsonBody(request): JsonBody<CredentialRequest>,
+) -> Result<Json<Option<CredentialView>>, GatewayError> {
+    let upstreams: Vec<String> = (state.gateway.config.upstreams.iter())
+        .map(|u| u.name.clone())
+        .collect();
+    let set = state
+        .services
+        .set_credential(&actor, &request, Some(&upstreams))
+        .await?;
+    Ok(Json(set))
+}
+
+async fn list_credentials(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    filter: Result<Query<TenantFilter>, QueryRejection>,
+) -> Result<Json<Vec<CredentialView>>, GatewayError> {
+    let Query(filter) = filter.map_err(invalid)?;
+    Ok(Json(
+        state.services.list_credentials(&actor, filter.tenant_id)?,
+    ))
 }
 
 async fn create_key(

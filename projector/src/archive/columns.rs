@@ -302,6 +302,10 @@ impl Row {
                 row.project_id = p.project_id.map(|id| id.to_string());
                 row.user_id = Some(p.principal.clone());
             }
+            Payload::UpstreamCredentialSet(p) => {
+                row.project_id = p.project_id.map(|id| id.to_string());
+                row.provider = Some(p.upstream.clone());
+            }
             Payload::TenantCreated(_) | Payload::TenantErased(_) | Payload::LogAnchored(_) => {}
         }
     }
