@@ -315,6 +315,20 @@ async fn every_endpoint_refuses_what_the_role_may_not_do_and_hides_other_tenants
                 Some(json!({"user": "ada@a", "role": "owner"})),
                 allowed(owner, 204),
             ),
+            // Upstream credentials: admins and owners (removing one, so that the calls of the
+            // roles after stay on the configured key).
+            (
+                Method::GET,
+                "/admin/credentials".into(),
+                None,
+                allowed(admin, 200),
+            ),
+            (
+                Method::POST,
+                "/admin/credentials".into(),
+                Some(json!({"upstream": "mock"})),
+                allowed(admin, 200),
+            ),
             (
                 Method::POST,
                 "/admin/kms/unwrap".into(),
@@ -395,6 +409,20 @@ async fn every_endpoint_refuses_what_the_role_may_not_do_and_hides_other_tenants
                 Method::POST,
                 format!("/admin/tenants/{b}/erase"),
                 Some(json!({})),
+                404,
+            ),
+            (
+                Method::GET,
+                format!("/admin/credentials?tenant_id={b}"),
+                None,
+                404,
+            ),
+            (
+                Method::POST,
+                "/admin/credentials".into(),
+                Some(
+                    json!({"project_id": b_project, "upstream": "mock", "api_key": "k-0123456789abcdef"}),
+                ),
                 404,
             ),
         ];
