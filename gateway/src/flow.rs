@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
 use loom_schemas::keystore::KeyStore;
-use loom_schemas::project::RoutingPolicy;
+use loom_schemas::project::{CacheFlag, RoutingPolicy};
 use uuid::Uuid;
 
 use crate::control::{ApiKeyInfo, Control};
@@ -47,6 +47,9 @@ pub(crate) struct Flow {
     /// The security policy of the key's project (the default one outside a project); none
     /// without a key.
     pub security: Option<Arc<Policy>>,
+    /// Where the answer is kept when the key's project has the response cache on: the project,
+    /// its flag and the request's key.
+    pub cache: Option<(Uuid, CacheFlag, Vec<u8>)>,
     /// The client's headers that upstreams speaking its API get too (`anthropic-beta`, …).
     pub forwarded: HeaderMap,
     pub started: Instant,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use crate::StartError;
+use crate::cache::ResponseCache;
 use crate::config::GatewayConfig;
 use crate::credentials::Credentials;
 use crate::events::Emitter;
@@ -34,6 +35,8 @@ pub struct Gateway {
     pub policies: Policies,
     /// Tenants' and projects' own upstream credentials, opened.
     pub(crate) credentials: Credentials,
+    /// Projects' exact-match response caches.
+    pub(crate) cache: ResponseCache,
 }
 
 impl Gateway {
@@ -59,6 +62,7 @@ impl Gateway {
             quotas,
             policies: Policies::new()?,
             credentials: Credentials::default(),
+            cache: ResponseCache::default(),
             config: Arc::new(config),
             http,
             emitter,

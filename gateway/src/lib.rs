@@ -6,6 +6,7 @@ mod admin;
 mod anthropic;
 mod auth;
 mod body;
+mod cache;
 pub mod config;
 mod content;
 mod control;

@@ -16,6 +16,7 @@ use futures_util::{Stream, StreamExt};
 use loom_schemas::event::{CallStatus, Event, PolicyAction, RequestStatus};
 use serde_json::{Value, json};
 
+use crate::cache::Cached;
 use crate::error::{GatewayError, UpstreamFault};
 use crate::flow::Flow;
 use crate::policy::OutputScan;
@@ -63,6 +64,12 @@ pub(crate) struct ChatStream {
     scan: OutputScan,
     /// Whether the security policy cut the answer.
     cut_off: bool,
+    /// What the client was sent, for the project's response cache (while it has the cache on
+    /// and the stream fits in `max_body_bytes`).
+    kept: Vec<u8>,
+    /// The stream ended well and is recorded: it may be kept.
+    complete: bool,
+    cost_micro_usd: Option<i64>,
 }
 
 impl ChatStream {
@@ -114,9 +121,16 @@ impl ChatStream {
             last: None,
             scan: OutputScan::default(),
             cut_off: false,
+            kept: Vec::new(),
+            complete: false,
+            cost_micro_usd: None,
         };
         let body = futures_util::stream::unfold(stream, |mut stream| async move {
-            let frame = stream.next_frame().await?;
+            let Some(frame) = stream.next_frame().await else {
+                stream.keep_in_cache();
+                return None;
+            };
+            stream.keep(&frame);
             Some((Ok::<_, std::convert::Infallible>(frame), stream))
         });
         *response.body_mut() = Body::from_stream(body);
@@ -317,11 +331,45 @@ impl ChatStream {
         }
     }
 
+    /// Keeps a frame for the response cache, if the project has it on; a stream too long for
+    /// the body limit is not kept.
+    fn keep(&mut self, frame: &Bytes) {
+        if self.flow.cache.is_none() {
+            return;
+        }
+        if self.kept.len() + frame.len() > self.flow.gateway.config.limits.max_body_bytes {
+            self.flow.cache = None;
+            self.kept = Vec::new();
+            return;
+        }
+        self.kept.extend_from_slice(frame);
+    }
+
+    /// The stream is over: a complete one goes into the project's response cache.
+    fn keep_in_cache(&mut self) {
+        let Some((project, flag, key)) = self.flow.cache.take() else {
+            return;
+        };
+        if !self.complete {
+            return;
+        }
+        let cached = Cached::new(
+            Bytes::from(std::mem::take(&mut self.kept)),
+            true,
+            self.model.clone(),
+            self.usage,
+            self.cost_micro_usd,
+            self.flow.trace_id.clone(),
+        );
+        self.flow.gateway.cache.put(project, flag, key, cached);
+    }
+
     /// The upstream finished: records the request, then gives the client its last frames.
     async fn done(&mut self) -> Option<Bytes> {
         if let Err(unrecorded) = self.finish(CallStatus::Ok, None).await {
             return Some(unrecorded.sse_frame(self.flow.dialect));
         }
+        self.complete = !self.cut_off;
         match &mut self.output {
             Output::AsReceived => self.last.take(),
             Output::Chunks => Some(Bytes::from_static(b"data: [DONE]\n\n")),
@@ -405,6 +453,7 @@ impl ChatStream {
             ttft: self.ttft,
             ..Outcome::at(&self.flow, self.answer.deployment)
         };
+        self.cost_micro_usd = outcome.cost_micro_usd;
         events.extend(self.flow.settlement(&outcome));
         events.push(self.flow.completed(&outcome));
         events

@@ -419,6 +419,17 @@ impl Changes {
                     trace_id: trace_id.clone(),
                 });
             }
+            // A replayed answer shows in the trace's timeline.
+            Payload::CacheHit(p) => {
+                self.decisions.push(DecisionRow {
+                    event_id,
+                    tenant_id: tenant_id.clone(),
+                    trace_id: trace_id.clone(),
+                    kind: "cache_hit",
+                    occurred_at: at,
+                    detail: serde_json::to_string(&p).map_err(|e| format!("cache: {e}"))?,
+                });
+            }
             // Routing gives the trace its tier; the decision shows in the trace's timeline.
             Payload::RoutingDecided(p) => {
                 patch.tier = p.tier.clone();

@@ -97,6 +97,7 @@ builtin_schemas! {
     "llm_call.completed" v 1,
     "llm_call.completed" v 2,
     "tool_call.observed" v 1,
+    "cache.hit" v 1,
     "quota.reserved" v 1,
     "quota.reserved" v 2,
     "quota.consumed" v 1,

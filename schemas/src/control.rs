@@ -502,6 +502,7 @@ impl ControlState {
             | Payload::RoutingDecided(_)
             | Payload::LlmCallCompleted(_)
             | Payload::ToolCallObserved(_)
+            | Payload::CacheHit(_)
             | Payload::QuotaReserved(_)
             | Payload::QuotaConsumed(_)
             | Payload::QuotaReleased(_)

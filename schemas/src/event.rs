@@ -122,6 +122,7 @@ events! {
     Data "routing.decided" => RoutingDecided,
     Data "llm_call.completed" => LlmCallCompleted,
     Data "tool_call.observed" => ToolCallObserved,
+    Data "cache.hit" => CacheHit,
     Quota "quota.reserved" => QuotaReserved,
     Quota "quota.consumed" => QuotaConsumed,
     Quota "quota.released" => QuotaReleased,
@@ -470,6 +471,21 @@ pub struct ApiKeyIssued {
     pub expires_at: Option<TimestampMicros>,
     /// The user the key acts for (v2).
     pub owner: Option<String>,
+}
+
+/// A request answered from its project's response cache (docs/cache.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheHit {
+    pub project_id: Option<Uuid>,
+    pub model: String,
+    #[serde(with = "serde_bytes")]
+    pub key_digest: Vec<u8>,
+    pub source_trace_id: String,
+    pub stream: bool,
+    pub tokens_in: Option<i64>,
+    pub tokens_out: Option<i64>,
+    pub cost_saved_micro_usd: Option<i64>,
+    pub age_ms: i64,
 }
 
 /// An upstream's credential for a tenant, or one of its projects (docs/credentials.md).

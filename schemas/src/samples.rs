@@ -138,6 +138,20 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
             .into(),
         ),
         data(
+            CacheHit {
+                project_id: project,
+                model: "fast".into(),
+                key_digest: vec![3; 16],
+                source_trace_id: "req_0001".into(),
+                stream: false,
+                tokens_in: Some(12),
+                tokens_out: Some(30),
+                cost_saved_micro_usd: Some(27),
+                age_ms: 41_000,
+            }
+            .into(),
+        ),
+        data(
             RoutingDecided {
                 model: "fast".into(),
                 candidates: vec![

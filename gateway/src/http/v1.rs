@@ -10,7 +10,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
-use loom_schemas::event::{CallStatus, QuotaScope, RequestReceived};
+use loom_schemas::event::{CacheHit, CallStatus, QuotaScope, RequestReceived};
 use loom_schemas::project::{MAX_NAME_BYTES, RoutingPolicy};
 use loom_schemas::roles::Permission;
 use serde_json::{Value, json};
@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::body::ClientBody;
+use crate::cache::Cached;
 use crate::control::ApiKeyInfo;
 use crate::error::GatewayError;
 use crate::flow::{Dialect, Flow, set_headers};
@@ -304,6 +305,7 @@ async fn begin(
         quota: None,
         policy,
         security: None,
+        cache: None,
         forwarded: gateway
             .config
             .forward_headers
@@ -526,6 +528,22 @@ async fn run_chat(mut flow: Flow, operation: Operation, mut body: ClientBody) ->
         None => None,
     }
     .map(|deployment| flow.gateway.config.deployments[deployment].upstream);
+    // The project's response cache: the same request, answered before, is answered again.
+    // Not the Responses API's, whose answers the upstream keeps and chains.
+    if operation != Operation::Responses
+        && let Some((project, flag)) = flow.cache_flag()
+        && let Some(key) = flow.cache_key(operation.name(), &body.json)
+    {
+        let alias = body.json.get("model").and_then(Value::as_str);
+        if let Some(alias) = alias
+            && plan(&flow, alias).is_ok()
+            && let Some(hit) = flow.gateway.cache.get(project, flag, &key)
+        {
+            let alias = alias.to_owned();
+            return replay(flow, &hit, &key, alias).await;
+        }
+        flow.cache = Some((project, flag, key));
+    }
     let order = match admit_to_route(&mut flow, &body.json, operation, pinned).await {
         Ok(order) => order,
         Err(response) => return response,
@@ -565,6 +583,49 @@ async fn run_chat(mut flow: Flow, operation: Operation, mut body: ClientBody) ->
     }
     finish_json(flow, answer, Some(&body.json)).await
 }
+
+/// Answers a request from its project's cache: `cache.hit`, then `request.completed` (nothing
+/// spent: no upstream was called), then the answer as the client that asked first got it.
+async fn replay(flow: Flow, hit: &Cached, key: &[u8], alias: String) -> Response {
+    let event = flow.event(CacheHit {
+        project_id: flow.key.as_ref().and_then(|k| k.project_id),
+        model: alias,
+        key_digest: key.iter().take(16).copied().collect(),
+        source_trace_id: hit.trace_id.clone(),
+        stream: hit.stream,
+        tokens_in: hit.usage.tokens_in,
+        tokens_out: hit.usage.tokens_out,
+        cost_saved_micro_usd: hit.cost_micro_usd,
+        age_ms: i64::try_from(hit.age().as_millis()).unwrap_or(i64::MAX),
+    });
+    flow.gateway.emitter.emit(event).await;
+    let outcome = Outcome {
+        model: hit.model.clone(),
+        provider: Some(CACHE_PROVIDER.to_owned()),
+        cost_micro_usd: Some(0),
+        ..Outcome::default()
+    };
+    if let Err(unrecorded) = flow.complete(&outcome).await {
+        return flow.error_response(&unrecorded);
+    }
+    let content_type = if hit.stream {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .header(CACHE_HEADER, "hit")
+        .body(Body::from(hit.body.clone()))
+        .unwrap_or_else(|_| GatewayError::Internal("could not build the response").into_response());
+    flow.headers(&mut response);
+    response
+}
+
+/// What `request.completed` names as the provider of an answer from the cache.
+const CACHE_PROVIDER: &str = "loom-cache";
+/// Says an answer came from the project's response cache.
+const CACHE_HEADER: HeaderName = HeaderName::from_static("x-loom-cache");
 
 /// Reads a JSON answer to the client's `request`, records it, and sends it to the client. A
 /// stored response fetched or deleted (no `request`) is recorded but not metered again.
@@ -657,6 +718,19 @@ async fn finish_json(mut flow: Flow, mut answer: Answer, request: Option<&Value>
     let body = answer
         .leg
         .answer(received, &parsed, request.unwrap_or(&Value::Null));
+    if let Some((project, flag, key)) = flow.cache.take()
+        && status.is_success()
+    {
+        let cached = Cached::new(
+            body.clone(),
+            false,
+            outcome.model.clone(),
+            usage,
+            cost_micro_usd,
+            flow.trace_id.clone(),
+        );
+        gateway.cache.put(project, flag, key, cached);
+    }
     let mut response = Response::builder()
         .status(status.as_u16())
         .header(header::CONTENT_TYPE, "application/json")

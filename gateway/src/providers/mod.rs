@@ -29,6 +29,11 @@ impl Operation {
         Operation::Messages,
         Operation::Responses,
     ];
+
+    /// The operation's path under an API's base URL (`chat/completions`, …).
+    pub fn name(self) -> &'static str {
+        path(self)
+    }
 }
 
 /// Speaks one upstream API.

@@ -229,6 +229,14 @@ impl Row {
                 row.cache_saved_micro_usd = p.cache_saved_micro_usd;
                 row.response_id = p.response_id.clone();
             }
+            Payload::CacheHit(p) => {
+                row.project_id = p.project_id.map(|id| id.to_string());
+                row.model = Some(p.model.clone());
+                row.stream = Some(p.stream);
+                row.tokens_in = p.tokens_in;
+                row.tokens_out = p.tokens_out;
+                row.cache_saved_micro_usd = p.cost_saved_micro_usd;
+            }
             Payload::ToolCallObserved(p) => {
                 row.tool_call_id = Some(p.tool_call_id.clone());
                 row.tool_name = p.name.clone();
