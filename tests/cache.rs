@@ -34,24 +34,10 @@ async fn ask(harness: &Harness, key: &str, body: &Value) -> (String, Option<Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_project_with_the_cache_answers_the_same_request_again_without_the_upstream() {
     let harness = start(MockConfig::default(), "").await;
-    let tenant = harness.tenant;
-    let project = harness
-        .admin(
-            "/admin/projects",
-            json!({"tenant_id": tenant, "name": "cached",
-                   "feature_flags": {"cache": {"ttl_seconds": 600, "max_entries": 100}}}),
-        )
-        .await["project_id"]
-        .clone();
-    let key = harness
-        .admin(
-            "/admin/keys",
-            json!({"tenant_id": tenant, "project_id": project}),
-        )
-        .await["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (project, key) = harness
+        .project_with_key(json!({"name": "cached",
+            "feature_flags": {"cache": {"ttl_seconds": 600, "max_entries": 100}}}))
+        .await;
     let upstream_calls = || async { harness.upstream_requests().await.len() };
 
     let first = json!({"model": "fast", "user": "ada",
@@ -75,24 +61,17 @@ async fn a_project_with_the_cache_answers_the_same_request_again_without_the_ups
     // A stream is replayed as it was first sent.
     let stream = json!({"model": "fast", "stream": true,
                         "messages": [{"role": "user", "content": "Count to three"}]});
-    let response = harness
-        .client
-        .post(format!("{}/v1/chat/completions", harness.base))
-        .bearer_auth(&key)
-        .json(&stream)
-        .send()
-        .await
-        .unwrap();
-    let first_frames = read_sse(response).await;
+    let send_stream = || {
+        harness
+            .client
+            .post(format!("{}/v1/chat/completions", harness.base))
+            .bearer_auth(&key)
+            .json(&stream)
+            .send()
+    };
+    let first_frames = read_sse(send_stream().await.unwrap()).await;
     assert_eq!(first_frames.last().unwrap(), "[DONE]");
-    let response = harness
-        .client
-        .post(format!("{}/v1/chat/completions", harness.base))
-        .bearer_auth(&key)
-        .json(&stream)
-        .send()
-        .await
-        .unwrap();
+    let response = send_stream().await.unwrap();
     assert_eq!(response.headers()["x-loom-cache"], "hit");
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     assert_eq!(read_sse(response).await, first_frames);

@@ -52,19 +52,7 @@ async fn set(harness: &Harness, token: &str, body: Value) -> (u16, Value) {
 async fn each_scope_uses_its_own_upstream_key_rotated_without_a_restart() {
     let harness = start(MockConfig::default(), "").await;
     let tenant = harness.tenant;
-    let project = harness
-        .admin("/admin/projects", json!({"tenant_id": tenant, "name": "p"}))
-        .await["project_id"]
-        .clone();
-    let project_key = harness
-        .admin(
-            "/admin/keys",
-            json!({"tenant_id": tenant, "project_id": project}),
-        )
-        .await["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (project, project_key) = harness.project_with_key(json!({"name": "p"})).await;
     let other = harness
         .admin("/admin/tenants", json!({"name": "globex"}))
         .await["tenant_id"]
@@ -228,39 +216,17 @@ async fn each_scope_uses_its_own_upstream_key_rotated_without_a_restart() {
     // The log holds the keys sealed with the tenant's data key: no file holds one in clear.
     let dir = harness.dir.path().to_owned();
     let recorded = harness.stop().await;
-    let chain_key = loom_schemas::keystore::MasterKey::parse(common::gateway::MASTER)
-        .unwrap()
-        .chain_key();
-    let log = loom_schemas::log::EmbeddedLog::open(loom_schemas::log::EmbeddedLogConfig::new(
-        dir.join("log"),
-        chain_key,
-    ))
-    .await
-    .unwrap();
-    use loom_schemas::log::Log;
-    let mut reader = log
-        .read_from(loom_schemas::log::Topic::Control, 0, 0)
-        .await
-        .unwrap();
-    let registry = loom_schemas::codec::Registry::builtin().unwrap();
     let mut sealed = 0;
-    loop {
-        let batch = reader.poll(1000).await.unwrap();
-        if batch.is_empty() {
-            break;
-        }
-        for entry in batch {
-            let event = registry.decode(&entry.record.value).unwrap();
-            if let Payload::UpstreamCredentialSet(set) = &event.payload
-                && let Some(api_key) = &set.api_key
-            {
-                let opened = recorded.open(&event, "api_key", api_key);
-                assert!(
-                    [TENANT_KEY, ROTATED_KEY, PROJECT_KEY, CLAUDE_KEY]
-                        .contains(&String::from_utf8(opened).unwrap().as_str())
-                );
-                sealed += 1;
-            }
+    for event in &recorded.control {
+        if let Payload::UpstreamCredentialSet(set) = &event.payload
+            && let Some(api_key) = &set.api_key
+        {
+            let opened = recorded.open(event, "api_key", api_key);
+            assert!(
+                [TENANT_KEY, ROTATED_KEY, PROJECT_KEY, CLAUDE_KEY]
+                    .contains(&String::from_utf8(opened).unwrap().as_str())
+            );
+            sealed += 1;
         }
     }
     assert_eq!(sealed, 4);

@@ -355,26 +355,16 @@ async fn answers_are_flagged_and_cut_only_where_the_project_chose_to() {
         false,
     )
     .await;
-    let tenant = harness.tenant;
     // The mock answers "Mock reply to: <the start of the last message>". A rule matching that
     // answer (and not the prompt) stands for a model saying what it must not.
     let rule = json!({"id": "launch_code", "pattern": "reply to: launch", "keywords": ["launch"]});
     let mut keys = Vec::new();
     for outputs in ["flag", "cut"] {
-        let project = harness
-            .admin(
-                "/admin/projects",
-                json!({"tenant_id": tenant, "name": outputs, "security_policy": {
-                    "custom_rules": [rule], "outputs": outputs}}),
-            )
+        let (_, key) = harness
+            .project_with_key(json!({"name": outputs, "security_policy": {
+                "custom_rules": [rule], "outputs": outputs}}))
             .await;
-        let key = harness
-            .admin(
-                "/admin/keys",
-                json!({"tenant_id": tenant, "project_id": project["project_id"]}),
-            )
-            .await;
-        keys.push(key["key"].as_str().unwrap().to_owned());
+        keys.push(key);
     }
     let ask = |key: &str, stream: bool| {
         harness

@@ -148,6 +148,24 @@ impl Harness {
         panic!("the gateway did not start");
     }
 
+    /// A project of the harness's tenant, created with `fields` (its `name` among them), and a
+    /// key bound to it: the project's id and the key.
+    pub async fn project_with_key(&self, fields: Value) -> (Value, String) {
+        let mut body = fields;
+        body["tenant_id"] = json!(self.tenant);
+        let project = self.admin("/admin/projects", body).await["project_id"].clone();
+        let key = self
+            .admin(
+                "/admin/keys",
+                json!({"tenant_id": self.tenant, "project_id": project}),
+            )
+            .await["key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (project, key)
+    }
+
     /// `method path` with `token`: the status and the JSON answer (`null` if none).
     pub async fn call(
         &self,
@@ -198,7 +216,7 @@ impl Harness {
     }
 
     /// Stops the gateway (draining its event queue) and returns every data-plane event, then
-    /// the quota ledger's.
+    /// the quota ledger's, and apart the control topic's.
     pub async fn stop(self) -> Recorded {
         self.shutdown.cancel();
         self.server.await.unwrap();
@@ -210,15 +228,20 @@ impl Harness {
         .await
         .unwrap();
         let registry = Registry::builtin().unwrap();
-        let mut events = Vec::new();
-        for topic in [Topic::Data, Topic::Quota] {
+        let (mut events, mut control) = (Vec::new(), Vec::new());
+        for topic in [Topic::Data, Topic::Quota, Topic::Control] {
+            let into = if topic == Topic::Control {
+                &mut control
+            } else {
+                &mut events
+            };
             let mut reader = log.read_from(topic, 0, 0).await.unwrap();
             loop {
                 let batch = reader.poll(1000).await.unwrap();
                 if batch.is_empty() {
                     break;
                 }
-                events.extend(
+                into.extend(
                     batch
                         .iter()
                         .map(|e| registry.decode(&e.record.value).unwrap()),
@@ -233,6 +256,7 @@ impl Harness {
         .unwrap();
         Recorded {
             events,
+            control,
             keys,
             tenant: self.tenant,
             _dir: self.dir,
@@ -241,7 +265,10 @@ impl Harness {
 }
 
 pub struct Recorded {
+    /// The data and quota topics' events.
     pub events: Vec<Event>,
+    /// The control topic's.
+    pub control: Vec<Event>,
     pub keys: KeyStore,
     pub tenant: Uuid,
     pub _dir: tempfile::TempDir,
