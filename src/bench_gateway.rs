@@ -404,12 +404,26 @@ fn oha(
         .pointer("/summary/requestsPerSec")
         .and_then(Value::as_f64)
         .unwrap_or(0.0);
+    // Answered with a 2xx: a refusal (a spent budget's 429) answers fast and must not pass for
+    // a served request.
+    let statuses = report
+        .pointer("/statusCodeDistribution")
+        .and_then(Value::as_object);
+    let answered: f64 = statuses.map_or(0.0, |s| s.values().filter_map(Value::as_f64).sum());
+    let ok: f64 = statuses.map_or(0.0, |s| {
+        s.iter()
+            .filter(|(code, _)| code.starts_with('2'))
+            .filter_map(|(_, n)| n.as_f64())
+            .sum()
+    });
+    let success = report
+        .pointer("/summary/successRate")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0)
+        * if answered > 0.0 { ok / answered } else { 0.0 };
     Ok(Run {
         rps,
-        success: report
-            .pointer("/summary/successRate")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0),
+        success,
         p50: ms("/latencyPercentiles/p50"),
         p90: ms("/latencyPercentiles/p90"),
         p99: ms("/latencyPercentiles/p99"),
@@ -468,6 +482,17 @@ async fn setup_key(
             .json()
             .await?;
         project = created["project_id"].clone();
+        // A project has a default daily budget; the bench's must not run out mid-run.
+        client
+            .post(format!("{base}/admin/quotas"))
+            .bearer_auth(token)
+            .json(
+                &json!({"tenant_id": tenant["tenant_id"], "scope": "project", "id": project,
+                          "limits": {"tokens_per_day": 0, "cost_micro_usd_per_day": 0}}),
+            )
+            .send()
+            .await?
+            .error_for_status()?;
     }
     let key: Value = client
         .post(format!("{base}/admin/keys"))
