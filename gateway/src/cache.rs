@@ -19,8 +19,9 @@ use crate::record::Usage;
 /// The most one project's cached answers may hold (bytes).
 pub const MAX_PROJECT_BYTES: usize = 64 << 20;
 
-/// Fields that do not change the answer: who asked, and how the client wants usage reported.
-const IGNORED_FIELDS: [&str; 3] = ["user", "metadata", "stream_options"];
+/// Fields that do not change the answer: who asked. (`stream_options` does: a stream replayed
+/// to a client that asked for usage must carry it.)
+const IGNORED_FIELDS: [&str; 2] = ["user", "metadata"];
 
 /// An answer, as the client got it.
 #[derive(Debug)]
@@ -222,7 +223,7 @@ mod tests {
     fn the_same_request_in_another_order_or_from_another_user_is_the_same() {
         let a = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": "a"});
         let b = json!({"user": "b", "messages": [{"content": "hi", "role": "user"}], "model": "m",
-                       "stream_options": {"include_usage": true}});
+                       "metadata": {"run": 7}});
         assert_eq!(key(&a), key(&b));
         let c = json!({"model": "m", "messages": [{"role": "user", "content": "hi!"}]});
         assert_ne!(key(&a), key(&c));
