@@ -79,8 +79,6 @@ pub enum ArchiveError {
     File(#[from] FileError),
     #[error("archive task: {0}")]
     Task(#[from] tokio::task::JoinError),
-    #[error("the archive file writer: {0}")]
-    Writer(String),
 }
 
 /// Where reading starts again after a restart: no event below these positions waits in a buffer.
@@ -307,28 +305,6 @@ impl Archiver {
         let flushed = state.flush_all().await;
         result.and(flushed)
     }
-}
-
-/// Runs `work` on a thread of its own at the lowest priority: writing a file is seconds of CPU
-/// that the requests of a gateway sharing the machine (`loom serve`) must not queue behind.
-async fn in_background<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ArchiveError> {
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("loom-archive-write".into())
-        .spawn(move || {
-            if let Err(error) =
-                thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min)
-            {
-                tracing::debug!(?error, "lowering the archive writer's priority");
-            }
-            let _ = sender.send(work());
-        })
-        .map_err(|e| ArchiveError::Writer(e.to_string()))?;
-    receiver
-        .await
-        .map_err(|_| ArchiveError::Writer("the writer thread ended without an answer".into()))
 }
 
 /// How long a stopping archiver reads on to where the log ended.
@@ -790,7 +766,7 @@ impl State {
                 (lo.min(r.occurred_at), hi.max(r.occurred_at))
             });
             let mut owned = std::mem::take(rows);
-            let (owned, written) = in_background(move || {
+            let (owned, written) = tokio::task::spawn_blocking(move || {
                 let written = file::write(&keys, tenant, &mut owned);
                 (owned, written)
             })
