@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use loom_schemas::SecretString;
+use loom_schemas::control::{ApiKeyInfo, ControlState, CredentialInfo};
 use loom_schemas::crypto::FieldContext;
 use uuid::Uuid;
 
@@ -40,15 +41,22 @@ impl Flow {
             return Ok(None);
         };
         let upstream = &config.upstreams[deployment_config.upstream];
-        let credential = self.control.read(|s| {
-            s.credential(key.tenant_id, key.project_id, &upstream.name)
-                .cloned()
-        });
-        let Some(credential) = credential else {
+        fn find<'s>(
+            s: &'s ControlState,
+            key: &ApiKeyInfo,
+            upstream: &str,
+        ) -> Option<&'s CredentialInfo> {
+            s.credential(key.tenant_id, key.project_id, upstream)
+        }
+        // Which version is in force; the credential itself is copied only to open it.
+        let Some(version) = self
+            .control
+            .read(|s| find(s, key, &upstream.name).map(|c| c.event_id))
+        else {
             return Ok(None);
         };
         let cache = &self.gateway.credentials.targets;
-        let slot = (credential.event_id, deployment);
+        let slot = (version, deployment);
         if let Some(target) = cache
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -56,6 +64,9 @@ impl Flow {
         {
             return Ok(Some(Arc::clone(target)));
         }
+        let Some(credential) = self.control.read(|s| find(s, key, &upstream.name).cloned()) else {
+            return Ok(None);
+        };
         let refused = |why: &str| {
             format!(
                 "the credential of this {} for upstream `{}` {why}",

@@ -380,9 +380,6 @@ impl ChatStream {
     /// Ends the stream where the security policy cut it: the call is recorded as answered, the
     /// request as denied, and the client gets an error frame.
     async fn cut(&mut self, rules: Vec<String>) -> Option<Bytes> {
-        let mut rules = rules;
-        rules.sort_unstable();
-        rules.dedup();
         self.cut_off = true;
         self.fail(CallStatus::Ok, GatewayError::OutputBlocked(rules))
             .await

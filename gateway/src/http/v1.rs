@@ -705,8 +705,6 @@ async fn finish_json(mut flow: Flow, mut answer: Answer, request: Option<&Value>
             gateway.emitter.emit(evaluated).await;
         }
         if !scan.cut.is_empty() {
-            scan.cut.sort_unstable();
-            scan.cut.dedup();
             return flow
                 .fail_with(outcome, GatewayError::OutputBlocked(scan.cut))
                 .await;
