@@ -10,6 +10,7 @@ use std::time::Duration;
 use loom_mock::MockConfig;
 use loom_schemas::event::{CallStatus, Payload, RequestStatus, ToolCallDirection};
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 use common::gateway::{ADMIN, deltas, read_sse, start, trace_of};
@@ -457,6 +458,47 @@ async fn a_truncated_stream_ends_with_an_error_and_a_client_that_leaves_cancels(
         recorded.calls(&leaving_trace)[0].status,
         CallStatus::ClientCancelled
     );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_its_json_answer_still_gets_the_call_recorded() {
+    let harness = start(
+        MockConfig {
+            latency: Duration::from_millis(600),
+            ..MockConfig::default()
+        },
+        "",
+    )
+    .await;
+    let trace = "a-client-that-leaves";
+    // A client that sends its request and hangs up while the upstream is still thinking.
+    let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hello there"}]})
+        .to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: loom\r\nauthorization: Bearer {}\r\n\
+         x-request-id: {trace}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        harness.key,
+        body.len()
+    );
+    let mut client = tokio::net::TcpStream::connect(harness.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    client.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(client);
+    // The upstream answers after its latency; the gateway records the call it paid for.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let recorded = harness.stop().await;
+    let completed = recorded.completed(trace);
+    assert_eq!(
+        (completed.status, completed.error_class.as_deref()),
+        (RequestStatus::ClientCancelled, Some("client_cancelled"))
+    );
+    assert!(completed.tokens_out.is_some_and(|t| t > 0), "{completed:?}");
+    let calls = recorded.calls(trace);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].status, CallStatus::Ok);
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
 use loom_schemas::keystore::KeyStore;
 use loom_schemas::project::{CacheFlag, RoutingPolicy};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::control::{ApiKeyInfo, Control};
@@ -56,6 +57,9 @@ pub(crate) struct Flow {
     /// Time spent waiting on upstreams and between retries.
     pub outside: Duration,
     pub attempts: i32,
+    /// Cancelled when the client hangs up before its answer: the request runs on to record
+    /// what the upstream answered (see `http::v1::to_completion`).
+    pub client_left: CancellationToken,
 }
 
 impl Flow {

@@ -10,10 +10,11 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
-use loom_schemas::event::{CacheHit, CallStatus, QuotaScope, RequestReceived};
+use loom_schemas::event::{CacheHit, CallStatus, QuotaScope, RequestReceived, RequestStatus};
 use loom_schemas::project::{MAX_NAME_BYTES, RoutingPolicy};
 use loom_schemas::roles::Permission;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::auth::Caller;
@@ -22,6 +23,7 @@ use crate::cache::Cached;
 use crate::control::ApiKeyInfo;
 use crate::error::GatewayError;
 use crate::flow::{Dialect, Flow, set_headers};
+use crate::gateway::Gateway;
 use crate::guard;
 use crate::http::AppState;
 use crate::policy::OutputScan;
@@ -87,7 +89,23 @@ async fn chat_like(
             .fail(GatewayError::InvalidRequest(problem.into()))
             .await;
     }
-    run_chat(flow, operation, body).await
+    let (gateway, left) = (Arc::clone(&flow.gateway), flow.client_left.clone());
+    to_completion(&gateway, left, run_chat(flow, operation, body)).await
+}
+
+/// Runs the rest of a request (its `request.received` recorded) as a task of its own, so that a
+/// client hanging up does not stop it half-way: the upstream's answer, paid for either way, is
+/// still recorded and settled, the request marked `client_cancelled` (`left` tells it). A stream
+/// the client never reads is dropped, and recorded as such, when its response is.
+async fn to_completion(
+    gateway: &Gateway,
+    left: CancellationToken,
+    rest: impl Future<Output = Response> + Send + 'static,
+) -> Response {
+    let leaving = left.drop_guard();
+    let answer = gateway.tasks.spawn(rest).await;
+    leaving.disarm();
+    answer.unwrap_or_else(|_| GatewayError::Internal("the request failed").into_response())
 }
 
 /// What a request lacks or has that its API refuses (and Loom cannot serve), if anything.
@@ -184,14 +202,18 @@ pub async fn embeddings(
         Ok(order) => order,
         Err(response) => return response,
     };
-    let outgoing = Outgoing::Request {
-        operation,
-        body: &body,
+    let (gateway, left) = (Arc::clone(&flow.gateway), flow.client_left.clone());
+    let rest = async move {
+        let outgoing = Outgoing::Request {
+            operation,
+            body: &body,
+        };
+        match call_upstream(&mut flow, &order, outgoing, false).await {
+            Ok(answer) => finish_json(flow, answer, Some(&body.json)).await,
+            Err((error, _)) => flow.fail(error.to_client()).await,
+        }
     };
-    match call_upstream(&mut flow, &order, outgoing, false).await {
-        Ok(answer) => finish_json(flow, answer, Some(&body.json)).await,
-        Err((error, _)) => flow.fail(error.to_client()).await,
-    }
+    to_completion(&gateway, left, rest).await
 }
 
 /// `GET /v1/models`: the aliases this gateway serves that the key's project may call (to any
@@ -315,6 +337,7 @@ async fn begin(
         started: Instant::now(),
         outside: Duration::ZERO,
         attempts: 0,
+        client_left: CancellationToken::new(),
     };
     let limit = gateway.config.limits.max_body_bytes;
     let expects_body = body.is_some();
@@ -710,6 +733,15 @@ async fn finish_json(mut flow: Flow, mut answer: Answer, request: Option<&Value>
                 .await;
         }
     }
+    let outcome = if flow.client_left.is_cancelled() {
+        Outcome {
+            status: RequestStatus::ClientCancelled,
+            error_class: Some(GatewayError::ClientCancelled.error_class().to_owned()),
+            ..outcome
+        }
+    } else {
+        outcome
+    };
     if let Err(unrecorded) = flow.complete(&outcome).await {
         return flow.error_response(&unrecorded);
     }
