@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use loom::{KeyStoreLocation, Node, NodeConfig};
 use loom_gateway::config::QuotaConfig;
+use loom_gateway::quota::read_ledger;
 use loom_gateway::{
     Actor, CredentialRequest, GrantRequest, KeyRequest, ProjectPatch, ProjectRequest, QuotaQuery,
     QuotaRequest,
@@ -920,7 +921,6 @@ async fn local(
         (&Method::GET, ["members"]) => {
             serde_json::to_value(services.list_members(actor, query_tenant(path)?)?)?
         }
-        // No gateway runs here: limits are shown with the built-in defaults, and no usage.
         (&Method::POST, ["credentials"]) => {
             let request: CredentialRequest = body(payload)?;
             serde_json::to_value(services.set_credential(actor, &request, None).await?)?
@@ -940,8 +940,11 @@ async fn local(
                 .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
                 .collect();
             let query: QuotaQuery = serde_json::from_value(Value::Object(query))?;
+            // No gateway runs here: limits are shown with the built-in defaults, and usage as
+            // the log's quota topic has it.
             let defaults = QuotaConfig::default().check().map_err(anyhow::Error::msg)?;
-            serde_json::to_value(services.show_quotas(actor, &query, None, &defaults)?)?
+            let ledger = read_ledger(&*services.log, defaults.clone()).await?;
+            serde_json::to_value(services.show_quotas(actor, &query, Some(&ledger), &defaults)?)?
         }
         _ => anyhow::bail!("no admin operation {method} {path}"),
     })

@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::gateway::{ADMIN, Harness, read_sse, start_with};
+use common::gateway::{ADMIN, Harness, MASTER, read_sse, start_with};
 use loom_mock::MockConfig;
 use loom_schemas::event::{Payload, QuotaScope};
 use serde_json::{Value, json};
@@ -309,6 +309,7 @@ async fn budgets_are_reserved_settled_and_released_and_rates_limit_per_minute() 
             .starts_with("user:")
     );
 
+    let ada_used = scope(&status(&harness, "ada").await, "user")["used"].clone();
     // The ledger on the log: every reservation is settled or released, once; denials name the
     // scope; no event carries more than the scope ids.
     let recorded = harness.stop().await;
@@ -339,6 +340,21 @@ async fn budgets_are_reserved_settled_and_released_and_rates_limit_per_minute() 
     }
     assert_eq!(closed.values().filter(|c| **c == "released").count(), 1);
     assert_eq!(denied_scopes, [QuotaScope::User, QuotaScope::ApiKey]);
+
+    // With the gateway stopped, `loom admin` on its data directory reads the same usage from
+    // the log.
+    let shown = std::process::Command::new(common::LOOM)
+        .args(["admin", "--data-dir"])
+        .arg(recorded._dir.path())
+        .args(["quota", "show", "--tenant", &tenant.to_string()])
+        .args(["--scope", "user", "--id", "ada"])
+        .env("LOOM_MASTER_KEY", MASTER)
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{}", common::text(&shown.stderr));
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert!(ada_used["tokens"].as_i64() > Some(0), "{ada_used}");
+    assert_eq!(shown[0]["used"], ada_used, "{shown}");
 }
 
 /// The id of the harness's key.

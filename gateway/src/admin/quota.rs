@@ -95,7 +95,7 @@ pub struct QuotaView {
     pub limits: Limits,
     /// The limits set on this scope itself: `0` unlimited, `null` the default.
     pub own: Limits,
-    /// `null` where no gateway counts (`loom admin` on a data dir).
+    /// `null` where no ledger counts (`loom admin quota set` on a data dir).
     pub used: Option<Amounts>,
     pub reserved: Option<Amounts>,
     pub remaining: Option<Remaining>,

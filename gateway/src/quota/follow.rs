@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use loom_schemas::codec::Registry;
 use loom_schemas::event::{Payload, now_micros};
-use loom_schemas::log::{Log, Topic};
+use loom_schemas::log::{Log, LogError, Topic};
 
-use super::Arbiter;
+use super::{Arbiter, QuotaSettings, Quotas};
 use crate::gateway::Gateway;
 
 /// Folds the quota topic into `gateway`'s ledger until the gateway is gone; `producer` is this
@@ -91,6 +91,32 @@ pub(crate) async fn follow(gateway: Weak<Gateway>, log: Weak<dyn Log>, producer:
             }
         }
     }
+}
+
+/// The ledger as the log holds it now, for a process that runs no gateway (`loom admin quota
+/// show` on a data dir): the quota topic from where today's counts start to where it ends.
+pub async fn read_ledger(log: &dyn Log, settings: QuotaSettings) -> Result<Quotas, LogError> {
+    let registry = Registry::builtin().map_err(|e| LogError::Task(e.to_string()))?;
+    let ttl = i64::try_from(settings.reservation_ttl.as_micros()).unwrap_or(0);
+    let start = first_since(log, registry, now_micros() - KEPT_US - ttl).await;
+    let end = log.end_offset(Topic::Quota, 0).await?;
+    let quotas = Quotas::new(settings);
+    let mut reader = log.read_from(Topic::Quota, 0, start).await?;
+    let mut next = start;
+    while next < end {
+        let entries = reader.next(1024).await?;
+        let Some(last) = entries.last() else {
+            break;
+        };
+        next = last.position.offset + 1;
+        let now = now_micros();
+        for entry in &entries {
+            if let Ok(event) = registry.decode(&entry.record.value) {
+                quotas.apply(&event, now);
+            }
+        }
+    }
+    Ok(quotas)
 }
 
 /// How far back the ledger's counters reach: yesterday and today in any time zone (two days),

@@ -37,6 +37,7 @@ mod admit;
 mod follow;
 pub(crate) use admit::Reservation;
 pub(crate) use follow::follow;
+pub use follow::read_ledger;
 
 /// A minute, the window of rate limits, in µs.
 const MINUTE_US: i64 = 60_000_000;
