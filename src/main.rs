@@ -27,6 +27,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use loom::{KeyStoreLocation, LogLocation, NodeConfig, ServeConfig};
+use loom_dashboard::{DashboardConfig, RegistrationMode};
 use loom_gateway::config::{EventsAck, GatewayConfig};
 use loom_projector::StoreLocation;
 use loom_projector::archive::{ArchiveConfig, ArchiveLocation, S3Options};
@@ -415,6 +416,15 @@ struct ServeArgs {
     /// [default: <data dir>/exports].
     #[arg(long, env = "LOOM_EXPORTS", value_name = "DIR_OR_S3_URL")]
     exports: Option<String>,
+
+    /// Who may register a new organization on the dashboard's sign-in page: `first` (only the
+    /// first user, while nobody has registered), `open` (anybody) or `closed`.
+    #[arg(long, env = "LOOM_REGISTRATION", default_value = "first")]
+    registration: RegistrationMode,
+
+    /// How long a dashboard sign-in lasts, e.g. `12h`.
+    #[arg(long, env = "LOOM_SESSION_TTL", default_value = "12h", value_parser = humantime::parse_duration)]
+    session_ttl: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -723,6 +733,10 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
             role: "gateway",
         },
         admin_token: args.admin_token.map(SecretString::from),
+        dashboard: DashboardConfig {
+            registration: args.registration,
+            session_ttl: args.session_ttl,
+        },
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

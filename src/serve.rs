@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use loom_dashboard::DashboardConfig;
+
 use crate::node::{Node, NodeConfig, NodeError};
 
 /// What `loom serve` runs.
@@ -44,6 +46,8 @@ pub struct ServeConfig {
     pub archive: Option<(ArchiveLocation, ArchiveConfig)>,
     /// Where `POST /v1/exports` writes tables (`None`: exports are off); needs the archive.
     pub exports: Option<ArchiveLocation>,
+    /// The dashboard at `/`.
+    pub dashboard: DashboardConfig,
 }
 
 /// A log filter that leaves out all but warnings and the line saying where the server listens
@@ -154,13 +158,15 @@ pub async fn serve(
         services.control.clone(),
         config.admin_token.as_ref(),
     ));
+    let dashboard = loom_dashboard::routes(services.clone(), query.clone(), config.dashboard);
     let app = loom_gateway::app(
         config.gateway,
         services,
         config.admin_token.as_ref(),
         &tasks,
     )?
-    .merge(loom_query::http::routes(query, callers));
+    .merge(loom_query::http::routes(query, callers))
+    .merge(dashboard);
     // Streams write small frames one after another: without TCP_NODELAY each one after the
     // first waits for the client's delayed ACK (40 ms on Linux).
     let listener = listener.tap_io(|tcp| {
@@ -168,6 +174,8 @@ pub async fn serve(
             tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
         }
     });
+    // Client addresses are known to handlers (the dashboard limits failed sign-ins by them).
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await

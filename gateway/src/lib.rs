@@ -33,8 +33,9 @@ mod upstream;
 
 pub use admin::{
     Actor, AdminError, Amounts, CreatedKey, CreatedTenant, CredentialRequest, CredentialView,
-    GrantRequest, KeyRequest, KeyView, LimitsPatch, MemberView, ProjectPatch, ProjectRequest,
-    ProjectView, QuotaQuery, QuotaRequest, QuotaView, Remaining, TenantView,
+    GrantRequest, KeyRequest, KeyView, LimitsPatch, MemberView, NewSession, ProjectPatch,
+    ProjectRequest, ProjectView, QuotaQuery, QuotaRequest, QuotaView, Registration, Remaining,
+    SessionSecret, SignInError, TenantView,
 };
 pub use auth::presented_key;
 pub use control::{ApiKeyInfo, Control, ControlState, TenantInfo};

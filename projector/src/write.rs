@@ -820,7 +820,10 @@ async fn apply_control(
             ];
             execute(conn, sql, values).await
         }
-        ControlChange::Anchored { .. } | ControlChange::CredentialSet { .. } => Ok(()),
+        ControlChange::Anchored { .. }
+        | ControlChange::CredentialSet { .. }
+        | ControlChange::UserRegistered { .. }
+        | ControlChange::Session => Ok(()),
     }
 }
 

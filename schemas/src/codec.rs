@@ -119,6 +119,9 @@ builtin_schemas! {
     "role.granted" v 1,
     "role.revoked" v 1,
     "upstream_credential.set" v 1,
+    "user.registered" v 1,
+    "session.started" v 1,
+    "session.ended" v 1,
     "tenant.erased" v 1,
     "log.anchored" v 1,
 }

@@ -150,6 +150,14 @@ pub enum ControlChange {
         project_id: Option<Uuid>,
         upstream: String,
     },
+    /// A dashboard user registered (the read models keep none yet).
+    UserRegistered {
+        tenant_id: Uuid,
+        email: String,
+        at: TimestampMicros,
+    },
+    /// A dashboard session started or ended (the read models keep none).
+    Session,
     /// The embedded log's data head, anchored at this offset.
     Anchored { offset: u64 },
 }
@@ -191,6 +199,14 @@ pub enum Refused {
     InvalidLimit,
     #[error("the quota's scope id names nothing of this tenant")]
     UnknownScope,
+    #[error("a user with this email already exists")]
+    DuplicateUser,
+    #[error("an email is 3 to 256 bytes with an @, lowercased")]
+    MalformedEmail,
+    #[error("a session is the 32-byte digest of its secret, for a user or key of its tenant")]
+    MalformedSession,
+    #[error("no such session")]
+    UnknownSession,
 }
 
 /// A role held in a whole tenant (`None`) or in one project.
@@ -209,7 +225,46 @@ pub struct ControlState {
     limits: HashMap<(Uuid, QuotaScope), HashMap<String, Limits>>,
     /// (tenant, project or the whole tenant, upstream) → its credential.
     credentials: HashMap<(Uuid, Option<Uuid>, String), CredentialInfo>,
+    /// Dashboard users by email (unique across tenants: an email signs in to one tenant).
+    users: HashMap<String, UserInfo>,
+    /// Dashboard sessions by the digest of their secret; expired ones are dropped as later
+    /// sessions start.
+    sessions: HashMap<[u8; 32], SessionInfo>,
     anchored: Option<u64>,
+}
+
+/// A dashboard user, as registered (the password's hash sealed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserInfo {
+    pub tenant_id: Uuid,
+    pub email: String,
+    /// The argon2id PHC string, sealed with the tenant's data key under `event_id`.
+    pub password: Sealed,
+    pub event_id: Uuid,
+    pub registered_at: TimestampMicros,
+}
+
+/// A dashboard session as started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub tenant_id: Uuid,
+    pub principal: String,
+    pub api_key_id: Option<Uuid>,
+    pub started_at: TimestampMicros,
+    pub expires_at: TimestampMicros,
+}
+
+/// A session valid now, with what its holder may do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedIn {
+    pub tenant_id: Uuid,
+    pub principal: String,
+    pub role: Role,
+    /// The project its holder acts in only (a key bound to one, or a user whose only roles
+    /// are in one project).
+    pub project_id: Option<Uuid>,
+    pub api_key_id: Option<Uuid>,
+    pub expires_at: TimestampMicros,
 }
 
 /// An upstream credential of a tenant or project, as its event carries it (the key sealed).
@@ -262,6 +317,8 @@ impl ControlState {
                 self.limits.retain(|(tenant, _), _| *tenant != tenant_id);
                 self.credentials
                     .retain(|(tenant, _, _), _| *tenant != tenant_id);
+                self.users.retain(|_, user| user.tenant_id != tenant_id);
+                self.sessions.retain(|_, s| s.tenant_id != tenant_id);
                 Ok(ControlChange::TenantErased { tenant_id, at })
             }
             Payload::ProjectCreated(created) => {
@@ -490,6 +547,79 @@ impl ControlState {
                     upstream: set.upstream.clone(),
                 })
             }
+            Payload::UserRegistered(registered) => {
+                self.live_tenant(tenant_id)?;
+                let email = &registered.email;
+                let normal = email.len() >= 3
+                    && email.len() <= MAX_NAME_BYTES
+                    && email.contains('@')
+                    && *email == normalize_email(email);
+                if !normal {
+                    return Err(Refused::MalformedEmail);
+                }
+                if self.users.contains_key(email) {
+                    return Err(Refused::DuplicateUser);
+                }
+                self.users.insert(
+                    email.clone(),
+                    UserInfo {
+                        tenant_id,
+                        email: email.clone(),
+                        password: registered.password.clone(),
+                        event_id: event.envelope.event_id,
+                        registered_at: at,
+                    },
+                );
+                Ok(ControlChange::UserRegistered {
+                    tenant_id,
+                    email: email.clone(),
+                    at,
+                })
+            }
+            Payload::SessionStarted(started) => {
+                self.live_tenant(tenant_id)?;
+                let digest: [u8; 32] = started
+                    .session
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Refused::MalformedSession)?;
+                let holder = match started.api_key_id {
+                    Some(key) => self.keys.get(&key).map(|k| k.tenant_id),
+                    None => self.users.get(&started.principal).map(|u| u.tenant_id),
+                };
+                if holder != Some(tenant_id) {
+                    return Err(Refused::MalformedSession);
+                }
+                if self.sessions.contains_key(&digest) {
+                    return Err(Refused::MalformedSession);
+                }
+                self.sessions.retain(|_, s| s.expires_at > at);
+                self.sessions.insert(
+                    digest,
+                    SessionInfo {
+                        tenant_id,
+                        principal: started.principal.clone(),
+                        api_key_id: started.api_key_id,
+                        started_at: at,
+                        expires_at: started.expires_at,
+                    },
+                );
+                Ok(ControlChange::Session)
+            }
+            Payload::SessionEnded(ended) => {
+                let digest: [u8; 32] = ended
+                    .session
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Refused::UnknownSession)?;
+                match self.sessions.get(&digest) {
+                    Some(session) if session.tenant_id == tenant_id => {
+                        self.sessions.remove(&digest);
+                        Ok(ControlChange::Session)
+                    }
+                    _ => Err(Refused::UnknownSession),
+                }
+            }
             Payload::LogAnchored(anchored) => {
                 let offset = u64::try_from(anchored.offset).unwrap_or(0);
                 if anchored.topic == crate::log::Topic::Data.name() {
@@ -639,6 +769,59 @@ impl ControlState {
             })
     }
 
+    /// A dashboard user by email (as [`normalize_email`] gives it).
+    pub fn user(&self, email: &str) -> Option<&UserInfo> {
+        self.users.get(email)
+    }
+
+    /// Whether any dashboard user has registered.
+    pub fn has_users(&self) -> bool {
+        !self.users.is_empty()
+    }
+
+    /// The dashboard users of a tenant, by email.
+    pub fn users(&self, tenant_id: Uuid) -> Vec<&UserInfo> {
+        let mut users: Vec<&UserInfo> = (self.users.values())
+            .filter(|u| u.tenant_id == tenant_id)
+            .collect();
+        users.sort_by(|a, b| a.email.cmp(&b.email));
+        users
+    }
+
+    /// The session whose secret digests to `digest`, if it is valid now — not ended or expired,
+    /// its tenant live, its key (if signed in with one) still valid, its user still holding a
+    /// role — with what its holder may do now.
+    pub fn session(&self, digest: &[u8; 32], now: TimestampMicros) -> Option<SignedIn> {
+        let session = self.sessions.get(digest).filter(|s| s.expires_at > now)?;
+        self.live_tenant(session.tenant_id).ok()?;
+        let (role, project_id) = match session.api_key_id {
+            Some(key_id) => {
+                let key = self.keys.get(&key_id)?;
+                let valid = !key.revoked && key.expires_at.is_none_or(|at| at > now);
+                (self.key_role(key).filter(|_| valid)?, key.project_id)
+            }
+            None => match self.role_of(session.tenant_id, &session.principal, None) {
+                Some(role) => (role, None),
+                // Roles in projects only: the highest, in its project.
+                None => self
+                    .grants
+                    .get(&session.tenant_id)?
+                    .get(&session.principal)?
+                    .iter()
+                    .filter_map(|(project, role)| Some((*role, Some((*project)?))))
+                    .max()?,
+            },
+        };
+        Some(SignedIn {
+            tenant_id: session.tenant_id,
+            principal: session.principal.clone(),
+            role,
+            project_id,
+            api_key_id: session.api_key_id,
+            expires_at: session.expires_at,
+        })
+    }
+
     pub fn tenant(&self, tenant_id: Uuid) -> Option<&TenantInfo> {
         self.tenants.get(&tenant_id)
     }
@@ -709,6 +892,11 @@ fn document<T>(
     json.map(parse)
         .transpose()
         .map_err(|_| Refused::InvalidDocument)
+}
+
+/// An email as users are known by: trimmed and lowercased.
+pub fn normalize_email(email: &str) -> String {
+    email.trim().to_lowercase()
 }
 
 /// A user id: 1 to 256 bytes.

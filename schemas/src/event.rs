@@ -137,6 +137,9 @@ events! {
     Control "role.granted" => RoleGranted,
     Control "role.revoked" => RoleRevoked,
     Control "upstream_credential.set" => UpstreamCredentialSet,
+    Control "user.registered" => UserRegistered,
+    Control "session.started" => SessionStarted,
+    Control "session.ended" => SessionEnded,
     Control "tenant.erased" => TenantErased,
     Control "log.anchored" => LogAnchored,
 }
@@ -526,6 +529,36 @@ pub struct RoleRevoked {
     pub principal: String,
     pub role: String,
     pub project_id: Option<Uuid>,
+}
+
+/// A dashboard user: signs in with `email` and a password (docs/dashboard.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRegistered {
+    /// Trimmed and lowercased; the user's principal in role grants.
+    pub email: String,
+    /// The argon2id PHC string, sealed with the tenant's data key (field `password`).
+    pub password: Sealed,
+}
+
+/// A dashboard session, known to every node by the digest of its cookie's secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStarted {
+    /// SHA-256 of the cookie's secret value.
+    #[serde(with = "serde_bytes")]
+    pub session: Vec<u8>,
+    /// The user's email, or `key:<id>` for a sign-in with an API key.
+    pub principal: String,
+    /// The key signed in with, if any: the session lasts no longer than it.
+    pub api_key_id: Option<Uuid>,
+    pub expires_at: TimestampMicros,
+}
+
+/// A dashboard session ended before its expiry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEnded {
+    #[serde(with = "serde_bytes")]
+    pub session: Vec<u8>,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -352,6 +352,29 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
             .into(),
         ),
         control(
+            UserRegistered {
+                email: "alice@acme.test".into(),
+                password: Sealed(vec![2; 140]),
+            }
+            .into(),
+        ),
+        control(
+            SessionStarted {
+                session: vec![3; 32],
+                principal: "alice@acme.test".into(),
+                api_key_id: None,
+                expires_at: 1_760_000_000_000_000,
+            }
+            .into(),
+        ),
+        control(
+            SessionEnded {
+                session: vec![3; 32],
+                reason: "signed_out".into(),
+            }
+            .into(),
+        ),
+        control(
             TenantErased {
                 reason: Some("customer request".into()),
             }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use loom::{DataDir, NodeConfig, ServeConfig};
+use loom_dashboard::DashboardConfig;
 use loom_gateway::config::{GatewayConfig, RawConfig};
 use loom_mock::{MockConfig, MockServer};
 use loom_projector::StoreLocation;
@@ -38,6 +39,16 @@ pub async fn start(mock_config: MockConfig, extra: &str) -> Harness {
 /// As [`start`], folding the read models (SQLite, in the data dir) in process when
 /// `read_models` is set, as `loom serve` does.
 pub async fn start_with(mock_config: MockConfig, extra: &str, read_models: bool) -> Harness {
+    start_full(mock_config, extra, read_models, DashboardConfig::default()).await
+}
+
+/// As [`start_with`], with the dashboard configured as `dashboard`.
+pub async fn start_full(
+    mock_config: MockConfig,
+    extra: &str,
+    read_models: bool,
+    dashboard: DashboardConfig,
+) -> Harness {
     let mock = MockServer::start(mock_config).await.unwrap();
     let text = format!(
         r#"
@@ -97,6 +108,7 @@ deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
         projector: Default::default(),
         archive: None,
         exports: None,
+        dashboard,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use loom_schemas::codec::{CodecError, Registry};
-use loom_schemas::control::{ApiKeyInfo, ControlState, ProjectInfo};
+use loom_schemas::control::{ApiKeyInfo, ControlState, ProjectInfo, SignedIn};
 use loom_schemas::crypto::{CryptoError, MasterKeyId, NewApiKey};
 use loom_schemas::event::{
     ApiKeyIssued, ApiKeyRevoked, Envelope, Event, Payload, ProjectCreated, ProjectUpdated,
@@ -27,8 +27,10 @@ use crate::services::Services;
 
 mod credential;
 mod quota;
+mod users;
 pub use credential::{CredentialRequest, CredentialView};
 pub use quota::{Amounts, LimitsPatch, QuotaQuery, QuotaRequest, QuotaView, Remaining};
+pub use users::{NewSession, Registration, SessionSecret, SignInError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -60,6 +62,8 @@ pub enum AdminError {
         "the change is on the log, but this node did not apply it in time (is the control follower running?)"
     )]
     NotApplied,
+    #[error("{0}")]
+    Internal(&'static str),
 }
 
 /// How long an operation waits for its control events to be applied.
@@ -72,6 +76,8 @@ pub enum Actor {
     Operator,
     /// A tenant's API key, with the role it has now.
     Key(ApiKeyInfo),
+    /// Somebody signed in to the dashboard (a user, or an API key), with the role they have now.
+    User(SignedIn),
 }
 
 impl Actor {
@@ -80,6 +86,7 @@ impl Actor {
         match self {
             Actor::Operator => Role::Owner,
             Actor::Key(key) => key.role,
+            Actor::User(user) => user.role,
         }
     }
 
@@ -93,12 +100,16 @@ impl Actor {
     /// The tenant an operation acts in: a key's own (naming another is "no such tenant"); the
     /// operator's must be named.
     fn tenant(&self, named: Option<Uuid>) -> Result<Uuid, AdminError> {
-        match (self, named) {
-            (Actor::Key(key), None) => Ok(key.tenant_id),
-            (Actor::Key(key), Some(tenant)) if tenant == key.tenant_id => Ok(tenant),
-            (Actor::Key(_), Some(tenant)) => Err(AdminError::UnknownTenant(tenant)),
-            (Actor::Operator, Some(tenant)) => Ok(tenant),
-            (Actor::Operator, None) => Err(AdminError::Invalid("tenant_id: required".into())),
+        let own = match self {
+            Actor::Operator => {
+                return named.ok_or_else(|| AdminError::Invalid("tenant_id: required".into()));
+            }
+            Actor::Key(key) => key.tenant_id,
+            Actor::User(user) => user.tenant_id,
+        };
+        match named {
+            Some(tenant) if tenant != own => Err(AdminError::UnknownTenant(tenant)),
+            _ => Ok(own),
         }
     }
 
@@ -107,6 +118,7 @@ impl Actor {
         match self {
             Actor::Operator => None,
             Actor::Key(key) => key.project_id,
+            Actor::User(user) => user.project_id,
         }
     }
 
@@ -116,6 +128,9 @@ impl Actor {
             Actor::Operator => true,
             Actor::Key(key) => {
                 key.tenant_id == tenant_id && key.project_id.is_none_or(|p| project == Some(p))
+            }
+            Actor::User(user) => {
+                user.tenant_id == tenant_id && user.project_id.is_none_or(|p| project == Some(p))
             }
         }
     }
@@ -138,6 +153,9 @@ impl Actor {
             Actor::Key(me) => {
                 me.key_id == key.key_id || key.owner.as_deref() == Some(me.principal().as_str())
             }
+            Actor::User(me) => {
+                me.api_key_id == Some(key.key_id) || key.owner.as_deref() == Some(&*me.principal)
+            }
         }
     }
 
@@ -146,6 +164,7 @@ impl Actor {
         match self {
             Actor::Operator => None,
             Actor::Key(key) => Some(key.principal()),
+            Actor::User(user) => Some(user.principal.clone()),
         }
     }
 }
@@ -581,7 +600,7 @@ impl Services {
     ) -> Result<Vec<ProjectView>, AdminError> {
         let tenant = match actor {
             Actor::Operator => tenant,
-            Actor::Key(_) => Some(actor.tenant(tenant)?),
+            Actor::Key(_) | Actor::User(_) => Some(actor.tenant(tenant)?),
         };
         actor.require(Permission::ReadUsage)?;
         let mut projects: Vec<ProjectView> = self.control.read(|s| {
@@ -692,7 +711,7 @@ impl Services {
     ) -> Result<Vec<KeyView>, AdminError> {
         let tenant = match actor {
             Actor::Operator => tenant,
-            Actor::Key(_) => Some(actor.tenant(tenant)?),
+            Actor::Key(_) | Actor::User(_) => Some(actor.tenant(tenant)?),
         };
         actor.require(Permission::ManageOwnKeys)?;
         let everyone = actor.role().allows(Permission::ManageTenant);

@@ -80,7 +80,8 @@ impl From<AdminError> for GatewayError {
             | AdminError::KeyStore(_)
             | AdminError::Codec(_)
             | AdminError::Crypto(_)
-            | AdminError::NotApplied => {
+            | AdminError::NotApplied
+            | AdminError::Internal(_) => {
                 tracing::error!(%error, "admin operation failed");
                 GatewayError::Internal("the operation failed; see the server log")
             }

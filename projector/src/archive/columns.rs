@@ -314,7 +314,15 @@ impl Row {
                 row.project_id = p.project_id.map(|id| id.to_string());
                 row.provider = Some(p.upstream.clone());
             }
-            Payload::TenantCreated(_) | Payload::TenantErased(_) | Payload::LogAnchored(_) => {}
+            Payload::UserRegistered(p) => row.user_id = Some(p.email.clone()),
+            Payload::SessionStarted(p) => {
+                row.user_id = Some(p.principal.clone());
+                row.api_key_id = p.api_key_id.map(|id| id.to_string());
+            }
+            Payload::TenantCreated(_)
+            | Payload::TenantErased(_)
+            | Payload::SessionEnded(_)
+            | Payload::LogAnchored(_) => {}
         }
     }
 }

@@ -1,0 +1,529 @@
+//! The dashboard over HTTP, as a browser without a script sees it: registration (the first user
+//! owns a new organization), sign-in with a password or an API key, sessions every node learns
+//! from the log, form tokens, the limit on failed sign-ins, sign-out and expiry, and the home
+//! page's numbers for the viewer's own tenant only. (Real-browser tests: tests/browser.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::gateway::{ADMIN, Harness, start_full};
+use loom_dashboard::{DashboardConfig, RegistrationMode};
+use loom_mock::MockConfig;
+use loom_schemas::event::Payload;
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+/// A browser: its cookies, and no automatic redirects (the tests look at them).
+struct Browser {
+    base: String,
+    client: reqwest::Client,
+    cookies: HashMap<String, String>,
+}
+
+struct Page {
+    status: StatusCode,
+    location: Option<String>,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Browser {
+    fn new(harness: &Harness) -> Browser {
+        Browser {
+            base: harness.base.clone(),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            cookies: HashMap::new(),
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    async fn take(&mut self, response: reqwest::Response) -> Page {
+        for set in response.headers().get_all(SET_COOKIE) {
+            let set = set.to_str().unwrap();
+            let attributes = set.to_ascii_lowercase();
+            assert!(attributes.contains("httponly"), "{set}");
+            assert!(attributes.contains("samesite=strict"), "{set}");
+            let (pair, _) = set.split_once(';').unwrap_or((set, ""));
+            let (name, value) = pair.split_once('=').unwrap();
+            // A removal sets an empty value (and an expiry in the past).
+            if value.is_empty() {
+                self.cookies.remove(name);
+            } else {
+                self.cookies.insert(name.to_owned(), value.to_owned());
+            }
+        }
+        Page {
+            status: response.status(),
+            location: response
+                .headers()
+                .get(LOCATION)
+                .map(|v| v.to_str().unwrap().to_owned()),
+            headers: response.headers().clone(),
+            body: response.text().await.unwrap(),
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Page {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header(COOKIE, self.cookie_header())
+            .send()
+            .await
+            .unwrap();
+        self.take(response).await
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Page {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header(COOKIE, self.cookie_header())
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        self.take(response).await
+    }
+
+    /// The form token a page carries (`name="token" value="…"`).
+    fn token(page: &Page) -> String {
+        let at = page
+            .body
+            .find(r#"name="token" value=""#)
+            .expect("a form token");
+        let rest = &page.body[at + r#"name="token" value=""#.len()..];
+        rest[..rest.find('"').unwrap()].to_owned()
+    }
+
+    /// Signs in with a password: the sign-in page, then its form.
+    async fn sign_in(&mut self, email: &str, password: &str) -> Page {
+        let form = self.get("/signin").await;
+        let token = Browser::token(&form);
+        self.post(
+            "/signin",
+            &[("token", &token), ("email", email), ("password", password)],
+        )
+        .await
+    }
+}
+
+async fn dashboard(registration: RegistrationMode, ttl: Duration) -> Harness {
+    let config = DashboardConfig {
+        registration,
+        session_ttl: ttl,
+    };
+    start_full(MockConfig::default(), "", true, config).await
+}
+
+/// Waits until the home page's KPI widget counts `requests` requests.
+async fn wait_for_requests(browser: &mut Browser, requests: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let kpis = browser.get("/ui/home/kpis?window=1h").await;
+        assert_eq!(kpis.status, 200, "{}", kpis.body);
+        let card = kpis
+            .body
+            .split(r#"data-metric="requests""#)
+            .nth(1)
+            .unwrap_or_default();
+        if card.contains(&format!(r#"<span class="value">{requests}</span>"#)) {
+            return kpis.body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{}", kpis.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_user_registers_signs_in_and_out_and_sees_their_tenants_numbers() {
+    let harness = dashboard(RegistrationMode::First, Duration::from_secs(3600)).await;
+    let mut browser = Browser::new(&harness);
+
+    // Signed out, pages send you to sign in (and back after); widgets say so in place.
+    let home = browser.get("/").await;
+    assert_eq!(home.status, StatusCode::SEE_OTHER);
+    assert_eq!(home.location.as_deref(), Some("/signin"));
+    let deep = browser.get("/?window=7d").await;
+    assert_eq!(
+        deep.location.as_deref(),
+        Some("/signin?next=%2F%3Fwindow%3D7d")
+    );
+    let widget = browser.get("/ui/home/kpis").await;
+    assert_eq!(widget.status, StatusCode::UNAUTHORIZED);
+    assert!(widget.body.contains("Sign in again"), "{}", widget.body);
+
+    // Nobody has registered: the sign-in page offers it.
+    let signin = browser.get("/signin").await;
+    assert_eq!(signin.status, 200);
+    assert!(signin.body.contains(r#"href="/register""#));
+    let token = Browser::token(&signin);
+
+    // A form without this browser's token is refused; so is a weak password, plainly.
+    let forged = browser
+        .post(
+            "/register",
+            &[
+                ("token", "forged"),
+                ("organization", "Initech"),
+                ("email", "ada@initech.test"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert!(forged.body.contains("form was refused"), "{}", forged.body);
+    let weak = browser
+        .post(
+            "/register",
+            &[
+                ("token", &token),
+                ("organization", "Initech"),
+                ("email", "ada@initech.test"),
+                ("password", "short"),
+            ],
+        )
+        .await;
+    assert_eq!(weak.status, StatusCode::BAD_REQUEST);
+    assert!(
+        weak.body.contains("password: 8 to 1024 bytes"),
+        "{}",
+        weak.body
+    );
+    let bad_email = browser
+        .post(
+            "/register",
+            &[
+                ("token", &token),
+                ("organization", "Initech"),
+                ("email", "ada"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(bad_email.status, StatusCode::BAD_REQUEST);
+    assert!(bad_email.body.contains("is not an email address"));
+
+    let registered = browser
+        .post(
+            "/register",
+            &[
+                ("token", &token),
+                ("organization", "Initech"),
+                ("email", "Ada@Initech.test "),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(
+        registered.status,
+        StatusCode::SEE_OTHER,
+        "{}",
+        registered.body
+    );
+    assert_eq!(registered.location.as_deref(), Some("/"));
+    assert!(browser.cookies.contains_key("loom_session"));
+    let home = browser.get("/").await;
+    assert_eq!(home.status, 200);
+    assert!(
+        home.body.contains("ada@initech.test · owner"),
+        "{}",
+        home.body
+    );
+    assert!(home.body.contains(r#"data-src="/ui/home/kpis?"#));
+
+    // Only the first registers: now the page is closed, to anyone.
+    let mut stranger = Browser::new(&harness);
+    assert!(!stranger.get("/signin").await.body.contains("/register"));
+    assert_eq!(
+        stranger.get("/register").await.status,
+        StatusCode::FORBIDDEN
+    );
+
+    // Their organization's traffic shows on their home page; the harness tenant's does not.
+    let tenants = harness
+        .call(Method::GET, "/admin/tenants", ADMIN, None)
+        .await
+        .1;
+    let initech = tenants
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "Initech")
+        .unwrap()["tenant_id"]
+        .clone();
+    let mut keys = Vec::new();
+    for role in ["developer", "viewer"] {
+        let created = harness
+            .admin("/admin/keys", json!({"tenant_id": initech, "role": role}))
+            .await;
+        keys.push(created["key"].as_str().unwrap().to_owned());
+    }
+    let (key, viewer_key) = (keys[0].clone(), keys[1].clone());
+    for (key, count) in [(&key, 3), (&harness.key, 2)] {
+        for _ in 0..count {
+            let response = harness
+                .client
+                .post(format!("{}/v1/chat/completions", harness.base))
+                .bearer_auth(key)
+                .json(&json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    }
+    let kpis = wait_for_requests(&mut browser, "3").await;
+    assert!(kpis.contains("Error rate"), "{kpis}");
+    let activity = browser.get("/ui/home/activity?window=1h").await;
+    assert_eq!(activity.status, 200);
+    assert_eq!(
+        activity.body.matches("<tr>").count(),
+        1 + 3,
+        "{}",
+        activity.body
+    );
+    let alerts = browser.get("/ui/home/alerts").await;
+    assert_eq!(alerts.status, 200, "{}", alerts.body);
+    let bad_range = browser.get("/ui/home/kpis?tz=Mars%2FOlympus").await;
+    assert_eq!(bad_range.status, StatusCode::BAD_REQUEST);
+    assert!(bad_range.body.contains("unknown time zone"));
+
+    // Signing out needs the session's form token; after it, the session opens nothing.
+    let session = browser.cookies["loom_session"].clone();
+    let refused = browser.post("/signout", &[("token", &token)]).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let token = Browser::token(&browser.get("/").await);
+    let out = browser.post("/signout", &[("token", &token)]).await;
+    assert_eq!(out.status, StatusCode::SEE_OTHER);
+    assert_eq!(out.location.as_deref(), Some("/signin"));
+    assert!(!browser.cookies.contains_key("loom_session"));
+    browser
+        .cookies
+        .insert("loom_session".into(), session.clone());
+    assert_eq!(browser.get("/").await.status, StatusCode::SEE_OTHER);
+    browser.cookies.remove("loom_session");
+
+    // A wrong password and an unknown email get the same answer.
+    let wrong = browser
+        .sign_in("ada@initech.test", "not the password")
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert!(wrong.body.contains("Wrong email or password"));
+    let nobody = browser.sign_in("nobody@initech.test", PASSWORD).await;
+    assert_eq!(nobody.status, StatusCode::UNAUTHORIZED);
+    assert!(nobody.body.contains("Wrong email or password"));
+    let back = browser.sign_in("ADA@initech.test", PASSWORD).await;
+    assert_eq!(back.status, StatusCode::SEE_OTHER, "{}", back.body);
+    assert_eq!(browser.get("/").await.status, 200);
+
+    // An API key signs in with its own role: this one is a viewer's.
+    let mut viewer = Browser::new(&harness);
+    let form = viewer.get("/signin?next=/%3Fwindow%3D7d").await;
+    let token = Browser::token(&form);
+    let bad_key = viewer
+        .post(
+            "/signin",
+            &[("token", &token), ("api_key", "loom-not-a-key")],
+        )
+        .await;
+    assert_eq!(bad_key.status, StatusCode::UNAUTHORIZED);
+    assert!(bad_key.body.contains("That API key is not valid"));
+    let signed = viewer
+        .post(
+            "/signin",
+            &[
+                ("token", &token),
+                ("api_key", &viewer_key),
+                ("next", "/?window=7d"),
+            ],
+        )
+        .await;
+    assert_eq!(signed.status, StatusCode::SEE_OTHER);
+    assert_eq!(signed.location.as_deref(), Some("/?window=7d"));
+    assert!(viewer.get("/").await.body.contains("· viewer"));
+    // Somewhere else than this site is never where a sign-in leads.
+    let elsewhere = viewer
+        .post(
+            "/signin",
+            &[
+                ("token", &token),
+                ("api_key", &viewer_key),
+                ("next", "//evil.test/"),
+            ],
+        )
+        .await;
+    assert_eq!(elsewhere.location.as_deref(), Some("/"));
+
+    // Five wrong passwords lock the account for a while, the right one included.
+    for _ in 0..5 {
+        let wrong = browser.sign_in("ada@initech.test", "guess").await;
+        assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    }
+    let locked = browser.sign_in("ada@initech.test", PASSWORD).await;
+    assert_eq!(locked.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(locked.body.contains("Too many failed sign-ins"));
+    let wait: u64 = locked.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(wait > 800 && wait <= 900, "{wait}");
+
+    // The log has the user, the sessions and their end, and neither the password nor any
+    // session's secret.
+    let recorded = harness.stop().await;
+    let types: Vec<&str> = recorded
+        .control
+        .iter()
+        .map(|e| e.payload.event_type())
+        .collect();
+    assert_eq!(types.iter().filter(|t| **t == "user.registered").count(), 1);
+    assert!(types.iter().filter(|t| **t == "session.started").count() >= 4);
+    assert_eq!(types.iter().filter(|t| **t == "session.ended").count(), 1);
+    for event in &recorded.control {
+        if let Payload::UserRegistered(user) = &event.payload {
+            assert_eq!(user.email, "ada@initech.test");
+            let tenant = event.envelope.tenant_id;
+            let ctx = loom_schemas::crypto::FieldContext {
+                tenant_id: tenant,
+                event_id: event.envelope.event_id,
+                field: "password",
+            };
+            let hash =
+                String::from_utf8(recorded.keys.open(&ctx, &user.password).unwrap()).unwrap();
+            assert!(hash.starts_with("$argon2id$"), "{hash}");
+        }
+    }
+    let mut log = Vec::new();
+    for entry in walk(&recorded._dir.path().join("log")) {
+        log.extend(std::fs::read(entry).unwrap());
+    }
+    for secret in [PASSWORD.as_bytes(), session.as_bytes()] {
+        assert!(
+            !log.windows(secret.len()).any(|w| w == secret),
+            "a secret is in the log"
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_expire_and_a_revoked_key_or_role_ends_them() {
+    let harness = dashboard(RegistrationMode::Open, Duration::from_secs(2)).await;
+    let mut ada = Browser::new(&harness);
+    let token = Browser::token(&ada.get("/register").await);
+    let registered = ada
+        .post(
+            "/register",
+            &[
+                ("token", &token),
+                ("organization", "Hooli"),
+                ("email", "ada@hooli.test"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(
+        registered.status,
+        StatusCode::SEE_OTHER,
+        "{}",
+        registered.body
+    );
+    assert_eq!(ada.get("/").await.status, 200);
+    // Open registration: another organization may register, but not with a taken email.
+    let mut bob = Browser::new(&harness);
+    let token = Browser::token(&bob.get("/register").await);
+    let taken = bob
+        .post(
+            "/register",
+            &[
+                ("token", &token),
+                ("organization", "Other"),
+                ("email", "ADA@hooli.test"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(taken.status, StatusCode::CONFLICT);
+    assert!(taken.body.contains("already registered"));
+
+    // A session lasts its time to live.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired = ada.get("/").await;
+    assert_eq!(expired.status, StatusCode::SEE_OTHER);
+    assert_eq!(expired.location.as_deref(), Some("/signin"));
+
+    // A session ends with its key, and with its user's last role.
+    let tenants = harness
+        .call(Method::GET, "/admin/tenants", ADMIN, None)
+        .await
+        .1;
+    let hooli: Value = tenants
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "Hooli")
+        .unwrap()["tenant_id"]
+        .clone();
+    let created = harness
+        .admin("/admin/keys", json!({"tenant_id": hooli}))
+        .await;
+    let mut keyed = Browser::new(&harness);
+    let token = Browser::token(&keyed.get("/signin").await);
+    let key = created["key"].as_str().unwrap();
+    keyed
+        .post("/signin", &[("token", &token), ("api_key", key)])
+        .await;
+    assert_eq!(keyed.get("/").await.status, 200);
+    let key_id = created["key_id"].as_str().unwrap();
+    let path = format!("/admin/keys/{key_id}/revoke");
+    let revoked = harness
+        .call(Method::POST, &path, ADMIN, Some(json!({})))
+        .await;
+    assert_eq!(revoked.0, 204, "{revoked:?}");
+    assert_eq!(keyed.get("/").await.status, StatusCode::SEE_OTHER);
+
+    assert_eq!(
+        ada.sign_in("ada@hooli.test", PASSWORD).await.status,
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(ada.get("/").await.status, 200);
+    let revoke = json!({"tenant_id": hooli, "user": "ada@hooli.test", "role": "owner"});
+    let revoked = (harness.call(Method::POST, "/admin/roles/revoke", ADMIN, Some(revoke))).await;
+    assert_eq!(revoked.0, 204, "{revoked:?}");
+    assert_eq!(ada.get("/").await.status, StatusCode::SEE_OTHER);
+    let no_role = ada.sign_in("ada@hooli.test", PASSWORD).await;
+    assert_eq!(no_role.status, StatusCode::UNAUTHORIZED);
+    assert!(no_role.body.contains("holds no role"));
+    harness.stop().await;
+}
