@@ -527,3 +527,216 @@ async fn sessions_expire_and_a_revoked_key_or_role_ends_them() {
     assert!(no_role.body.contains("holds no role"));
     harness.stop().await;
 }
+
+/// Registers `organization` with `email` in a fresh browser, and issues a key of `role` in it.
+async fn organization(
+    harness: &Harness,
+    organization: &str,
+    email: &str,
+    role: &str,
+) -> (Browser, String) {
+    let mut browser = Browser::new(harness);
+    let token = Browser::token(&browser.get("/register").await);
+    let registered = browser
+        .post(
+            "/register",
+            &[
+                ("token", &token),
+                ("organization", organization),
+                ("email", email),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(
+        registered.status,
+        StatusCode::SEE_OTHER,
+        "{}",
+        registered.body
+    );
+    let tenants = harness
+        .call(Method::GET, "/admin/tenants", ADMIN, None)
+        .await
+        .1;
+    let tenant = tenants
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == organization)
+        .unwrap()["tenant_id"]
+        .clone();
+    let created = harness
+        .admin("/admin/keys", json!({"tenant_id": tenant, "role": role}))
+        .await;
+    (browser, created["key"].as_str().unwrap().to_owned())
+}
+
+async fn chat(harness: &Harness, key: &str, model: &str) -> String {
+    let response = harness
+        .client
+        .post(format!("{}/v1/chat/completions", harness.base))
+        .bearer_auth(key)
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "the secret word is heron"}]}))
+        .send()
+        .await
+        .unwrap();
+    let trace = common::gateway::trace_of(&response);
+    response.bytes().await.unwrap();
+    trace
+}
+
+fn rows_of(body: &str) -> usize {
+    body.matches("data-trace=").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_page_filter_open_a_timeline_export_csv_and_stay_in_their_organization() {
+    let harness = dashboard(RegistrationMode::Open, Duration::from_secs(3600)).await;
+    let (mut ada, key) = organization(&harness, "Acme Two", "ada@acme2.test", "developer").await;
+    let (mut bob, bob_key) = organization(&harness, "Bobco", "bob@bobco.test", "developer").await;
+    let mut traces = Vec::new();
+    for _ in 0..51 {
+        traces.push(chat(&harness, &key, "fast").await);
+    }
+    let failed = chat(&harness, &key, "nobody-serves-this").await;
+    let bobs = chat(&harness, &bob_key, "fast").await;
+
+    let page = ada.get("/traces?window=1h&model=gpt").await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body
+            .contains(r#"data-src="/ui/traces/rows?window=1h&amp;model=gpt""#),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body
+            .contains(r#"href="/traces.csv?window=1h&amp;model=gpt""#)
+    );
+
+    // The first page is 50 rows and a row that loads the next; the read models catch up first.
+    let started = Instant::now();
+    let first = loop {
+        let first = ada.get("/ui/traces/rows?window=1h").await;
+        assert_eq!(first.status, 200, "{}", first.body);
+        if first.body.contains("data-next=") {
+            break first;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            first.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(rows_of(&first.body), 50);
+    let at = first.body.find(r#"data-next=""#).unwrap() + r#"data-next=""#.len();
+    let next = first.body[at..]
+        .split('"')
+        .next()
+        .unwrap()
+        .replace("&amp;", "&");
+    let mut second = ada.get(&next).await;
+    let started = Instant::now();
+    while rows_of(&second.body) < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            second.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        second = ada.get(&next).await;
+    }
+    assert_eq!(rows_of(&second.body), 2, "{}", second.body);
+    assert!(!second.body.contains("data-next="));
+    assert!(!first.body.contains(&bobs) && !second.body.contains(&bobs));
+
+    // Filters: the failed one; a model; a bad amount is said plainly.
+    let failed_rows = ada.get("/ui/traces/rows?window=1h&status=failed").await;
+    assert_eq!(rows_of(&failed_rows.body), 1, "{}", failed_rows.body);
+    assert!(failed_rows.body.contains(&failed));
+    let none = ada
+        .get("/ui/traces/rows?window=1h&model=no-such-model")
+        .await;
+    assert_eq!(rows_of(&none.body), 0);
+    assert!(none.body.contains("No traces match"));
+    let bad = ada.get("/ui/traces/rows?min_cost=lots").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(bad.body.contains("is not an amount in USD"), "{}", bad.body);
+
+    // A trace's timeline: its steps on a time axis, and (for an owner) its bodies.
+    let panel = ada.get(&format!("/ui/traces/{}", traces[0])).await;
+    assert_eq!(panel.status, 200, "{}", panel.body);
+    for kind in ["request", "routing", "attempt", "completed"] {
+        assert!(
+            panel.body.contains(&format!(r#"data-kind="{kind}""#)),
+            "{kind}: {}",
+            panel.body
+        );
+    }
+    assert!(panel.body.contains("heron"), "{}", panel.body);
+    let own_page = ada.get(&format!("/traces/{}", traces[0])).await;
+    assert_eq!(own_page.status, 200);
+
+    // A viewer sees the timeline without bodies.
+    let viewer_key = {
+        let tenants = harness
+            .call(Method::GET, "/admin/tenants", ADMIN, None)
+            .await
+            .1;
+        let tenant = tenants
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "Acme Two")
+            .unwrap()["tenant_id"]
+            .clone();
+        harness
+            .admin(
+                "/admin/keys",
+                json!({"tenant_id": tenant, "role": "viewer"}),
+            )
+            .await["key"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let mut viewer = Browser::new(&harness);
+    let token = Browser::token(&viewer.get("/signin").await);
+    viewer
+        .post("/signin", &[("token", &token), ("api_key", &viewer_key)])
+        .await;
+    let seen = viewer.get(&format!("/ui/traces/{}", traces[0])).await;
+    assert_eq!(seen.status, 200);
+    assert!(seen.body.contains("Bodies are not shown"));
+    assert!(!seen.body.contains("heron"));
+
+    // Another organization's trace is not found, by URL or in the panel.
+    for path in [
+        format!("/traces/{}", traces[0]),
+        format!("/ui/traces/{}", traces[0]),
+    ] {
+        let other = bob.get(&path).await;
+        assert_eq!(other.status, StatusCode::NOT_FOUND, "{path}");
+        assert!(!other.body.contains("heron"));
+    }
+    assert_eq!(bob.get(&format!("/ui/traces/{bobs}")).await.status, 200);
+
+    // The filtered list as CSV: a header and every row.
+    let csv = ada.get("/traces.csv?window=1h").await;
+    assert_eq!(csv.status, 200);
+    assert!(
+        csv.headers["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains("loom-traces.csv")
+    );
+    let lines: Vec<&str> = csv.body.lines().collect();
+    assert!(
+        lines[0].starts_with("trace_id,tenant_id,started_at"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines.len(), 1 + 52);
+    harness.stop().await;
+}

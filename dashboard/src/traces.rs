@@ -269,7 +269,7 @@ pub(crate) async fn panel(
     let tz = tz.tz.and_then(|t| t.parse().ok()).unwrap_or(Tz::UTC);
     match timeline(&ui, &viewer, &id).await {
         Ok(Some(timeline)) => timeline_view(&timeline, tz).into_response(),
-        Ok(None) => not_found(&id).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, not_found(&id)).into_response(),
         Err(error) => problem(Some("Trace"), &error),
     }
 }
