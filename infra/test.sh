@@ -3,7 +3,8 @@
 #   - Postgres             (the machine's on :5432 if reachable, else a private cluster on :55432)
 #   - a Kafka-protocol broker (nisshi, the Tansu broker, on :19092, in-memory storage)
 #   - an S3-compatible server (s3s-fs on :19000)
-# and a Python virtualenv with the packages in infra/requirements-test.txt.
+# a Python virtualenv with the packages in infra/requirements-test.txt, and for the dashboard's
+# browser tests Debian's chromium driven by the npm package playwright-core (no browser download).
 # Missing tools are installed once into $LOOM_CACHE_DIR (default ~/.cache/loom) and reused;
 # running services are reused. Their addresses are exported as LOOM_TEST_* for the tests.
 #
@@ -11,6 +12,7 @@
 #   LOOM_CACHE_DIR           tool binaries, build output, service data (default ~/.cache/loom)
 #   CARGO_TARGET_DIR         build output (default $LOOM_CACHE_DIR/target)
 #   LOOM_TEST_DATABASE_URL   use this Postgres (an admin URL: tests create databases) instead
+#   LOOM_TEST_CHROMIUM       the Chromium binary for the browser tests (default /usr/bin/chromium)
 #   LOOM_TEST_SKIP_LINT=1    skip cargo fmt --check and clippy
 # Arguments are passed to the test runner (e.g. ./infra/test.sh -E 'test(serve)').
 set -euo pipefail
@@ -182,6 +184,21 @@ setup_python() {
   log "Python: $LOOM_TEST_PYTHON"
 }
 
+# ---- a browser for the dashboard's tests ----------------------------------------------------------
+PLAYWRIGHT_VERSION=1.65
+setup_browser() {
+  local chromium="${LOOM_TEST_CHROMIUM:-/usr/bin/chromium}" modules="$cache/node"
+  [ -x "$chromium" ] || { apt_install chromium; chromium=/usr/bin/chromium; }
+  command -v node >/dev/null || apt_install nodejs npm
+  if ! grep -q "\"version\": \"$PLAYWRIGHT_VERSION" "$modules/node_modules/playwright-core/package.json" 2>/dev/null; then
+    log "installing playwright-core $PLAYWRIGHT_VERSION (npm; it drives $chromium, downloads no browser)"
+    mkdir -p "$modules"
+    (cd "$modules" && npm install --silent --no-audit --no-fund "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
+  fi
+  export LOOM_TEST_CHROMIUM="$chromium" LOOM_TEST_NODE_PATH="$modules/node_modules"
+  log "browser: $("$chromium" --version 2>/dev/null | head -1), playwright-core $PLAYWRIGHT_VERSION"
+}
+
 # ---- build prerequisites -----------------------------------------------------------------------
 setup_build() {
   # librdkafka is built with TLS (and so SASL PLAIN/SCRAM) against the system OpenSSL.
@@ -199,6 +216,7 @@ main() {
   setup_broker
   setup_s3
   setup_python
+  setup_browser
   log "dependencies ready in $((SECONDS - started))s; building with CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
 
   if [ "${LOOM_TEST_SKIP_LINT:-0}" != 1 ]; then

@@ -398,6 +398,7 @@ fn percent(rate: f64) -> String {
 pub(crate) fn dollars(usd: f64) -> String {
     match usd {
         0.0 => "$0".into(),
+        x if x.abs() < 0.0001 => "<$0.0001".into(),
         x if x.abs() < 0.01 => format!("${x:.4}"),
         x => format!("${x:.2}"),
     }
@@ -418,6 +419,7 @@ mod tests {
         assert_eq!(percent(0.0125), "1.25 %");
         assert_eq!(dollars(0.0), "$0");
         assert_eq!(dollars(0.00042), "$0.0004");
+        assert_eq!(dollars(0.0000057), "<$0.0001");
         assert_eq!(dollars(12.5), "$12.50");
     }
 
