@@ -61,6 +61,7 @@ async fn the_dashboard_in_chromium() {
         "home",
         "traces",
         "trace-timeline",
+        "analytics",
         "home-dark",
     ] {
         assert!(

@@ -35,6 +35,15 @@ function refreshVisible() {
 }
 
 function start() {
+  // The browser's time zone, for pages whose URL names none (the server reads the cookie).
+  try {
+    const zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+    if (zone) document.cookie = "loom_tz=" + encodeURIComponent(zone) + "; path=/; max-age=31536000; samesite=strict";
+  } catch (error) { /* the server's default, UTC, applies */ }
+  // A select that applies itself (the time zone picker).
+  for (const select of document.querySelectorAll("select[data-submit]")) {
+    select.addEventListener("change", () => select.form.submit());
+  }
   for (const widget of document.querySelectorAll("[data-src]")) {
     widget.dataset.loadedAt = String(Date.now());
     load(widget);

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono_tz::Tz;
 use loom_query::analytics::{
@@ -81,6 +81,34 @@ impl Range {
         .join("&")
     }
 
+    /// The range, in the viewer's time zone when the URL names none: the one their browser
+    /// said (the `loom_tz` cookie the script sets).
+    pub(crate) fn with_zone_of(mut self, headers: &HeaderMap) -> Range {
+        if self.tz_name().is_none() {
+            let jar = axum_extra::extract::cookie::CookieJar::from_headers(headers);
+            self.tz = jar
+                .get(ZONE_COOKIE)
+                .map(|c| c.value().to_owned())
+                .filter(|zone| zone.parse::<Tz>().is_ok());
+        }
+        self
+    }
+
+    /// The range's parameters but its time zone.
+    pub(crate) fn pairs_without_tz(&self) -> Vec<(&'static str, String)> {
+        [
+            ("window", &self.window),
+            ("from", &self.from),
+            ("to", &self.to),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let value = value.as_deref().filter(|v| !v.is_empty())?;
+            Some((name, value.to_owned()))
+        })
+        .collect()
+    }
+
     /// The time zone the URL names, if any.
     pub(crate) fn tz_name(&self) -> Option<&str> {
         self.tz.as_deref().filter(|t| !t.is_empty())
@@ -95,28 +123,38 @@ impl Range {
     }
 }
 
+/// The time zone the browser reports (set by the script), used when a URL names none.
+pub(crate) const ZONE_COOKIE: &str = "loom_tz";
+
+/// The range picker of a page at `path`: the presets, and a custom range.
+pub(crate) fn ranges(path: &str, range: &Range) -> Markup {
+    let preset = range.preset();
+    html! {
+        nav.ranges aria-label="Time range" {
+            @for (window, label) in RANGES {
+                a href=(format!("{path}?window={window}{}", tz_param(range)))
+                    aria-current=[(preset == window).then_some("true")] { (label) }
+            }
+            details.custom open[preset == "custom"] {
+                summary { "Custom" }
+                form method="get" action=(path) {
+                    label { "From" input type="text" name="from" value=[range.from.as_deref()] placeholder="2026-12-01 or RFC 3339" required; }
+                    label { "To" input type="text" name="to" value=[range.to.as_deref()] placeholder="now"; }
+                    @if let Some(tz) = range.tz_name() { input type="hidden" name="tz" value=(tz); }
+                    button type="submit" { "Apply" }
+                }
+            }
+        }
+    }
+}
+
 pub(crate) async fn page(viewer: Viewer, Query(range): Query<Range>) -> Response {
     let query = range.query();
-    let preset = range.preset();
     let widget = |name: &str| format!("/ui/home/{name}?{query}");
     let main = html! {
         div.bar {
             h1 { "Home" }
-            nav.ranges aria-label="Time range" {
-                @for (window, label) in RANGES {
-                    a href=(format!("/?window={window}{}", tz_param(&range)))
-                        aria-current=[(preset == window).then_some("true")] { (label) }
-                }
-                details.custom open[preset == "custom"] {
-                    summary { "Custom" }
-                    form method="get" action="/" {
-                        label { "From" input type="text" name="from" value=[range.from.as_deref()] placeholder="2026-12-01 or RFC 3339" required; }
-                        label { "To" input type="text" name="to" value=[range.to.as_deref()] placeholder="now"; }
-                        @if let Some(tz) = range.tz.as_deref() { input type="hidden" name="tz" value=(tz); }
-                        button type="submit" { "Apply" }
-                    }
-                }
-            }
+            (ranges("/", &range))
         }
         section.widget.kpis data-src=(widget("kpis")) data-refresh="30" aria-live="polite" {
             p.loading { "Loading the numbers…" }
@@ -165,7 +203,7 @@ pub(crate) fn problem(title: Option<&str>, error: &AnalyticsError) -> Response {
     (status, body).into_response()
 }
 
-fn analytics(ui: &Ui) -> Result<&Analytics, AnalyticsError> {
+pub(crate) fn analytics(ui: &Ui) -> Result<&Analytics, AnalyticsError> {
     ui.query
         .analytics
         .as_deref()
@@ -175,7 +213,7 @@ fn analytics(ui: &Ui) -> Result<&Analytics, AnalyticsError> {
 }
 
 /// The viewer's question: their tenant (their project, if bound to one), in the range.
-fn question(viewer: &Viewer, range: &Range) -> Result<Question, AnalyticsError> {
+pub(crate) fn question(viewer: &Viewer, range: &Range) -> Result<Question, AnalyticsError> {
     let principal = viewer.principal();
     Ok(Question {
         scope: principal.scope,
@@ -190,8 +228,10 @@ fn question(viewer: &Viewer, range: &Range) -> Result<Question, AnalyticsError> 
 pub(crate) async fn kpis(
     State(ui): State<Ui>,
     viewer: Viewer,
+    headers: HeaderMap,
     Query(range): Query<Range>,
 ) -> Response {
+    let range = range.with_zone_of(&headers);
     let answer = async {
         let question = question(&viewer, &range)?;
         let (current, previous) = analytics(&ui)?.summary(&question).await?;
@@ -328,8 +368,10 @@ pub(crate) async fn alerts(State(ui): State<Ui>, viewer: Viewer) -> Response {
 pub(crate) async fn activity(
     State(ui): State<Ui>,
     viewer: Viewer,
+    headers: HeaderMap,
     Query(range): Query<Range>,
 ) -> Response {
+    let range = range.with_zone_of(&headers);
     let answer = async {
         let question = question(&viewer, &range)?;
         let rows = analytics(&ui)?.recent(&question, 10).await?;
@@ -373,7 +415,7 @@ pub(crate) fn local_time(rfc3339: &str, tz: Tz) -> String {
         .unwrap_or_else(|_| rfc3339.to_owned())
 }
 
-fn count(n: i64) -> String {
+pub(crate) fn count(n: i64) -> String {
     let n = n as f64;
     match n.abs() {
         x if x >= 1e9 => format!("{:.1}B", n / 1e9),
@@ -391,7 +433,7 @@ pub(crate) fn millis(ms: Option<f64>) -> String {
     }
 }
 
-fn percent(rate: f64) -> String {
+pub(crate) fn percent(rate: f64) -> String {
     format!("{:.2} %", rate * 100.0)
 }
 

@@ -10,9 +10,14 @@ use crate::session::{Theme, Viewer};
 pub(crate) enum Nav {
     Home,
     Traces,
+    Analytics,
 }
 
-const NAV: [(Nav, &str, &str); 2] = [(Nav::Home, "/", "Home"), (Nav::Traces, "/traces", "Traces")];
+const NAV: [(Nav, &str, &str); 3] = [
+    (Nav::Home, "/", "Home"),
+    (Nav::Traces, "/traces", "Traces"),
+    (Nav::Analytics, "/analytics", "Analytics"),
+];
 
 /// A page for a signed-in viewer.
 pub(crate) fn page(title: &str, viewer: &Viewer, current: Nav, main: Markup) -> Markup {

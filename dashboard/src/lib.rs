@@ -4,6 +4,7 @@
 //! ([`Actor::User`](loom_gateway::admin::Actor), a query [`Principal`](loom_query::http::Principal)):
 //! what a role may not do through the API it may not do here either. docs/dashboard.md.
 
+mod analytics;
 mod auth;
 mod home;
 mod layout;
@@ -73,6 +74,11 @@ pub fn routes(services: Services, query: QueryServices, config: DashboardConfig)
         .route("/ui/home/kpis", get(home::kpis))
         .route("/ui/home/alerts", get(home::alerts))
         .route("/ui/home/activity", get(home::activity))
+        .route("/analytics", get(analytics::page))
+        .route("/ui/analytics/chart", get(analytics::chart))
+        .route("/ui/analytics/breakdown", get(analytics::breakdown))
+        .route("/ui/analytics/expensive", get(analytics::expensive))
+        .route("/ui/analytics/errors", get(analytics::errors))
         .route("/traces", get(traces::page))
         .route("/traces.csv", get(traces::csv))
         .route("/traces/{id}", get(traces::trace_page))

@@ -160,8 +160,10 @@ pub(crate) async fn page(viewer: Viewer, Query(list): Query<ListQuery>) -> Respo
 pub(crate) async fn rows(
     State(ui): State<Ui>,
     viewer: Viewer,
-    Query(list): Query<ListQuery>,
+    headers: axum::http::HeaderMap,
+    Query(mut list): Query<ListQuery>,
 ) -> Response {
+    list.range = list.range.with_zone_of(&headers);
     let answer = async {
         let filters = list.filters(&viewer)?;
         let window = list.range.window()?;

@@ -133,7 +133,26 @@ test("a new organization's owner works through the dashboard", async (t) => {
     assert.equal(await page.evaluate(() => document.activeElement.name), "model");
   });
 
+  await t.test("analytics: charts in the browser's time zone, another zone and range, breakdowns", async () => {
+    await page.getByRole("link", { name: "Analytics" }).click();
+    await page.locator("svg.chart").first().waitFor();
+    const zone = page.getByLabel("Time zone");
+    assert.equal(await zone.inputValue(), "Europe/Berlin");
+    await shot(page, "analytics");
+    await zone.selectOption("Asia/Tokyo");
+    await page.waitForURL(/tz=Asia%2FTokyo/);
+    await page.getByRole("link", { name: "7 days" }).click();
+    assert.match(page.url(), /window=7d/);
+    assert.match(page.url(), /tz=Asia%2FTokyo/);
+    await page.locator("svg.chart").first().waitFor();
+    await page.getByRole("link", { name: "Provider" }).click();
+    await page.getByRole("cell", { name: "openai" }).waitFor();
+    await page.getByText("Error rate by model").waitFor();
+    await page.getByRole("cell", { name: "nobody-serves-this" }).first().waitFor();
+  });
+
   await t.test("the filtered list downloads as CSV", async () => {
+    await page.goto(base + "/traces");
     const [download] = await Promise.all([
       page.waitForEvent("download"),
       page.getByRole("link", { name: "Download CSV" }).click(),
