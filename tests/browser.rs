@@ -26,7 +26,7 @@ async fn the_dashboard_in_chromium() {
         registration: RegistrationMode::Open,
         session_ttl: Duration::from_secs(3600),
     };
-    let harness = start_full(MockConfig::default(), "", true, config).await;
+    let harness = start_full(MockConfig::default(), "", true, config, true).await;
     let artifacts = artifacts();
     std::fs::create_dir_all(&artifacts).unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.test.mjs");
@@ -62,6 +62,7 @@ async fn the_dashboard_in_chromium() {
         "traces",
         "trace-timeline",
         "analytics",
+        "sql",
         "home-dark",
     ] {
         assert!(

@@ -140,6 +140,11 @@ document.addEventListener("click", (event) => {
 // Keyboard: "/" searches, j/k move through rows, Enter opens the row, Esc closes the panel.
 document.addEventListener("keydown", (event) => {
   const typing = event.target.closest("input, select, textarea");
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && event.target.matches("textarea")) {
+    event.preventDefault();
+    event.target.form.requestSubmit();
+    return;
+  }
   if (event.key === "Escape") {
     closePanel();
     if (typing) event.target.blur();

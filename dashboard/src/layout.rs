@@ -11,12 +11,14 @@ pub(crate) enum Nav {
     Home,
     Traces,
     Analytics,
+    Sql,
 }
 
-const NAV: [(Nav, &str, &str); 3] = [
+const NAV: [(Nav, &str, &str); 4] = [
     (Nav::Home, "/", "Home"),
     (Nav::Traces, "/traces", "Traces"),
     (Nav::Analytics, "/analytics", "Analytics"),
+    (Nav::Sql, "/sql", "SQL"),
 ];
 
 /// A page for a signed-in viewer.

@@ -9,6 +9,7 @@ mod auth;
 mod home;
 mod layout;
 mod session;
+mod sql;
 mod traces;
 
 use std::sync::Arc;
@@ -79,6 +80,8 @@ pub fn routes(services: Services, query: QueryServices, config: DashboardConfig)
         .route("/ui/analytics/breakdown", get(analytics::breakdown))
         .route("/ui/analytics/expensive", get(analytics::expensive))
         .route("/ui/analytics/errors", get(analytics::errors))
+        .route("/sql", get(sql::page).post(sql::submit))
+        .route("/sql.csv", post(sql::csv))
         .route("/traces", get(traces::page))
         .route("/traces.csv", get(traces::csv))
         .route("/traces/{id}", get(traces::trace_page))

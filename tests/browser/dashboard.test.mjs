@@ -151,6 +151,33 @@ test("a new organization's owner works through the dashboard", async (t) => {
     await page.getByRole("cell", { name: "nobody-serves-this" }).first().waitFor();
   });
 
+  await t.test("SQL: a query's rows, its CSV, an error said plainly, the limits in sight", async () => {
+    await page.getByRole("link", { name: "SQL", exact: true }).click();
+    await page.getByText("At most 10000 rows").waitFor();
+    const sql = "SELECT event_type, count(*) AS events FROM events GROUP BY event_type ORDER BY event_type";
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      await page.getByLabel("Query").fill(sql);
+      await page.getByRole("button", { name: "Run" }).click();
+      await page.waitForLoadState();
+      if (await page.getByRole("cell", { name: "request.completed" }).count()) break;
+      assert.ok(Date.now() < deadline, "the archive did not show the requests");
+      await page.waitForTimeout(500);
+    }
+    await shot(page, "sql");
+    const [download] = await Promise.all([
+      page.waitForEvent("download"),
+      page.getByRole("button", { name: "Download CSV" }).click(),
+    ]);
+    const csv = await readFile(await download.path(), "utf8");
+    assert.equal(csv.split("\n")[0], "event_type,events");
+    assert.match(csv, /request\.completed,5/);
+    await page.getByLabel("Query").fill("SELECT nope FROM events");
+    await page.getByLabel("Query").press("Control+Enter");
+    await page.locator(".problem").waitFor();
+    assert.match(await page.locator(".problem").textContent(), /nope/);
+  });
+
   await t.test("the filtered list downloads as CSV", async () => {
     await page.goto(base + "/traces");
     const [download] = await Promise.all([

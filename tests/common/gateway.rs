@@ -8,6 +8,7 @@ use loom_dashboard::DashboardConfig;
 use loom_gateway::config::{GatewayConfig, RawConfig};
 use loom_mock::{MockConfig, MockServer};
 use loom_projector::StoreLocation;
+use loom_projector::archive::{ArchiveConfig, ArchiveLocation};
 use loom_schemas::codec::Registry;
 use loom_schemas::crypto::FieldContext;
 use loom_schemas::event::{Event, Payload};
@@ -39,15 +40,24 @@ pub async fn start(mock_config: MockConfig, extra: &str) -> Harness {
 /// As [`start`], folding the read models (SQLite, in the data dir) in process when
 /// `read_models` is set, as `loom serve` does.
 pub async fn start_with(mock_config: MockConfig, extra: &str, read_models: bool) -> Harness {
-    start_full(mock_config, extra, read_models, DashboardConfig::default()).await
+    start_full(
+        mock_config,
+        extra,
+        read_models,
+        DashboardConfig::default(),
+        false,
+    )
+    .await
 }
 
-/// As [`start_with`], with the dashboard configured as `dashboard`.
+/// As [`start_with`], with the dashboard configured as `dashboard`, and archiving (in the data
+/// dir, files rolled every second) when `archive` is set.
 pub async fn start_full(
     mock_config: MockConfig,
     extra: &str,
     read_models: bool,
     dashboard: DashboardConfig,
+    archive: bool,
 ) -> Harness {
     let mock = MockServer::start(mock_config).await.unwrap();
     let text = format!(
@@ -106,7 +116,14 @@ deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
         read_models: read_models.then(|| StoreLocation::Sqlite(dir.path().join("read-models"))),
         lookup_read_models: None,
         projector: Default::default(),
-        archive: None,
+        archive: archive.then(|| {
+            let location = ArchiveLocation::Directory(dir.path().join("archive"));
+            let config = ArchiveConfig {
+                roll_after: Duration::from_secs(1),
+                ..ArchiveConfig::default()
+            };
+            (location, config)
+        }),
         exports: None,
         dashboard,
     };
