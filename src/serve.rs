@@ -158,15 +158,18 @@ pub async fn serve(
         services.control.clone(),
         config.admin_token.as_ref(),
     ));
-    let dashboard = loom_dashboard::routes(services.clone(), query.clone(), config.dashboard);
-    let app = loom_gateway::app(
+    let dashboard_services = services.clone();
+    let (gateway, usage) = loom_gateway::app(
         config.gateway,
         services,
         config.admin_token.as_ref(),
         &tasks,
-    )?
-    .merge(loom_query::http::routes(query, callers))
-    .merge(dashboard);
+    )?;
+    let dashboard =
+        loom_dashboard::routes(dashboard_services, query.clone(), usage, config.dashboard);
+    let app = gateway
+        .merge(loom_query::http::routes(query, callers))
+        .merge(dashboard);
     // Streams write small frames one after another: without TCP_NODELAY each one after the
     // first waits for the client's delayed ACK (40 ms on Linux).
     let listener = listener.tap_io(|tcp| {

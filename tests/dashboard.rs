@@ -839,3 +839,49 @@ async fn the_sql_console_queries_the_organizations_archive() {
     assert!(empty.body.contains("Write a query first"));
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quotas_page_shows_todays_usage_against_the_limits() {
+    let harness = dashboard(RegistrationMode::Open, Duration::from_secs(3600)).await;
+    let (mut ada, key) = organization(&harness, "Metered", "ada@metered.test", "developer").await;
+    let tenants = harness
+        .call(Method::GET, "/admin/tenants", ADMIN, None)
+        .await
+        .1;
+    let tenant = tenants
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "Metered")
+        .unwrap()["tenant_id"]
+        .clone();
+    let limits = json!({"tenant_id": tenant, "scope": "tenant",
+        "limits": {"tokens_per_day": 50_000, "requests_per_minute": 600}});
+    let set = harness
+        .call(Method::POST, "/admin/quotas", ADMIN, Some(limits))
+        .await;
+    assert_eq!(set.0, 200, "{set:?}");
+    for _ in 0..2 {
+        chat(&harness, &key, "fast").await;
+    }
+    let page = ada.get("/quotas").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let organization = page
+        .body
+        .split(r#"data-scope="tenant""#)
+        .nth(1)
+        .expect("the organization's row");
+    assert!(organization.contains("Metered"), "{organization}");
+    assert!(organization.contains(" / 50.0k"), "{organization}");
+    assert!(organization.contains("600"), "{organization}");
+    // Two answered requests are counted (their tokens, not zero).
+    let used: i64 = organization
+        .split("<td class=\"num\">")
+        .nth(1)
+        .and_then(|cell| cell.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("tokens used");
+    assert!(used > 0, "{organization}");
+    assert!(page.body.contains("API keys"));
+    harness.stop().await;
+}

@@ -11,13 +11,15 @@ pub(crate) enum Nav {
     Home,
     Traces,
     Analytics,
+    Quotas,
     Sql,
 }
 
-const NAV: [(Nav, &str, &str); 4] = [
+const NAV: [(Nav, &str, &str); 5] = [
     (Nav::Home, "/", "Home"),
     (Nav::Traces, "/traces", "Traces"),
     (Nav::Analytics, "/analytics", "Analytics"),
+    (Nav::Quotas, "/quotas", "Quotas"),
     (Nav::Sql, "/sql", "SQL"),
 ];
 

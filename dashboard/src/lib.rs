@@ -8,6 +8,7 @@ mod analytics;
 mod auth;
 mod home;
 mod layout;
+mod quotas;
 mod session;
 mod sql;
 mod traces;
@@ -19,7 +20,7 @@ use axum::Router;
 use axum::http::{HeaderValue, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use loom_gateway::Services;
+use loom_gateway::{Services, Usage};
 use loom_query::http::QueryServices;
 
 use session::SignInLimiter;
@@ -57,15 +58,22 @@ impl Default for DashboardConfig {
 #[derive(Clone)]
 pub(crate) struct Ui {
     pub services: Services,
+    pub usage: Usage,
     pub query: QueryServices,
     pub config: Arc<DashboardConfig>,
     pub limiter: Arc<SignInLimiter>,
 }
 
 /// The dashboard's routes, to merge into the node's router.
-pub fn routes(services: Services, query: QueryServices, config: DashboardConfig) -> Router {
+pub fn routes(
+    services: Services,
+    query: QueryServices,
+    usage: Usage,
+    config: DashboardConfig,
+) -> Router {
     let ui = Ui {
         services,
+        usage,
         query,
         config: Arc::new(config),
         limiter: Arc::new(SignInLimiter::default()),
@@ -80,6 +88,7 @@ pub fn routes(services: Services, query: QueryServices, config: DashboardConfig)
         .route("/ui/analytics/breakdown", get(analytics::breakdown))
         .route("/ui/analytics/expensive", get(analytics::expensive))
         .route("/ui/analytics/errors", get(analytics::errors))
+        .route("/quotas", get(quotas::page))
         .route("/sql", get(sql::page).post(sql::submit))
         .route("/sql.csv", post(sql::csv))
         .route("/traces", get(traces::page))

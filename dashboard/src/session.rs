@@ -74,6 +74,11 @@ impl Viewer {
         }
     }
 
+    /// The viewer as the admin services know them.
+    pub(crate) fn actor(&self) -> loom_gateway::Actor {
+        loom_gateway::Actor::User(self.signed_in.clone())
+    }
+
     pub(crate) fn form_token(&self) -> String {
         self.secret.form_token()
     }

@@ -68,12 +68,30 @@ pub enum StartError {
 /// The HTTP app of a node: the data plane, the admin API (for holders of `admin_token`), health
 /// and metrics; call it inside a tokio runtime. Its event writer and the background work of requests run on `tasks`; the writer
 /// ends once the app is dropped and every queued event is written.
+/// What the dashboard reads of a running gateway: each scope's quota usage today, as its ledger
+/// counts it.
+#[derive(Clone)]
+pub struct Usage(Arc<Gateway>);
+
+impl Usage {
+    /// As `GET /admin/quotas` answers `actor`.
+    pub fn show_quotas(
+        &self,
+        services: &Services,
+        actor: &Actor,
+        query: &QuotaQuery,
+    ) -> Result<Vec<QuotaView>, AdminError> {
+        services.show_quotas(actor, query, Some(&self.0.quotas), &self.0.config.quotas)
+    }
+}
+
+/// The gateway's routes, and its [`Usage`] for the dashboard.
 pub fn app(
     config: GatewayConfig,
     services: Services,
     admin_token: Option<&SecretString>,
     tasks: &TaskTracker,
-) -> Result<axum::Router, StartError> {
+) -> Result<(axum::Router, Usage), StartError> {
     let mut config = config;
     // Budgets are shared with every gateway on the same log; the embedded log has one.
     config.quotas.shared_log = services.embedded.is_none();
@@ -98,9 +116,11 @@ pub fn app(
         Arc::downgrade(&services.log),
         services.producer.to_string(),
     ));
-    Ok(router(AppState::new(
+    let usage = Usage(Arc::clone(&gateway));
+    let router = router(AppState::new(
         services,
         gateway,
         admin_token.map(|token| token.expose_secret()),
-    )))
+    ));
+    Ok((router, usage))
 }

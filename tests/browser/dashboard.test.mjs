@@ -151,6 +151,12 @@ test("a new organization's owner works through the dashboard", async (t) => {
     await page.getByRole("cell", { name: "nobody-serves-this" }).first().waitFor();
   });
 
+  await t.test("quotas: today's usage per scope", async () => {
+    await page.getByRole("link", { name: "Quotas" }).click();
+    await page.getByRole("heading", { name: "Organization" }).waitFor();
+    await shot(page, "quotas");
+  });
+
   await t.test("SQL: a query's rows, its CSV, an error said plainly, the limits in sight", async () => {
     await page.getByRole("link", { name: "SQL", exact: true }).click();
     await page.getByText("At most 10000 rows").waitFor();
