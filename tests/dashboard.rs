@@ -258,17 +258,7 @@ async fn the_first_user_registers_signs_in_and_out_and_sees_their_tenants_number
     );
 
     // Their organization's traffic shows on their home page; the harness tenant's does not.
-    let tenants = harness
-        .call(Method::GET, "/admin/tenants", ADMIN, None)
-        .await
-        .1;
-    let initech = tenants
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "Initech")
-        .unwrap()["tenant_id"]
-        .clone();
+    let initech = tenant_named(&harness, "Initech").await;
     let mut keys = Vec::new();
     for role in ["developer", "viewer"] {
         let created = harness
@@ -484,17 +474,7 @@ async fn sessions_expire_and_a_revoked_key_or_role_ends_them() {
     assert_eq!(expired.location.as_deref(), Some("/signin"));
 
     // A session ends with its key, and with its user's last role.
-    let tenants = harness
-        .call(Method::GET, "/admin/tenants", ADMIN, None)
-        .await
-        .1;
-    let hooli: Value = tenants
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "Hooli")
-        .unwrap()["tenant_id"]
-        .clone();
+    let hooli = tenant_named(&harness, "Hooli").await;
     let created = harness
         .admin("/admin/keys", json!({"tenant_id": hooli}))
         .await;
@@ -528,6 +508,20 @@ async fn sessions_expire_and_a_revoked_key_or_role_ends_them() {
     harness.stop().await;
 }
 
+/// The id of the organization (tenant) called `name`, as the admin API lists it.
+async fn tenant_named(harness: &Harness, name: &str) -> Value {
+    let tenants = harness
+        .call(Method::GET, "/admin/tenants", ADMIN, None)
+        .await
+        .1;
+    let tenant = tenants
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name);
+    tenant.unwrap()["tenant_id"].clone()
+}
+
 /// Registers `organization` with `email` in a fresh browser, and issues a key of `role` in it.
 async fn organization(
     harness: &Harness,
@@ -554,17 +548,7 @@ async fn organization(
         "{}",
         registered.body
     );
-    let tenants = harness
-        .call(Method::GET, "/admin/tenants", ADMIN, None)
-        .await
-        .1;
-    let tenant = tenants
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == organization)
-        .unwrap()["tenant_id"]
-        .clone();
+    let tenant = tenant_named(harness, organization).await;
     let created = harness
         .admin("/admin/keys", json!({"tenant_id": tenant, "role": role}))
         .await;
@@ -680,17 +664,7 @@ async fn traces_page_filter_open_a_timeline_export_csv_and_stay_in_their_organiz
 
     // A viewer sees the timeline without bodies.
     let viewer_key = {
-        let tenants = harness
-            .call(Method::GET, "/admin/tenants", ADMIN, None)
-            .await
-            .1;
-        let tenant = tenants
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == "Acme Two")
-            .unwrap()["tenant_id"]
-            .clone();
+        let tenant = tenant_named(&harness, "Acme Two").await;
         harness
             .admin(
                 "/admin/keys",
@@ -844,17 +818,7 @@ async fn the_sql_console_queries_the_organizations_archive() {
 async fn the_quotas_page_shows_todays_usage_against_the_limits() {
     let harness = dashboard(RegistrationMode::Open, Duration::from_secs(3600)).await;
     let (mut ada, key) = organization(&harness, "Metered", "ada@metered.test", "developer").await;
-    let tenants = harness
-        .call(Method::GET, "/admin/tenants", ADMIN, None)
-        .await
-        .1;
-    let tenant = tenants
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "Metered")
-        .unwrap()["tenant_id"]
-        .clone();
+    let tenant = tenant_named(&harness, "Metered").await;
     let limits = json!({"tenant_id": tenant, "scope": "tenant",
         "limits": {"tokens_per_day": 50_000, "requests_per_minute": 600}});
     let set = harness

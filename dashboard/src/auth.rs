@@ -116,13 +116,10 @@ pub(crate) async fn sign_in(
     request: axum::http::Extensions,
     Form(form): Form<SignInForm>,
 ) -> Response {
-    let expected = jar
-        .get(FORM_COOKIE)
-        .map(|c| c.value().to_owned())
-        .unwrap_or_default();
-    if let Some(refused) = check_token(&expected, &form.token) {
-        return refused;
-    }
+    let expected = match signed_out_token(&jar, &form.token) {
+        Ok(expected) => expected,
+        Err(refused) => return refused,
+    };
     let theme = Theme::of(&headers);
     let next = local(form.next.as_deref()).to_owned();
     let email = form.email.as_deref().unwrap_or_default();
@@ -180,6 +177,19 @@ pub(crate) async fn sign_in(
             };
             refuse(StatusCode::UNAUTHORIZED, problem)
         }
+    }
+}
+
+/// The form token of a signed-out browser (its `loom_form` cookie), if the form carried it;
+/// the refusal page if not.
+#[allow(clippy::result_large_err)]
+fn signed_out_token(jar: &CookieJar, presented: &str) -> Result<String, Response> {
+    let expected = (jar.get(FORM_COOKIE))
+        .map(|c| c.value().to_owned())
+        .unwrap_or_default();
+    match check_token(&expected, presented) {
+        Some(refused) => Err(refused),
+        None => Ok(expected),
     }
 }
 
@@ -262,13 +272,10 @@ pub(crate) async fn register(
     jar: CookieJar,
     Form(form): Form<RegisterForm>,
 ) -> Response {
-    let expected = jar
-        .get(FORM_COOKIE)
-        .map(|c| c.value().to_owned())
-        .unwrap_or_default();
-    if let Some(refused) = check_token(&expected, &form.token) {
-        return refused;
-    }
+    let expected = match signed_out_token(&jar, &form.token) {
+        Ok(expected) => expected,
+        Err(refused) => return refused,
+    };
     let theme = Theme::of(&headers);
     if !registration_open(&ui) {
         return registration_closed(theme);

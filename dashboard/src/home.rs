@@ -94,6 +94,14 @@ impl Range {
         self
     }
 
+    /// The default range in time zone `tz` (if a valid one).
+    pub(crate) fn in_zone(tz: Option<String>) -> Range {
+        Range {
+            tz,
+            ..Range::default()
+        }
+    }
+
     /// The range's parameters but its time zone.
     pub(crate) fn pairs_without_tz(&self) -> Vec<(&'static str, String)> {
         [

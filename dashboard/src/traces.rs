@@ -247,6 +247,11 @@ pub(crate) struct TzQuery {
     tz: Option<String>,
 }
 
+/// The zone a trace is shown in: the URL's, else the browser's (`loom_tz`), else UTC.
+fn zone(query: TzQuery, headers: &axum::http::HeaderMap) -> Tz {
+    (Range::in_zone(query.tz).with_zone_of(headers).tz()).unwrap_or(Tz::UTC)
+}
+
 /// One trace's timeline; `None`: nothing the viewer may see goes by that id.
 async fn timeline(ui: &Ui, viewer: &Viewer, id: &str) -> Result<Option<Timeline>, AnalyticsError> {
     let principal = viewer.principal();
@@ -265,10 +270,11 @@ async fn timeline(ui: &Ui, viewer: &Viewer, id: &str) -> Result<Option<Timeline>
 pub(crate) async fn panel(
     State(ui): State<Ui>,
     viewer: Viewer,
+    headers: axum::http::HeaderMap,
     Path(id): Path<String>,
     Query(tz): Query<TzQuery>,
 ) -> Response {
-    let tz = tz.tz.and_then(|t| t.parse().ok()).unwrap_or(Tz::UTC);
+    let tz = zone(tz, &headers);
     match timeline(&ui, &viewer, &id).await {
         Ok(Some(timeline)) => timeline_view(&timeline, tz).into_response(),
         Ok(None) => (StatusCode::NOT_FOUND, not_found(&id)).into_response(),
@@ -280,10 +286,11 @@ pub(crate) async fn panel(
 pub(crate) async fn trace_page(
     State(ui): State<Ui>,
     viewer: Viewer,
+    headers: axum::http::HeaderMap,
     Path(id): Path<String>,
     Query(tz): Query<TzQuery>,
 ) -> Response {
-    let tz = tz.tz.and_then(|t| t.parse().ok()).unwrap_or(Tz::UTC);
+    let tz = zone(tz, &headers);
     let (status, content) = match timeline(&ui, &viewer, &id).await {
         Ok(Some(timeline)) => (StatusCode::OK, timeline_view(&timeline, tz)),
         Ok(None) => (StatusCode::NOT_FOUND, not_found(&id)),
