@@ -849,3 +849,55 @@ async fn the_quotas_page_shows_todays_usage_against_the_limits() {
     assert!(page.body.contains("API keys"));
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_page_counts_findings_by_rule_and_action_without_the_secrets() {
+    let harness = dashboard(RegistrationMode::Open, Duration::from_secs(3600)).await;
+    let (mut ada, key) = organization(&harness, "Careful", "ada@careful.test", "developer").await;
+    let secret = "sk-proj-Zr8Tq2Wm5Xc9Vb3Nk7Lp4Hd6Jf1Gs0Ae2Ui8Oy5Rt3Ew";
+    for content in [
+        format!("my key is {secret}"),
+        "mail grace.hopper@example.org and alan.turing@example.org".to_owned(),
+    ] {
+        let response = harness
+            .client
+            .post(format!("{}/v1/chat/completions", harness.base))
+            .bearer_auth(&key)
+            .json(&json!({"model": "fast", "messages": [{"role": "user", "content": content}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let page = ada.get("/policy").await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains(r#"data-src="/ui/policy/findings?""#),
+        "{}",
+        page.body
+    );
+    let started = Instant::now();
+    let findings = loop {
+        let findings = ada.get("/ui/policy/findings?window=1h").await;
+        assert_eq!(findings.status, 200, "{}", findings.body);
+        if findings.body.contains("openai_api_key") && findings.body.contains("email") {
+            break findings.body;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{findings:?}",
+            findings = findings.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Two emails in one request: two findings, one request; flagged (the default policy).
+    let email = findings.split("<code>email</code>").nth(1).unwrap();
+    let cells: Vec<&str> = email.split("<td class=\"num\">").skip(1).take(2).collect();
+    assert!(
+        cells[0].starts_with("2<") && cells[1].starts_with("1<"),
+        "{email}"
+    );
+    assert!(findings.contains(r#"data-action="flag""#));
+    assert!(!findings.contains(secret) && !findings.contains("grace.hopper"));
+    harness.stop().await;
+}

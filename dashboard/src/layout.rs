@@ -12,14 +12,16 @@ pub(crate) enum Nav {
     Traces,
     Analytics,
     Quotas,
+    Policy,
     Sql,
 }
 
-const NAV: [(Nav, &str, &str); 5] = [
+const NAV: [(Nav, &str, &str); 6] = [
     (Nav::Home, "/", "Home"),
     (Nav::Traces, "/traces", "Traces"),
     (Nav::Analytics, "/analytics", "Analytics"),
     (Nav::Quotas, "/quotas", "Quotas"),
+    (Nav::Policy, "/policy", "Policy"),
     (Nav::Sql, "/sql", "SQL"),
 ];
 

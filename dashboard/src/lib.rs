@@ -8,6 +8,7 @@ mod analytics;
 mod auth;
 mod home;
 mod layout;
+mod policy;
 mod quotas;
 mod session;
 mod sql;
@@ -89,6 +90,8 @@ pub fn routes(
         .route("/ui/analytics/expensive", get(analytics::expensive))
         .route("/ui/analytics/errors", get(analytics::errors))
         .route("/quotas", get(quotas::page))
+        .route("/policy", get(policy::page))
+        .route("/ui/policy/findings", get(policy::findings))
         .route("/sql", get(sql::page).post(sql::submit))
         .route("/sql.csv", post(sql::csv))
         .route("/traces", get(traces::page))

@@ -157,6 +157,12 @@ test("a new organization's owner works through the dashboard", async (t) => {
     await shot(page, "quotas");
   });
 
+  await t.test("policy: findings by rule and action", async () => {
+    await page.getByRole("link", { name: "Policy" }).click();
+    await page.getByText("No findings in this range").waitFor();
+    await shot(page, "policy");
+  });
+
   await t.test("SQL: a query's rows, its CSV, an error said plainly, the limits in sight", async () => {
     await page.getByRole("link", { name: "SQL", exact: true }).click();
     await page.getByText("At most 10000 rows").waitFor();

@@ -519,6 +519,24 @@ impl RequestRow {
     }
 }
 
+/// How many times a policy rule found something, as [`Analytics::policy_findings`] counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FindingCount {
+    pub project_id: Option<String>,
+    /// The rule's id (a built-in detector, a custom rule, or `blocked_keyword`).
+    pub rule: String,
+    /// What was done: `flag`, `redact`, `block` (or `cut` for answers).
+    pub action: String,
+    /// `prompt` or `output`.
+    pub direction: String,
+    pub findings: i64,
+    /// Requests with at least one such finding.
+    pub requests: i64,
+}
+
+/// The most policy evaluations [`Analytics::policy_findings`] reads for one question.
+pub const MAX_EVALUATIONS: usize = 100_000;
+
 /// What to rank requests by in [`Analytics::top`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopBy {
@@ -866,6 +884,77 @@ impl Analytics {
     }
 
     /// The `limit` most recent requests, in flight ones included.
+    /// The policy's findings in the requests `question` is about, counted by project, rule,
+    /// the action taken and where (`prompt` or `output`): how many findings, in how many
+    /// requests. Never the matched text (the events carry none). Reads at most
+    /// [`MAX_EVALUATIONS`] evaluations; `true` with the counts if there were more.
+    pub async fn policy_findings(
+        &self,
+        question: &Question,
+    ) -> Result<(Vec<FindingCount>, bool), AnalyticsError> {
+        let store = self.reads.store().await?;
+        let mut sql = Sql::new();
+        let filter = sql.filter(question.scope, question.window, &question.filters);
+        sql.text = format!(
+            "SELECT t.project_id, d.detail FROM trace_decisions d \
+             JOIN traces t ON t.tenant_id = d.tenant_id AND t.trace_id = d.trace_id \
+             WHERE {filter} AND d.kind = 'policy' LIMIT {}",
+            MAX_EVALUATIONS + 1
+        );
+        let rows = sql.fetch(&store).await?;
+        let cut = rows.len() > MAX_EVALUATIONS;
+        // (project, rule, action, direction) → (findings, requests).
+        type Key = (Option<String>, String, String, String);
+        let mut counts: BTreeMap<Key, (i64, i64)> = BTreeMap::new();
+        for row in rows.iter().take(MAX_EVALUATIONS) {
+            let project: Option<String> = row.try_get(0)?;
+            let detail: String = row.try_get(1)?;
+            let Ok(evaluated) = serde_json::from_str::<Value>(&detail) else {
+                continue;
+            };
+            let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
+            let direction = text(&evaluated, "direction").unwrap_or_else(|| "prompt".into());
+            let overall = text(&evaluated, "action").unwrap_or_default();
+            let mut seen = std::collections::BTreeSet::new();
+            for finding in evaluated
+                .get("findings")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let rule = text(finding, "rule").unwrap_or_default();
+                let action = text(finding, "action")
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or_else(|| overall.clone());
+                let key = (project.clone(), rule, action, direction.clone());
+                let entry = counts.entry(key.clone()).or_default();
+                entry.0 += 1;
+                if seen.insert(key) {
+                    entry.1 += 1;
+                }
+            }
+        }
+        let mut found: Vec<FindingCount> = counts
+            .into_iter()
+            .map(
+                |((project_id, rule, action, direction), (findings, requests))| FindingCount {
+                    project_id,
+                    rule,
+                    action,
+                    direction,
+                    findings,
+                    requests,
+                },
+            )
+            .collect();
+        found.sort_by(|a, b| {
+            b.findings
+                .cmp(&a.findings)
+                .then_with(|| a.rule.cmp(&b.rule))
+        });
+        Ok((found, cut))
+    }
+
     pub async fn recent(
         &self,
         question: &Question,
