@@ -48,10 +48,12 @@ wait_for_port() {
   die "$name did not start listening on 127.0.0.1:$port (log: $logfile)"
 }
 
-# Starts a command detached from this shell, so that it outlives the script and is reused.
+# Starts a command detached from this shell, so that it outlives the script and is reused. It runs
+# in the cache directory, not in this checkout: a server whose working directory is deleted (a
+# removed worktree) fails requests (s3s-fs resolves paths against it).
 start_detached() {
   local logfile=$1; shift
-  nohup setsid "$@" >"$logfile" 2>&1 < /dev/null &
+  (cd "$cache" && nohup setsid "$@" >"$logfile" 2>&1 < /dev/null &)
 }
 
 apt_install() {

@@ -55,6 +55,9 @@ enum BenchKind {
     /// Analytics over the archive: Loom's SQL service on encrypted Parquet against DuckDB (and
     /// DataFusion) on plaintext Parquet of the same events, cold and hot.
     Query(crate::bench_query::QueryBenchArgs),
+    /// The dashboard over a million traces: each page and widget as a signed-in browser asks
+    /// for it, against the JSON API answering the same; page weight.
+    Ui(crate::bench_ui::UiBenchArgs),
     /// Embedded log append and read throughput, against plain file writes and reads.
     Log {
         /// Where to write (a temporary directory inside it is removed afterwards).
@@ -91,6 +94,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchKind::Projector(args) => crate::bench_projector::run(args).await,
         BenchKind::Archive(args) => crate::bench_archive::run(args).await,
         BenchKind::Query(args) => crate::bench_query::run(args).await,
+        BenchKind::Ui(args) => crate::bench_ui::run(args).await,
     }
 }
 

@@ -643,7 +643,7 @@ fn slots(tenants: usize) -> Vec<usize> {
 
 /// Writes `n` requests (a trace and an upstream call each) over the last 30 days into the
 /// read models, in SQL, the way a fold would leave them.
-async fn fill_read_models(
+pub(crate) async fn fill_read_models(
     store: &ReadStore,
     n: usize,
     tenants: &[Uuid],

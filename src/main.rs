@@ -15,6 +15,7 @@ mod bench_policy;
 mod bench_projector;
 mod bench_query;
 mod bench_quota;
+mod bench_ui;
 mod export;
 mod sql;
 mod verify;

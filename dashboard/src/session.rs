@@ -130,7 +130,9 @@ fn signed_out(parts: &Parts) -> Response {
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
+    // Back to a page after signing in, not to a form's action.
     match here.as_str() {
+        _ if parts.method != axum::http::Method::GET => Redirect::to("/signin").into_response(),
         "/" => Redirect::to("/signin").into_response(),
         _ => Redirect::to(&format!("/signin?next={}", layout::encode(&here))).into_response(),
     }

@@ -942,6 +942,95 @@ mod tests {
     }
 
     #[test]
+    fn users_and_sessions_follow_the_rules_and_end_with_their_role_or_tenant() {
+        use crate::event::{SessionEnded, SessionStarted, UserRegistered};
+        let mut state = ControlState::default();
+        let (acme, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let now = now_micros();
+        state.apply(&event(acme, created("acme"))).unwrap();
+        state.apply(&event(other, created("other"))).unwrap();
+        let user = |email: &str| UserRegistered {
+            email: email.into(),
+            password: Sealed(vec![1; 60]),
+        };
+        state.apply(&event(acme, user("ada@acme.test"))).unwrap();
+        // One email, one user; emails are kept lowercased and must look like one.
+        assert_eq!(
+            state.apply(&event(other, user("ada@acme.test"))),
+            Err(Refused::DuplicateUser)
+        );
+        for bad in ["Ada@acme.test", "ada", " ada@acme.test"] {
+            assert_eq!(
+                state.apply(&event(acme, user(bad))),
+                Err(Refused::MalformedEmail)
+            );
+        }
+        let grant = RoleGranted {
+            principal: "ada@acme.test".into(),
+            role: "admin".into(),
+            project_id: None,
+        };
+        state.apply(&event(acme, grant)).unwrap();
+        let started = |digest: u8, principal: &str, expires_at| SessionStarted {
+            session: vec![digest; 32],
+            principal: principal.into(),
+            api_key_id: None,
+            expires_at,
+        };
+        // A session of a user of another tenant, a short digest, or a stranger: refused.
+        let hour = 3_600_000_000;
+        for (tenant, session) in [
+            (other, started(1, "ada@acme.test", now + hour)),
+            (
+                acme,
+                SessionStarted {
+                    session: vec![1; 31],
+                    ..started(1, "ada@acme.test", now + hour)
+                },
+            ),
+            (acme, started(1, "eve@acme.test", now + hour)),
+        ] {
+            assert_eq!(
+                state.apply(&event(tenant, session)),
+                Err(Refused::MalformedSession)
+            );
+        }
+        state
+            .apply(&event(acme, started(1, "ada@acme.test", now + hour)))
+            .unwrap();
+        let signed_in = state.session(&[1; 32], now).unwrap();
+        assert_eq!((signed_in.tenant_id, signed_in.role), (acme, Role::Admin));
+        assert_eq!(state.session(&[1; 32], now + hour), None, "expired");
+        assert_eq!(state.session(&[2; 32], now), None, "unknown");
+        // Another tenant cannot end it; its own can.
+        let ended = || SessionEnded {
+            session: vec![1; 32],
+            reason: "signed_out".into(),
+        };
+        assert_eq!(
+            state.apply(&event(other, ended())),
+            Err(Refused::UnknownSession)
+        );
+        state.apply(&event(acme, ended())).unwrap();
+        assert_eq!(state.session(&[1; 32], now), None);
+        // A session ends with its user's last role, and with the tenant.
+        state
+            .apply(&event(acme, started(3, "ada@acme.test", now + hour)))
+            .unwrap();
+        let revoke = RoleRevoked {
+            principal: "ada@acme.test".into(),
+            role: "admin".into(),
+            project_id: None,
+        };
+        state.apply(&event(acme, revoke)).unwrap();
+        assert_eq!(state.session(&[3; 32], now), None);
+        state
+            .apply(&event(acme, TenantErased { reason: None }))
+            .unwrap();
+        assert!(state.user("ada@acme.test").is_none());
+    }
+
+    #[test]
     fn quota_limits_name_the_tenants_own_scopes_and_stay_in_range() {
         use crate::event::{QuotaLimitSet, QuotaMetric, QuotaWindow};
         let (acme, globex) = (Uuid::now_v7(), Uuid::now_v7());

@@ -132,10 +132,14 @@ async fn hash_password(password: &str) -> Result<String, AdminError> {
     .map_err(|_| AdminError::Internal("hashing the password failed"))?
 }
 
-/// Whether `password` matches the PHC string `hash` (off the runtime).
-async fn verify_password(password: &str, hash: String) -> bool {
+/// Whether `password` matches the PHC string `hash` (off the runtime); `None`: checked against
+/// the decoy, so that an unknown email costs as much as a known one.
+async fn verify_password(password: &str, hash: Option<String>) -> bool {
     let password = password.to_owned();
     tokio::task::spawn_blocking(move || {
+        let Some(hash) = hash.or_else(|| DECOY.clone()) else {
+            return false;
+        };
         PasswordHash::new(&hash).is_ok_and(|parsed| {
             Argon2::default()
                 .verify_password(password.as_bytes(), &parsed)
@@ -225,9 +229,7 @@ impl Services {
         let email = normalize_email(email);
         let user = self.control.read(|s| s.user(&email).cloned());
         let Some(user) = user else {
-            if let Some(decoy) = DECOY.clone() {
-                verify_password(password, decoy).await;
-            }
+            verify_password(password, None).await;
             return Err(SignInError::WrongPassword);
         };
         let context = FieldContext {
@@ -240,7 +242,7 @@ impl Services {
             .open(&context, &user.password)
             .map_err(AdminError::from)?;
         let hash = String::from_utf8(hash).map_err(|_| SignInError::WrongPassword)?;
-        if !verify_password(password, hash).await {
+        if !verify_password(password, Some(hash)).await {
             return Err(SignInError::WrongPassword);
         }
         let holds_a_role = self.control.read(|s| {
@@ -362,7 +364,8 @@ mod tests {
         assert!(hash_password("short").await.is_err());
         let hash = hash_password("correct horse battery").await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse battery", hash.clone()).await);
-        assert!(!verify_password("correct horse battery!", hash).await);
+        assert!(verify_password("correct horse battery", Some(hash.clone())).await);
+        assert!(!verify_password("correct horse battery!", Some(hash)).await);
+        assert!(!verify_password("correct horse battery", None).await);
     }
 }
