@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs Loom's benchmarks in release mode:
-#   ./infra/bench.sh [codec|log|gateway|quota|policy|kafka|projector|archive|query] [args…]
+#   ./infra/bench.sh [codec|log|gateway|quota|policy|kafka|projector|archive|query|ui] [args…]
 # With no argument: codec, log, gateway, policy and archive (kafka needs a broker, projector a Postgres:
 # ./infra/test.sh starts both; query takes a while: 10M events). Installs the load generator
 # (oha) once into $LOOM_CACHE_DIR, nginx (the reverse-proxy baseline) from Debian's packages

@@ -103,6 +103,23 @@ impl Browser {
         self.take(response).await
     }
 
+    /// Posts the registration form.
+    async fn register(
+        &mut self,
+        token: &str,
+        organization: &str,
+        email: &str,
+        password: &str,
+    ) -> Page {
+        let form = [
+            ("token", token),
+            ("organization", organization),
+            ("email", email),
+            ("password", password),
+        ];
+        self.post("/register", &form).await
+    }
+
     /// The form token a page carries (`name="token" value="…"`).
     fn token(page: &Page) -> String {
         let at = page
@@ -178,28 +195,12 @@ async fn the_first_user_registers_signs_in_and_out_and_sees_their_tenants_number
 
     // A form without this browser's token is refused; so is a weak password, plainly.
     let forged = browser
-        .post(
-            "/register",
-            &[
-                ("token", "forged"),
-                ("organization", "Initech"),
-                ("email", "ada@initech.test"),
-                ("password", PASSWORD),
-            ],
-        )
+        .register("forged", "Initech", "ada@initech.test", PASSWORD)
         .await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
     assert!(forged.body.contains("form was refused"), "{}", forged.body);
     let weak = browser
-        .post(
-            "/register",
-            &[
-                ("token", &token),
-                ("organization", "Initech"),
-                ("email", "ada@initech.test"),
-                ("password", "short"),
-            ],
-        )
+        .register(&token, "Initech", "ada@initech.test", "short")
         .await;
     assert_eq!(weak.status, StatusCode::BAD_REQUEST);
     assert!(
@@ -207,30 +208,12 @@ async fn the_first_user_registers_signs_in_and_out_and_sees_their_tenants_number
         "{}",
         weak.body
     );
-    let bad_email = browser
-        .post(
-            "/register",
-            &[
-                ("token", &token),
-                ("organization", "Initech"),
-                ("email", "ada"),
-                ("password", PASSWORD),
-            ],
-        )
-        .await;
+    let bad_email = browser.register(&token, "Initech", "ada", PASSWORD).await;
     assert_eq!(bad_email.status, StatusCode::BAD_REQUEST);
     assert!(bad_email.body.contains("is not an email address"));
 
     let registered = browser
-        .post(
-            "/register",
-            &[
-                ("token", &token),
-                ("organization", "Initech"),
-                ("email", "Ada@Initech.test "),
-                ("password", PASSWORD),
-            ],
-        )
+        .register(&token, "Initech", "Ada@Initech.test ", PASSWORD)
         .await;
     assert_eq!(
         registered.status,
@@ -433,15 +416,7 @@ async fn sessions_expire_and_a_revoked_key_or_role_ends_them() {
     let mut ada = Browser::new(&harness);
     let token = Browser::token(&ada.get("/register").await);
     let registered = ada
-        .post(
-            "/register",
-            &[
-                ("token", &token),
-                ("organization", "Hooli"),
-                ("email", "ada@hooli.test"),
-                ("password", PASSWORD),
-            ],
-        )
+        .register(&token, "Hooli", "ada@hooli.test", PASSWORD)
         .await;
     assert_eq!(
         registered.status,
@@ -454,15 +429,7 @@ async fn sessions_expire_and_a_revoked_key_or_role_ends_them() {
     let mut bob = Browser::new(&harness);
     let token = Browser::token(&bob.get("/register").await);
     let taken = bob
-        .post(
-            "/register",
-            &[
-                ("token", &token),
-                ("organization", "Other"),
-                ("email", "ADA@hooli.test"),
-                ("password", PASSWORD),
-            ],
-        )
+        .register(&token, "Other", "ADA@hooli.test", PASSWORD)
         .await;
     assert_eq!(taken.status, StatusCode::CONFLICT);
     assert!(taken.body.contains("already registered"));
@@ -532,15 +499,7 @@ async fn organization(
     let mut browser = Browser::new(harness);
     let token = Browser::token(&browser.get("/register").await);
     let registered = browser
-        .post(
-            "/register",
-            &[
-                ("token", &token),
-                ("organization", organization),
-                ("email", email),
-                ("password", PASSWORD),
-            ],
-        )
+        .register(&token, organization, email, PASSWORD)
         .await;
     assert_eq!(
         registered.status,
