@@ -860,3 +860,142 @@ async fn the_policy_page_counts_findings_by_rule_and_action_without_the_secrets(
     assert!(!findings.contains(secret) && !findings.contains("grace.hopper"));
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_page_manages_projects_keys_and_members_with_the_apis_checks() {
+    let harness = dashboard(RegistrationMode::Open, Duration::from_secs(3600)).await;
+    let (mut ada, viewer_key) =
+        organization(&harness, "Managed", "ada@managed.test", "viewer").await;
+    let page = ada.get("/manage").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains(r#"href="/manage""#),
+        "the owner's nav shows Admin"
+    );
+    let token = Browser::token(&page);
+    assert_eq!(
+        ada.post("/manage/projects", &[("token", "forged"), ("name", "x")])
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let empty = ada
+        .post("/manage/projects", &[("token", &token), ("name", " ")])
+        .await;
+    assert_eq!(empty.status, StatusCode::BAD_REQUEST);
+    assert!(empty.body.contains("name: 1 to"), "{}", empty.body);
+    let created = ada
+        .post(
+            "/manage/projects",
+            &[("token", &token), ("name", "Support bot")],
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::SEE_OTHER);
+    assert!(ada.get("/manage").await.body.contains("Support bot"));
+
+    // A new key's secret is shown once, and works; the page never shows it again.
+    let bad_role = ada
+        .post(
+            "/manage/keys",
+            &[
+                ("token", &token),
+                ("name", "ci"),
+                ("role", "superuser"),
+                ("project_id", ""),
+            ],
+        )
+        .await;
+    assert_eq!(bad_role.status, StatusCode::BAD_REQUEST);
+    assert!(bad_role.body.contains("is not a role"), "{}", bad_role.body);
+    let made = ada
+        .post(
+            "/manage/keys",
+            &[
+                ("token", &token),
+                ("name", "ci"),
+                ("role", "developer"),
+                ("project_id", ""),
+            ],
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    let secret = made
+        .body
+        .split("data-new-key>")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(secret.starts_with("loom-"), "{secret}");
+    let trace = chat(&harness, &secret, "fast").await;
+    assert!(!trace.is_empty());
+    let listed = ada.get("/manage").await;
+    assert!(!listed.body.contains(&secret));
+    let row = listed
+        .body
+        .split("<tr data-key=\"")
+        .find(|row| row.contains("<td>ci</td>"))
+        .unwrap();
+    let key_id = row.split('"').next().unwrap().to_owned();
+    let revoked = ada
+        .post(
+            &format!("/manage/keys/{key_id}/revoke"),
+            &[("token", &token)],
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::SEE_OTHER);
+    let refused = harness
+        .client
+        .post(format!("{}/v1/chat/completions", harness.base))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    // Members: granted, listed, revoked.
+    let granted = ada
+        .post(
+            "/manage/members",
+            &[
+                ("token", &token),
+                ("user", "bob@managed.test"),
+                ("role", "viewer"),
+            ],
+        )
+        .await;
+    assert_eq!(granted.status, StatusCode::SEE_OTHER, "{}", granted.body);
+    assert!(ada.get("/manage").await.body.contains("bob@managed.test"));
+    let gone = ada
+        .post(
+            "/manage/members/revoke",
+            &[
+                ("token", &token),
+                ("user", "bob@managed.test"),
+                ("role", "viewer"),
+            ],
+        )
+        .await;
+    assert_eq!(gone.status, StatusCode::SEE_OTHER);
+    assert!(!ada.get("/manage").await.body.contains("bob@managed.test"));
+
+    // A viewer sees no Admin and may not use it.
+    let mut viewer = Browser::new(&harness);
+    let token = Browser::token(&viewer.get("/signin").await);
+    viewer
+        .post("/signin", &[("token", &token), ("api_key", &viewer_key)])
+        .await;
+    let home = viewer.get("/").await;
+    assert!(!home.body.contains(r#"href="/manage""#));
+    let page = viewer.get("/manage").await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    let token = Browser::token(&home);
+    let denied = viewer
+        .post("/manage/projects", &[("token", &token), ("name", "sneaky")])
+        .await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    harness.stop().await;
+}

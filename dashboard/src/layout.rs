@@ -14,20 +14,26 @@ pub(crate) enum Nav {
     Quotas,
     Policy,
     Sql,
+    Manage,
 }
 
-const NAV: [(Nav, &str, &str); 6] = [
+const NAV: [(Nav, &str, &str); 7] = [
     (Nav::Home, "/", "Home"),
     (Nav::Traces, "/traces", "Traces"),
     (Nav::Analytics, "/analytics", "Analytics"),
     (Nav::Quotas, "/quotas", "Quotas"),
     (Nav::Policy, "/policy", "Policy"),
     (Nav::Sql, "/sql", "SQL"),
+    (Nav::Manage, "/manage", "Admin"),
 ];
 
 /// A page for a signed-in viewer.
 pub(crate) fn page(title: &str, viewer: &Viewer, current: Nav, main: Markup) -> Markup {
     let signed_in = &viewer.signed_in;
+    // Admin is for those who may manage the organization.
+    let manages = signed_in
+        .role
+        .allows(loom_schemas::roles::Permission::ManageTenant);
     shell(
         title,
         viewer.theme,
@@ -35,7 +41,7 @@ pub(crate) fn page(title: &str, viewer: &Viewer, current: Nav, main: Markup) -> 
             header.top {
                 a.brand href="/" { "Loom" }
                 nav aria-label="Pages" {
-                    @for (nav, href, label) in NAV {
+                    @for (nav, href, label) in NAV.into_iter().filter(|(nav, ..)| *nav != Nav::Manage || manages) {
                         a href=(href) aria-current=[(nav == current).then_some("page")] { (label) }
                     }
                 }

@@ -8,6 +8,7 @@ mod analytics;
 mod auth;
 mod home;
 mod layout;
+mod manage;
 mod policy;
 mod quotas;
 mod session;
@@ -89,6 +90,12 @@ pub fn routes(
         .route("/ui/analytics/breakdown", get(analytics::breakdown))
         .route("/ui/analytics/expensive", get(analytics::expensive))
         .route("/ui/analytics/errors", get(analytics::errors))
+        .route("/manage", get(manage::page))
+        .route("/manage/projects", post(manage::create_project))
+        .route("/manage/keys", post(manage::create_key))
+        .route("/manage/keys/{key_id}/revoke", post(manage::revoke_key))
+        .route("/manage/members", post(manage::grant))
+        .route("/manage/members/revoke", post(manage::revoke))
         .route("/quotas", get(quotas::page))
         .route("/policy", get(policy::page))
         .route("/ui/policy/findings", get(policy::findings))

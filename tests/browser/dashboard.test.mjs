@@ -163,6 +163,19 @@ test("a new organization's owner works through the dashboard", async (t) => {
     await shot(page, "policy");
   });
 
+  await t.test("admin: a project, and a key whose secret is shown once", async () => {
+    await page.getByRole("link", { name: "Admin" }).click();
+    await page.getByLabel("New project").fill("Support bot");
+    await page.getByRole("button", { name: "Create", exact: true }).click();
+    await page.getByRole("cell", { name: "Support bot" }).waitFor();
+    await page.getByRole("button", { name: "Create key" }).click();
+    const secret = (await page.locator("[data-new-key]").textContent()).trim();
+    assert.match(secret, /^loom-/);
+    await shot(page, "admin");
+    await page.goto(base + "/manage");
+    assert.equal(await page.getByText(secret).count(), 0);
+  });
+
   await t.test("SQL: a query's rows, its CSV, an error said plainly, the limits in sight", async () => {
     await page.getByRole("link", { name: "SQL", exact: true }).click();
     await page.getByText("At most 10000 rows").waitFor();
