@@ -806,6 +806,43 @@ async fn the_quotas_page_shows_todays_usage_against_the_limits() {
         .expect("tokens used");
     assert!(used > 0, "{organization}");
     assert!(page.body.contains("API keys"));
+
+    // An owner sets limits from the page: blank stays, numbers are checked.
+    let token = Browser::token(&page);
+    let form = |tokens: &'static str| {
+        [
+            ("scope", "tenant"),
+            ("id", ""),
+            ("tokens_per_day", tokens),
+            ("cost_usd_per_day", ""),
+            ("requests_per_minute", ""),
+            ("tokens_per_minute", ""),
+        ]
+    };
+    let mut bad = form("lots").to_vec();
+    bad.push(("token", &token));
+    let refused = ada.post("/quotas", &bad).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(
+        refused
+            .body
+            .contains("tokens per day: &quot;lots&quot; is not a number"),
+        "{}",
+        refused.body
+    );
+    let mut good = form("20000").to_vec();
+    good.push(("token", &token));
+    assert_eq!(
+        ada.post("/quotas", &good).await.status,
+        StatusCode::SEE_OTHER
+    );
+    let page = ada.get("/quotas").await;
+    let organization = page.body.split(r#"data-scope="tenant""#).nth(1).unwrap();
+    assert!(organization.contains(" / 20.0k"), "{organization}");
+    assert!(
+        organization.contains("600"),
+        "the rate limit stayed: {organization}"
+    );
     harness.stop().await;
 }
 

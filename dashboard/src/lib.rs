@@ -96,7 +96,7 @@ pub fn routes(
         .route("/manage/keys/{key_id}/revoke", post(manage::revoke_key))
         .route("/manage/members", post(manage::grant))
         .route("/manage/members/revoke", post(manage::revoke))
-        .route("/quotas", get(quotas::page))
+        .route("/quotas", get(quotas::page).post(quotas::set))
         .route("/policy", get(policy::page))
         .route("/ui/policy/findings", get(policy::findings))
         .route("/sql", get(sql::page).post(sql::submit))

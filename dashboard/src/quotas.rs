@@ -2,11 +2,14 @@
 //! users and keys) has used today against its limits, with where the day is heading at its
 //! pace so far. The same view as `GET /admin/quotas`, as the viewer.
 
-use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use loom_gateway::{AdminError, QuotaQuery, QuotaView};
+use axum::extract::{Form, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use loom_gateway::{AdminError, LimitsPatch, QuotaQuery, QuotaRequest, QuotaView};
 use loom_schemas::event::now_micros;
+use loom_schemas::roles::Permission;
 use maud::{Markup, html};
+use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::Ui;
@@ -35,6 +38,10 @@ fn projection(used: i64, elapsed: f64) -> Option<i64> {
 }
 
 pub(crate) async fn page(State(ui): State<Ui>, viewer: Viewer) -> Response {
+    render(&ui, &viewer, None, StatusCode::OK)
+}
+
+fn render(ui: &Ui, viewer: &Viewer, problem: Option<String>, status: StatusCode) -> Response {
     let actor = viewer.actor();
     let elapsed = day_elapsed(now_micros());
     let sections: Vec<(&str, Result<Vec<QuotaView>, AdminError>)> = SCOPES
@@ -64,8 +71,10 @@ pub(crate) async fn page(State(ui): State<Ui>, viewer: Viewer) -> Response {
             })
             .unwrap_or_else(|| id.to_owned())
     };
+    let manages = viewer.signed_in.role.allows(Permission::ManageTenant);
     let main = html! {
         h1 { "Quotas" }
+        @if let Some(problem) = &problem { p.problem role="alert" { (problem) } }
         p.empty { "Today's usage (UTC day, as this gateway counts it) against each limit; "
             "“on pace for” is where the day ends at today's pace so far." }
         @for (title, views) in &sections {
@@ -78,8 +87,106 @@ pub(crate) async fn page(State(ui): State<Ui>, viewer: Viewer) -> Response {
                 }
             }
         }
+        @if manages { (limit_form(&viewer.form_token())) }
     };
-    layout::page("Quotas", &viewer, Nav::Quotas, main).into_response()
+    (status, layout::page("Quotas", viewer, Nav::Quotas, main)).into_response()
+}
+
+/// The form that sets a scope's limits (admins and owners).
+fn limit_form(token: &str) -> Markup {
+    html! {
+        section.widget {
+            h2 { "Set limits" }
+            p.empty { "A limit left blank stays as it is; 0 is unlimited. The id is a project or key id, or a user's id (blank for the organization)." }
+            form.inline method="post" action="/quotas" {
+                input type="hidden" name="token" value=(token);
+                label { "Scope" select name="scope" { @for (scope, title) in SCOPES { option value=(scope) { (title) } } } }
+                label { "Id" input type="text" name="id"; }
+                label { "Tokens / day" input type="text" name="tokens_per_day" inputmode="numeric"; }
+                label { "Cost / day (USD)" input type="text" name="cost_usd_per_day" inputmode="decimal"; }
+                label { "Requests / min" input type="text" name="requests_per_minute" inputmode="numeric"; }
+                label { "Tokens / min" input type="text" name="tokens_per_minute" inputmode="numeric"; }
+                button type="submit" { "Set" }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct LimitForm {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    scope: String,
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    tokens_per_day: String,
+    #[serde(default)]
+    cost_usd_per_day: String,
+    #[serde(default)]
+    requests_per_minute: String,
+    #[serde(default)]
+    tokens_per_minute: String,
+}
+
+/// A limit as typed: blank is unchanged, else a whole number of at least 0 (`scale` turns USD
+/// into micro-USD).
+fn limit(field: &str, text: &str, scale: f64) -> Result<Option<Option<i64>>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    match text.trim_start_matches('$').parse::<f64>() {
+        Ok(value) if value.is_finite() && value >= 0.0 => {
+            Ok(Some(Some((value * scale).round() as i64)))
+        }
+        _ => Err(format!("{field}: {text:?} is not a number of 0 or more")),
+    }
+}
+
+pub(crate) async fn set(
+    State(ui): State<Ui>,
+    viewer: Viewer,
+    Form(form): Form<LimitForm>,
+) -> Response {
+    if let Some(refused) = viewer.check_form(&form.token) {
+        return refused;
+    }
+    let limits = (|| {
+        Ok::<_, String>(LimitsPatch {
+            tokens_per_day: limit("tokens per day", &form.tokens_per_day, 1.0)?,
+            cost_micro_usd_per_day: limit("cost per day", &form.cost_usd_per_day, 1e6)?,
+            requests_per_minute: limit("requests per minute", &form.requests_per_minute, 1.0)?,
+            tokens_per_minute: limit("tokens per minute", &form.tokens_per_minute, 1.0)?,
+        })
+    })();
+    let limits = match limits {
+        Ok(limits) => limits,
+        Err(problem) => return render(&ui, &viewer, Some(problem), StatusCode::BAD_REQUEST),
+    };
+    let request = QuotaRequest {
+        tenant_id: None,
+        scope: form.scope.clone(),
+        id: Some(form.id.trim().to_owned()).filter(|id| !id.is_empty()),
+        limits,
+    };
+    match ui
+        .usage
+        .set_quota(&ui.services, &viewer.actor(), &request)
+        .await
+    {
+        Ok(_) => Redirect::to("/quotas").into_response(),
+        Err(error) => {
+            let status = match &error {
+                AdminError::PermissionDenied(_) | AdminError::Forbidden(_) => StatusCode::FORBIDDEN,
+                AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
+                AdminError::UnknownKey(_) | AdminError::UnknownProject(_) => StatusCode::NOT_FOUND,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            render(&ui, &viewer, Some(error.to_string()), status)
+        }
+    }
 }
 
 fn table(views: &[QuotaView], elapsed: f64, name: &dyn Fn(&str, &str) -> String) -> Markup {

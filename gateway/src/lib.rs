@@ -83,6 +83,17 @@ impl Usage {
     ) -> Result<Vec<QuotaView>, AdminError> {
         services.show_quotas(actor, query, Some(&self.0.quotas), &self.0.config.quotas)
     }
+
+    /// As `POST /admin/quotas` does for `actor`.
+    pub async fn set_quota(
+        &self,
+        services: &Services,
+        actor: &Actor,
+        request: &QuotaRequest,
+    ) -> Result<QuotaView, AdminError> {
+        let (ledger, defaults) = (Some(&self.0.quotas), &self.0.config.quotas);
+        services.set_quota(actor, request, ledger, defaults).await
+    }
 }
 
 /// The gateway's routes, and its [`Usage`] for the dashboard.
