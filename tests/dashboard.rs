@@ -895,7 +895,94 @@ async fn the_policy_page_counts_findings_by_rule_and_action_without_the_secrets(
     );
     assert!(findings.contains(r#"data-action="flag""#));
     assert!(!findings.contains(secret) && !findings.contains("grace.hopper"));
+
+    // An owner edits a project's policy on the page: checked as the API checks it.
+    let token = Browser::token(&page);
+    let made = ada
+        .post("/manage/projects", &[("token", &token), ("name", "Bot")])
+        .await;
+    assert_eq!(made.status, StatusCode::SEE_OTHER);
+    let page = ada.get("/policy").await;
+    assert!(page.body.contains("Bot — version 1"), "{}", page.body);
+    let project = page
+        .body
+        .split(r#"action="/policy/"#)
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let path = format!("/policy/{project}");
+    let save = |policy: &'static str, version: &'static str| {
+        [
+            ("token", token.clone()),
+            ("policy", policy.to_owned()),
+            ("expected_version", version.to_owned()),
+        ]
+    };
+    let not_json = ada.post(&path, &borrowed(&save("{rules", "1"))).await;
+    assert_eq!(not_json.status, StatusCode::BAD_REQUEST);
+    assert!(not_json.body.contains("The policy is not valid"));
+    let shred = ada
+        .post(
+            &path,
+            &borrowed(&save(r#"{"rules":{"email":"shred"}}"#, "1")),
+        )
+        .await;
+    assert_eq!(shred.status, StatusCode::BAD_REQUEST);
+    assert!(shred.body.contains("shred"), "{}", shred.body);
+    let saved = ada
+        .post(
+            &path,
+            &borrowed(&save(r#"{"rules":{"email":"block"}}"#, "1")),
+        )
+        .await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let stale = ada
+        .post(
+            &path,
+            &borrowed(&save(r#"{"rules":{"email":"flag"}}"#, "1")),
+        )
+        .await;
+    assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
+    let created = ada
+        .post(
+            "/manage/keys",
+            &[
+                ("token", &token),
+                ("name", "bot"),
+                ("role", "developer"),
+                ("project_id", &project),
+            ],
+        )
+        .await;
+    let bot_key = created
+        .body
+        .split("data-new-key>")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_owned();
+    let blocked = harness
+        .client
+        .post(format!("{}/v1/chat/completions", harness.base))
+        .bearer_auth(&bot_key)
+        .json(&json!({"model": "fast", "messages": [{"role": "user", "content": "write to ada@example.org"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(blocked.status(), 400);
     harness.stop().await;
+}
+
+/// A form of owned values as the `post` helper takes it.
+fn borrowed<'a>(form: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    form.iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

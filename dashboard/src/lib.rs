@@ -98,6 +98,7 @@ pub fn routes(
         .route("/manage/members/revoke", post(manage::revoke))
         .route("/quotas", get(quotas::page).post(quotas::set))
         .route("/policy", get(policy::page))
+        .route("/policy/{project_id}", post(policy::save))
         .route("/ui/policy/findings", get(policy::findings))
         .route("/sql", get(sql::page).post(sql::submit))
         .route("/sql.csv", post(sql::csv))
