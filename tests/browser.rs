@@ -20,16 +20,15 @@ fn artifacts() -> PathBuf {
     PathBuf::from(target).join("browser-artifacts")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_in_chromium() {
-    let config = DashboardConfig {
-        registration: RegistrationMode::Open,
-        session_ttl: Duration::from_secs(3600),
-    };
-    let harness = start_full(MockConfig::default(), "", true, config, true).await;
+/// Runs `tests/browser/{script}` with node's test runner against `harness`; its output is
+/// printed, and the test fails with it if a browser test failed.
+#[allow(clippy::print_stdout)] // the browser tests' report, shown with --no-capture
+async fn run_node(harness: &common::gateway::Harness, script: &str) {
     let artifacts = artifacts();
     std::fs::create_dir_all(&artifacts).unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.test.mjs");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/browser")
+        .join(script);
     let mut node = tokio::process::Command::new("node");
     node.arg("--test")
         .arg("--test-reporter=spec")
@@ -55,6 +54,21 @@ async fn the_dashboard_in_chromium() {
         run.status.success(),
         "the browser tests failed:\n{stdout}\n{stderr}"
     );
+}
+
+async fn dashboard(ttl: Duration) -> common::gateway::Harness {
+    let config = DashboardConfig {
+        registration: RegistrationMode::Open,
+        session_ttl: ttl,
+    };
+    start_full(MockConfig::default(), "", true, config, true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_in_chromium() {
+    let harness = dashboard(Duration::from_secs(3600)).await;
+    run_node(&harness, "dashboard.test.mjs").await;
+    let artifacts = artifacts();
     for page in [
         "signin",
         "register",
@@ -62,6 +76,9 @@ async fn the_dashboard_in_chromium() {
         "traces",
         "trace-timeline",
         "analytics",
+        "quotas",
+        "policy",
+        "admin",
         "sql",
         "home-dark",
     ] {
@@ -70,5 +87,12 @@ async fn the_dashboard_in_chromium() {
             "no screenshot of {page}"
         );
     }
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_in_chromium() {
+    let harness = dashboard(Duration::from_secs(2)).await;
+    run_node(&harness, "expiry.test.mjs").await;
     harness.stop().await;
 }

@@ -438,7 +438,7 @@ async fn sessions_expire_and_a_revoked_key_or_role_ends_them() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let expired = ada.get("/").await;
     assert_eq!(expired.status, StatusCode::SEE_OTHER);
-    assert_eq!(expired.location.as_deref(), Some("/signin"));
+    assert_eq!(expired.location.as_deref(), Some("/signin?ended=1"));
 
     // A session ends with its key, and with its user's last role.
     let hooli = tenant_named(&harness, "Hooli").await;

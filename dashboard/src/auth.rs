@@ -18,6 +18,8 @@ use crate::{RegistrationMode, Ui};
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct Next {
     next: Option<String>,
+    /// Set when the browser's session had ended.
+    ended: Option<String>,
 }
 
 /// Where to go after signing in: a path of this site only (never another site's URL).
@@ -84,14 +86,13 @@ pub(crate) async fn sign_in_page(
     Query(next): Query<Next>,
 ) -> Response {
     let (jar, token) = form_cookie(jar, &headers);
+    let view = SignInView {
+        problem: (next.ended.is_some())
+            .then(|| "Your session has ended: sign in again.".to_owned()),
+        ..SignInView::default()
+    };
     let next = local(next.next.as_deref());
-    let page = sign_in_form(
-        &ui,
-        Theme::of(&headers),
-        &token,
-        next,
-        SignInView::default(),
-    );
+    let page = sign_in_form(&ui, Theme::of(&headers), &token, next, view);
     (jar, page).into_response()
 }
 

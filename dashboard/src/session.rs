@@ -110,14 +110,14 @@ impl FromRequestParts<Ui> for Viewer {
                 secret,
                 theme: Theme::of(&parts.headers),
             }),
-            _ => Err(signed_out(parts)),
+            (presented, _) => Err(signed_out(parts, presented.is_some())),
         }
     }
 }
 
-/// A page asked for without a valid session: to the sign-in page, back here after it. A widget
-/// (`/ui/…`) says so in its place instead.
-fn signed_out(parts: &Parts) -> Response {
+/// A page asked for without a valid session: to the sign-in page, back here after it (saying the
+/// session ended, when the browser had one). A widget (`/ui/…`) says so in its place instead.
+fn signed_out(parts: &Parts, ended: bool) -> Response {
     let path = parts.uri.path();
     if path.starts_with("/ui/") {
         let body = html! {
@@ -130,12 +130,20 @@ fn signed_out(parts: &Parts) -> Response {
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    // Back to a page after signing in, not to a form's action.
-    match here.as_str() {
-        _ if parts.method != axum::http::Method::GET => Redirect::to("/signin").into_response(),
-        "/" => Redirect::to("/signin").into_response(),
-        _ => Redirect::to(&format!("/signin?next={}", layout::encode(&here))).into_response(),
+    let mut to = match here.as_str() {
+        // Back to a page after signing in, not to a form's action.
+        _ if parts.method != axum::http::Method::GET => "/signin".to_owned(),
+        "/" => "/signin".to_owned(),
+        _ => format!("/signin?next={}", layout::encode(&here)),
+    };
+    if ended {
+        to.push_str(if to.contains('?') {
+            "&ended=1"
+        } else {
+            "?ended=1"
+        });
     }
+    Redirect::to(&to).into_response()
 }
 
 /// Compares a form's token with the expected one (as digests, so the comparison's time says
