@@ -1106,6 +1106,67 @@ async fn the_admin_page_manages_projects_keys_and_members_with_the_apis_checks()
     assert_eq!(gone.status, StatusCode::SEE_OTHER);
     assert!(!ada.get("/manage").await.body.contains("bob@managed.test"));
 
+    // A user added with an initial password signs in, and changes it on their account page.
+    let add = |email: &'static str| {
+        [
+            ("token", token.clone()),
+            ("email", email.to_owned()),
+            ("role", "developer".to_owned()),
+            ("password", "initial password 1".to_owned()),
+        ]
+    };
+    let added = ada
+        .post("/manage/users", &borrowed(&add("Carol@managed.test")))
+        .await;
+    assert_eq!(added.status, StatusCode::SEE_OTHER, "{}", added.body);
+    let again = ada
+        .post("/manage/users", &borrowed(&add("carol@managed.test")))
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    let mut carol = Browser::new(&harness);
+    let signed = carol
+        .sign_in("carol@managed.test", "initial password 1")
+        .await;
+    assert_eq!(signed.status, StatusCode::SEE_OTHER, "{}", signed.body);
+    let account = carol.get("/account").await;
+    assert!(account.body.contains("carol@managed.test") && account.body.contains("Managed"));
+    let carol_token = Browser::token(&account);
+    let change = |current: &'static str| {
+        [
+            ("token", carol_token.clone()),
+            ("current", current.to_owned()),
+            ("new", "carol's own passphrase".to_owned()),
+        ]
+    };
+    let wrong = carol
+        .post("/account/password", &borrowed(&change("guess")))
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    let changed = carol
+        .post(
+            "/account/password",
+            &borrowed(&change("initial password 1")),
+        )
+        .await;
+    assert_eq!(changed.status, 200, "{}", changed.body);
+    assert!(changed.body.contains("Your password is changed."));
+    let mut later = Browser::new(&harness);
+    let old = later
+        .sign_in("carol@managed.test", "initial password 1")
+        .await;
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED);
+    let new = later
+        .sign_in("carol@managed.test", "carol's own passphrase")
+        .await;
+    assert_eq!(new.status, StatusCode::SEE_OTHER);
+    assert!(
+        later
+            .get("/")
+            .await
+            .body
+            .contains("carol@managed.test · developer")
+    );
+
     // A viewer sees no Admin and may not use it.
     let mut viewer = Browser::new(&harness);
     let token = Browser::token(&viewer.get("/signin").await);
@@ -1121,5 +1182,13 @@ async fn the_admin_page_manages_projects_keys_and_members_with_the_apis_checks()
         .post("/manage/projects", &[("token", &token), ("name", "sneaky")])
         .await;
     assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    let form = [
+        ("token", token.as_str()),
+        ("email", "eve@managed.test"),
+        ("role", "owner"),
+        ("password", "initial password 1"),
+    ];
+    let no_users = viewer.post("/manage/users", &form).await;
+    assert_eq!(no_users.status, StatusCode::FORBIDDEN);
     harness.stop().await;
 }

@@ -15,6 +15,7 @@ pub(crate) enum Nav {
     Policy,
     Sql,
     Manage,
+    Account,
 }
 
 const NAV: [(Nav, &str, &str); 7] = [
@@ -47,7 +48,7 @@ pub(crate) fn page(title: &str, viewer: &Viewer, current: Nav, main: Markup) -> 
                 }
                 div.who {
                     button.theme type="button" data-theme-toggle title="Switch between light and dark" { "Theme" }
-                    span.principal title=(format!("{} ({})", signed_in.principal, signed_in.role.name())) {
+                    a.principal href="/account" title=(format!("{} ({}): your account", signed_in.principal, signed_in.role.name())) {
                         (signed_in.principal) " · " (signed_in.role.name())
                     }
                     form method="post" action="/signout" {

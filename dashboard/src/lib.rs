@@ -4,6 +4,7 @@
 //! ([`Actor::User`](loom_gateway::admin::Actor), a query [`Principal`](loom_query::http::Principal)):
 //! what a role may not do through the API it may not do here either. docs/dashboard.md.
 
+mod account;
 mod analytics;
 mod auth;
 mod home;
@@ -90,7 +91,10 @@ pub fn routes(
         .route("/ui/analytics/breakdown", get(analytics::breakdown))
         .route("/ui/analytics/expensive", get(analytics::expensive))
         .route("/ui/analytics/errors", get(analytics::errors))
+        .route("/account", get(account::page))
+        .route("/account/password", post(account::change_password))
         .route("/manage", get(manage::page))
+        .route("/manage/users", post(manage::add_user))
         .route("/manage/projects", post(manage::create_project))
         .route("/manage/keys", post(manage::create_key))
         .route("/manage/keys/{key_id}/revoke", post(manage::revoke_key))

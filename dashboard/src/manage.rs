@@ -136,6 +136,14 @@ fn render(ui: &Ui, viewer: &Viewer, notice: Notice, status: StatusCode) -> Respo
                     } } }
                 },
             }
+            form.inline method="post" action="/manage/users" {
+                input type="hidden" name="token" value=(token);
+                label { "New user " input type="email" name="email" required placeholder="email"; }
+                label { "Role " (role_select(viewer.signed_in.role, Role::Developer)) }
+                label { "Initial password " input type="password" name="password" minlength="8" required autocomplete="new-password"; }
+                button type="submit" { "Add user" }
+            }
+            p.empty { "A new user signs in with the email and initial password you give them, then changes it on their account page." }
             form.inline method="post" action="/manage/members" {
                 input type="hidden" name="token" value=(token);
                 label { "User " input type="text" name="user" required placeholder="email or id"; }
@@ -328,4 +336,31 @@ pub(crate) async fn revoke(
         .revoke_role(&viewer.actor(), &form.request())
         .await;
     done(&ui, &viewer, revoked)
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct UserForm {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    password: String,
+}
+
+/// Adds a user with an initial password to the organization.
+pub(crate) async fn add_user(
+    State(ui): State<Ui>,
+    viewer: Viewer,
+    Form(form): Form<UserForm>,
+) -> Response {
+    if let Some(refused) = viewer.check_form(&form.token) {
+        return refused;
+    }
+    let added = (ui.services)
+        .add_user(&viewer.actor(), &form.email, &form.password, &form.role)
+        .await;
+    done(&ui, &viewer, added)
 }

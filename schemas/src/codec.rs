@@ -120,6 +120,7 @@ builtin_schemas! {
     "role.revoked" v 1,
     "upstream_credential.set" v 1,
     "user.registered" v 1,
+    "user.password_set" v 1,
     "session.started" v 1,
     "session.ended" v 1,
     "tenant.erased" v 1,

@@ -156,7 +156,8 @@ pub enum ControlChange {
         email: String,
         at: TimestampMicros,
     },
-    /// A dashboard session started or ended (the read models keep none).
+    /// A dashboard session started or ended, or a user's password set (the read models keep
+    /// none of them).
     Session,
     /// The embedded log's data head, anchored at this offset.
     Anchored { offset: u64 },
@@ -207,6 +208,8 @@ pub enum Refused {
     MalformedSession,
     #[error("no such session")]
     UnknownSession,
+    #[error("no such user in this tenant")]
+    UnknownUser,
 }
 
 /// A role held in a whole tenant (`None`) or in one project.
@@ -575,6 +578,15 @@ impl ControlState {
                     email: email.clone(),
                     at,
                 })
+            }
+            Payload::UserPasswordSet(set) => {
+                self.live_tenant(tenant_id)?;
+                let user = (self.users.get_mut(&set.email))
+                    .filter(|user| user.tenant_id == tenant_id)
+                    .ok_or(Refused::UnknownUser)?;
+                user.password = set.password.clone();
+                user.event_id = event.envelope.event_id;
+                Ok(ControlChange::Session)
             }
             Payload::SessionStarted(started) => {
                 self.live_tenant(tenant_id)?;

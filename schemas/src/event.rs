@@ -138,6 +138,7 @@ events! {
     Control "role.revoked" => RoleRevoked,
     Control "upstream_credential.set" => UpstreamCredentialSet,
     Control "user.registered" => UserRegistered,
+    Control "user.password_set" => UserPasswordSet,
     Control "session.started" => SessionStarted,
     Control "session.ended" => SessionEnded,
     Control "tenant.erased" => TenantErased,
@@ -535,6 +536,14 @@ pub struct RoleRevoked {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRegistered {
     /// Trimmed and lowercased; the user's principal in role grants.
+    pub email: String,
+    /// The argon2id PHC string, sealed with the tenant's data key (field `password`).
+    pub password: Sealed,
+}
+
+/// A dashboard user's new password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserPasswordSet {
     pub email: String,
     /// The argon2id PHC string, sealed with the tenant's data key (field `password`).
     pub password: Sealed,

@@ -359,6 +359,13 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
             .into(),
         ),
         control(
+            UserPasswordSet {
+                email: "alice@acme.test".into(),
+                password: Sealed(vec![4; 140]),
+            }
+            .into(),
+        ),
+        control(
             SessionStarted {
                 session: vec![3; 32],
                 principal: "alice@acme.test".into(),

@@ -14,15 +14,16 @@ use base64::Engine;
 use loom_schemas::control::{SignedIn, normalize_email};
 use loom_schemas::crypto::{FieldContext, random_bytes};
 use loom_schemas::event::{
-    Envelope, Event, RoleGranted, SessionEnded, SessionStarted, TenantCreated, UserRegistered,
-    now_micros,
+    Envelope, Event, RoleGranted, SessionEnded, SessionStarted, TenantCreated, UserPasswordSet,
+    UserRegistered, now_micros,
 };
 use loom_schemas::project::MAX_NAME_BYTES;
+use loom_schemas::roles::Permission;
 use loom_schemas::roles::Role;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::{AdminError, name};
+use super::{Actor, AdminError, name};
 use crate::services::Services;
 
 /// The field a password's hash is sealed as.
@@ -184,20 +185,7 @@ impl Services {
         let hash = hash_password(&registration.password).await?;
         let tenant_id = Uuid::now_v7();
         self.keys.create_tenant_keys(tenant_id).await?;
-        let envelope = Envelope::new(tenant_id, None, &*self.producer);
-        let context = FieldContext {
-            tenant_id,
-            event_id: envelope.event_id,
-            field: PASSWORD_FIELD,
-        };
-        let registered = Event {
-            payload: UserRegistered {
-                email: email.clone(),
-                password: self.keys.seal(&context, hash.as_bytes())?,
-            }
-            .into(),
-            envelope,
-        };
+        let registered = self.user_registered(tenant_id, &email, &hash, false)?;
         let owner = RoleGranted {
             principal: email.clone(),
             role: Role::Owner.name().to_owned(),
@@ -217,6 +205,95 @@ impl Services {
             )));
         }
         self.start_session(tenant_id, email, None, ttl).await
+    }
+
+    /// A user sealed and registered in `tenant_id` (events to append).
+    fn user_registered(
+        &self,
+        tenant_id: Uuid,
+        email: &str,
+        hash: &str,
+        changed: bool,
+    ) -> Result<Event, AdminError> {
+        let envelope = Envelope::new(tenant_id, None, &*self.producer);
+        let context = FieldContext {
+            tenant_id,
+            event_id: envelope.event_id,
+            field: PASSWORD_FIELD,
+        };
+        let password = self.keys.seal(&context, hash.as_bytes())?;
+        let email = email.to_owned();
+        let payload = match changed {
+            true => UserPasswordSet { email, password }.into(),
+            false => UserRegistered { email, password }.into(),
+        };
+        Ok(Event { envelope, payload })
+    }
+
+    /// Adds a user with an initial password to the actor's organization, with `role` (admins and
+    /// owners; nobody gives a role above their own). They sign in and change the password.
+    pub async fn add_user(
+        &self,
+        actor: &Actor,
+        email: &str,
+        password: &str,
+        role: &str,
+    ) -> Result<(), AdminError> {
+        let tenant_id = self.live_tenant(actor, None)?;
+        actor.require(Permission::ManageTenant)?;
+        actor.tenant_wide()?;
+        let email = self::email(email)?;
+        let role = super::role("role", role)?;
+        if !actor.role().may_grant(role) {
+            return Err(AdminError::Forbidden("nobody gives a role above their own"));
+        }
+        if self.control.read(|s| s.user(&email).is_some()) {
+            return Err(AdminError::Conflict(format!(
+                "email: {email} is already a user"
+            )));
+        }
+        let hash = hash_password(password).await?;
+        let grant = RoleGranted {
+            principal: email.clone(),
+            role: role.name().to_owned(),
+            project_id: None,
+        };
+        self.append_control(vec![
+            self.user_registered(tenant_id, &email, &hash, false)?,
+            self.control_event(tenant_id, grant),
+        ])
+        .await
+    }
+
+    /// Changes a signed-in user's password, given their current one.
+    pub async fn change_password(
+        &self,
+        user: &SignedIn,
+        current: &str,
+        new: &str,
+    ) -> Result<(), SignInError> {
+        let found = self.control.read(|s| s.user(&user.principal).cloned());
+        let Some(found) = found.filter(|u| u.tenant_id == user.tenant_id) else {
+            return Err(SignInError::Admin(AdminError::Forbidden(
+                "only a user who signed in with a password has one to change",
+            )));
+        };
+        let context = FieldContext {
+            tenant_id: found.tenant_id,
+            event_id: found.event_id,
+            field: PASSWORD_FIELD,
+        };
+        let hash = self
+            .keys
+            .open(&context, &found.password)
+            .map_err(AdminError::from)?;
+        let hash = String::from_utf8(hash).map_err(|_| SignInError::WrongPassword)?;
+        if !verify_password(current, Some(hash)).await {
+            return Err(SignInError::WrongPassword);
+        }
+        let hash = hash_password(new).await?;
+        let event = self.user_registered(found.tenant_id, &found.email, &hash, true)?;
+        Ok(self.append_control(vec![event]).await?)
     }
 
     /// Signs a user in with their email and password, for `ttl`.

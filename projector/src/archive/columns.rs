@@ -315,6 +315,7 @@ impl Row {
                 row.provider = Some(p.upstream.clone());
             }
             Payload::UserRegistered(p) => row.user_id = Some(p.email.clone()),
+            Payload::UserPasswordSet(p) => row.user_id = Some(p.email.clone()),
             Payload::SessionStarted(p) => {
                 row.user_id = Some(p.principal.clone());
                 row.api_key_id = p.api_key_id.map(|id| id.to_string());
