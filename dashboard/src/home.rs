@@ -334,7 +334,7 @@ fn change(compared: Option<&Compared>, better: Better) -> Markup {
         ""
     };
     html! {
-        span.change class=(tone) title="Change against the period before, of the same length" {
+        span class=(format!("change {tone}")) title="Change against the period before, of the same length" {
             (arrow) " " (format!("{:.1} %", pct.abs()))
         }
     }
@@ -404,7 +404,7 @@ fn recent(rows: &[RequestRow], tz: Tz) -> Markup {
                         tr {
                             td { time datetime=(row.started_at) { (local_time(&row.started_at, tz)) } }
                             td { (row.model.as_deref().unwrap_or("–")) }
-                            td { span.status class=(row.status.as_deref().unwrap_or("pending")) { (row.status.as_deref().unwrap_or("in flight")) } }
+                            td { span class=(format!("status {}", row.status.as_deref().unwrap_or("pending"))) { (row.status.as_deref().unwrap_or("in flight")) } }
                             td.num { (millis(row.latency_ms)) }
                             td.num { (row.cost_usd.map_or("–".to_owned(), dollars)) }
                         }

@@ -194,7 +194,7 @@ fn view(found: &[FindingCount], cut: bool, names: &BTreeMap<String, String>) -> 
                         tr {
                             td { (project.map(|p| names.get(p).map_or(p, String::as_str)).unwrap_or("(no project)")) }
                             td { code { (finding.rule) } }
-                            td { span.action class=(finding.action) { (finding.action) } }
+                            td { span class=(format!("action {}", finding.action)) { (finding.action) } }
                             td { @if finding.direction == "output" { "answers" } @else { "prompts" } }
                             td.num { (count(finding.findings)) }
                             td.num { (count(finding.requests)) }

@@ -223,11 +223,11 @@ fn meter(used: i64, limit: Option<i64>, elapsed: f64, show: impl Fn(i64) -> Stri
     let share = (used as f64 / limit as f64).clamp(0.0, 1.0);
     let over = projected.is_some_and(|p| p > limit);
     html! {
-        span.meter.usage class=[(share >= 0.8).then_some("high")] title=(format!("{:.0} % of the limit", share * 100.0)) {
+        span class=(if share >= 0.8 { "meter usage high" } else { "meter usage" }) title=(format!("{:.0} % of the limit", share * 100.0)) {
             span style=(format!("width:{:.1}%", share * 100.0)) {}
         }
         @if let Some(p) = projected {
-            " " span.pace class=[over.then_some("over")] { "on pace for " (show(p)) }
+            " " span class=(if over { "pace over" } else { "pace" }) { "on pace for " (show(p)) }
         }
     }
 }

@@ -216,7 +216,7 @@ fn trace_row(row: &RequestRow, tz: Tz) -> Markup {
         tr data-trace=(row.trace_id) tabindex="-1" {
             td { a href=(format!("/traces/{}", row.trace_id)) data-open { time datetime=(row.started_at) { (local_time(&row.started_at, tz)) } } }
             td { (row.model.as_deref().unwrap_or("–")) }
-            td { span.status class=(row.status.as_deref().unwrap_or("pending")) { (status) } }
+            td { span class=(format!("status {}", row.status.as_deref().unwrap_or("pending"))) { (status) } }
             td { (row.user.as_deref().unwrap_or("–")) }
             td.num { (millis(row.latency_ms)) }
             td.num { (tokens) }
