@@ -255,13 +255,19 @@ test("a new organization's owner works through the dashboard", async (t) => {
     await page.waitForURL(/\/traces$/);
   });
 
-  await t.test("a viewer's key sees timelines without bodies", async () => {
+  await t.test("a viewer's key sees timelines without bodies, and no admin page", async () => {
     const viewer = await browser.newPage();
     await viewer.goto(base + "/signin");
     await viewer.getByText("Sign in with an API key").click();
     await viewer.getByLabel("API key").fill(await key(tenant, "viewer"));
     await viewer.getByRole("button", { name: "Sign in with the key" }).click();
     await viewer.getByText("· viewer").waitFor();
+    assert.equal(await viewer.getByRole("link", { name: "Admin" }).count(), 0);
+    const refused = await viewer.goto(base + "/manage");
+    assert.equal(refused.status(), 403);
+    await viewer.getByText("needs the admin role or above").waitFor();
+    assert.equal(await viewer.getByRole("button", { name: "Create key" }).count(), 0);
+    await shot(viewer, "admin-refused-to-viewer");
     await viewer.goto(base + "/traces/" + traces[0]);
     await viewer.getByText("Bodies are not shown").waitFor();
     assert.equal(await viewer.getByText("heron").count(), 0);
