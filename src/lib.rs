@@ -11,6 +11,7 @@ pub mod data_dir;
 pub mod node;
 pub mod roles;
 pub mod serve;
+pub mod shutdown;
 
 pub use data_dir::DataDir;
 pub use node::{
@@ -18,3 +19,4 @@ pub use node::{
     open_key_store, open_log,
 };
 pub use serve::{ServeConfig, serve};
+pub use shutdown::Drain;

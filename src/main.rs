@@ -17,6 +17,8 @@ mod bench_query;
 mod bench_quota;
 mod bench_ui;
 mod export;
+#[cfg(test)]
+mod reference;
 mod sql;
 mod verify;
 
@@ -27,7 +29,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use loom::{KeyStoreLocation, LogLocation, NodeConfig, ServeConfig};
+use loom::{Drain, KeyStoreLocation, LogLocation, NodeConfig, ServeConfig};
 use loom_dashboard::{DashboardConfig, RegistrationMode};
 use loom_gateway::config::{EventsAck, GatewayConfig};
 use loom_projector::StoreLocation;
@@ -351,6 +353,29 @@ impl ArchivingArgs {
     }
 }
 
+/// How a server stops on SIGTERM or Ctrl-C.
+#[derive(Args)]
+struct ShutdownArgs {
+    /// On SIGTERM, /ready turns 503 at once; the server keeps answering this long before it
+    /// stops accepting connections (give load balancers time to notice, e.g. `5s` behind a
+    /// Kubernetes Service).
+    #[arg(long, env = "LOOM_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    shutdown_delay: std::time::Duration,
+    /// How long requests and streams in flight (a projector's or archiver's batch) may take to
+    /// finish once stopping; past it they are cut. Events are flushed after it either way.
+    #[arg(long, env = "LOOM_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: std::time::Duration,
+}
+
+impl ShutdownArgs {
+    fn drain(&self) -> Drain {
+        Drain {
+            delay: self.shutdown_delay,
+            timeout: self.shutdown_timeout,
+        }
+    }
+}
+
 #[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
@@ -426,6 +451,9 @@ struct ServeArgs {
     /// How long a dashboard sign-in lasts, e.g. `12h`.
     #[arg(long, env = "LOOM_SESSION_TTL", default_value = "12h", value_parser = humantime::parse_duration)]
     session_ttl: std::time::Duration,
+
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
 }
 
 #[derive(Args)]
@@ -442,12 +470,15 @@ struct ProjectorArgs {
     )]
     read_models: String,
 
-    /// Serve /health and /metrics on this address (e.g. 127.0.0.1:9091).
+    /// Serve /health, /ready and /metrics on this address (e.g. 127.0.0.1:9091).
     #[arg(long, env = "LOOM_LISTEN")]
     listen: Option<SocketAddr>,
 
     #[command(flatten)]
     projection: ProjectionArgs,
+
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
 }
 
 #[derive(Args)]
@@ -467,9 +498,12 @@ struct ArchiverArgs {
     #[command(flatten)]
     archiving: ArchivingArgs,
 
-    /// Serve /health and /metrics on this address (e.g. 127.0.0.1:9092).
+    /// Serve /health, /ready and /metrics on this address (e.g. 127.0.0.1:9092).
     #[arg(long, env = "LOOM_LISTEN")]
     listen: Option<SocketAddr>,
+
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
 }
 
 #[derive(Args)]
@@ -510,6 +544,9 @@ struct QueryArgs {
     /// [default: <data dir>/exports].
     #[arg(long, env = "LOOM_EXPORTS", value_name = "DIR_OR_S3_URL")]
     exports: Option<String>,
+
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
 }
 
 #[derive(Args)]
@@ -738,6 +775,7 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
             registration: args.registration,
             session_ttl: args.session_ttl,
         },
+        drain: args.shutdown.drain(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -758,16 +796,20 @@ fn read_models(named: Option<&str>, data: &DataDirArgs) -> StoreLocation {
 
 async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
     let (shutdown, signals) = cancel_on_signal();
-    let projected = loom::roles::projector(
-        &args.kafka.location(LogLocation::default()),
-        &StoreLocation::parse(&args.read_models),
-        args.projection.config(&args.kafka),
-        args.listen,
-        shutdown,
+    let projected = within_deadline(
+        loom::roles::projector(
+            &args.kafka.location(LogLocation::default()),
+            &StoreLocation::parse(&args.read_models),
+            args.projection.config(&args.kafka),
+            args.listen,
+            shutdown.clone(),
+        ),
+        &shutdown,
+        args.shutdown.drain(),
     )
     .await;
     signals.abort();
-    Ok(projected?)
+    projected
 }
 
 async fn archiver(args: ArchiverArgs) -> anyhow::Result<()> {
@@ -775,19 +817,23 @@ async fn archiver(args: ArchiverArgs) -> anyhow::Result<()> {
         anyhow::bail!("`loom archiver --archive off` would archive nothing");
     };
     let (shutdown, signals) = cancel_on_signal();
-    let archived = loom::roles::archiver(
-        &args.kafka.location(LogLocation::default()),
-        &args.data.dir(),
-        master_key_from_env().as_ref(),
-        &args.key_store.location(),
-        &location,
-        args.archiving.config(ARCHIVER_ROLL_MIB),
-        args.listen,
-        shutdown,
+    let archived = within_deadline(
+        loom::roles::archiver(
+            &args.kafka.location(LogLocation::default()),
+            &args.data.dir(),
+            master_key_from_env().as_ref(),
+            &args.key_store.location(),
+            &location,
+            args.archiving.config(ARCHIVER_ROLL_MIB),
+            args.listen,
+            shutdown.clone(),
+        ),
+        &shutdown,
+        args.shutdown.drain(),
     )
     .await;
     signals.abort();
-    Ok(archived?)
+    archived
 }
 
 async fn query(args: QueryArgs) -> anyhow::Result<()> {
@@ -811,6 +857,7 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
         exports_location(args.exports.as_deref(), &args.data, &args.archive.s3)?,
         args.admin_token.map(SecretString::from).as_ref(),
         listener,
+        args.shutdown.drain(),
         shutdown,
     )
     .await;
@@ -869,6 +916,29 @@ fn cancel_on_signal() -> (CancellationToken, tokio::task::JoinHandle<()>) {
         on_signal.cancel();
     });
     (shutdown, signals)
+}
+
+/// Runs a role that stops on `shutdown`; once shutting down, gives it `drain`'s delay and
+/// timeout at most.
+async fn within_deadline<T, E>(
+    role: impl Future<Output = Result<T, E>>,
+    shutdown: &CancellationToken,
+    drain: Drain,
+) -> Result<T, anyhow::Error>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(drain.delay + drain.timeout).await;
+    };
+    tokio::select! {
+        done = role => Ok(done?),
+        () = deadline => anyhow::bail!(
+            "still stopping after --shutdown-timeout ({}): exiting without waiting further",
+            humantime::format_duration(drain.timeout)
+        ),
+    }
 }
 
 async fn wait_for_signal() {

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use loom_gateway::Control;
+use loom_gateway::{Control, Readiness};
 use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver};
 use loom_projector::{
     FromArchive, ProjectorConfig, ProjectorError, ReplayReport, StoreLocation, project_active,
@@ -23,6 +23,7 @@ use crate::DataDir;
 use crate::node::{
     Access, KeyStoreLocation, LogLocation, NodeError, load_master_key, open_key_store, open_log,
 };
+use crate::shutdown::{Drain, serve_http};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
@@ -89,23 +90,26 @@ pub async fn projector(
     // Reading Kafka touches no data directory.
     let opened = open_log(log, &DataDir::default(), None, Access::Read).await?;
     let tasks = TaskTracker::new();
-    serve_metrics(listen, &tasks, &shutdown).await?;
+    let done = serve_metrics(listen, &tasks, &shutdown).await?;
     let projected = project_active(opened.log, read_models, config, shutdown.clone()).await;
     // However the projector ended, the metrics server stops with it.
-    shutdown.cancel();
+    done.cancel();
     tasks.close();
     tasks.wait().await;
     Ok(projected?)
 }
 
-/// Serves `/health` and `/metrics` on `listen` (if given) until `shutdown`, in `tasks`.
+/// Serves `/health`, `/ready` and `/metrics` on `listen` (if given), in `tasks`: not ready from
+/// `shutdown` on, answering until the returned token is cancelled (when the role is done, so
+/// that its last metrics can still be read).
 async fn serve_metrics(
     listen: Option<SocketAddr>,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Result<(), RoleError> {
+) -> Result<CancellationToken, RoleError> {
+    let done = CancellationToken::new();
     let Some(addr) = listen else {
-        return Ok(());
+        return Ok(done);
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -116,16 +120,20 @@ async fn serve_metrics(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!("metrics on http://{addr}/metrics");
     }
-    let stop = shutdown.clone();
+    let readiness = Readiness::default();
+    let (draining, shutdown) = (readiness.clone(), shutdown.clone());
     tasks.spawn(async move {
-        let served = axum::serve(listener, loom_gateway::metrics_router())
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-        if let Err(error) = served {
+        shutdown.cancelled().await;
+        draining.draining();
+    });
+    let app = loom_gateway::metrics_router(&readiness);
+    let (stop, drain) = (done.clone(), Drain::default());
+    tasks.spawn(async move {
+        if let Err(error) = serve_http(listener, app, &readiness, drain, &stop).await {
             tracing::error!(%error, "serving metrics failed");
         }
     });
-    Ok(())
+    Ok(done)
 }
 
 /// `loom archiver`: archives a shared (Kafka) log at `location` until `shutdown`, with the keys
@@ -150,11 +158,11 @@ pub async fn archiver(
     let archive = Archive::open(location).map_err(NodeError::from)?;
     tracing::info!(%location, "archiving the log");
     let tasks = TaskTracker::new();
-    serve_metrics(listen, &tasks, &shutdown).await?;
+    let done = serve_metrics(listen, &tasks, &shutdown).await?;
     Archiver::new(archive, opened.log, keys, config)
         .run_restarting(shutdown.clone())
         .await;
-    shutdown.cancel();
+    done.cancel();
     tasks.close();
     tasks.wait().await;
     Ok(())
@@ -187,6 +195,7 @@ pub async fn query(
     exports: Option<ArchiveLocation>,
     admin_token: Option<&SecretString>,
     listener: tokio::net::TcpListener,
+    drain: Drain,
     shutdown: CancellationToken,
 ) -> Result<(), RoleError> {
     // On the embedded log it could only read what the log held when it started: keys issued
@@ -194,6 +203,8 @@ pub async fn query(
     if !matches!(log, LogLocation::Kafka { .. }) {
         return Err(RoleError::QueryNeedsKafka);
     }
+    // The control topic is followed while requests drain; then it stops.
+    let (signal, shutdown) = (shutdown, CancellationToken::new());
     let keys = open_keys(data_dir, master_key, key_store).await?;
     let opened = open_log(log, data_dir, None, Access::Read).await?;
     let control = Control::load(&*opened.log).await?;
@@ -227,13 +238,15 @@ pub async fn query(
         }),
         sql: Some(sql),
     };
-    let app = loom_query::http::routes(query, callers).merge(loom_gateway::metrics_router());
+    let readiness = Readiness::default();
+    let app = loom_query::http::routes(query, callers)
+        .merge(loom_gateway::metrics_router(&readiness))
+        .layer(axum::middleware::from_fn(loom_gateway::track_requests));
     tracing::info!(%location, "querying the archive");
     if let Ok(addr) = listener.local_addr() {
         tracing::info!("listening on {addr}");
     }
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    let served = serve_http(listener, app, &readiness, drain, &signal)
         .await
         .map_err(|source| RoleError::Io {
             context: "serving HTTP".into(),

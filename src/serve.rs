@@ -4,10 +4,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use loom_gateway::config::GatewayConfig;
-use loom_gateway::install_metrics;
 use loom_gateway::{Control, ResponseIndex};
+use loom_gateway::{Readiness, install_metrics, track_requests};
 use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver};
 use loom_projector::{Lookup, ProjectorConfig, StoreLocation, project_active};
 use loom_query::analytics::Analytics;
@@ -26,6 +25,7 @@ use uuid::Uuid;
 use loom_dashboard::DashboardConfig;
 
 use crate::node::{Node, NodeConfig, NodeError};
+use crate::shutdown::{Drain, serve_http};
 
 /// What `loom serve` runs.
 #[derive(Debug, Clone)]
@@ -48,6 +48,8 @@ pub struct ServeConfig {
     pub exports: Option<ArchiveLocation>,
     /// The dashboard at `/`.
     pub dashboard: DashboardConfig,
+    /// How it stops.
+    pub drain: Drain,
 }
 
 /// A log filter that leaves out all but warnings and the line saying where the server listens
@@ -61,8 +63,9 @@ pub const FOLD_THREAD: &str = "loom-fold";
 pub const ARCHIVE_THREAD: &str = "loom-archive";
 
 /// Opens the node described by `config` and serves HTTP on `listener` until `shutdown` is
-/// cancelled; then drains in-flight requests, writes every queued event and makes the log
-/// durable.
+/// cancelled; then drains as `config.drain` says (readiness false, in-flight requests and
+/// streams finished), stops the background work (the projector commits what it folded), writes
+/// every queued event and makes the log durable.
 pub async fn serve(
     config: ServeConfig,
     listener: TcpListener,
@@ -76,6 +79,9 @@ pub async fn serve(
     tracing::info!("listening on {addr}");
 
     let tasks = TaskTracker::new();
+    // The background stops once HTTP has drained: the requests in flight until then still
+    // need the control state followed, the spool forwarded and their events folded.
+    let (signal, shutdown) = (shutdown, CancellationToken::new());
     tasks.spawn(node.clone().run_background(shutdown.clone()));
     if let Some(location) = config.read_models.clone() {
         let (log, shutdown) = (Arc::clone(&node.services.log), shutdown.clone());
@@ -167,20 +173,13 @@ pub async fn serve(
     )?;
     let dashboard =
         loom_dashboard::routes(dashboard_services, query.clone(), usage, config.dashboard);
+    let readiness = Readiness::default();
     let app = gateway
         .merge(loom_query::http::routes(query, callers))
-        .merge(dashboard);
-    // Streams write small frames one after another: without TCP_NODELAY each one after the
-    // first waits for the client's delayed ACK (40 ms on Linux).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
-        }
-    });
-    // Client addresses are known to handlers (the dashboard limits failed sign-ins by them).
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .merge(dashboard)
+        .merge(readiness.router())
+        .layer(axum::middleware::from_fn(track_requests));
+    let served = serve_http(listener, app, &readiness, config.drain, &signal)
         .await
         .map_err(NodeError::io("serving HTTP"));
     shutdown.cancel();

@@ -12,6 +12,7 @@ use crate::cache::ResponseCache;
 use crate::config::GatewayConfig;
 use crate::credentials::Credentials;
 use crate::events::Emitter;
+use crate::meter::Meter;
 use crate::policy::Policies;
 use crate::quota::Quotas;
 use crate::stored::{ResponseIndex, StoredResponses};
@@ -37,6 +38,8 @@ pub struct Gateway {
     pub(crate) credentials: Credentials,
     /// Projects' exact-match response caches.
     pub(crate) cache: ResponseCache,
+    /// What `/metrics` shows of the requests.
+    pub(crate) meter: Meter,
 }
 
 impl Gateway {
@@ -59,6 +62,7 @@ impl Gateway {
             .collect();
         let quotas = Quotas::new(config.quotas.clone());
         Ok(Gateway {
+            meter: Meter::new(&config),
             quotas,
             policies: Policies::new()?,
             credentials: Credentials::default(),

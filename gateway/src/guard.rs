@@ -76,6 +76,7 @@ impl Flow {
         findings: Vec<PolicyFinding>,
         latency: Duration,
     ) -> Event {
+        crate::meter::policy_action(output, action);
         self.event(PolicyEvaluated {
             project_id: self.key.as_ref().and_then(|k| k.project_id),
             action,

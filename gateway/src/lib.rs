@@ -17,6 +17,7 @@ mod flow;
 mod gateway;
 mod guard;
 mod http;
+mod meter;
 pub mod policy;
 pub mod pricing;
 mod providers;
@@ -41,7 +42,7 @@ pub use auth::presented_key;
 pub use control::{ApiKeyInfo, Control, ControlState, TenantInfo};
 pub use error::GatewayError;
 pub use flow::Dialect;
-pub use http::{AppState, install_metrics, metrics_router, router};
+pub use http::{AppState, Readiness, install_metrics, metrics_router, router, track_requests};
 pub use services::Services;
 pub use stored::ResponseIndex;
 

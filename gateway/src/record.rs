@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::error::{GatewayError, UpstreamFault};
 use crate::flow::{Flow, micros};
+use crate::meter::{Attempted, Ended};
 use crate::pricing::{Price, PriceTable};
 use crate::tokens;
 use crate::upstream::{Answer, AttemptError};
@@ -264,6 +265,16 @@ impl Flow {
 
     /// The `request.completed` event for an outcome.
     pub fn completed(&self, outcome: &Outcome) -> Event {
+        let (latency, overhead) = (self.started.elapsed(), self.overhead());
+        self.gateway.meter.request(&Ended {
+            deployment: outcome.deployment.as_deref(),
+            status: outcome.status,
+            latency,
+            overhead,
+            ttft: outcome.ttft,
+            tokens_in: outcome.usage.tokens_in,
+            tokens_out: outcome.usage.tokens_out,
+        });
         self.event(RequestCompleted {
             status: outcome.status,
             http_status: i32::from(outcome.http_status),
@@ -278,9 +289,9 @@ impl Flow {
             tokens_cache_creation: outcome.usage.tokens_cache_creation,
             usage_estimated: outcome.usage.estimated,
             cost_micro_usd: outcome.cost_micro_usd,
-            latency_us: micros(self.started.elapsed()),
+            latency_us: micros(latency),
             ttft_us: outcome.ttft.map(micros),
-            overhead_us: micros(self.overhead()),
+            overhead_us: micros(overhead),
         })
     }
 
@@ -498,6 +509,15 @@ pub(crate) fn call_event(flow: &Flow, call: CallRecord<'_>) -> Event {
     let gateway = &flow.gateway;
     let deployment = &gateway.config.deployments[call.deployment];
     let upstream = &gateway.config.upstreams[deployment.upstream];
+    let outcome = match call.status {
+        CallStatus::Ok => Attempted::Answered,
+        CallStatus::ClientCancelled => Attempted::ClientLeft,
+        CallStatus::Timeout => Attempted::Failed(call.error_class.unwrap_or("timeout")),
+        CallStatus::Error => Attempted::Failed(call.error_class.unwrap_or("error")),
+    };
+    gateway
+        .meter
+        .attempt(&deployment.name, call.latency, outcome);
     flow.sealed_event(|seal| LlmCallCompleted {
         attempt: call.attempt,
         deployment: deployment.name.clone(),

@@ -100,8 +100,9 @@ impl Projector {
             }
         };
         let retention = expire(self.store.clone(), self.config.clone(), stop.clone());
-        let (data, control, ()) =
-            tokio::join!(member(PROJECTED[0]), member(PROJECTED[1]), retention);
+        let lag = report_lag(Arc::clone(&self.log), self.store.clone(), stop.clone());
+        let (data, control, (), ()) =
+            tokio::join!(member(PROJECTED[0]), member(PROJECTED[1]), retention, lag);
         data.and(control)
     }
 }
@@ -422,6 +423,47 @@ pub async fn control_state(
 }
 
 /// Removes what is past retention, hourly.
+/// How often the projector's lag is measured.
+const LAG_EVERY: Duration = Duration::from_secs(10);
+
+/// Sets `loom_projector_lag_records{topic, partition}` every [`LAG_EVERY`]: records in the log
+/// past the positions stored with the read models.
+async fn report_lag(log: Arc<dyn Log>, store: ReadStore, shutdown: CancellationToken) {
+    let measure = async || {
+        for topic in PROJECTED {
+            let stored = match stored_positions(&store, topic).await {
+                Ok(stored) => stored,
+                Err(error) => {
+                    tracing::debug!(%error, "reading the projector's positions for its lag");
+                    continue;
+                }
+            };
+            for partition in 0..log.partitions(topic) {
+                let Ok(end) = log.end_offset(topic, partition).await else {
+                    continue;
+                };
+                let at = stored
+                    .iter()
+                    .find(|p| p.partition == partition)
+                    .map_or(0, |p| p.offset);
+                metrics::gauge!(
+                    "loom_projector_lag_records",
+                    "topic" => topic.name(),
+                    "partition" => partition.to_string()
+                )
+                .set(end.saturating_sub(at) as f64);
+            }
+        }
+        tokio::time::sleep(LAG_EVERY).await;
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = measure() => {}
+        }
+    }
+}
+
 async fn expire(store: ReadStore, config: ProjectorConfig, shutdown: CancellationToken) {
     loop {
         match partitions::expire(&store, config.body_retention, config.trace_retention).await {

@@ -126,6 +126,7 @@ deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
         }),
         exports: None,
         dashboard,
+        drain: loom::Drain::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

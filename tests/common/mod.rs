@@ -58,8 +58,13 @@ impl Server {
         loop {
             match lines.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => {
-                    if let Some(addr) = line.split("listening on ").nth(1) {
-                        let base = format!("http://{}", addr.trim());
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        // The address ends the line, or a JSON string (--log-format json).
+                        let addr: String = rest
+                            .chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c))
+                            .collect();
+                        let base = format!("http://{addr}");
                         seen.push(line);
                         return Ok(Server {
                             child,
@@ -92,10 +97,20 @@ impl Server {
         self.stop_with_log().0
     }
 
-    /// [`Server::stop`], and everything the server logged.
-    pub fn stop_with_log(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    /// Sends SIGTERM and returns at once.
+    pub fn terminate(&self) {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    /// [`Server::stop`], and everything the server logged.
+    pub fn stop_with_log(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        self.terminate();
         let status = self.child.wait().unwrap();
         // The pipe is closed now: this reads what is left, then ends.
         let rest: Vec<String> = self.stderr.iter().collect();

@@ -123,6 +123,7 @@ impl Flow {
 
     /// Records `quota.denied` and returns the 429.
     async fn deny(&self, denial: Denial) -> GatewayError {
+        crate::meter::quota_denied(denial.scope, denial.kind.metric());
         let event = self.event(QuotaDenied {
             scope: denial.scope,
             scope_id: denial.scope_id.clone(),

@@ -262,6 +262,13 @@ impl Archiver {
             });
         }
 
+        // Where the files reach, for the lag (measured aside: the log may be slow to answer).
+        let archived = Arc::new(std::sync::Mutex::new(state.archived()));
+        readers.spawn(report_lag(
+            Arc::clone(&self.log),
+            Arc::clone(&archived),
+            stop.clone(),
+        ));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         // Once stopping: where each partition ended, and until when to read on to it.
         let mut draining: Option<(BTreeMap<String, u64>, Instant)> = None;
@@ -294,6 +301,9 @@ impl Archiver {
                     if let Err(error) = state.roll_aged().await {
                         break Err(error);
                     }
+                    if let Ok(mut positions) = archived.lock() {
+                        *positions = state.archived();
+                    }
                 }
             }
         };
@@ -315,6 +325,44 @@ const DAY_MICROS: i64 = 86_400_000_000;
 /// Emptied row vectors kept (their capacity is at most a buffer's, so within
 /// `max_buffered_bytes` each).
 const SPARE_ROW_VECS: usize = 2;
+
+/// How often the archiver's lag is measured.
+const LAG_EVERY: Duration = Duration::from_secs(10);
+
+/// Sets `loom_archive_lag_records{topic, partition}` every [`LAG_EVERY`] until `stop`: records
+/// in the log past what the archive's files hold.
+async fn report_lag(
+    log: Arc<dyn Log>,
+    archived: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    stop: CancellationToken,
+) -> Result<(), LogError> {
+    let measure = async || {
+        for topic in Topic::ALL {
+            for partition in 0..log.partitions(topic) {
+                let Ok(end) = log.end_offset(topic, partition).await else {
+                    continue;
+                };
+                let key = position_key(topic.name(), partition);
+                let at = archived
+                    .lock()
+                    .map_or(0, |positions| positions.get(&key).copied().unwrap_or(0));
+                metrics::gauge!(
+                    "loom_archive_lag_records",
+                    "topic" => topic.name(),
+                    "partition" => partition.to_string()
+                )
+                .set(end.saturating_sub(at) as f64);
+            }
+        }
+        tokio::time::sleep(LAG_EVERY).await;
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = measure() => {}
+        }
+    }
+}
 
 impl Archiver {
     /// Where each partition of the log ends now.
@@ -479,8 +527,9 @@ impl State {
             .all(|(key, end)| self.read.get(key).is_some_and(|read| read >= end))
     }
 
-    /// Records where reading may start again: nothing below it is only in a buffer.
-    async fn checkpoint_write(&mut self) -> Result<(), ArchiveError> {
+    /// Per `topic/partition`, the offset below which every event read is in a file: where
+    /// reading may start again.
+    fn archived(&self) -> BTreeMap<String, u64> {
         let mut positions = self.read.clone();
         for buffer in self.buffers.values() {
             for (key, &first) in &buffer.first {
@@ -489,6 +538,12 @@ impl State {
                 }
             }
         }
+        positions
+    }
+
+    /// Records where reading may start again: nothing below it is only in a buffer.
+    async fn checkpoint_write(&mut self) -> Result<(), ArchiveError> {
+        let positions = self.archived();
         if positions == self.checkpointed {
             return Ok(());
         }
@@ -784,6 +839,8 @@ impl State {
             self.archive
                 .put(&self.archive.file_path(tenant, &file.path), bytes)
                 .await?;
+            metrics::counter!("loom_archive_files_total").increment(1);
+            metrics::counter!("loom_archive_bytes_total").increment(file.bytes);
             added.push(file);
         }
         Ok(added)

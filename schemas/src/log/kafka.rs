@@ -308,11 +308,15 @@ impl KafkaLog {
 
     /// Low and high watermarks of a partition.
     async fn watermarks(&self, topic: Topic, partition: u32) -> Result<(u64, u64), LogError> {
-        let consumer = self.consumer()?;
+        // The producer's client asks: a consumer made for each question would connect anew.
+        let producer = self.producer.clone();
         let name = self.topic_name(topic).to_owned();
         let timeout = self.config.timeout;
         let (low, high) = tokio::task::spawn_blocking(move || {
-            consumer.fetch_watermarks(&name, i32::try_from(partition).unwrap_or(i32::MAX), timeout)
+            let partition = i32::try_from(partition).unwrap_or(i32::MAX);
+            producer
+                .client()
+                .fetch_watermarks(&name, partition, timeout)
         })
         .await
         .map_err(|e| LogError::Task(e.to_string()))?
@@ -334,6 +338,7 @@ impl Log for KafkaLog {
     }
 
     async fn append(&self, topic: Topic, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
+        let started = std::time::Instant::now();
         let name = self.topic_name(topic);
         let sends = records.iter().map(|record| {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
@@ -369,6 +374,9 @@ impl Log for KafkaLog {
         }
         metrics::counter!("loom_log_appended_records_total", "topic" => topic.name())
             .increment(records.len() as u64);
+        // Until the last record of the batch was acknowledged.
+        metrics::histogram!("loom_kafka_delivery_seconds", "topic" => topic.name())
+            .record(started.elapsed().as_secs_f64());
         self.brokers_down
             .0
             .send_if_modified(|down| std::mem::replace(down, false));
