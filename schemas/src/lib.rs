@@ -19,6 +19,8 @@
 
 pub use secrecy::{ExposeSecret, SecretString};
 
+#[cfg(test)]
+mod catalogue;
 pub mod codec;
 pub mod control;
 pub mod crypto;
