@@ -186,19 +186,23 @@ setup_python() {
   log "Python: $LOOM_TEST_PYTHON"
 }
 
-# ---- a browser for the dashboard's tests ----------------------------------------------------------
-PLAYWRIGHT_VERSION=1.65
+# ---- a browser for the dashboard's tests, and node tools ------------------------------------------
+# playwright-core drives Debian's chromium (it downloads no browser); dclint checks the compose
+# file against the Compose specification (tests/deploy.rs).
+NODE_PACKAGES="playwright-core@1.65 dclint@3.1.0"
 setup_browser() {
   local chromium="${LOOM_TEST_CHROMIUM:-/usr/bin/chromium}" modules="$cache/node"
   [ -x "$chromium" ] || { apt_install chromium; chromium=/usr/bin/chromium; }
   command -v node >/dev/null || apt_install nodejs npm
-  if ! grep -q "\"version\": \"$PLAYWRIGHT_VERSION" "$modules/node_modules/playwright-core/package.json" 2>/dev/null; then
-    log "installing playwright-core $PLAYWRIGHT_VERSION (npm; it drives $chromium, downloads no browser)"
+  if [ "$(cat "$modules/.packages" 2>/dev/null)" != "$NODE_PACKAGES" ]; then
+    log "installing $NODE_PACKAGES (npm)"
     mkdir -p "$modules"
-    (cd "$modules" && npm install --silent --no-audit --no-fund "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
+    # shellcheck disable=SC2086 # one word per package
+    (cd "$modules" && npm install --silent --no-audit --no-fund $NODE_PACKAGES >/dev/null)
+    echo "$NODE_PACKAGES" > "$modules/.packages"
   fi
   export LOOM_TEST_CHROMIUM="$chromium" LOOM_TEST_NODE_PATH="$modules/node_modules"
-  log "browser: $("$chromium" --version 2>/dev/null | head -1), playwright-core $PLAYWRIGHT_VERSION"
+  log "browser: $("$chromium" --version 2>/dev/null | head -1); node packages: $NODE_PACKAGES"
 }
 
 # ---- build prerequisites -----------------------------------------------------------------------
