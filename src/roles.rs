@@ -92,7 +92,8 @@ pub async fn projector(
     let tasks = TaskTracker::new();
     let done = serve_metrics(listen, &tasks, &shutdown).await?;
     let projected = project_active(opened.log, read_models, config, shutdown.clone()).await;
-    // However the projector ended, the metrics server stops with it.
+    // However the projector ended (a failure too), the metrics server stops with it.
+    shutdown.cancel();
     done.cancel();
     tasks.close();
     tasks.wait().await;
@@ -121,10 +122,12 @@ async fn serve_metrics(
         tracing::info!("metrics on http://{addr}/metrics");
     }
     let readiness = Readiness::default();
-    let (draining, shutdown) = (readiness.clone(), shutdown.clone());
+    let (draining, shutdown, finished) = (readiness.clone(), shutdown.clone(), done.clone());
     tasks.spawn(async move {
-        shutdown.cancelled().await;
-        draining.draining();
+        tokio::select! {
+            () = shutdown.cancelled() => draining.draining(),
+            () = finished.cancelled() => {}
+        }
     });
     let app = loom_gateway::metrics_router(&readiness);
     let (stop, drain) = (done.clone(), Drain::default());
@@ -162,6 +165,7 @@ pub async fn archiver(
     Archiver::new(archive, opened.log, keys, config)
         .run_restarting(shutdown.clone())
         .await;
+    shutdown.cancel();
     done.cancel();
     tasks.close();
     tasks.wait().await;

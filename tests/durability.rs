@@ -12,17 +12,16 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use loom_mock::{MockConfig, MockServer};
-use loom_schemas::log::{Entry, KafkaLog, KafkaLogConfig, Log, Topic};
+use loom_schemas::log::{Log, Topic};
 use loom_schemas::testing::{TestBroker, TestDatabase, free_port};
 
-use common::load::{Load, assert_recorded, trails};
+use common::load::{Load, assert_in_kafka, assert_in_read_models, assert_recorded, trails};
 use common::{LOOM, Server, open_data_dir_log, tenant_and_key};
 
 const ADMIN: &str = "durability-admin";
@@ -77,116 +76,6 @@ async fn load_then_kill(server: Server, key: &str, mock: &MockServer, tag: Strin
         "the load did nothing: {tally:?}"
     );
     tally.answered
-}
-
-/// Every record of a Kafka topic's partitions.
-async fn kafka_entries(log: &KafkaLog, topic: Topic) -> Vec<Entry> {
-    let mut entries = Vec::new();
-    for partition in 0..log.partitions(topic) {
-        let mut reader = log.read_from(topic, partition, 0).await.unwrap();
-        loop {
-            let batch = reader.poll(2000).await.unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            entries.extend(batch);
-        }
-    }
-    entries
-}
-
-/// Waits until every answered request's `request.completed` is in Kafka (spools drain after a
-/// restart), then asserts each has every attempt too.
-async fn assert_in_kafka(brokers: &str, prefix: &str, answered: &[String]) {
-    let mut kafka = KafkaLogConfig::new(brokers);
-    kafka.topic_prefix = prefix.into();
-    kafka.create_topics = false;
-    let log = KafkaLog::connect(kafka).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let trails = trails(&kafka_entries(&log, Topic::Data).await);
-        let missing = answered
-            .iter()
-            .filter(|t| trails.get(*t).is_none_or(|t| t.completed.is_empty()))
-            .count();
-        if missing == 0 || Instant::now() > deadline {
-            assert_recorded(answered, &trails);
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// `trace_id → (status, attempts, llm_calls rows, traces rows)` in the read models, whose tables
-/// are `{schema}traces` and `{schema}llm_calls`.
-async fn read_models(
-    pool: &sqlx::AnyPool,
-    schema: &str,
-) -> HashMap<String, (String, i64, i64, i64)> {
-    let rows: Vec<(String, Option<String>, Option<i64>, i64)> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT trace_id, MAX(status), MAX(attempts), COUNT(*) FROM {schema}traces GROUP BY trace_id"
-        )))
-        .fetch_all(pool)
-        .await
-        .unwrap_or_default();
-    let calls: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT trace_id, COUNT(*) FROM {schema}llm_calls GROUP BY trace_id"
-    )))
-    .fetch_all(pool)
-    .await
-    .unwrap_or_default();
-    let calls: HashMap<String, i64> = calls.into_iter().collect();
-    rows.into_iter()
-        .map(|(trace, status, attempts, rows)| {
-            let calls = calls.get(&trace).copied().unwrap_or(0);
-            (
-                trace,
-                (
-                    status.unwrap_or_default(),
-                    attempts.unwrap_or(0),
-                    calls,
-                    rows,
-                ),
-            )
-        })
-        .collect()
-}
-
-/// Waits until the read models at `url` (tables in `schema`) hold every answered trace, each
-/// once, completed, with every attempt.
-async fn assert_in_read_models(url: &str, schema: &str, answered: &[String]) {
-    sqlx::any::install_default_drivers();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let models = match sqlx::AnyPool::connect(url).await {
-            Ok(pool) => {
-                let models = read_models(&pool, schema).await;
-                pool.close().await;
-                models
-            }
-            Err(_) => HashMap::new(),
-        };
-        let wrong: Vec<_> = answered
-            .iter()
-            .filter(|trace| {
-                !matches!(models.get(*trace), Some((status, attempts, calls, 1))
-                    if status == "ok" && attempts == calls)
-            })
-            .map(|trace| (trace, models.get(trace)))
-            .collect();
-        if wrong.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} answered requests are not (once, whole) in the read models: {:?}",
-            wrong.len(),
-            answered.len(),
-            &wrong[..wrong.len().min(10)]
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

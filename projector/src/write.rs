@@ -541,10 +541,13 @@ async fn count_completions(
         .iter()
         .map(|row| row.try_get(0))
         .collect::<Result<_, _>>()?;
+    // A completion delivered twice in one batch (a spooled copy and its original) is in
+    // `applied` once, and counted once.
+    let mut counted = std::collections::HashSet::new();
     let fresh = trace_keys(
         completions
             .iter()
-            .filter(|c| applied.contains(&c.event_id))
+            .filter(|c| applied.contains(&c.event_id) && counted.insert(c.event_id.as_str()))
             .map(|c| (c.tenant_id.as_str(), c.trace_id.as_str())),
     );
     if fresh.values.is_empty() {

@@ -104,6 +104,11 @@ impl TestBroker {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+
+    /// The broker's process id (to stop and continue it).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
 }
 
 impl Drop for TestBroker {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use loom_schemas::codec::Registry;
 use loom_schemas::event::{Payload, RequestStatus};
-use loom_schemas::log::Entry;
+use loom_schemas::log::{Entry, KafkaLog, KafkaLogConfig, Log, Topic};
 use serde_json::{Value, json};
 
 /// Who to load, and how.
@@ -35,6 +35,8 @@ pub struct Tally {
     /// When each 503 came.
     pub unavailable_at: Vec<Instant>,
     pub transport_errors: u64,
+    /// Requests that got no answer within the client's timeout (30 s): a hang.
+    pub timeouts: u64,
     /// The slowest answer received whole.
     pub slowest: Duration,
 }
@@ -64,6 +66,7 @@ impl Load {
             }
             tally.unavailable_at.extend(one.unavailable_at);
             tally.transport_errors += one.transport_errors;
+            tally.timeouts += one.timeouts;
             tally.slowest = tally.slowest.max(one.slowest);
         }
         tally
@@ -129,8 +132,9 @@ impl Load {
                 .await;
             let response = match sent {
                 Ok(response) => response,
-                Err(_) => {
+                Err(error) => {
                     tally.transport_errors += 1;
+                    tally.timeouts += u64::from(error.is_timeout());
                     if until_gone {
                         return tally;
                     }
@@ -143,12 +147,16 @@ impl Load {
             if status == 503 {
                 tally.unavailable_at.push(Instant::now());
             }
-            let Ok(bytes) = response.bytes().await else {
-                tally.transport_errors += 1;
-                if until_gone {
-                    return tally;
+            let bytes = match response.bytes().await {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    tally.transport_errors += 1;
+                    tally.timeouts += u64::from(error.is_timeout());
+                    if until_gone {
+                        return tally;
+                    }
+                    continue;
                 }
-                continue;
             };
             let text = String::from_utf8_lossy(&bytes);
             let whole = if stream {
@@ -222,4 +230,114 @@ pub fn assert_recorded(answered: &[String], trails: &HashMap<String, Trail>) {
         missing.len(),
         answered.len()
     );
+}
+
+/// Every record of a Kafka topic's partitions.
+pub async fn kafka_entries(log: &KafkaLog, topic: Topic) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    for partition in 0..log.partitions(topic) {
+        let mut reader = log.read_from(topic, partition, 0).await.unwrap();
+        loop {
+            let batch = reader.poll(2000).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            entries.extend(batch);
+        }
+    }
+    entries
+}
+
+/// Waits until every answered request's `request.completed` is in Kafka (spools drain after a
+/// restart), then asserts each has every attempt too.
+pub async fn assert_in_kafka(brokers: &str, prefix: &str, answered: &[String]) {
+    let mut kafka = KafkaLogConfig::new(brokers);
+    kafka.topic_prefix = prefix.into();
+    kafka.create_topics = false;
+    let log = KafkaLog::connect(kafka).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let trails = trails(&kafka_entries(&log, Topic::Data).await);
+        let missing = answered
+            .iter()
+            .filter(|t| trails.get(*t).is_none_or(|t| t.completed.is_empty()))
+            .count();
+        if missing == 0 || Instant::now() > deadline {
+            assert_recorded(answered, &trails);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `trace_id → (status, attempts, llm_calls rows, traces rows)` in the read models, whose tables
+/// are `{schema}traces` and `{schema}llm_calls`.
+pub async fn read_models(
+    pool: &sqlx::AnyPool,
+    schema: &str,
+) -> HashMap<String, (String, i64, i64, i64)> {
+    let rows: Vec<(String, Option<String>, Option<i64>, i64)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT trace_id, MAX(status), MAX(attempts), COUNT(*) FROM {schema}traces GROUP BY trace_id"
+        )))
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+    let calls: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT trace_id, COUNT(*) FROM {schema}llm_calls GROUP BY trace_id"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    let calls: HashMap<String, i64> = calls.into_iter().collect();
+    rows.into_iter()
+        .map(|(trace, status, attempts, rows)| {
+            let calls = calls.get(&trace).copied().unwrap_or(0);
+            (
+                trace,
+                (
+                    status.unwrap_or_default(),
+                    attempts.unwrap_or(0),
+                    calls,
+                    rows,
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the read models at `url` (tables in `schema`) hold every answered trace, each
+/// once, completed, with every attempt.
+pub async fn assert_in_read_models(url: &str, schema: &str, answered: &[String]) {
+    sqlx::any::install_default_drivers();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let models = match sqlx::AnyPool::connect(url).await {
+            Ok(pool) => {
+                let models = read_models(&pool, schema).await;
+                pool.close().await;
+                models
+            }
+            Err(_) => HashMap::new(),
+        };
+        let wrong: Vec<_> = answered
+            .iter()
+            .filter(|trace| {
+                !matches!(models.get(*trace), Some((status, attempts, calls, 1))
+                    if status == "ok" && attempts == calls)
+            })
+            .map(|trace| (trace, models.get(trace)))
+            .collect();
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} answered requests are not (once, whole) in the read models: {:?}",
+            wrong.len(),
+            answered.len(),
+            &wrong[..wrong.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
