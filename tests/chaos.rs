@@ -322,7 +322,10 @@ impl Cluster {
 fn wait_for_port(port: u16) {
     let started = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), ":{port} did not open");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            ":{port} did not open"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -346,7 +349,7 @@ fn loads(cluster: &Cluster, round: usize) -> Vec<Load> {
 
 /// The distinct event ids of every topic of the log.
 async fn log_event_ids(cluster: &Cluster) -> HashSet<String> {
-    let mut kafka = KafkaLogConfig::new(&cluster.brokers());
+    let mut kafka = KafkaLogConfig::new(cluster.brokers());
     kafka.topic_prefix = PREFIX.into();
     kafka.create_topics = false;
     let log = KafkaLog::connect(kafka).await.unwrap();
@@ -415,7 +418,7 @@ async fn archive_equals_the_log(cluster: &Cluster) -> bool {
 
 /// Waits until the active read models have folded the log to its end (the load has stopped).
 async fn wait_for_projection(cluster: &Cluster) {
-    let mut kafka = KafkaLogConfig::new(&cluster.brokers());
+    let mut kafka = KafkaLogConfig::new(cluster.brokers());
     kafka.topic_prefix = PREFIX.into();
     kafka.create_topics = false;
     let log = KafkaLog::connect(kafka).await.unwrap();
@@ -486,7 +489,10 @@ async fn read_models_equal_a_replay(cluster: &mut Cluster) -> bool {
         .keys()
         .filter(|table| before.get(*table) != after.get(*table))
         .collect();
-    assert!(differ.is_empty(), "tables that differ from a clean replay: {differ:?}");
+    assert!(
+        differ.is_empty(),
+        "tables that differ from a clean replay: {differ:?}"
+    );
     true
 }
 
@@ -563,7 +569,10 @@ async fn suffer(cluster: &mut Cluster, fault: Fault, round: usize) -> Row {
         tally.timeouts += one.timeouts;
     }
     assert!(tally.answered.len() > 20, "{fault:?}: {tally:?}");
-    assert_eq!(tally.timeouts, 0, "{fault:?}: a client waited past its timeout: {tally:?}");
+    assert_eq!(
+        tally.timeouts, 0,
+        "{fault:?}: a client waited past its timeout: {tally:?}"
+    );
 
     assert_in_kafka(&cluster.brokers(), PREFIX, &tally.answered).await;
     assert_in_read_models(&cluster.db.url, "loom_read.", &tally.answered).await;
