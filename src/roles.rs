@@ -91,7 +91,21 @@ pub async fn projector(
     let opened = open_log(log, &DataDir::default(), None, Access::Read).await?;
     let tasks = TaskTracker::new();
     let done = serve_metrics(listen, &tasks, &shutdown).await?;
-    let projected = project_active(opened.log, read_models, config, shutdown.clone()).await;
+    // The log keeps every event: a projector whose database failed starts again from its
+    // stored positions (as `loom serve`'s does).
+    let projected = loop {
+        let log = Arc::clone(&opened.log);
+        match project_active(log, read_models, config.clone(), shutdown.clone()).await {
+            Err(error) if error.is_transient() && !shutdown.is_cancelled() => {
+                tracing::error!(%error, "the read-model projector stopped; restarting it in 5 s");
+                tokio::select! {
+                    () = shutdown.cancelled() => break Ok(()),
+                    () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
+            done => break done,
+        }
+    };
     // However the projector ended (a failure too), the metrics server stops with it.
     shutdown.cancel();
     done.cancel();

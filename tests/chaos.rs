@@ -7,8 +7,10 @@
 //! printed (docs/reliability.md keeps one).
 //!
 //! In the suite: one fault (a gateway SIGKILLed). `LOOM_CHAOS=long`: every fault — SIGKILL of a
-//! gateway, the projector, the archiver, the broker and the S3 server, and a stalled (SIGSTOPped)
-//! broker. Everything is this test's own (broker, S3 server, databases) and listens on 127.0.0.1.
+//! gateway, the projector, the archiver, the broker, the S3 server and Postgres (a private cluster
+//! holding the key store and read models), and a stalled (SIGSTOPped) broker. The Postgres fault
+//! fails today: docs/reliability.md says what is open. Everything is this test's own (broker,
+//! S3 server, databases) and listens on 127.0.0.1.
 
 #![allow(
     clippy::unwrap_used,
@@ -51,6 +53,7 @@ enum Fault {
     KillBroker,
     StallBroker,
     KillS3,
+    KillPostgres,
 }
 
 impl Fault {
@@ -62,6 +65,7 @@ impl Fault {
             Fault::KillBroker => "SIGKILL the broker",
             Fault::StallBroker => "SIGSTOP the broker (stall)",
             Fault::KillS3 => "SIGKILL the S3 server",
+            Fault::KillPostgres => "SIGKILL Postgres (read models, key store)",
         }
     }
 }
@@ -148,9 +152,13 @@ struct Cluster {
     mock: MockServer,
     config: PathBuf,
     broker_port: u16,
-    broker_db: TestDatabase,
+    broker_db: Option<TestDatabase>,
     broker: Option<TestBroker>,
-    db: TestDatabase,
+    /// The key store's and the read models' database: on the shared Postgres, or (long form)
+    /// on a private cluster the Postgres fault kills.
+    db_url: String,
+    db: Option<TestDatabase>,
+    postgres: Option<PrivatePostgres>,
     s3: Process,
     gateways: Vec<Server>,
     projector: Process,
@@ -183,7 +191,7 @@ impl Cluster {
             "--kafka-data-partitions",
             "2",
             "--key-store-url",
-            &self.db.url,
+            &self.db_url,
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -206,7 +214,7 @@ impl Cluster {
         .collect()
     }
 
-    async fn start() -> Cluster {
+    async fn start(private_postgres: bool) -> Cluster {
         let mock = MockServer::start(MockConfig {
             latency: Duration::from_millis(2),
             chunk_delay: Duration::from_millis(1),
@@ -228,7 +236,18 @@ impl Cluster {
         let broker_db = TestDatabase::create().await;
         let broker_port = free_port();
         let broker = TestBroker::start(broker_port, &broker_db.broker_storage());
-        let db = TestDatabase::create().await;
+        let (db, postgres) = match private_postgres {
+            true => (
+                None,
+                Some(PrivatePostgres::start(&dir.path().join("postgres")).await),
+            ),
+            false => (Some(TestDatabase::create().await), None),
+        };
+        let db_url = match (&db, &postgres) {
+            (Some(db), _) => db.url.clone(),
+            (None, Some(postgres)) => postgres.url.clone(),
+            (None, None) => unreachable!(),
+        };
         let s3_binary = std::env::var("LOOM_TEST_S3S_FS")
             .expect("LOOM_TEST_S3S_FS is not set: run the tests with ./infra/test.sh");
         let s3_dir = dir.path().join("s3");
@@ -255,9 +274,11 @@ impl Cluster {
             mock,
             config,
             broker_port,
-            broker_db,
+            broker_db: Some(broker_db),
             broker: Some(broker),
+            db_url,
             db,
+            postgres,
             s3,
             gateways: Vec::new(),
             projector: Process {
@@ -273,7 +294,7 @@ impl Cluster {
         };
         cluster.gateways = vec![cluster.start_gateway(0), cluster.start_gateway(1)];
         let shared = cluster.shared();
-        let mut projector: Vec<&str> = vec![LOOM, "projector", "--read-models", &cluster.db.url];
+        let mut projector: Vec<&str> = vec![LOOM, "projector", "--read-models", &cluster.db_url];
         projector.extend(shared[..6].iter().map(String::as_str));
         cluster.projector = Process::start(&projector, &cluster.log("projector"));
         let mut archiver: Vec<&str> = vec![
@@ -286,7 +307,7 @@ impl Cluster {
         ];
         archiver.extend(shared.iter().map(String::as_str));
         cluster.archiver = Process::start(&archiver, &cluster.log("archiver"));
-        let mut query: Vec<&str> = vec!["--read-models", &cluster.db.url];
+        let mut query: Vec<&str> = vec!["--read-models", &cluster.db_url];
         query.extend(shared.iter().map(String::as_str));
         cluster.query = Some(
             Server::start_as(
@@ -308,7 +329,7 @@ impl Cluster {
         let shared = self.shared();
         let mut args: Vec<&str> = vec!["--config", self.config.to_str().unwrap()];
         args.extend(shared[..8].iter().map(String::as_str));
-        args.extend(["--read-models", &self.db.url]);
+        args.extend(["--read-models", &self.db_url]);
         Server::start_as(
             "gateway",
             &self.dir.path().join(format!("gateway-{index}")),
@@ -316,6 +337,112 @@ impl Cluster {
             &[("LOOM_MASTER_KEY", MASTER), ("LOOM_ADMIN_TOKEN", ADMIN)],
         )
         .unwrap()
+    }
+}
+
+/// A Postgres cluster of this test's own (the long form kills it): initdb'd into `dir`, run as
+/// the `postgres` user when the test runs as root (initdb refuses root).
+struct PrivatePostgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    url: String,
+}
+
+impl PrivatePostgres {
+    async fn start(dir: &Path) -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("Postgres' binaries in /usr/lib/postgresql (apt install postgresql)")
+            .map(|e| e.unwrap().path().join("bin"))
+            .filter(|bin| bin.join("initdb").exists())
+            .max()
+            .unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        // The `postgres` user must reach it through the test's temporary directory.
+        use std::os::unix::fs::PermissionsExt;
+        let parent = dir.parent().unwrap();
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let postgres = PrivatePostgres {
+            bin,
+            dir: dir.to_owned(),
+            port: free_port(),
+            url: String::new(),
+        };
+        Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        let initdb = postgres
+            .as_postgres(&postgres.bin.join("initdb"))
+            .arg("-D")
+            .arg(dir)
+            .args(["-U", "postgres", "--auth=trust"])
+            .output()
+            .unwrap();
+        assert!(initdb.status.success(), "{}", text(&initdb.stderr));
+        postgres.restart();
+        let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", postgres.port);
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        sqlx::query("CREATE DATABASE chaos")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        PrivatePostgres {
+            url: format!("postgres://postgres@127.0.0.1:{}/chaos", postgres.port),
+            ..postgres
+        }
+    }
+
+    /// `program` run as `postgres` when this process is root.
+    fn as_postgres(&self, program: &Path) -> Command {
+        let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+        if root {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// Starts the server (after a crash: it recovers from its WAL first).
+    fn restart(&self) {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c max_connections=100",
+            self.port,
+            self.dir.display()
+        );
+        let started = self
+            .as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.dir)
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-o", &options, "start"])
+            .output()
+            .unwrap();
+        assert!(started.status.success(), "{}", text(&started.stderr));
+    }
+
+    /// SIGKILL of the postmaster (its backends exit with it), and wait until it is gone.
+    fn kill(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("postmaster.pid")).unwrap_or_default();
+        let Some(pid) = pid.lines().next() else {
+            return;
+        };
+        Command::new("kill").args(["-KILL", pid]).status().unwrap();
+        let started = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "Postgres did not die"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Its backends notice the postmaster's death and exit; a restart waits for them.
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -422,11 +549,11 @@ async fn wait_for_projection(cluster: &Cluster) {
     kafka.topic_prefix = PREFIX.into();
     kafka.create_topics = false;
     let log = KafkaLog::connect(kafka).await.unwrap();
-    let catalog = loom_projector::Catalog::open(&StoreLocation::parse(&cluster.db.url))
+    let catalog = loom_projector::Catalog::open(&StoreLocation::parse(&cluster.db_url))
         .await
         .unwrap();
     let version = catalog.active().await.unwrap();
-    let store = ReadStore::open(&StoreLocation::parse(&cluster.db.url), version)
+    let store = ReadStore::open(&StoreLocation::parse(&cluster.db_url), version)
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -461,7 +588,7 @@ async fn read_models_equal_a_replay(cluster: &mut Cluster) -> bool {
     cluster.projector.stop();
     let shared = cluster.shared();
     let replayed = Command::new(LOOM)
-        .args(["replay", "--read-models", &cluster.db.url, "--data-dir"])
+        .args(["replay", "--read-models", &cluster.db_url, "--data-dir"])
         .arg(cluster.dir.path().join("replay"))
         .args(&shared[..6])
         .env("LOOM_MASTER_KEY", MASTER)
@@ -475,7 +602,7 @@ async fn read_models_equal_a_replay(cluster: &mut Cluster) -> bool {
         .collect();
     // "… readers now use version N (was M)"
     let (new, old) = (versions[versions.len() - 2], versions[versions.len() - 1]);
-    let location = StoreLocation::parse(&cluster.db.url);
+    let location = StoreLocation::parse(&cluster.db_url);
     let (old, new) = (
         ReadStore::open(&location, old).await.unwrap(),
         ReadStore::open(&location, new).await.unwrap(),
@@ -522,7 +649,7 @@ async fn inject(cluster: &mut Cluster, fault: Fault) -> Instant {
             tokio::time::sleep(Duration::from_secs(3)).await;
             cluster.broker = Some(TestBroker::start(
                 cluster.broker_port,
-                &cluster.broker_db.broker_storage(),
+                &cluster.broker_db.as_ref().unwrap().broker_storage(),
             ));
             Instant::now()
         }
@@ -531,6 +658,13 @@ async fn inject(cluster: &mut Cluster, fault: Fault) -> Instant {
             Command::new("kill").args(["-STOP", &pid]).status().unwrap();
             tokio::time::sleep(Duration::from_secs(3)).await;
             Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+            Instant::now()
+        }
+        Fault::KillPostgres => {
+            let postgres = cluster.postgres.as_ref().unwrap();
+            postgres.kill();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            postgres.restart();
             Instant::now()
         }
         Fault::KillS3 => {
@@ -575,7 +709,7 @@ async fn suffer(cluster: &mut Cluster, fault: Fault, round: usize) -> Row {
     );
 
     assert_in_kafka(&cluster.brokers(), PREFIX, &tally.answered).await;
-    assert_in_read_models(&cluster.db.url, "loom_read.", &tally.answered).await;
+    assert_in_read_models(&cluster.db_url, "loom_read.", &tally.answered).await;
     let recovery = restarted.elapsed();
     let archive_equal = archive_equals_the_log(cluster).await;
     let read_models_equal = read_models_equal_a_replay(cluster).await;
@@ -638,10 +772,12 @@ async fn every_answer_survives_faults_of_every_role() {
             Fault::KillBroker,
             Fault::StallBroker,
             Fault::KillS3,
+            Fault::KillPostgres,
         ],
         _ => vec![Fault::KillGateway],
     };
-    let mut cluster = Cluster::start().await;
+    let long = faults.len() > 1;
+    let mut cluster = Cluster::start(long).await;
     let mut rows = Vec::new();
     for (round, fault) in faults.into_iter().enumerate() {
         rows.push(suffer(&mut cluster, fault, round).await);
@@ -657,6 +793,28 @@ async fn every_answer_survives_faults_of_every_role() {
         assert!(query.stop().success());
     }
     cluster.broker.take().unwrap().kill();
-    cluster.broker_db.drop().await;
-    cluster.db.drop().await;
+    if let Some(db) = cluster.broker_db.take() {
+        db.drop().await;
+    }
+    if let Some(db) = cluster.db.take() {
+        db.drop().await;
+    }
+    if let Some(postgres) = cluster.postgres.take() {
+        postgres.kill();
+    }
+}
+
+impl Drop for Cluster {
+    /// A failed run shows the end of each role's log (the directory goes with the cluster).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for name in ["projector", "archiver", "s3"] {
+            let log = std::fs::read_to_string(self.log(name)).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            eprintln!("--- the end of {name}.log:\n{}", tail.join("\n"));
+        }
+    }
 }

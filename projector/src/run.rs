@@ -43,6 +43,19 @@ pub enum ProjectorError {
     },
 }
 
+impl ProjectorError {
+    /// A database that failed (went away, restarted): worth starting the projector again,
+    /// unlike a missing migration or topic, which needs the operator.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ProjectorError::Database(_)
+                | ProjectorError::Store(StoreError::Database(_))
+                | ProjectorError::Task(_)
+        )
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
     /// The consumer groups of the projector's members: this, `-data` or `-control` added.
