@@ -452,6 +452,13 @@ struct ServeArgs {
     #[arg(long, env = "LOOM_SESSION_TTL", default_value = "12h", value_parser = humantime::parse_duration)]
     session_ttl: std::time::Duration,
 
+    /// Exports a span per request and per upstream attempt (OpenTelemetry's GenAI semantic
+    /// conventions; the client's `traceparent` continued, and sent on upstream) to this
+    /// collector over OTLP/HTTP (protobuf), e.g. `http://127.0.0.1:4318`; off when unset. The
+    /// standard OTEL_EXPORTER_OTLP_HEADERS and OTEL_SERVICE_NAME apply.
+    #[arg(long, env = "LOOM_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+
     #[command(flatten)]
     shutdown: ShutdownArgs,
 }
@@ -776,6 +783,7 @@ async fn serve(args: ServeArgs, all_in_one: bool) -> anyhow::Result<()> {
             session_ttl: args.session_ttl,
         },
         drain: args.shutdown.drain(),
+        otlp_endpoint: args.otlp_endpoint,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

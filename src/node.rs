@@ -340,6 +340,7 @@ impl Node {
                 control,
                 producer: producer_id(config.role).into(),
                 response_index: None,
+                spans: None,
             },
             spool: opened.spool,
             anchors,

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use loom_gateway::config::GatewayConfig;
-use loom_gateway::{Control, ResponseIndex};
+use loom_gateway::{Control, ResponseIndex, Spans};
 use loom_gateway::{Readiness, install_metrics, track_requests};
 use loom_projector::archive::{Archive, ArchiveConfig, ArchiveLocation, Archiver};
 use loom_projector::{Lookup, ProjectorConfig, StoreLocation, project_active};
@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub dashboard: DashboardConfig,
     /// How it stops.
     pub drain: Drain,
+    /// Where the requests' spans are exported over OTLP/HTTP (`--otlp-endpoint`), if anywhere.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A log filter that leaves out all but warnings and the line saying where the server listens
@@ -132,6 +134,11 @@ pub async fn serve(
     // Stored responses another gateway (or this one before a restart) made are found in the
     // read models.
     let mut services = node.services.clone();
+    let spans = match &config.otlp_endpoint {
+        Some(endpoint) => Some(Arc::new(Spans::start(endpoint, &services.producer)?)),
+        None => None,
+    };
+    services.spans = spans.clone();
     let reads = config.read_models.or(config.lookup_read_models);
     services.response_index = reads
         .clone()
@@ -185,6 +192,10 @@ pub async fn serve(
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
+    if let Some(spans) = spans {
+        // Every request has ended: its spans are queued.
+        let _ = tokio::task::spawn_blocking(move || spans.shutdown()).await;
+    }
     node.close().await?;
     tracing::info!("stopped");
     served

@@ -1,16 +1,22 @@
 //! Loom observed from outside: `/metrics` names every step and moves under traffic, logs never
-//! hold a key, a prompt or a completion, and SIGTERM drains (readiness first, then in-flight
-//! requests and streams, then the events).
+//! hold a key, a prompt or a completion, spans reach an OTLP collector in the client's trace,
+//! and SIGTERM drains (readiness first, then in-flight requests and streams, then the events).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use loom_dashboard::DashboardConfig;
 use loom_mock::{MockConfig, MockServer};
 use loom_schemas::log::{Log, Topic};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::{Span, status::StatusCode};
+use prost::Message;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -426,4 +432,241 @@ async fn sigterm_turns_readiness_off_then_finishes_streams_and_records_them() {
         .collect();
     assert!(types.contains(&"llm_call.completed"), "{types:?}");
     assert_eq!(types.last(), Some(&"request.completed"), "{types:?}");
+}
+
+/// An OTLP/HTTP collector on loopback: every span of every `POST /v1/traces` it receives,
+/// decoded from protobuf, with its resource's `service.name`.
+struct Collector {
+    url: String,
+    spans: Arc<Mutex<Vec<(String, Span)>>>,
+}
+
+impl Collector {
+    async fn start() -> Collector {
+        let spans: Arc<Mutex<Vec<(String, Span)>>> = Arc::default();
+        let received = Arc::clone(&spans);
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| async move {
+                let request = ExportTraceServiceRequest::decode(body).unwrap();
+                let mut spans = received.lock().unwrap();
+                for resource in request.resource_spans {
+                    let attributes = resource.resource.map(|r| r.attributes).unwrap_or_default();
+                    let service = attribute(&attributes, "service.name").unwrap_or_default();
+                    for scope in resource.scope_spans {
+                        spans.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));
+                    }
+                }
+                axum::http::StatusCode::OK
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Collector { url, spans }
+    }
+
+    fn spans(&self) -> Vec<(String, Span)> {
+        self.spans.lock().unwrap().clone()
+    }
+}
+
+/// An attribute's value as text (strings as they are, numbers and booleans printed).
+fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
+    let value = attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?;
+    Some(match value.value.as_ref()? {
+        any_value::Value::StringValue(text) => text.clone(),
+        any_value::Value::IntValue(int) => int.to_string(),
+        any_value::Value::BoolValue(flag) => flag.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    attribute(&span.attributes, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_collector_with_genai_attributes_and_the_clients_trace() {
+    let collector = Collector::start().await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path(), &mock);
+    let admin = "admin-token-0c4e2b1a";
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--admin-token",
+            admin,
+            "--otlp-endpoint",
+            &collector.url,
+        ],
+        &[("LOOM_MASTER_KEY", &"5e".repeat(32))],
+    )
+    .unwrap();
+    let (tenant, key) = tenant_and_key(&server, admin, "acme").await;
+    let client = reqwest::Client::new();
+    let prompt = "walrus tangerine";
+
+    // The first attempt fails (500) and is retried: two attempts in the client's trace.
+    let faults = json!({"faults": [{"kind": "status", "status": 500}]});
+    let queued = client
+        .post(format!("{}/mock/faults", mock.url()))
+        .json(&faults);
+    assert!(queued.send().await.unwrap().status().is_success());
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let chat = |stream: bool| {
+        client
+            .post(server.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "fast", "stream": stream,
+                "messages": [{"role": "user", "content": prompt}]}))
+    };
+    let answered = chat(false)
+        .header("traceparent", format!("00-{trace}-{parent}-01"))
+        .header("tracestate", "vendor=blue")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    let request_id = answered.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    answered.text().await.unwrap();
+    // A stream without a traceparent: a trace of its own.
+    let streamed = chat(true).send().await.unwrap();
+    assert_eq!(streamed.status(), 200);
+    streamed.text().await.unwrap();
+    // A client's trace that is not sampled: no spans.
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    let skipped = chat(false)
+        .header("traceparent", format!("00-{unsampled}-b7ad6b7169203331-00"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(skipped.status(), 200);
+    let upstream: Vec<Value> = (client.get(format!("{}/mock/requests", mock.url())).send())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    // Stopping exports what is queued.
+    assert!(server.stop().success());
+    let spans = collector.spans();
+    assert!(
+        spans.iter().all(|(service, _)| service == "loom"),
+        "{spans:?}"
+    );
+    let spans: Vec<Span> = spans.into_iter().map(|(_, span)| span).collect();
+    let in_trace = |id: &str| -> Vec<&Span> {
+        let id = hex::decode(id).unwrap();
+        spans.iter().filter(|s| s.trace_id == id).collect()
+    };
+    assert!(in_trace(unsampled).is_empty());
+
+    // The client's trace: the request's SERVER span under the client's span, two CLIENT spans
+    // under it, the first failed.
+    let ours = in_trace(trace);
+    assert_eq!(ours.len(), 3, "{ours:#?}");
+    let request = ours
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .unwrap();
+    assert_eq!(request.name, "POST /v1/chat/completions");
+    assert_eq!(hex::encode(&request.parent_span_id), parent);
+    assert_eq!(request.trace_state, "vendor=blue");
+    for (key, value) in [
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.request.model", "fast"),
+        ("gen_ai.response.model", "m"),
+        ("gen_ai.system", "openai"),
+        ("http.response.status_code", "200"),
+        ("loom.attempts", "2"),
+        ("loom.deployment", "mock/m"),
+        ("loom.status", "ok"),
+    ] {
+        assert_eq!(
+            attr(request, key).as_deref(),
+            Some(value),
+            "{key}: {request:#?}"
+        );
+    }
+    assert_eq!(attr(request, "loom.trace_id"), Some(request_id));
+    assert_eq!(attr(request, "loom.tenant_id"), Some(tenant));
+    assert!(attr(request, "gen_ai.usage.input_tokens").is_some());
+    assert!(attr(request, "gen_ai.usage.output_tokens").is_some());
+    let mut attempts: Vec<&Span> = (ours.iter().copied())
+        .filter(|s| s.kind == SpanKind::Client as i32)
+        .collect();
+    attempts.sort_by_key(|s| attr(s, "loom.attempt"));
+    assert_eq!(attempts.len(), 2);
+    for attempt in &attempts {
+        assert_eq!(attempt.parent_span_id, request.span_id);
+        assert_eq!(attempt.name, "chat m");
+        assert_eq!(attr(attempt, "gen_ai.request.model").as_deref(), Some("m"));
+        assert_eq!(
+            attr(attempt, "gen_ai.provider.name").as_deref(),
+            Some("openai")
+        );
+        assert_eq!(
+            attr(attempt, "server.address").as_deref(),
+            Some("127.0.0.1")
+        );
+        assert!(attempt.start_time_unix_nano >= request.start_time_unix_nano);
+        assert!(attempt.end_time_unix_nano <= request.end_time_unix_nano);
+    }
+    let (failed, answered) = (attempts[0], attempts[1]);
+    assert_eq!(
+        attr(failed, "http.response.status_code").as_deref(),
+        Some("500")
+    );
+    assert_eq!(attr(failed, "error.type").as_deref(), Some("server_error"));
+    assert_eq!(
+        failed.status.as_ref().unwrap().code,
+        StatusCode::Error as i32
+    );
+    assert_eq!(attr(answered, "error.type"), None);
+    assert!(attr(answered, "gen_ai.usage.output_tokens").is_some());
+    assert!(attr(answered, "gen_ai.response.id").is_some());
+
+    // The upstream got each attempt's `traceparent`: the client's trace, the attempt's span.
+    let sent: Vec<&str> = (upstream.iter())
+        .filter(|r| r["path"] == "/v1/chat/completions")
+        .filter_map(|r| r["headers"]["traceparent"].as_str())
+        .collect();
+    for attempt in &attempts {
+        let expected = format!("00-{trace}-{}-01", hex::encode(&attempt.span_id));
+        assert!(
+            sent.contains(&expected.as_str()),
+            "{expected} not in {sent:?}"
+        );
+    }
+    assert!(!sent.iter().any(|t| t.contains(unsampled)), "{sent:?}");
+
+    // The stream: a new trace with its request and its one attempt, tokens counted.
+    let stream = spans
+        .iter()
+        .find(|s| {
+            s.kind == SpanKind::Client as i32 && attr(s, "loom.stream").as_deref() == Some("true")
+        })
+        .unwrap();
+    let its_trace = in_trace(&hex::encode(&stream.trace_id));
+    assert_eq!(its_trace.len(), 2, "{its_trace:#?}");
+    let root = its_trace
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .unwrap();
+    assert!(root.parent_span_id.is_empty());
+    assert!(attr(stream, "gen_ai.usage.output_tokens").is_some());
+
+    // Nothing of the prompt, the answer or the key.
+    let text = format!("{spans:?}");
+    for secret in ["walrus", "tangerine", &key] {
+        assert!(!text.contains(secret), "{secret} in the spans");
+    }
 }

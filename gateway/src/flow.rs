@@ -16,6 +16,7 @@ use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::policy::Policy;
 use crate::quota::Reservation;
+use crate::telemetry::RequestSpan;
 
 /// The header carrying the trace id, honoured when a client sends one.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -60,6 +61,8 @@ pub(crate) struct Flow {
     /// Cancelled when the client hangs up before its answer: the request runs on to record
     /// what the upstream answered (see `http::v1::to_completion`).
     pub client_left: CancellationToken,
+    /// Its trace context, when spans are exported and its trace is sampled.
+    pub span: Option<RequestSpan>,
 }
 
 impl Flow {

@@ -16,6 +16,7 @@ use crate::meter::Meter;
 use crate::policy::Policies;
 use crate::quota::Quotas;
 use crate::stored::{ResponseIndex, StoredResponses};
+use crate::telemetry::Spans;
 
 pub struct Gateway {
     pub config: Arc<GatewayConfig>,
@@ -40,6 +41,8 @@ pub struct Gateway {
     pub(crate) cache: ResponseCache,
     /// What `/metrics` shows of the requests.
     pub(crate) meter: Meter,
+    /// Where the requests' spans go, if anywhere.
+    pub(crate) spans: Option<Arc<Spans>>,
 }
 
 impl Gateway {
@@ -48,6 +51,7 @@ impl Gateway {
         emitter: Emitter,
         tasks: TaskTracker,
         response_index: Option<Arc<dyn ResponseIndex>>,
+        spans: Option<Arc<Spans>>,
     ) -> Result<Gateway, StartError> {
         let http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(90))
@@ -74,6 +78,7 @@ impl Gateway {
             cooldown_until,
             stored: StoredResponses::default(),
             response_index,
+            spans,
         })
     }
 }

@@ -28,6 +28,7 @@ mod routing;
 mod services;
 mod stored;
 mod stream;
+mod telemetry;
 mod tokens;
 mod translate;
 mod upstream;
@@ -45,6 +46,7 @@ pub use flow::Dialect;
 pub use http::{AppState, Readiness, install_metrics, metrics_router, router, track_requests};
 pub use services::Services;
 pub use stored::ResponseIndex;
+pub use telemetry::Spans;
 
 use std::sync::Arc;
 
@@ -64,6 +66,8 @@ pub enum StartError {
     HttpClient(#[from] reqwest::Error),
     #[error("compiling the security policy's rules: {0}")]
     Policy(#[from] policy::RuleError),
+    #[error("setting up the OTLP exporter: {0}")]
+    Otlp(#[from] opentelemetry_otlp::ExporterBuildError),
 }
 
 /// The HTTP app of a node: the data plane, the admin API (for holders of `admin_token`), health
@@ -120,6 +124,7 @@ pub fn app(
         emitter,
         tasks.clone(),
         services.response_index.clone(),
+        services.spans.clone(),
     )?);
     // The quota ledger: today's counts from the quota topic, then every gateway's as they come.
     // Not tracked: it only reads, and ends once the gateway is gone.

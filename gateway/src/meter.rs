@@ -34,7 +34,7 @@ fn status_index(status: RequestStatus) -> usize {
     }
 }
 
-fn status_name(status: RequestStatus) -> &'static str {
+pub(crate) fn status_name(status: RequestStatus) -> &'static str {
     match status {
         RequestStatus::Ok => "ok",
         RequestStatus::Error => "error",

@@ -17,6 +17,7 @@ use crate::error::{GatewayError, UpstreamFault};
 use crate::flow::{Flow, micros};
 use crate::meter::{Attempted, Ended};
 use crate::pricing::{Price, PriceTable};
+use crate::telemetry::{AttemptEnded, RequestEnded};
 use crate::tokens;
 use crate::upstream::{Answer, AttemptError};
 
@@ -275,6 +276,16 @@ impl Flow {
             tokens_in: outcome.usage.tokens_in,
             tokens_out: outcome.usage.tokens_out,
         });
+        if let (Some(spans), Some(span)) = (&self.gateway.spans, &self.span) {
+            let ended = RequestEnded {
+                outcome,
+                trace_id: &self.trace_id,
+                tenant_id: self.tenant_id,
+                attempts: self.attempts,
+                overhead_us: micros(overhead),
+            };
+            spans.request(span, &ended);
+        }
         self.event(RequestCompleted {
             status: outcome.status,
             http_status: i32::from(outcome.http_status),
@@ -518,6 +529,14 @@ pub(crate) fn call_event(flow: &Flow, call: CallRecord<'_>) -> Event {
     gateway
         .meter
         .attempt(&deployment.name, call.latency, outcome);
+    if let (Some(spans), Some(span)) = (&gateway.spans, &flow.span) {
+        let ended = AttemptEnded {
+            call: &call,
+            deployment,
+            upstream,
+        };
+        spans.attempt(span, &ended);
+    }
     flow.sealed_event(|seal| LlmCallCompleted {
         attempt: call.attempt,
         deployment: deployment.name.clone(),

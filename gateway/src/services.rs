@@ -8,6 +8,7 @@ use loom_schemas::log::{EmbeddedLog, Log, LogError, Topic};
 
 use crate::control::Control;
 use crate::stored::ResponseIndex;
+use crate::telemetry::Spans;
 
 #[derive(Clone)]
 pub struct Services {
@@ -21,6 +22,8 @@ pub struct Services {
     /// Where responses stored at upstreams are found when this gateway did not make them (the
     /// node's read models), if anywhere.
     pub response_index: Option<Arc<dyn ResponseIndex>>,
+    /// Where the requests' spans are exported (`--otlp-endpoint`), if anywhere.
+    pub spans: Option<Arc<Spans>>,
 }
 
 impl Services {

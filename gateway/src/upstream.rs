@@ -289,6 +289,9 @@ pub(crate) async fn call_upstream(
                 .http
                 .request(prepared.method.clone(), prepared.url.clone())
                 .headers(prepared.headers.clone());
+            if let (Some(spans), Some(span)) = (&gateway.spans, &flow.span) {
+                request = request.headers(span.upstream_headers(spans, attempt));
+            }
             if prepared.method == Method::POST {
                 request = request
                     .header(

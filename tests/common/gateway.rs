@@ -127,6 +127,7 @@ deployments = [{{ upstream = "claude", model = "claude-sonnet-4-5" }}]
         exports: None,
         dashboard,
         drain: loom::Drain::default(),
+        otlp_endpoint: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -338,6 +338,7 @@ async fn begin(
         outside: Duration::ZERO,
         attempts: 0,
         client_left: CancellationToken::new(),
+        span: (gateway.spans.as_ref()).and_then(|spans| spans.begin(headers, endpoint)),
     };
     let limit = gateway.config.limits.max_body_bytes;
     let expects_body = body.is_some();
@@ -389,6 +390,9 @@ async fn begin(
     };
     let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name));
     let user = end_user(headers, parsed.as_ref());
+    if let Some(span) = &mut flow.span {
+        span.model = field("model").and_then(Value::as_str).map(str::to_owned);
+    }
     flow.user = user.clone().ok().flatten();
     let received = flow.received(
         RequestReceived {
