@@ -245,6 +245,9 @@ enum TenantCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Rotate a tenant's data key: new bodies are sealed with a new version, older ones still
+    /// open; records `tenant.key_rotated` (every node reloads its keys). Prints the version.
+    RotateKey { tenant_id: Uuid },
 }
 
 #[derive(Subcommand)]
@@ -524,6 +527,12 @@ fn api_call(command: AdminCommand) -> anyhow::Result<Call> {
                 Shown::Done(format!("erased {tenant_id}")),
             )
         }
+        AdminCommand::Tenant(TenantCommand::RotateKey { tenant_id }) => call(
+            Method::POST,
+            format!("/admin/tenants/{tenant_id}/rotate-key"),
+            None,
+            Shown::Field("version"),
+        ),
         AdminCommand::Project(ProjectCommand::Create {
             tenant,
             name,
@@ -876,6 +885,9 @@ async fn local(
                 .erase_tenant(actor, id_in(path, 1)?, reason()?)
                 .await?;
             Value::Null
+        }
+        (&Method::POST, ["tenants", _, "rotate-key"]) => {
+            serde_json::to_value(services.rotate_tenant_key(actor, id_in(path, 1)?).await?)?
         }
         (&Method::POST, ["projects"]) => {
             let request: ProjectRequest = body(payload)?;

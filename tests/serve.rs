@@ -5,8 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
 
+use loom_schemas::crypto::sealed_key_ref;
+use loom_schemas::event::Payload;
 use loom_schemas::keystore::MasterKey;
 use loom_schemas::log::{Log, Record, Topic};
 use loom_schemas::testing::TestDatabase;
@@ -783,4 +785,68 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     files
+}
+
+/// Rotating a tenant's data key: bodies sealed afterwards use the new version, those sealed
+/// before still open, each rotation is on the log; only the operator or an owner may; the CLI
+/// rotates on a data dir too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_tenant_key_seals_new_bodies_and_the_old_ones_still_open() {
+    let harness = common::gateway::start(loom_mock::MockConfig::default(), "").await;
+    let ask = |word: &str| {
+        harness.chat(serde_json::json!({"model": "fast",
+            "messages": [{"role": "user", "content": word}]}))
+    };
+    let before = ask("before the rotation").send().await.unwrap();
+    assert_eq!(before.status(), 200);
+    let before = common::gateway::trace_of(&before);
+    let rotate = format!("/admin/tenants/{}/rotate-key", harness.tenant);
+    let post = reqwest::Method::POST;
+    // The tenant's developer key may not; an unknown tenant is 404.
+    let (status, refused) = harness
+        .call(post.clone(), &rotate, &harness.key, None)
+        .await;
+    assert_eq!(status, 403, "{refused}");
+    let unknown = format!("/admin/tenants/{}/rotate-key", uuid::Uuid::now_v7());
+    let (status, _) = (harness.call(post.clone(), &unknown, common::gateway::ADMIN, None)).await;
+    assert_eq!(status, 404);
+    let (status, rotated) = (harness.call(post, &rotate, common::gateway::ADMIN, None)).await;
+    assert_eq!(status, 200, "{rotated}");
+    assert_eq!(rotated["version"], 2);
+    let after = ask("after the rotation").send().await.unwrap();
+    assert_eq!(after.status(), 200);
+    let after = common::gateway::trace_of(&after);
+
+    let recorded = harness.stop().await;
+    for (trace, version, word) in [(&before, 1, "before"), (&after, 2, "after")] {
+        let (event, sealed) = (recorded.of_trace(trace).into_iter())
+            .find_map(|e| match &e.payload {
+                Payload::RequestReceived(received) => Some((e, received.body.clone().unwrap())),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(sealed_key_ref(&sealed).unwrap().1, version);
+        let body = text(&recorded.open(event, "body", &sealed));
+        assert!(body.contains(word), "{body}");
+    }
+    let rotations: Vec<(uuid::Uuid, i32)> = (recorded.control.iter())
+        .filter_map(|e| match &e.payload {
+            Payload::TenantKeyRotated(rotated) => Some((e.envelope.tenant_id, rotated.version)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rotations, vec![(recorded.tenant, 2)]);
+
+    // The CLI, on the data dir the server left.
+    let rotated = Command::new(common::LOOM)
+        .args([
+            "admin",
+            "--data-dir",
+            recorded._dir.path().to_str().unwrap(),
+        ])
+        .args(["tenant", "rotate-key", &recorded.tenant.to_string()])
+        .env("LOOM_MASTER_KEY", common::gateway::MASTER)
+        .output()
+        .unwrap();
+    assert_eq!(stdout_line(&rotated), "3");
 }

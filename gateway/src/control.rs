@@ -72,7 +72,8 @@ impl Control {
     }
 
     /// Tails the control topic until `shutdown`, applying new events as they are appended. When
-    /// tenants appear or go, `keys` is reloaded first: another node may have made their keys.
+    /// tenants appear or go, or a tenant's key is rotated, `keys` is reloaded first: another node
+    /// may have made their keys.
     pub async fn follow(self, log: Arc<dyn Log>, keys: Arc<KeyStore>, shutdown: CancellationToken) {
         let from = *self.applied.borrow();
         let mut reader = match log.read_from(Topic::Control, 0, from).await {
@@ -88,7 +89,12 @@ impl Control {
                 next = reader.next(1024) => match next {
                     Ok(entries) => {
                         let tenants_changed = Self::decode(&entries).iter().any(|e| {
-                            matches!(e.payload, Payload::TenantCreated(_) | Payload::TenantErased(_))
+                            matches!(
+                                e.payload,
+                                Payload::TenantCreated(_)
+                                    | Payload::TenantErased(_)
+                                    | Payload::TenantKeyRotated(_)
+                            )
                         });
                         if tenants_changed && let Err(error) = keys.reload().await {
                                 tracing::error!(%error, "could not reload tenant keys");

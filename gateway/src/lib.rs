@@ -37,7 +37,7 @@ pub use admin::{
     Actor, AdminError, Amounts, CreatedKey, CreatedTenant, CredentialRequest, CredentialView,
     GrantRequest, KeyRequest, KeyView, LimitsPatch, MemberView, NewSession, ProjectPatch,
     ProjectRequest, ProjectView, QuotaQuery, QuotaRequest, QuotaView, Registration, Remaining,
-    SessionSecret, SignInError, TenantView,
+    RotatedKey, SessionSecret, SignInError, TenantView,
 };
 pub use auth::presented_key;
 pub use control::{ApiKeyInfo, Control, ControlState, TenantInfo};

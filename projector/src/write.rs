@@ -824,6 +824,7 @@ async fn apply_control(
             execute(conn, sql, values).await
         }
         ControlChange::Anchored { .. }
+        | ControlChange::KeyRotated { .. }
         | ControlChange::CredentialSet { .. }
         | ControlChange::UserRegistered { .. }
         | ControlChange::Session => Ok(()),

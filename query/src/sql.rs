@@ -182,7 +182,7 @@ const CONTROL_VIEW: (&str, &str) = (
      quota_limit \
      FROM events WHERE event_type IN ('tenant.created', 'project.created', 'project.updated', \
      'api_key.issued', 'api_key.revoked', 'quota.limit_set', 'role.granted', 'role.revoked', \
-     'tenant.erased', 'log.anchored')",
+     'tenant.erased', 'tenant.key_rotated', 'log.anchored')",
 );
 
 /// What [`SqlService::warm`] read ahead.

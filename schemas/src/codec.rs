@@ -124,6 +124,7 @@ builtin_schemas! {
     "session.started" v 1,
     "session.ended" v 1,
     "tenant.erased" v 1,
+    "tenant.key_rotated" v 1,
     "log.anchored" v 1,
 }
 

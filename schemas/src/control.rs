@@ -161,6 +161,8 @@ pub enum ControlChange {
     Session,
     /// The embedded log's data head, anchored at this offset.
     Anchored { offset: u64 },
+    /// A tenant's data key got a new version (the key store holds it; the read models nothing).
+    KeyRotated { tenant_id: Uuid, version: i32 },
 }
 
 /// Why the rules refused an event.
@@ -323,6 +325,13 @@ impl ControlState {
                 self.users.retain(|_, user| user.tenant_id != tenant_id);
                 self.sessions.retain(|_, s| s.tenant_id != tenant_id);
                 Ok(ControlChange::TenantErased { tenant_id, at })
+            }
+            Payload::TenantKeyRotated(rotated) => {
+                self.live_tenant(tenant_id)?;
+                Ok(ControlChange::KeyRotated {
+                    tenant_id,
+                    version: rotated.version,
+                })
             }
             Payload::ProjectCreated(created) => {
                 self.live_tenant(tenant_id)?;

@@ -142,6 +142,7 @@ events! {
     Control "session.started" => SessionStarted,
     Control "session.ended" => SessionEnded,
     Control "tenant.erased" => TenantErased,
+    Control "tenant.key_rotated" => TenantKeyRotated,
     Control "log.anchored" => LogAnchored,
 }
 
@@ -573,6 +574,13 @@ pub struct SessionEnded {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantErased {
     pub reason: Option<String>,
+}
+
+/// A tenant's data key has a new version (new seals use it, older ones still open): every node
+/// reloads its keys on reading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantKeyRotated {
+    pub version: i32,
 }
 
 /// The authenticated chain head of an embedded-log partition (see `log::checkpoint::anchor_mac`),

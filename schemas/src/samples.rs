@@ -387,6 +387,7 @@ pub fn one_of_each(key: &DataKey, digest_key: &KeyBytes) -> Result<Vec<Event>, C
             }
             .into(),
         ),
+        control(TenantKeyRotated { version: 2 }.into()),
         Event {
             envelope: Envelope::new(Uuid::nil(), None, "gateway/test/1"),
             payload: LogAnchored {

@@ -14,7 +14,7 @@ use loom_schemas::crypto::{CryptoError, MasterKeyId, NewApiKey};
 use loom_schemas::event::{
     ApiKeyIssued, ApiKeyRevoked, Envelope, Event, Payload, ProjectCreated, ProjectUpdated,
     QuotaLimitSet, QuotaMetric, QuotaScope, QuotaWindow, RoleGranted, RoleRevoked, TenantCreated,
-    TenantErased, TimestampMicros, now_micros,
+    TenantErased, TenantKeyRotated, TimestampMicros, now_micros,
 };
 use loom_schemas::keystore::KeyStoreError;
 use loom_schemas::log::{LogError, Topic};
@@ -173,6 +173,13 @@ impl Actor {
 pub struct CreatedTenant {
     pub tenant_id: Uuid,
     pub name: String,
+}
+
+/// A tenant's data key, rotated: the version new seals use from now on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotatedKey {
+    pub tenant_id: Uuid,
+    pub version: u32,
 }
 
 /// A key to issue. A tenant's key issues keys in its own tenant (`tenant_id` may be left out).
@@ -489,6 +496,26 @@ impl Services {
         self.keys.erase(tenant_id).await?;
         self.append_control(vec![self.control_event(tenant_id, TenantErased { reason })])
             .await
+    }
+
+    /// Rotates a tenant's data key: adds a version that new seals use (every older version
+    /// still opens what it sealed), then records `tenant.key_rotated`, on which every node
+    /// reloads its keys. The operator's, or an owner's of the tenant.
+    pub async fn rotate_tenant_key(
+        &self,
+        actor: &Actor,
+        tenant_id: Uuid,
+    ) -> Result<RotatedKey, AdminError> {
+        let tenant_id = self.live_tenant(actor, Some(tenant_id))?;
+        actor.require(Permission::OwnTenant)?;
+        actor.tenant_wide()?;
+        let version = self.keys.rotate(tenant_id).await?;
+        let rotated = TenantKeyRotated {
+            version: i32::try_from(version).unwrap_or(i32::MAX),
+        };
+        self.append_control(vec![self.control_event(tenant_id, rotated)])
+            .await?;
+        Ok(RotatedKey { tenant_id, version })
     }
 
     // ---- projects -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ use super::AppState;
 use crate::admin::{
     Actor, AdminError, CredentialRequest, CredentialView, GrantRequest, KeyRequest, KeyView,
     MemberView, ProjectPatch, ProjectRequest, ProjectView, QuotaQuery, QuotaRequest, QuotaView,
-    TenantView,
+    RotatedKey, TenantView,
 };
 use crate::auth::presented_key;
 use crate::error::GatewayError;
@@ -27,6 +27,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/tenants", post(create_tenant).get(list_tenants))
         .route("/tenants/{tenant_id}/erase", post(erase_tenant))
+        .route("/tenants/{tenant_id}/rotate-key", post(rotate_tenant_key))
         .route("/projects", post(create_project).get(list_projects))
         .route(
             "/projects/{project_id}",
@@ -180,6 +181,16 @@ async fn erase_tenant(
         .erase_tenant(&actor, tenant_id, request.reason)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn rotate_tenant_key(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    tenant_id: Result<Path<Uuid>, PathRejection>,
+) -> Result<Json<RotatedKey>, GatewayError> {
+    let Path(tenant_id) = tenant_id.map_err(invalid)?;
+    let rotated = state.services.rotate_tenant_key(&actor, tenant_id).await?;
+    Ok(Json(rotated))
 }
 
 /// `?tenant_id=` on listings: the operator's choice of tenant (a key's is its own).

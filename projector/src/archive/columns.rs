@@ -323,6 +323,7 @@ impl Row {
             Payload::TenantCreated(_)
             | Payload::TenantErased(_)
             | Payload::SessionEnded(_)
+            | Payload::TenantKeyRotated(_)
             | Payload::LogAnchored(_) => {}
         }
     }
