@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -261,6 +262,13 @@ fn config_file(dir: &std::path::Path, mock: &MockServer) -> std::path::PathBuf {
     path
 }
 
+/// `loom serve` on a data dir in `dir`, with `config`, the admin token, a master key and `flags`.
+fn serve_on(dir: &Path, config: &Path, admin: &str, master: &str, flags: &[&str]) -> Server {
+    let mut args = vec!["--config", config.to_str().unwrap(), "--admin-token", admin];
+    args.extend_from_slice(flags);
+    Server::start(&dir.join("data"), &args, &[("LOOM_MASTER_KEY", master)]).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_hold_no_key_prompt_or_completion_even_at_debug() {
     let mock = MockServer::start(MockConfig::default()).await.unwrap();
@@ -268,21 +276,8 @@ async fn json_logs_hold_no_key_prompt_or_completion_even_at_debug() {
     let config = config_file(dir.path(), &mock);
     let admin = "admin-token-d41d8cd98f00";
     let master = "6b".repeat(32);
-    let server = Server::start(
-        &dir.path().join("data"),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--admin-token",
-            admin,
-            "--log-format",
-            "json",
-            "--log",
-            "debug",
-        ],
-        &[("LOOM_MASTER_KEY", &master)],
-    )
-    .unwrap();
+    let flags = ["--log-format", "json", "--log", "debug"];
+    let server = serve_on(dir.path(), &config, admin, &master, &flags);
     let (_, key) = tenant_and_key(&server, admin, "acme").await;
     let client = reqwest::Client::new();
     let prompt = "zebra quartz nimbus 4111111111111111 sk-proj-Zq8hT3vX9mW2pL5nR7kJ4cB6";
@@ -493,19 +488,8 @@ async fn spans_reach_an_otlp_collector_with_genai_attributes_and_the_clients_tra
     let dir = tempfile::tempdir().unwrap();
     let config = config_file(dir.path(), &mock);
     let admin = "admin-token-0c4e2b1a";
-    let server = Server::start(
-        &dir.path().join("data"),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--admin-token",
-            admin,
-            "--otlp-endpoint",
-            &collector.url,
-        ],
-        &[("LOOM_MASTER_KEY", &"5e".repeat(32))],
-    )
-    .unwrap();
+    let flags = ["--otlp-endpoint", &collector.url];
+    let server = serve_on(dir.path(), &config, admin, &"5e".repeat(32), &flags);
     let (tenant, key) = tenant_and_key(&server, admin, "acme").await;
     let client = reqwest::Client::new();
     let prompt = "walrus tangerine";
