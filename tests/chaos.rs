@@ -10,8 +10,8 @@
 //! gateway, the projector, the archiver, the broker, the S3 server and Postgres (a private cluster
 //! holding the key store and read models), and a stalled (SIGSTOPped) broker; or some of them by
 //! key, e.g. `LOOM_CHAOS=broker,postgres` (gateway, projector, archiver, broker, stall, s3,
-//! postgres). The Postgres fault fails today: docs/reliability.md says what is open. Everything
-//! is this test's own (broker, S3 server, databases) and listens on 127.0.0.1.
+//! postgres). Everything is this test's own (broker, S3 server, databases) and listens on
+//! 127.0.0.1.
 
 #![allow(
     clippy::unwrap_used,

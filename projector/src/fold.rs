@@ -24,6 +24,9 @@ pub struct Changes {
     pub dead_letters: Vec<DeadLetter>,
     /// The next offset of each (topic, partition) touched.
     pub positions: BTreeMap<(&'static str, u32), u64>,
+    /// The first offset of each (topic, partition) the batch read: the changes are stored only
+    /// where the stored positions have reached it (see `write::gap`).
+    pub starts: BTreeMap<(&'static str, u32), u64>,
 }
 
 /// Declares [`TracePatch`] from one list of the columns a patch may set, so that its merge
@@ -226,6 +229,7 @@ impl Changes {
                 .collect(),
             dead_letters: self.dead_letters.clone(),
             positions: self.positions.clone(),
+            starts: self.starts.clone(),
         }
     }
 
@@ -246,6 +250,11 @@ impl Changes {
                 .entry((topic.name(), entry.position.partition))
                 .or_insert(next);
             *position = (*position).max(next);
+            let start = changes
+                .starts
+                .entry((topic.name(), entry.position.partition))
+                .or_insert(entry.position.offset);
+            *start = (*start).min(entry.position.offset);
             match registry.decode(&entry.record.value) {
                 Ok(event) => {
                     if let Err(reason) = changes.add(topic, event, &mut trace_index, control) {

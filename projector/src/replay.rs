@@ -267,6 +267,7 @@ async fn fold_unpositioned(
     let mut after = control.clone();
     let mut changes = Changes::fold(registry, topic, entries, &mut after);
     changes.positions.clear();
+    changes.starts.clear();
     store_batch(store, &mut changes).await?;
     *control = after;
     Ok(())

@@ -50,7 +50,7 @@ impl ProjectorError {
         matches!(
             self,
             ProjectorError::Database(_)
-                | ProjectorError::Store(StoreError::Database(_))
+                | ProjectorError::Store(StoreError::Database(_) | StoreError::Behind { .. })
                 | ProjectorError::Task(_)
         )
     }
@@ -249,7 +249,7 @@ async fn follow(
                 drop(entries);
                 let work =
                     store_until_stored(store.clone(), changes, topic, records, shutdown.clone());
-                if !commit(&mut reader, storing.replace(work).await?).await {
+                if !commit(&mut reader, storing.replace(work).await?).await? {
                     break;
                 }
                 // A small batch: the log is quiet or trickling (a gateway appends per answered
@@ -257,7 +257,7 @@ async fn follow(
                 // batch grow a little: one transaction per append would cost the read models
                 // far more than these milliseconds of freshness.
                 if records < config.batch {
-                    if !commit(&mut reader, storing.finish().await?).await {
+                    if !commit(&mut reader, storing.finish().await?).await? {
                         break;
                     }
                     tokio::select! {
@@ -268,7 +268,7 @@ async fn follow(
             }
             GroupEvent::Revoked { done, .. } => {
                 // What was read from the partitions is stored before they go.
-                if !commit(&mut reader, storing.finish().await?).await {
+                if !commit(&mut reader, storing.finish().await?).await? {
                     break;
                 }
                 let _ = done.send(());
@@ -286,6 +286,8 @@ enum Stored {
     Reached(Vec<Position>),
     /// Shut down before the store took it.
     Stopped,
+    /// Refused: the stored positions are short of the batch's start.
+    Behind(StoreError),
 }
 
 /// At most one batch being stored, on a task of its own: the member reads and folds the next
@@ -301,7 +303,7 @@ impl InFlight {
         work: impl Future<Output = Stored> + Send + 'static,
     ) -> Result<Option<Stored>, ProjectorError> {
         let previous = self.finish().await?;
-        if !matches!(previous, Some(Stored::Stopped)) {
+        if !matches!(previous, Some(Stored::Stopped | Stored::Behind(_))) {
             self.0 = Some(tokio::spawn(work));
         }
         Ok(previous)
@@ -317,17 +319,22 @@ impl InFlight {
 }
 
 /// Tells the group how far a stored batch reached (advisory: the store holds the positions
-/// that count); false if the store was shut down instead.
-async fn commit(reader: &mut Box<dyn GroupReader>, stored: Option<Stored>) -> bool {
+/// that count); false if the store was shut down instead. A batch refused because the stored
+/// positions fell behind it is an error: the member starts again from them.
+async fn commit(
+    reader: &mut Box<dyn GroupReader>,
+    stored: Option<Stored>,
+) -> Result<bool, ProjectorError> {
     match stored {
         Some(Stored::Reached(reached)) => {
             if let Err(error) = reader.commit(&reached).await {
                 tracing::debug!(%error, "recording the group's advisory offsets failed");
             }
-            true
+            Ok(true)
         }
-        Some(Stored::Stopped) => false,
-        None => true,
+        Some(Stored::Stopped) => Ok(false),
+        Some(Stored::Behind(error)) => Err(error.into()),
+        None => Ok(true),
     }
 }
 
@@ -359,6 +366,11 @@ async fn store_until_stored(
                 }
                 return Stored::Reached(reached);
             }
+            Err(error @ StoreError::Behind { .. }) => {
+                metrics::counter!("loom_projector_failures_total", "topic" => topic.name())
+                    .increment(1);
+                return Stored::Behind(error);
+            }
             Err(error) => {
                 metrics::counter!("loom_projector_failures_total", "topic" => topic.name())
                     .increment(1);
@@ -382,7 +394,7 @@ pub async fn fold_batch(
     topic: Topic,
     entries: &[Entry],
     control: &mut ControlState,
-) -> Result<Vec<Position>, sqlx::Error> {
+) -> Result<Vec<Position>, StoreError> {
     let mut after = control.clone();
     let mut changes = Changes::fold(registry, topic, entries, &mut after);
     let reached = store_batch(store, &mut changes).await?;
@@ -396,11 +408,12 @@ pub async fn fold_batch(
 pub async fn store_batch(
     store: &ReadStore,
     changes: &mut Changes,
-) -> Result<Vec<Position>, sqlx::Error> {
+) -> Result<Vec<Position>, StoreError> {
     let mut conn = store.pool().acquire().await?;
     write::resolve_starts(&mut conn, changes).await?;
     partitions::ensure(store, changes).await?;
     let mut tx = conn.begin().await?;
+    write::check_start(&mut tx, changes).await?;
     write::apply(&mut tx, changes).await?;
     tx.commit().await?;
     partitions::analyze_growing(store, changes).await?;

@@ -32,6 +32,17 @@ pub enum StoreError {
          them): run `loom migrate`"
     )]
     NotMigrated { version: u32 },
+    #[error(
+        "the read models stand at offset {stored} of {topic}/{partition}, short of the batch to \
+         store, which starts at {start}: the batches between were lost (a database crash) or \
+         never stored; the projector reads again from the stored positions"
+    )]
+    Behind {
+        topic: &'static str,
+        partition: u32,
+        stored: u64,
+        start: u64,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,

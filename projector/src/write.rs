@@ -14,6 +14,7 @@ use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
 use crate::fold::{Changes, ControlChange, name_of};
+use crate::store::StoreError;
 
 /// A value of a row, borrowed from the changes where it can be.
 pub(crate) enum Value<'a> {
@@ -360,6 +361,41 @@ pub async fn resolve_starts(
         );
         trace.started_at = Some(known.get(&key).copied().unwrap_or(trace.first_at));
         (trace.tenant_id, trace.trace_id) = key;
+    }
+    Ok(())
+}
+
+/// Refuses `changes` unless the stored positions have reached where the batch starts in each
+/// partition it read. Positions are stored with the rows, so a batch whose start lies beyond
+/// them would leave a hole: the batches between were lost (a database crash took commits it had
+/// acknowledged: the projector's sessions commit asynchronously) or never stored. The member
+/// must then read again from the stored positions. A start behind them is a batch stored
+/// before (a retry whose first commit went through): its changes are idempotent. Inside the
+/// caller's transaction; on Postgres the position rows stay locked until it ends.
+pub async fn check_start(conn: &mut AnyConnection, changes: &Changes) -> Result<(), StoreError> {
+    let lock = if is_sqlite(conn) { "" } else { " FOR UPDATE" };
+    let topics: HashSet<&str> = changes.starts.keys().map(|(topic, _)| *topic).collect();
+    for topic in topics {
+        let sql = format!("SELECT partition, next_offset FROM positions WHERE topic = $1{lock}");
+        for row in sqlx::query(AssertSqlSafe(sql))
+            .bind(topic)
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            let partition = u32::try_from(row.try_get::<i64, _>(0)?).unwrap_or(u32::MAX);
+            let stored = u64::try_from(row.try_get::<i64, _>(1)?).unwrap_or(0);
+            match changes.starts.get(&(topic, partition)) {
+                Some(&start) if start > stored => {
+                    return Err(StoreError::Behind {
+                        topic,
+                        partition,
+                        stored,
+                        start,
+                    });
+                }
+                _ => {}
+            }
+        }
     }
     Ok(())
 }

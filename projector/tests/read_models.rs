@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use loom_projector::partitions::{self, Month};
 use loom_projector::{
-    Projector, ProjectorConfig, ReadStore, StoreLocation, fold_batch, stored_positions,
+    Projector, ProjectorConfig, ReadStore, StoreError, StoreLocation, fold_batch, stored_positions,
 };
 use loom_schemas::codec::Registry;
 use loom_schemas::control::ControlState;
@@ -324,6 +324,67 @@ async fn folding_the_same_records_again_changes_nothing() {
         once.remove("positions");
         assert_eq!(doubled, once);
         store.close().await;
+        backend.cleanup().await;
+    }
+}
+
+/// A batch beyond the stored positions is refused, and nothing of it stored: the batches before
+/// it were lost (a database crash took commits it had acknowledged: the projector commits
+/// asynchronously) and must be read again. A batch behind them (a retry whose first commit went
+/// through) is stored again, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_past_the_stored_positions_is_refused() {
+    let History { log, _dir, .. } = History::new(2, 200, start_us(), 12).await;
+    let registry = Registry::builtin().unwrap();
+    let mut reader = log.read_from(Topic::Data, 0, 0).await.unwrap();
+    let entries = reader.poll(100_000).await.unwrap();
+    assert!(entries.len() > 150, "{}", entries.len());
+    let (first, lost, next) = (&entries[..50], &entries[50..100], &entries[100..]);
+    for backend in Backend::all().await {
+        let store = backend.open(1).await;
+        let mut control = ControlState::default();
+        fold_batch(&store, registry, Topic::Data, first, &mut control)
+            .await
+            .unwrap();
+        let before = digest(&store).await;
+
+        let refused = fold_batch(&store, registry, Topic::Data, next, &mut control).await;
+        assert!(
+            matches!(
+                refused,
+                Err(StoreError::Behind {
+                    topic: "data",
+                    partition: 0,
+                    stored: 50,
+                    start: 100
+                })
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(digest(&store).await, before);
+
+        for batch in [lost, next, first] {
+            fold_batch(&store, registry, Topic::Data, batch, &mut control)
+                .await
+                .unwrap();
+        }
+        let clean = backend.open(2).await;
+        fold_batch(
+            &clean,
+            registry,
+            Topic::Data,
+            &entries,
+            &mut ControlState::default(),
+        )
+        .await
+        .unwrap();
+        let (mut again, mut once) = (digest(&store).await, digest(&clean).await);
+        // The last batch stored was `first`: positions went back to its end.
+        again.remove("positions");
+        once.remove("positions");
+        assert_eq!(again, once);
+        store.close().await;
+        clean.close().await;
         backend.cleanup().await;
     }
 }
