@@ -4,7 +4,9 @@
 # a worktree, with a target directory of their own under ~/.cache/loom), runs `loom serve` on a
 # fresh data directory (embedded log, SQLite read models, archive, generated master key), creates
 # a tenant and a key, sends a few requests of every kind through it, stops it with SIGTERM, and
-# packs the data directory with `fixture.json` (the commit, the tenant, its key, the trace ids).
+# folds the same log into Postgres read models with that build's `loom replay` (dumped as
+# `read-models-postgres.sql`), and packs the data directory with `fixture.json` (the commit, the
+# tenant, its key, the trace ids).
 #
 #   infra/upgrade-fixture.sh COMMIT NAME      e.g. infra/upgrade-fixture.sh 5949397 2026-12-04
 set -euo pipefail
@@ -78,6 +80,17 @@ send /v1/messages upgrade-messages \
 
 kill -TERM "$server"
 wait "$server"
+
+# The same log folded into Postgres read models by that build, as SQL (needs the Postgres that
+# ./infra/test.sh starts: LOOM_TEST_DATABASE_URL, an admin URL).
+admin_url=${LOOM_TEST_DATABASE_URL:?run with the variables ./infra/test.sh exports}
+database=loom_upgrade_fixture_$$
+psql -q "$admin_url" -c "CREATE DATABASE $database"
+pg_url="${admin_url%/*}/$database"
+"$bin/loom" replay --data-dir "$work/data" --read-models "$pg_url" >"$work/replay.log" 2>&1 ||
+    { cat "$work/replay.log" >&2; exit 1; }
+pg_dump --no-owner --no-privileges "$pg_url" >"$work/data/read-models-postgres.sql"
+psql -q "$admin_url" -c "DROP DATABASE $database"
 
 cat >"$work/data/fixture.json" <<EOF
 {

@@ -4,7 +4,8 @@
 //! this build: the log and archive verify, the read models migrate on start, the old key still
 //! authenticates, old traces read with their sealed bodies, new requests join them, a replay
 //! rebuilds the read models from the upgraded log, and SQL over the archive reads old and new
-//! files together.
+//! files together. The same for the earlier build's read models on Postgres (dumped with the
+//! fixture).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use loom_mock::{MockConfig, MockServer};
 use loom_projector::{ReadStore, StoreLocation};
+use loom_schemas::testing::TestDatabase;
 use serde_json::{Value, json};
 
 use common::{Server, loom, text};
@@ -160,35 +162,8 @@ async fn upgrade(archive: &Path) {
 
     // A replay of the upgraded log builds the read models anew; they hold what the upgraded
     // ones do, but for the tables folded differently since the fixture's build.
-    let replayed = loom(&["replay", "--data-dir", data]);
-    assert!(replayed.status.success(), "{}", text(&replayed.stderr));
-    assert!(
-        text(&replayed.stdout).contains("readers now use version 2 (was 1)"),
-        "{}",
-        text(&replayed.stdout)
-    );
-    let location = StoreLocation::Sqlite(data_dir.join("read-models"));
-    let (upgraded, replayed) = (
-        ReadStore::open(&location, 1).await.unwrap(),
-        ReadStore::open(&location, 2).await.unwrap(),
-    );
-    let (before, after) = (
-        upgraded.digests().await.unwrap(),
-        replayed.digests().await.unwrap(),
-    );
-    upgraded.close().await;
-    replayed.close().await;
-    let differ: Vec<&str> = before
-        .keys()
-        .filter(|table| before.get(*table) != after.get(*table))
-        .copied()
-        .collect();
-    let name = archive.file_name().unwrap().to_string_lossy();
-    let changed = CHANGED_SINCE
-        .iter()
-        .find(|(fixture, _)| name.starts_with(fixture))
-        .map_or(&[][..], |(_, tables)| tables);
-    assert_eq!(differ, changed, "tables that differ after a replay");
+    let name = archive.file_name().unwrap().to_string_lossy().into_owned();
+    replay_equals(&name, &data_dir, None).await;
 
     // SQL over the archive reads the earlier build's files with this one's.
     let counted = loom(&[
@@ -207,6 +182,82 @@ async fn upgrade(archive: &Path) {
         format!(r#"[{{"n":{}}}]"#, fixture.traces.len() + 1)
     );
     verify(data);
+
+    // The same log folded into Postgres by the earlier build (its `loom replay`, dumped): the
+    // projector of `loom serve` migrates that version and folds on from its positions.
+    let database = TestDatabase::create().await;
+    let restored = Command::new(psql())
+        .args(["-q", "-v", "ON_ERROR_STOP=1", &database.url, "-f"])
+        .arg(data_dir.join("read-models-postgres.sql"))
+        .output()
+        .unwrap();
+    assert!(restored.status.success(), "{}", text(&restored.stderr));
+    let on_postgres = [&args[..], &["--read-models", &database.url]].concat();
+    let server = Server::start(&data_dir, &on_postgres, &env).unwrap();
+    let ids = listed(&server, &fixture.key, fixture.traces.len() + 1).await;
+    assert_eq!(ids.len(), fixture.traces.len() + 1, "{ids:?}");
+    assert!(server.stop().success());
+    replay_equals(&name, &data_dir, Some(&database.url)).await;
+    database.drop().await;
+}
+
+/// `loom replay` into a new version of the read models (in the data dir, or on `postgres`): it equals the active one
+/// but for the tables the fixture `name` says this build folds differently.
+async fn replay_equals(name: &str, data_dir: &Path, postgres: Option<&str>) {
+    let data = data_dir.to_str().unwrap();
+    let mut replay = vec!["replay", "--data-dir", data];
+    let location = match postgres {
+        Some(url) => {
+            replay.extend(["--read-models", url]);
+            StoreLocation::parse(url)
+        }
+        None => StoreLocation::Sqlite(data_dir.join("read-models")),
+    };
+    let replayed = loom(&replay);
+    assert!(replayed.status.success(), "{}", text(&replayed.stderr));
+    // "… readers now use version N (was M)"
+    let said = text(&replayed.stdout);
+    let versions: Vec<u32> = said
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let (new, old) = (versions[versions.len() - 2], versions[versions.len() - 1]);
+    let (upgraded, replayed) = (
+        ReadStore::open(&location, old).await.unwrap(),
+        ReadStore::open(&location, new).await.unwrap(),
+    );
+    let (before, after) = (
+        upgraded.digests().await.unwrap(),
+        replayed.digests().await.unwrap(),
+    );
+    upgraded.close().await;
+    replayed.close().await;
+    let differ: Vec<&str> = before
+        .keys()
+        .filter(|table| before.get(*table) != after.get(*table))
+        .copied()
+        .collect();
+    let changed = CHANGED_SINCE
+        .iter()
+        .find(|(fixture, _)| name.starts_with(fixture))
+        .map_or(&[][..], |(_, tables)| tables);
+    assert_eq!(
+        differ, changed,
+        "tables that differ after a replay ({said})"
+    );
+}
+
+/// The `psql` on the PATH, or the newest in Debian's Postgres directories.
+fn psql() -> std::path::PathBuf {
+    if Command::new("psql").arg("--version").output().is_ok() {
+        return "psql".into();
+    }
+    let mut found: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("psql on the PATH or in /usr/lib/postgresql")
+        .map(|entry| entry.unwrap().path().join("bin/psql"))
+        .collect();
+    found.sort();
+    found.pop().expect("psql")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
