@@ -84,15 +84,7 @@ async fn serve_projects_its_traffic_and_replay_switches_readers_to_a_rebuilt_ver
     let mock = MockServer::start(MockConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("loom.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[upstreams.mock]\nprovider = \"openai_compatible\"\nbase_url = \"{}/v1\"\n\
-             [models.fast]\ndeployments = [{{ upstream = \"mock\", model = \"m\" }}]\n",
-            mock.url()
-        ),
-    )
-    .unwrap();
+    common::write_mock_config(&config, &mock.url());
     let data_dir = dir.path().join("data");
     let args = ["--config", config.to_str().unwrap()];
     let env = [("LOOM_ADMIN_TOKEN", ADMIN)];

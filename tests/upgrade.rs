@@ -117,15 +117,7 @@ async fn upgrade(archive: &Path) {
 
     let mock = MockServer::start(MockConfig::default()).await.unwrap();
     let config = dir.path().join("loom.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[upstreams.mock]\nprovider = \"openai_compatible\"\nbase_url = \"{}/v1\"\n\
-             [models.fast]\ndeployments = [{{ upstream = \"mock\", model = \"m\" }}]\n",
-            mock.url()
-        ),
-    )
-    .unwrap();
+    common::write_mock_config(&config, &mock.url());
     let args = ["--config", config.to_str().unwrap()];
     let env = [("LOOM_ADMIN_TOKEN", ADMIN)];
     let server = Server::start(&data_dir, &args, &env).unwrap();
@@ -215,13 +207,8 @@ async fn replay_equals(name: &str, data_dir: &Path, postgres: Option<&str>) {
     };
     let replayed = loom(&replay);
     assert!(replayed.status.success(), "{}", text(&replayed.stderr));
-    // "… readers now use version N (was M)"
     let said = text(&replayed.stdout);
-    let versions: Vec<u32> = said
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    let (new, old) = (versions[versions.len() - 2], versions[versions.len() - 1]);
+    let (new, old) = common::replayed_versions(&said);
     let (upgraded, replayed) = (
         ReadStore::open(&location, old).await.unwrap(),
         ReadStore::open(&location, new).await.unwrap(),

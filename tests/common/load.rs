@@ -248,16 +248,61 @@ pub async fn kafka_entries(log: &KafkaLog, topic: Topic) -> Vec<Entry> {
     entries
 }
 
+/// The data topic of a Kafka log as read so far: each [`LogTail::read_on`] reads only what was
+/// appended since, so that waiting on a long log does not read it whole again and again.
+pub struct LogTail {
+    log: KafkaLog,
+    next: Vec<u64>,
+    entries: Vec<Entry>,
+}
+
+impl LogTail {
+    pub async fn open(brokers: &str, prefix: &str) -> LogTail {
+        let mut kafka = KafkaLogConfig::new(brokers);
+        kafka.topic_prefix = prefix.into();
+        kafka.create_topics = false;
+        let log = KafkaLog::connect(kafka).await.unwrap();
+        let next = vec![0; log.partitions(Topic::Data) as usize];
+        LogTail {
+            log,
+            next,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Every entry of the data topic so far.
+    pub async fn read_on(&mut self) -> &[Entry] {
+        for (partition, next) in self.next.iter_mut().enumerate() {
+            let partition = u32::try_from(partition).unwrap();
+            let mut reader = self
+                .log
+                .read_from(Topic::Data, partition, *next)
+                .await
+                .unwrap();
+            loop {
+                let batch = reader.poll(2000).await.unwrap();
+                let Some(last) = batch.last() else {
+                    break;
+                };
+                *next = last.position.offset + 1;
+                self.entries.extend(batch);
+            }
+        }
+        &self.entries
+    }
+}
+
 /// Waits until every answered request's `request.completed` is in Kafka (spools drain after a
 /// restart), then asserts each has every attempt too.
 pub async fn assert_in_kafka(brokers: &str, prefix: &str, answered: &[String]) {
-    let mut kafka = KafkaLogConfig::new(brokers);
-    kafka.topic_prefix = prefix.into();
-    kafka.create_topics = false;
-    let log = KafkaLog::connect(kafka).await.unwrap();
+    assert_in_log(&mut LogTail::open(brokers, prefix).await, answered).await;
+}
+
+/// [`assert_in_kafka`], reading on from where `tail` stands.
+pub async fn assert_in_log(tail: &mut LogTail, answered: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let trails = trails(&kafka_entries(&log, Topic::Data).await);
+        let trails = trails(tail.read_on().await);
         let missing = answered
             .iter()
             .filter(|t| trails.get(*t).is_none_or(|t| t.completed.is_empty()))

@@ -193,3 +193,24 @@ pub fn loom(args: &[&str]) -> Output {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// Writes a gateway config at `path` routing the model `fast` to the mock upstream at `mock_url`.
+pub fn write_mock_config(path: &Path, mock_url: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[upstreams.mock]\nprovider = \"openai_compatible\"\nbase_url = \"{mock_url}/v1\"\n\
+             [models.fast]\ndeployments = [{{ upstream = \"mock\", model = \"m\" }}]\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// The versions `loom replay` printed: `(new, old)` from "… readers now use version N (was M)".
+pub fn replayed_versions(stdout: &str) -> (u32, u32) {
+    let versions: Vec<u32> = stdout
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    (versions[versions.len() - 2], versions[versions.len() - 1])
+}
