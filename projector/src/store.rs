@@ -34,8 +34,9 @@ pub enum StoreError {
     NotMigrated { version: u32 },
     #[error(
         "the read models stand at offset {stored} of {topic}/{partition}, short of the batch to \
-         store, which starts at {start}: the batches between were lost (a database crash) or \
-         never stored; the projector reads again from the stored positions"
+         store, which starts at {start}: the records between were never stored (lost in a crash \
+         of the database, which the restart folds again; or gone from the log by its retention: \
+         then rebuild with `loom replay --from-archive`)"
     )]
     Behind {
         topic: &'static str,
