@@ -5,7 +5,7 @@
 //! authenticates, old traces read with their sealed bodies, new requests join them, a replay
 //! rebuilds the read models from the upgraded log, and SQL over the archive reads old and new
 //! files together. The same for the earlier build's read models on Postgres (dumped with the
-//! fixture).
+//! fixture), and for its records on Kafka topics.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use loom_mock::{MockConfig, MockServer};
 use loom_projector::{ReadStore, StoreLocation};
+use loom_schemas::log::{KafkaLog, KafkaLogConfig, Log, Topic};
 use loom_schemas::testing::TestDatabase;
 use serde_json::{Value, json};
 
@@ -96,6 +97,19 @@ async fn listed(server: &Server, key: &str, expected: usize) -> Vec<String> {
     }
 }
 
+/// A chat request with the key issued before the upgrade, traced as `after-upgrade`: answered.
+async fn chat_after_upgrade(server: &Server, key: &str) {
+    let answer = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("x-request-id", "after-upgrade")
+        .json(&json!({"model": "fast", "messages": [{"role": "user", "content": "hello again"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+}
+
 fn verify(data_dir: &str) {
     let verified = loom(&["verify", "--data-dir", data_dir, "--archive"]);
     assert!(
@@ -123,15 +137,7 @@ async fn upgrade(archive: &Path) {
     let server = Server::start(&data_dir, &args, &env).unwrap();
 
     // The key issued before the upgrade still authenticates.
-    let answer = reqwest::Client::new()
-        .post(server.url("/v1/chat/completions"))
-        .bearer_auth(&fixture.key)
-        .header("x-request-id", "after-upgrade")
-        .json(&json!({"model": "fast", "messages": [{"role": "user", "content": "hello again"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    chat_after_upgrade(&server, &fixture.key).await;
 
     // Old traces and the new one, side by side; an old one with its sealed request body.
     let ids = listed(&server, &fixture.key, fixture.traces.len() + 1).await;
@@ -190,6 +196,80 @@ async fn upgrade(archive: &Path) {
     assert_eq!(ids.len(), fixture.traces.len() + 1, "{ids:?}");
     assert!(server.stop().success());
     replay_equals(&name, &data_dir, Some(&database.url)).await;
+    database.drop().await;
+}
+
+/// The fixture's records on Kafka topics, as the earlier build's gateways would have put them
+/// there (the same key, headers and value: its producer wrote what its embedded log stores), read
+/// by this build: a `loom gateway` on them knows the tenant and its key from the control topic
+/// and answers; `loom replay` folds the old records and the new into Postgres read models.
+async fn upgrade_on_kafka(archive: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = unpack(archive, dir.path());
+    let data_dir = dir.path().join("data");
+    let brokers =
+        std::env::var("LOOM_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let prefix = format!("upgrade-{}.", uuid::Uuid::now_v7().simple());
+    let mut kafka = KafkaLogConfig::new(&brokers);
+    kafka.topic_prefix = prefix.clone();
+    kafka.data_partitions = 2;
+    let kafka = KafkaLog::connect(kafka).await.unwrap();
+    let old = common::open_data_dir_log(&data_dir).await;
+    for topic in [Topic::Control, Topic::Data] {
+        for partition in 0..old.partitions(topic) {
+            let mut reader = old.read_from(topic, partition, 0).await.unwrap();
+            loop {
+                let entries = reader.poll(1000).await.unwrap();
+                if entries.is_empty() {
+                    break;
+                }
+                let records = entries.into_iter().map(|e| e.record).collect();
+                kafka.append(topic, records).await.unwrap();
+            }
+        }
+    }
+    drop(old);
+
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let config = dir.path().join("loom.toml");
+    common::write_mock_config(&config, &mock.url());
+    let on_kafka = [
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-topic-prefix",
+        &prefix,
+        "--kafka-data-partitions",
+        "2",
+    ];
+    let args = [&["--config", config.to_str().unwrap()][..], &on_kafka].concat();
+    let gateway = Server::start_as("gateway", &data_dir, &args, &[]).unwrap();
+    chat_after_upgrade(&gateway, &fixture.key).await;
+    assert!(gateway.stop().success());
+
+    let database = TestDatabase::create().await;
+    let replay_dir = dir.path().join("replay");
+    let replay = [
+        &["replay", "--read-models", &database.url, "--data-dir"][..],
+        &[replay_dir.to_str().unwrap()],
+        &on_kafka,
+    ]
+    .concat();
+    let replayed = loom(&replay);
+    assert!(replayed.status.success(), "{}", text(&replayed.stderr));
+    let (version, _) = common::replayed_versions(&text(&replayed.stdout));
+    let store = ReadStore::open(&StoreLocation::parse(&database.url), version)
+        .await
+        .unwrap();
+    let mut traces: Vec<String> = sqlx::query_scalar("SELECT trace_id FROM traces")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    store.close().await;
+    traces.sort();
+    let mut expected = fixture.traces.clone();
+    expected.push("after-upgrade".into());
+    expected.sort();
+    assert_eq!(traces, expected);
     database.drop().await;
 }
 
@@ -260,5 +340,6 @@ async fn a_data_dir_of_an_earlier_build_upgrades_in_place() {
     for archive in archives {
         eprintln!("upgrading {}", archive.display());
         upgrade(&archive).await;
+        upgrade_on_kafka(&archive).await;
     }
 }
