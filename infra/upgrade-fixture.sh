@@ -11,8 +11,12 @@
 #   infra/upgrade-fixture.sh COMMIT NAME      e.g. infra/upgrade-fixture.sh 5949397 2026-12-04
 set -euo pipefail
 
-commit=${1:?usage: infra/upgrade-fixture.sh COMMIT NAME}
-name=${2:?usage: infra/upgrade-fixture.sh COMMIT NAME}
+if [ $# -ne 2 ]; then
+    echo "usage: infra/upgrade-fixture.sh COMMIT NAME   (see the comment at the top)" >&2
+    exit 2
+fi
+commit=$1
+name=$2
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="$(mktemp -d)"
 pids=()
