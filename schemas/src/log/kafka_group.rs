@@ -31,6 +31,9 @@ enum Delivery {
 /// handled before a revocation is, so this also bounds how long a rebalance waits on a member.
 const READ_AHEAD: usize = 1024;
 
+/// The group session's timeout unless `--kafka-property session.timeout.ms=…` says otherwise.
+const SESSION_TIMEOUT_MS: &str = "10000";
+
 /// How long one `poll` blocks before the thread checks whether the member is gone.
 const POLL_WAIT: Duration = Duration::from_millis(100);
 
@@ -134,6 +137,12 @@ impl KafkaGroupReader {
         group: &str,
         topic: &str,
     ) -> Result<KafkaGroupReader, LogError> {
+        // A member that dies without leaving holds its partitions until its session times out:
+        // 10 s rather than librdkafka's 45 s, unless the operator set it. Heartbeats come from
+        // librdkafka's own thread, so a busy member does not miss them.
+        if config.get("session.timeout.ms").is_none() {
+            config.set("session.timeout.ms", SESSION_TIMEOUT_MS);
+        }
         let (deliveries_tx, deliveries) = mpsc::channel(READ_AHEAD);
         let (commits, commits_rx) = std_mpsc::channel();
         let context = GroupContext {
