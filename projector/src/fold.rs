@@ -25,7 +25,7 @@ pub struct Changes {
     /// The next offset of each (topic, partition) touched.
     pub positions: BTreeMap<(&'static str, u32), u64>,
     /// The first offset of each (topic, partition) the batch read: the changes are stored only
-    /// where the stored positions have reached it (see `write::gap`).
+    /// where the stored positions have reached it (see `write::check_start`).
     pub starts: BTreeMap<(&'static str, u32), u64>,
 }
 
