@@ -217,15 +217,9 @@ async fn upgrade_on_kafka(archive: &Path) {
     let old = common::open_data_dir_log(&data_dir).await;
     for topic in [Topic::Control, Topic::Data] {
         for partition in 0..old.partitions(topic) {
-            let mut reader = old.read_from(topic, partition, 0).await.unwrap();
-            loop {
-                let entries = reader.poll(1000).await.unwrap();
-                if entries.is_empty() {
-                    break;
-                }
-                let records = entries.into_iter().map(|e| e.record).collect();
-                kafka.append(topic, records).await.unwrap();
-            }
+            let entries = common::load::read_partition(&old, topic, partition, 0).await;
+            let records = entries.into_iter().map(|e| e.record).collect();
+            kafka.append(topic, records).await.unwrap();
         }
     }
     drop(old);

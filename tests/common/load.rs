@@ -232,18 +232,24 @@ pub fn assert_recorded(answered: &[String], trails: &HashMap<String, Trail>) {
     );
 }
 
+/// The records of `partition` of `topic` from offset `from` to its end.
+pub async fn read_partition(log: &dyn Log, topic: Topic, partition: u32, from: u64) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    let mut reader = log.read_from(topic, partition, from).await.unwrap();
+    loop {
+        let batch = reader.poll(2000).await.unwrap();
+        if batch.is_empty() {
+            return entries;
+        }
+        entries.extend(batch);
+    }
+}
+
 /// Every record of a Kafka topic's partitions.
 pub async fn kafka_entries(log: &KafkaLog, topic: Topic) -> Vec<Entry> {
     let mut entries = Vec::new();
     for partition in 0..log.partitions(topic) {
-        let mut reader = log.read_from(topic, partition, 0).await.unwrap();
-        loop {
-            let batch = reader.poll(2000).await.unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            entries.extend(batch);
-        }
+        entries.extend(read_partition(log, topic, partition, 0).await);
     }
     entries
 }
@@ -274,19 +280,11 @@ impl LogTail {
     pub async fn read_on(&mut self) -> &[Entry] {
         for (partition, next) in self.next.iter_mut().enumerate() {
             let partition = u32::try_from(partition).unwrap();
-            let mut reader = self
-                .log
-                .read_from(Topic::Data, partition, *next)
-                .await
-                .unwrap();
-            loop {
-                let batch = reader.poll(2000).await.unwrap();
-                let Some(last) = batch.last() else {
-                    break;
-                };
+            let read = read_partition(&self.log, Topic::Data, partition, *next).await;
+            if let Some(last) = read.last() {
                 *next = last.position.offset + 1;
-                self.entries.extend(batch);
             }
+            self.entries.extend(read);
         }
         &self.entries
     }
